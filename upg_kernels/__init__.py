@@ -1,0 +1,6 @@
+"""upg-kernels: fused post-training losses that never materialize vocab-sized logits."""
+from .logprobs import token_logprobs
+from .reference import token_logprobs_reference
+
+__version__ = "0.1.0"
+__all__ = ["token_logprobs", "token_logprobs_reference"]

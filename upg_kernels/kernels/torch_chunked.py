@@ -1,0 +1,100 @@
+"""Chunked pure-PyTorch backend: bounded memory, any device (the CPU default).
+
+Tokens are processed in chunks of ``chunk_rows(V)`` rows, so at most a chunk x V block of logits
+exists at a time (about ``UPG_KERNELS_TORCH_CHUNK_BYTES`` bytes, 64 MiB by default), never N x V.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import LogprobParams
+
+
+def chunk_rows(V: int) -> int:
+    budget = int(os.environ.get("UPG_KERNELS_TORCH_CHUNK_BYTES", 64 * 2**20))
+    return max(1, budget // (4 * max(V, 1)))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits(h, weight, bias, p: LogprobParams):
+    """Scaled logits of a chunk, in float32 (float64 for float64 inputs), and tanh for the softcap."""
+    cd = _compute_dtype(h.dtype)
+    z = (h @ weight.T).to(cd)
+    if bias is not None:
+        z = z + bias.to(cd)
+    t = None
+    if p.softcap:
+        t = torch.tanh(z / p.softcap)
+        z = p.softcap * t
+    return z / p.temperature, t
+
+
+def forward(hidden, weight, bias, targets, p: LogprobParams):
+    N = hidden.shape[0]
+    cd = _compute_dtype(hidden.dtype)
+    logp = torch.zeros(N, dtype=cd, device=hidden.device)
+    ent = torch.zeros(N, dtype=cd, device=hidden.device)
+    lse = torch.zeros(N, dtype=cd, device=hidden.device)
+    valid = targets != p.ignore_index
+    rows = valid.nonzero().squeeze(1)
+    step = chunk_rows(weight.shape[0])
+    for s in range(0, rows.numel(), step):
+        idx = rows[s:s + step]
+        z, _ = _logits(hidden[idx], weight, bias, p)
+        m = z.max(-1, keepdim=True).values
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        e = torch.exp(z - m)
+        se = e.sum(-1)
+        l = m.squeeze(-1) + torch.log(se)
+        lse[idx] = l
+        logp[idx] = z.gather(1, targets[idx].unsqueeze(1)).squeeze(1) - l
+        ent[idx] = l - (e * z).sum(-1) / se
+        del z, e
+    f32 = torch.float32 if cd == torch.float32 else cd
+    return logp.to(f32), ent.to(f32), lse.to(f32)
+
+
+def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p: LogprobParams,
+             need_hidden=True, need_weight=True, need_bias=True):
+    N, H = hidden.shape
+    cd = _compute_dtype(hidden.dtype)
+    active = (targets != p.ignore_index) & (g_logp != 0)
+    if g_ent is not None:
+        active |= (targets != p.ignore_index) & (g_ent != 0)
+    rows = active.nonzero().squeeze(1)
+    dh = torch.zeros_like(hidden) if need_hidden else None
+    dw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_weight else None
+    db = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) \
+        if (need_bias and bias is not None) else None
+    step = chunk_rows(weight.shape[0])
+    wmat = weight.to(cd) if need_hidden else None   # no copy when already in the compute dtype
+    for s in range(0, rows.numel(), step):
+        idx = rows[s:s + step]
+        h = hidden[idx]
+        z, t = _logits(h, weight, bias, p)
+        logprob = z - lse[idx].to(cd).unsqueeze(1)
+        prob = torch.exp(logprob)
+        gl = g_logp[idx].to(cd).unsqueeze(1)
+        dz = -gl * prob
+        dz.scatter_add_(1, targets[idx].unsqueeze(1), gl)
+        if g_ent is not None:
+            ge = g_ent[idx].to(cd).unsqueeze(1)
+            dz -= ge * prob * (logprob + ent[idx].to(cd).unsqueeze(1))
+        dz /= p.temperature
+        if t is not None:
+            dz *= 1.0 - t * t
+        del z, prob, logprob
+        if need_hidden:
+            dh[idx] = (dz @ wmat).to(hidden.dtype)
+        if need_weight:
+            dw += dz.T @ h.to(cd)
+        if db is not None:
+            db += dz.sum(0)
+    return (dh,
+            dw.to(weight.dtype) if dw is not None else None,
+            db.to(bias.dtype) if db is not None else None)

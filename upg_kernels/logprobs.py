@@ -1,0 +1,207 @@
+"""``token_logprobs``: per-token log-probs (and entropy) straight from hidden states and the lm_head.
+
+The public function validates its inputs, flattens them and calls the custom op
+``upg_kernels::token_logprobs``, whose autograd formula calls ``upg_kernels::token_logprobs_backward``.
+Both dispatch to a backend in :mod:`upg_kernels.kernels` (Triton or chunked PyTorch); neither ever
+holds an N x V logits tensor.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._backend import resolve_backend
+from .kernels import LogprobParams, get_backend
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+# ----------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("upg_kernels::token_logprobs", mutates_args=())
+def _token_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       targets: torch.Tensor, temperature: float, ignore_index: int,
+                       softcap: float, filter_eps: float, backend: str
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = LogprobParams(temperature, ignore_index, softcap, filter_eps)
+    return get_backend(backend).forward(hidden, weight, bias, targets, p)
+
+
+@_token_logprobs_op.register_fake
+def _(hidden, weight, bias, targets, temperature, ignore_index, softcap, filter_eps, backend):
+    N = hidden.shape[0]
+    dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    return tuple(hidden.new_empty(N, dtype=dt) for _ in range(3))
+
+
+@torch.library.custom_op("upg_kernels::token_logprobs_backward", mutates_args=())
+def _token_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                targets: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
+                                g_logp: torch.Tensor, g_ent: torch.Tensor | None,
+                                temperature: float, ignore_index: int, softcap: float,
+                                filter_eps: float, backend: str, need_hidden: bool,
+                                need_weight: bool, need_bias: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = LogprobParams(temperature, ignore_index, softcap, filter_eps)
+    dh, dw, db = get_backend(backend).backward(
+        hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
+        need_hidden, need_weight, need_bias and bias is not None)
+    # custom ops cannot return None: hand back empty tensors for what was not asked for
+    empty = hidden.new_empty(0)
+    return (dh if dh is not None else empty, dw if dw is not None else empty,
+            db if db is not None else empty)
+
+
+@_token_logprobs_backward_op.register_fake
+def _(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature, ignore_index,
+      softcap, filter_eps, backend, need_hidden, need_weight, need_bias):
+    empty = hidden.new_empty(0)
+    return (torch.empty_like(hidden) if need_hidden else empty,
+            torch.empty_like(weight) if need_weight else empty,
+            torch.empty_like(bias) if (need_bias and bias is not None) else empty)
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, targets, temperature, ignore_index, softcap, filter_eps, backend = inputs
+    _, ent, lse = output
+    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
+    ctx.args = (temperature, ignore_index, softcap, filter_eps, backend)
+
+
+def _backward(ctx, g_logp, g_ent, _g_lse):
+    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    if g_logp is None:
+        g_logp = torch.zeros_like(lse)
+    dh, dw, db = _token_logprobs_backward_op(
+        hidden, weight, bias, targets, lse, ent, g_logp.float() if g_logp.dtype != lse.dtype
+        else g_logp, None if g_ent is None else g_ent.to(lse.dtype), *ctx.args,
+        need_h, need_w, need_b and bias is not None)
+    return (dh if need_h else None, dw if need_w else None,
+            db if (need_b and bias is not None) else None, None, None, None, None, None, None)
+
+
+_token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- validation
+def _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps):
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if not isinstance(targets, torch.Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be a floating tensor (fp32, bf16, fp16), got {hidden.dtype}")
+    if weight.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"weight must be a floating tensor (fp32, bf16, fp16), got {weight.dtype}")
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+        raise TypeError(f"targets must hold integer token ids, got {targets.dtype}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape [..., H], got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape [V, H], got {tuple(weight.shape)}")
+    H = hidden.shape[-1]
+    if weight.shape[1] != H:
+        raise ValueError(f"weight must have shape [V, H={H}] to match hidden [..., {H}], "
+                         f"got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError("weight has an empty vocabulary (V = 0)")
+    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])} (hidden's leading "
+                         f"dimensions), got {tuple(targets.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}")
+    if targets.device != hidden.device:
+        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"bias must have shape [V={weight.shape[0]}], got {tuple(bias.shape)}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
+        if bias.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
+    if not (isinstance(filter_eps, (int, float)) and filter_eps >= 0):
+        raise ValueError(f"filter_eps must be a number >= 0, got {filter_eps!r}")
+
+
+def _check_target_range(flat_targets, V, ignore_index):
+    if flat_targets.numel() == 0:
+        return
+    valid = flat_targets != ignore_index
+    bad = valid & ((flat_targets < 0) | (flat_targets >= V))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"targets holds id {int(flat_targets[i])} at flat position {i}, outside "
+                         f"[0, V={V}) and not ignore_index={ignore_index}")
+
+
+def _common_dtype(hidden, weight, bias):
+    """The compute dtype: autocast's when it is on for this device, else the promoted input dtype."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev) if hasattr(torch, "is_autocast_enabled") else False:
+        return torch.get_autocast_dtype(dev)
+    dt = torch.promote_types(hidden.dtype, weight.dtype)
+    return dt
+
+
+# ----------------------------------------------------------------------------- public API
+def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
+                   return_entropy=False, backend="auto", softcap=None, filter_eps=0.0):
+    """Per-token log-probs of ``targets`` under ``softmax(softcap(hidden @ weight.T + bias) / temperature)``.
+
+    Args:
+        hidden: ``[..., H]`` float32 / bfloat16 / float16 hidden states (the decoder's last layer).
+        weight: ``[V, H]`` lm_head weight.
+        targets: ``[...]`` integer token ids (``hidden``'s leading shape); ``ignore_index`` rows are skipped.
+        bias: optional ``[V]`` lm_head bias.
+        temperature: positive float dividing the logits (the sampler's temperature).
+        ignore_index: target id that marks a row to skip (its outputs are 0, its gradient 0).
+        return_entropy: also return the per-token entropy of the distribution.
+        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere; ``UPG_KERNELS_BACKEND``
+            overrides), ``"triton"`` or ``"torch"``.
+        softcap: optional final-logit softcapping ``c * tanh(z / c)`` (Gemma-2 style), applied
+            before the temperature.
+        filter_eps: backward tile filter (Triton backend): skip logit tiles whose every
+            ``|dz| <= filter_eps`` (see docs/kernels.md for the error bound). 0 = exact.
+
+    Returns:
+        ``logp`` float32 ``[...]``, and with ``return_entropy`` the tuple ``(logp, entropy)``.
+        Differentiable with respect to ``hidden``, ``weight`` and ``bias`` through both outputs.
+    """
+    _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
+    lead = tuple(hidden.shape[:-1])
+    H = hidden.shape[-1]
+    V = weight.shape[0]
+    name = resolve_backend(backend, hidden.device)
+
+    dt = _common_dtype(hidden, weight, bias)
+    h2 = hidden.reshape(-1, H)
+    if h2.dtype != dt:
+        h2 = h2.to(dt)
+    w = weight if weight.dtype == dt else weight.to(dt)
+    b = bias if (bias is None or bias.dtype == dt) else bias.to(dt)
+    t = targets.reshape(-1)
+    if t.dtype != torch.int64:
+        t = t.long()
+    _check_target_range(t, V, ignore_index)
+    out_dt = torch.float64 if dt == torch.float64 else torch.float32
+
+    if h2.shape[0] == 0:
+        logp = (h2.sum(-1) * 0).to(out_dt).reshape(lead)  # keeps the graph for empty inputs
+        return (logp, logp.clone()) if return_entropy else logp
+    h2 = h2.contiguous()
+    w = w.contiguous()
+    with torch.autocast(hidden.device.type, enabled=False):
+        logp, ent, _lse = _token_logprobs_op(
+            h2, w, None if b is None else b.contiguous(), t.contiguous(), float(temperature),
+            int(ignore_index), float(softcap or 0.0), float(filter_eps), name)
+    logp = logp.reshape(lead)
+    if return_entropy:
+        return logp, ent.reshape(lead)
+    return logp

@@ -1,0 +1,66 @@
+"""The rollout interface: one engine API for transformers ``generate`` and vLLM.
+
+An engine turns token-id prompts into sampled completions. Results are grouped by prompt:
+for ``generate(prompts, n=...)`` the returned list has ``len(prompts) * n`` items and item
+``i * n + j`` is the j-th completion of prompt ``i``.
+
+Engines are colocated with the trainer: between rollout phases the trainer calls ``sleep()``
+(free the engine's memory, e.g. vLLM's KV cache) and ``wake()`` before the next ``generate``;
+after each optimizer step it calls ``sync_weights(model)`` so the sampler follows the policy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol, runtime_checkable
+
+
+@dataclass
+class Rollout:
+    """One sampled completion of one prompt.
+
+    Attributes:
+        prompt_ids: the prompt's token ids (as given to ``generate``).
+        completion_ids: the sampled token ids, EOS included when it was sampled, no padding.
+        logprobs: the sampler's log-prob of each completion token (same length as
+            ``completion_ids``), under the sampling temperature (logits / T, before top-p
+            truncation), or None when the engine cannot report them.
+        finish_reason: ``"stop"`` (EOS or a stop token) or ``"length"`` (hit ``max_new_tokens``).
+        prompt_index: index of the prompt in the ``generate`` call.
+    """
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    logprobs: Optional[list[float]] = None
+    finish_reason: str = "length"
+    prompt_index: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the trainer needs from a sampler."""
+
+    def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0,
+                 seed: Optional[int] = None) -> list[Rollout]:
+        """Sample ``n`` completions per prompt; return ``len(prompts) * n`` rollouts grouped by prompt."""
+        ...
+
+    def sync_weights(self, model) -> None:
+        """Make the sampler use ``model``'s current weights (called after each optimizer step)."""
+        ...
+
+    def sleep(self) -> None:
+        """Release sampler memory between rollout phases (no-op where not applicable)."""
+        ...
+
+    def wake(self) -> None:
+        """Undo ``sleep()`` before the next ``generate``."""
+        ...
+
+
+def group(rollouts: list[Rollout], n: int) -> list[list[Rollout]]:
+    """Split a flat, prompt-grouped rollout list into per-prompt groups of ``n``."""
+    if n <= 0 or len(rollouts) % n:
+        raise ValueError(f"{len(rollouts)} rollouts cannot be split into groups of {n}")
+    return [rollouts[i:i + n] for i in range(0, len(rollouts), n)]

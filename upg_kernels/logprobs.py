@@ -21,6 +21,8 @@ def _token_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
                        targets: torch.Tensor, temperature: float, ignore_index: int,
                        softcap: float, filter_eps: float, backend: str
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # checked here, on real data, so that torch.compile traces the caller without a data-dependent branch
+    _check_target_range(targets, weight.shape[0], ignore_index)
     p = LogprobParams(temperature, ignore_index, softcap, filter_eps)
     return get_backend(backend).forward(hidden, weight, bias, targets, p)
 
@@ -44,19 +46,18 @@ def _token_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias
     dh, dw, db = get_backend(backend).backward(
         hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
         need_hidden, need_weight, need_bias and bias is not None)
-    # custom ops cannot return None: hand back empty tensors for what was not asked for
-    empty = hidden.new_empty(0)
-    return (dh if dh is not None else empty, dw if dw is not None else empty,
-            db if db is not None else empty)
+    # custom ops cannot return None: hand back (distinct) empty tensors for what was not asked for
+    return (dh if dh is not None else hidden.new_empty(0),
+            dw if dw is not None else hidden.new_empty(0),
+            db if db is not None else hidden.new_empty(0))
 
 
 @_token_logprobs_backward_op.register_fake
 def _(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature, ignore_index,
       softcap, filter_eps, backend, need_hidden, need_weight, need_bias):
-    empty = hidden.new_empty(0)
-    return (torch.empty_like(hidden) if need_hidden else empty,
-            torch.empty_like(weight) if need_weight else empty,
-            torch.empty_like(bias) if (need_bias and bias is not None) else empty)
+    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
@@ -177,7 +178,6 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
     _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
     lead = tuple(hidden.shape[:-1])
     H = hidden.shape[-1]
-    V = weight.shape[0]
     name = resolve_backend(backend, hidden.device)
 
     dt = _common_dtype(hidden, weight, bias)
@@ -189,7 +189,6 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
     t = targets.reshape(-1)
     if t.dtype != torch.int64:
         t = t.long()
-    _check_target_range(t, V, ignore_index)
     out_dt = torch.float64 if dt == torch.float64 else torch.float32
 
     if h2.shape[0] == 0:

@@ -23,7 +23,7 @@ class Rollout:
         completion_ids: the sampled token ids, EOS included when it was sampled, no padding.
         logprobs: the sampler's log-prob of each completion token (same length as
             ``completion_ids``), under the sampling temperature (logits / T, before top-p
-            truncation), or None when the engine cannot report them.
+            truncation; T = 1 for greedy), or None when the engine cannot report them.
         finish_reason: ``"stop"`` (EOS or a stop token) or ``"length"`` (hit ``max_new_tokens``).
         prompt_index: index of the prompt in the ``generate`` call.
     """
@@ -43,7 +43,12 @@ class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0,
                  seed: Optional[int] = None) -> list[Rollout]:
-        """Sample ``n`` completions per prompt; return ``len(prompts) * n`` rollouts grouped by prompt."""
+        """Sample ``n`` completions per prompt; return ``len(prompts) * n`` rollouts grouped by prompt.
+
+        ``temperature == 0`` means greedy decoding (used for evaluation); sampler log-probs are
+        then those of the untempered distribution. ``seed`` makes sampling reproducible and must
+        not disturb the caller's global RNG state.
+        """
         ...
 
     def sync_weights(self, model) -> None:

@@ -41,11 +41,13 @@ class HFEngine:
                  seed: Optional[int] = None) -> list[Rollout]:
         from transformers import GenerationConfig
 
-        if temperature <= 0:
-            raise ValueError("temperature must be > 0 (use a small value for near-greedy sampling)")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        greedy = temperature == 0
         flat = [(i, p) for i, p in enumerate(prompts) for _ in range(n)]
         gen_cfg = GenerationConfig(
-            do_sample=True, temperature=float(temperature), top_p=float(top_p), top_k=0,
+            do_sample=not greedy, temperature=None if greedy else float(temperature),
+            top_p=None if greedy else float(top_p), top_k=None if greedy else 0,
             max_new_tokens=int(max_new_tokens), pad_token_id=self.pad_id,
             eos_token_id=sorted(self.eos_ids), return_dict_in_generate=True, output_logits=True)
         was_training = self.model.training
@@ -58,7 +60,7 @@ class HFEngine:
                 torch.manual_seed(int(seed))
             for start in range(0, len(flat), self.batch_size):
                 chunk = flat[start:start + self.batch_size]
-                out.extend(self._generate_batch(chunk, gen_cfg, float(temperature), device))
+                out.extend(self._generate_batch(chunk, gen_cfg, float(temperature) or 1.0, device))
         if was_training:
             self.model.train()
         return out

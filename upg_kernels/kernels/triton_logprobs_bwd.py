@@ -1,0 +1,191 @@
+"""Backward: recompute each logits tile, form dz on chip, accumulate dhidden / dweight / dbias.
+
+Only the active rows run: ``targets != ignore_index`` and ``g_logp != 0 or g_ent != 0`` (exact; the
+host compacts them into an index list). Grid: one program per (token block, vocabulary tile) of a
+vocabulary slab, in a grouped (swizzled) order for L2 reuse. Each program
+
+1. recomputes ``z`` for its tile (``tl.dot`` over H, fp32 accumulation) and forms
+   ``dz = (g_logp * (onehot - p) - g_ent * p * (log p + H)) / temperature`` (times ``1 - tanh^2``
+   with a softcap), masked to the valid rows and columns;
+2. optionally skips the rest when every ``|dz| <= filter_eps`` (tile filtering);
+3. ``dh[block] += dz @ W[tile]`` and ``dW[tile] += dz^T @ h[block]`` chunk by chunk of H with
+   float32 ``atomic_add`` (``dz`` is cast to the input dtype for the tensor cores), and
+   ``db[tile] += sum_rows dz``.
+
+Buffers: dhidden accumulates in a float32 ``[M, H]`` buffer (M = active rows); dweight in a float32
+slab of ``slab_rows x H`` per launch (the output itself for float32 weights), cast into the output
+slab by slab, so the float32 copy of a ``[V, H]`` weight gradient never exists at once.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_logprobs_common import (bwd_config, check_inputs, dot_precision, logits_tile)
+from .triton_logprobs_fwd import _nullctx
+
+# float32 dweight accumulation buffer per launch (bf16/fp16 weights); see docs/kernels.md
+DW_SLAB_BYTES = 32 * 2**20
+
+
+@triton.jit
+def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr,
+                dh_ptr, dw_ptr, db_ptr,
+                M, H, stride_h, stride_w, v_lo, v_hi, temperature, softcap, filter_eps,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr,
+                EVEN_H: tl.constexpr, PREC: tl.constexpr, NEED_H: tl.constexpr,
+                NEED_W: tl.constexpr, NEED_B: tl.constexpr, FILTER: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                GROUP_N: tl.constexpr):
+    # grouped order: GROUP_N token blocks x all vocabulary tiles of the slab, token block fastest
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(M, BLOCK_N)
+    v_tiles = tl.cdiv(v_hi - v_lo, BLOCK_V)
+    in_group = GROUP_N * v_tiles
+    first_n = (pid // in_group) * GROUP_N
+    group_size = tl.minimum(n_blocks - first_n, GROUP_N)
+    pid_n = first_n + (pid % in_group) % group_size
+    pid_v = (pid % in_group) // group_size
+
+    offs_m = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)          # int64 row ids
+    tgt = tl.load(tgt_ptr + rows, mask=mask_m, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=mask_m, other=0.0)
+    gl = tl.load(gl_ptr + rows, mask=mask_m, other=0.0)
+    offs_v = v_lo + pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    mask_v = offs_v < v_hi
+
+    z, t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, offs_v, mask_v, H, stride_h, stride_w,
+                       temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC,
+                       BLOCK_N, BLOCK_V, BLOCK_H)
+    logp = z - lse[:, None]
+    prob = tl.exp(logp)
+    dz = tl.where(offs_v[None, :] == tgt[:, None], gl[:, None], 0.0) - gl[:, None] * prob
+    if HAS_GENT:
+        ge = tl.load(ge_ptr + rows, mask=mask_m, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=mask_m, other=0.0)
+        dz -= ge[:, None] * prob * (logp + ent[:, None])
+    dz = dz / temperature
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    # padded rows / columns contribute nothing (where, not a product: 0 * NaN = NaN)
+    dz = tl.where(mask_m[:, None] & mask_v[None, :], dz, 0.0)
+
+    keep = True
+    if FILTER:
+        keep = tl.max(tl.max(tl.abs(dz), 1), 0) > filter_eps
+    if keep:
+        if NEED_B:
+            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, 0), mask=mask_v, sem="relaxed")
+        dzc = dz.to(h_ptr.dtype.element_ty)
+        offs_k = tl.arange(0, BLOCK_H)
+        if NEED_H:
+            w_ptrs = w_ptr + offs_v[:, None] * stride_w + offs_k[None, :]
+            dh_ptrs = dh_ptr + offs_m[:, None] * H + offs_k[None, :]      # compact [M, H] fp32
+            for k in range(0, H, BLOCK_H):
+                if EVEN_H:
+                    w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
+                    tl.atomic_add(dh_ptrs, tl.dot(dzc, w, input_precision=PREC),
+                                  mask=mask_m[:, None], sem="relaxed")
+                else:
+                    kmask = offs_k + k < H
+                    w = tl.load(w_ptrs, mask=mask_v[:, None] & kmask[None, :], other=0.0)
+                    tl.atomic_add(dh_ptrs, tl.dot(dzc, w, input_precision=PREC),
+                                  mask=mask_m[:, None] & kmask[None, :], sem="relaxed")
+                w_ptrs += BLOCK_H
+                dh_ptrs += BLOCK_H
+        if NEED_W:
+            h_ptrs = h_ptr + rows[:, None] * stride_h + offs_k[None, :]
+            dw_ptrs = dw_ptr + (offs_v - v_lo)[:, None] * H + offs_k[None, :]  # slab [rows, H] fp32
+            dzt = tl.trans(dzc)
+            for k in range(0, H, BLOCK_H):
+                if EVEN_H:
+                    h = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
+                    tl.atomic_add(dw_ptrs, tl.dot(dzt, h, input_precision=PREC),
+                                  mask=mask_v[:, None], sem="relaxed")
+                else:
+                    kmask = offs_k + k < H
+                    h = tl.load(h_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
+                    tl.atomic_add(dw_ptrs, tl.dot(dzt, h, input_precision=PREC),
+                                  mask=mask_v[:, None] & kmask[None, :], sem="relaxed")
+                h_ptrs += BLOCK_H
+                dw_ptrs += BLOCK_H
+
+
+def _slab_rows(V: int, H: int, block_v: int) -> int:
+    budget = int(os.environ.get("UPG_KERNELS_TRITON_DW_SLAB_BYTES", DW_SLAB_BYTES))
+    rows = max(block_v, (budget // (4 * max(H, 1))) // block_v * block_v)
+    return min(rows, triton.cdiv(V, block_v) * block_v)
+
+
+def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
+             need_hidden=True, need_weight=True, need_bias=True):
+    check_inputs(hidden, weight, bias)
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    need_bias = bool(need_bias) and bias is not None
+    dh = torch.zeros_like(hidden) if need_hidden else None
+    dw = torch.zeros_like(weight) if need_weight else None
+    db = torch.zeros_like(bias) if need_bias else None
+    if not (need_hidden or need_weight or need_bias):
+        return dh, dw, db
+
+    g_logp = g_logp.to(torch.float32).contiguous()
+    active = g_logp != 0
+    if g_ent is not None:
+        g_ent = g_ent.to(torch.float32).contiguous()
+        active |= g_ent != 0
+    active &= targets != p.ignore_index
+    rows = active.nonzero().squeeze(1)
+    M = rows.numel()
+    if M == 0:
+        return dh, dw, db
+
+    cfg = bwd_config()
+    lse = lse.to(torch.float32).contiguous()
+    ent = ent.to(torch.float32).contiguous()
+    dh_buf = torch.zeros(M, H, dtype=torch.float32, device=dev) if need_hidden else None
+    db_buf = torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None
+    w_fp32 = weight.dtype == torch.float32
+    slab = _slab_rows(V, H, cfg.block_v) if need_weight else triton.cdiv(V, cfg.block_v) * cfg.block_v
+    dw_buf = None
+    if need_weight and not w_fp32:
+        dw_buf = torch.empty(min(slab, V), H, dtype=torch.float32, device=dev)
+    n_blocks = triton.cdiv(M, cfg.block_n)
+    dummy = lse  # any tensor for pointers that a constexpr flag leaves unused
+    with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
+        for v0 in range(0, V, slab):
+            v1 = min(V, v0 + slab)
+            if need_weight:
+                if w_fp32:
+                    dw_slab = dw[v0:v1]
+                else:
+                    dw_slab = dw_buf[:v1 - v0]
+                    dw_slab.zero_()
+            else:
+                dw_slab = dummy
+            grid = (n_blocks * triton.cdiv(v1 - v0, cfg.block_v),)
+            _bwd_kernel[grid](
+                hidden, weight, bias if bias is not None else dummy, targets, rows, lse, ent,
+                g_logp, g_ent if g_ent is not None else dummy,
+                dh_buf if need_hidden else dummy, dw_slab, db_buf if need_bias else dummy,
+                M, H, hidden.stride(0), weight.stride(0), v0, v1,
+                float(p.temperature), float(p.softcap or 1.0), float(p.filter_eps),
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=bool(p.softcap),
+                HAS_GENT=g_ent is not None, EVEN_H=H % cfg.block_h == 0,
+                PREC=dot_precision(hidden.dtype), NEED_H=bool(need_hidden),
+                NEED_W=bool(need_weight), NEED_B=need_bias, FILTER=p.filter_eps > 0,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
+                GROUP_N=cfg.group_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            if need_weight and not w_fp32:
+                dw[v0:v1].copy_(dw_slab)
+    if need_hidden:
+        dh.index_copy_(0, rows, dh_buf.to(hidden.dtype))
+    if need_bias:
+        db.copy_(db_buf)
+    return dh, dw, db

@@ -1,0 +1,119 @@
+"""Shared pieces of the Triton log-prob kernels: block configs, input checks, the logits-tile helper.
+
+See docs/kernels.md for the design. Everything here is used by ``triton_logprobs_fwd`` and
+``triton_logprobs_bwd``; ``triton_logprobs`` re-exports the two host functions.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    block_n: int      # tokens per tile
+    block_v: int      # vocabulary entries per tile
+    block_h: int      # hidden-dimension chunk of each tl.dot
+    num_warps: int = 8
+    num_stages: int = 3
+    group_n: int = 8  # backward: token blocks per L2 group of the tile swizzle
+
+
+# H100 defaults (see docs/kernels.md "Block sizes"); small blocks under the CPU interpreter so the
+# tests stay fast and still cover several token blocks, vocabulary tiles and H chunks.
+_FWD_GPU = BlockConfig(block_n=128, block_v=256, block_h=64, num_warps=8, num_stages=3)
+_BWD_GPU = BlockConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
+_FWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1)
+_BWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1, group_n=2)
+
+
+def fwd_config() -> BlockConfig:
+    return _FWD_INTERP if interpreting() else _FWD_GPU
+
+
+def bwd_config() -> BlockConfig:
+    return _BWD_INTERP if interpreting() else _BWD_GPU
+
+
+def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:
+    """Triton-specific checks (the public API has validated shapes, devices and ranges)."""
+    for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 {name}, got "
+                            f"{t.dtype}; use backend='torch' for float64")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"backend='triton' needs hidden and weight in one dtype, got "
+                        f"{hidden.dtype} and {weight.dtype}")
+    if hidden.device.type != "cuda" and not interpreting():
+        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
+                         f"got tensors on {hidden.device}")
+    if hidden.stride(-1) != 1 or weight.stride(-1) != 1:
+        raise ValueError("backend='triton' needs hidden and weight with a contiguous last dimension")
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative error); bf16/fp16 inputs
+    # use the tensor cores natively and ignore this setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@triton.jit
+def _tanh(x):
+    # tanh without libdevice (the interpreter has none): sign(x) * (1 - e) / (1 + e), e = exp(-2|x|)
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, offs_v, mask_v, H, stride_h, stride_w,
+                temperature, softcap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_H: tl.constexpr,
+                PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+    """``z = softcap(h[rows] @ w[offs_v].T + b[offs_v]) / temperature`` as a float32
+    [BLOCK_N, BLOCK_V] tile, and ``t = tanh(. / softcap)`` (for the backward chain rule; the
+    logits themselves when there is no softcap). ``rows`` and ``offs_v`` are int64.
+    Masked rows / columns hold finite garbage: callers mask them."""
+    offs_k = tl.arange(0, BLOCK_H)
+    h_ptrs = h_ptr + rows[:, None] * stride_h + offs_k[None, :]
+    w_ptrs = w_ptr + offs_v[None, :] * stride_w + offs_k[:, None]
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k in range(0, H, BLOCK_H):
+        if EVEN_H:
+            a = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(w_ptrs, mask=mask_v[None, :], other=0.0)
+        else:
+            kmask = offs_k + k < H
+            a = tl.load(h_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=kmask[:, None] & mask_v[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+        h_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
+    z = acc
+    if HAS_BIAS:
+        z += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+    t = z
+    if HAS_SOFTCAP:
+        t = _tanh(z / softcap)
+        z = softcap * t
+    z = z / temperature
+    return z, t

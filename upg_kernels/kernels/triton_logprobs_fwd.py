@@ -1,0 +1,144 @@
+"""Forward: per-token log-sum-exp, entropy and target log-prob without vocab-sized logits.
+
+Grid: (token blocks of BLOCK_N over the non-ignored rows) x (vocabulary splits), one program each,
+flattened to 1-D with the split index fastest (so the programs resident at one time share few
+token blocks: their hidden tiles stay in L2). A program loops over its vocabulary range in BLOCK_V
+tiles, computes each logits tile with ``tl.dot`` over BLOCK_H chunks of H (fp32 accumulation) and
+folds it into four running per-row statistics, relative to the running max ``m``:
+
+    s = sum_j exp(z_j - m)        t = sum_j exp(z_j - m) * (z_j - m)        zt = z[target]
+
+It writes them as partials ``[4, splits, M]``; the combine (a few torch ops on that small tensor)
+rescales to the global max and gives ``lse = m + log s``, ``entropy = log s - t / s``,
+``logp = zt - lse``. Nothing of size N x V (or tokens x V) is ever written to memory.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_logprobs_common import (check_inputs, dot_precision, fwd_config, interpreting,
+                                     logits_tile, num_sms)
+
+
+@triton.jit
+def _fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, part_ptr,
+                M, V, H, stride_h, stride_w, n_splits, v_per_split, temperature, softcap,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_H: tl.constexpr,
+                PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_H: tl.constexpr):
+    pid = tl.program_id(0)
+    pid_s = pid % n_splits
+    pid_n = pid // n_splits
+
+    offs_m = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)          # int64 row ids
+    tgt = tl.load(tgt_ptr + rows, mask=mask_m, other=-1)
+
+    m_i = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+    s_i = tl.zeros((BLOCK_N,), tl.float32)
+    t_i = tl.zeros((BLOCK_N,), tl.float32)
+    zt_i = tl.zeros((BLOCK_N,), tl.float32)
+
+    v_start = pid_s.to(tl.int64) * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
+        mask_v = offs_v < v_end
+        z, _t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, offs_v, mask_v, H, stride_h,
+                            stride_w, temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC,
+                            BLOCK_N, BLOCK_V, BLOCK_H)
+        z = tl.where(mask_v[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        alpha = tl.exp(m_i - m_new)                       # 0 on the first tile (m_i = -inf)
+        shift = tl.where(s_i > 0, m_i - m_new, 0.0)       # avoids -inf * 0 on the first tile
+        e = tl.exp(z - m_new[:, None])                    # 0 in masked columns
+        zc = tl.where(mask_v[None, :], z - m_new[:, None], 0.0)   # no 0 * -inf
+        t_i = alpha * (t_i + shift * s_i) + tl.sum(e * zc, 1)
+        s_i = alpha * s_i + tl.sum(e, 1)
+        m_i = m_new
+        zt_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), 1)
+
+    base = part_ptr + pid_s.to(tl.int64) * M + offs_m
+    stride_j = (tl.full((), 0, tl.int64) + n_splits) * M   # int64 even if n_splits is specialized
+    tl.store(base, m_i, mask=mask_m)
+    tl.store(base + stride_j, s_i, mask=mask_m)
+    tl.store(base + 2 * stride_j, t_i, mask=mask_m)
+    tl.store(base + 3 * stride_j, zt_i, mask=mask_m)
+
+
+def _num_splits(n_blocks: int, v_tiles: int, sms: int) -> int:
+    """Vocabulary splits: fill the GPU with whole waves of programs; keep each split >= 4 tiles.
+
+    Among splits that give at least one wave of ``sms`` programs (when the vocabulary allows),
+    take the best wave efficiency (programs / (waves * sms)); ties go to the split count nearest
+    8, which groups the resident programs on few token blocks (L2 reuse of the hidden tiles).
+    Under the interpreter: 2 splits (cheap, and exercises the combine)."""
+    if interpreting():
+        return max(1, min(v_tiles, 2))
+    max_s = max(1, v_tiles // 4)
+    lo = min(max_s, triton.cdiv(sms, n_blocks))
+    hi = min(max_s, max(lo, 16))
+    best, best_key = lo, None
+    for s in range(lo, hi + 1):
+        p = n_blocks * s
+        eff = p / (triton.cdiv(p, sms) * sms)
+        key = (round(eff, 2), -abs(s - 8))
+        if best_key is None or key > best_key:
+            best, best_key = s, key
+    return best
+
+
+def combine(part: torch.Tensor):
+    """[4, splits, M] partials -> (lse, entropy, target logit) [M] float32."""
+    m, s, t, zt = part.unbind(0)
+    mx = m.max(0).values
+    alpha = torch.exp(m - mx)
+    s_tot = (alpha * s).sum(0)
+    t_tot = (alpha * (t + (m - mx) * s)).sum(0)
+    log_s = torch.log(s_tot)
+    return mx + log_s, log_s - t_tot / s_tot, zt.sum(0)
+
+
+def forward(hidden, weight, bias, targets, p):
+    check_inputs(hidden, weight, bias)
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    logp = torch.zeros(N, dtype=torch.float32, device=dev)
+    ent = torch.zeros(N, dtype=torch.float32, device=dev)
+    lse = torch.zeros(N, dtype=torch.float32, device=dev)
+    rows = (targets != p.ignore_index).nonzero().squeeze(1)
+    M = rows.numel()
+    if M == 0:
+        return logp, ent, lse
+    cfg = fwd_config()
+    n_blocks = triton.cdiv(M, cfg.block_n)
+    v_tiles = triton.cdiv(V, cfg.block_v)
+    splits = _num_splits(n_blocks, v_tiles, num_sms(dev))
+    v_per_split = triton.cdiv(v_tiles, splits) * cfg.block_v
+    splits = triton.cdiv(V, v_per_split)                  # no empty split
+    part = torch.empty(4, splits, M, dtype=torch.float32, device=dev)
+    with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
+        _fwd_kernel[(n_blocks * splits,)](
+            hidden, weight, bias if bias is not None else hidden, targets, rows, part,
+            M, V, H, hidden.stride(0), weight.stride(0), splits, v_per_split,
+            float(p.temperature), float(p.softcap or 1.0),
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=bool(p.softcap), EVEN_H=H % cfg.block_h == 0,
+            PREC=dot_precision(hidden.dtype), BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+            BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    l, e, zt = combine(part)
+    lse[rows] = l
+    ent[rows] = e
+    logp[rows] = zt - l
+    return logp, ent, lse
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False

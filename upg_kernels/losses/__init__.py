@@ -1,0 +1,8 @@
+"""Unified policy-gradient losses: every post-training loss as the four UPGE parts (DESIGN.md §1)."""
+from .advantages import group_advantages
+from .config import PRESET_NAMES, PRESETS, LossConfig
+from .module import UnifiedPolicyLoss
+from .unified import LossOutput, unified_policy_loss
+
+__all__ = ["LossConfig", "PRESETS", "PRESET_NAMES", "group_advantages", "unified_policy_loss",
+           "UnifiedPolicyLoss", "LossOutput"]

@@ -394,13 +394,26 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None) -> None:
-    """Load a full state dict (rank 0's; other ranks may pass ``None`` under FSDP2) into the wrapped LM."""
+    """Load a full state dict into the wrapped LM: rank 0's copy is used and broadcast; under DDP/FSDP2 the
+    other ranks may pass ``None``. Collective under DDP/FSDP2."""
     lm = unwrap_model(model)
-    if _strategy_of(model) != "fsdp2":
+    strategy = _strategy_of(model)
+    if strategy == "ddp" and is_distributed():
+        # rank 0 loads, then every state tensor is broadcast (other ranks may pass None)
+        if rank() == 0:
+            lm.load_state_dict(state_dict)
+        with torch.no_grad():
+            for t in lm.state_dict().values():
+                dist.broadcast(t, src=0)
+        return
+    if strategy != "fsdp2":
+        if state_dict is None:
+            raise ValueError("load_full_state_dict: state_dict is None")
         lm.load_state_dict(state_dict)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
-    set_model_state_dict(lm, state_dict if rank() == 0 else {},
+    # a shallow copy: with broadcast_from_rank0 torch replaces the dict's values in place
+    set_model_state_dict(lm, dict(state_dict) if rank() == 0 else {},
                          options=_full_options(cpu_offload=False, broadcast_from_rank0=True))
 
 
@@ -418,7 +431,7 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
         optimizer.load_state_dict(state_dict)
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    set_optimizer_state_dict(unwrap_model(model), optimizer, state_dict if rank() == 0 else {},
+    set_optimizer_state_dict(unwrap_model(model), optimizer, dict(state_dict) if rank() == 0 else {},
                              options=_full_options(cpu_offload=False, broadcast_from_rank0=True))
 
 

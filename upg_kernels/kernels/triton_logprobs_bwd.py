@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_logprobs_common import (bwd_config, check_inputs, dot_precision, logits_tile)
+from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, logits_tile,
+                                     upcast_dot)
 from .triton_logprobs_fwd import _nullctx
 
 # float32 dweight accumulation buffer per launch (bf16/fp16 weights); see docs/kernels.md
@@ -36,7 +37,7 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
                 dh_ptr, dw_ptr, db_ptr,
                 M, H, stride_h, stride_w, v_lo, v_hi, temperature, softcap, filter_eps,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr,
-                EVEN_H: tl.constexpr, PREC: tl.constexpr, NEED_H: tl.constexpr,
+                EVEN_H: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, NEED_H: tl.constexpr,
                 NEED_W: tl.constexpr, NEED_B: tl.constexpr, FILTER: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                 GROUP_N: tl.constexpr):
@@ -60,7 +61,7 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
     mask_v = offs_v < v_hi
 
     z, t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, offs_v, mask_v, H, stride_h, stride_w,
-                       temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC,
+                       temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC, UPCAST,
                        BLOCK_N, BLOCK_V, BLOCK_H)
     logp = z - lse[:, None]
     prob = tl.exp(logp)
@@ -89,12 +90,12 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
             for k in range(0, H, BLOCK_H):
                 if EVEN_H:
                     w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
-                    tl.atomic_add(dh_ptrs, tl.dot(dzc, w, input_precision=PREC),
+                    tl.atomic_add(dh_ptrs, dot(dzc, w, None, PREC, UPCAST),
                                   mask=mask_m[:, None], sem="relaxed")
                 else:
                     kmask = offs_k + k < H
                     w = tl.load(w_ptrs, mask=mask_v[:, None] & kmask[None, :], other=0.0)
-                    tl.atomic_add(dh_ptrs, tl.dot(dzc, w, input_precision=PREC),
+                    tl.atomic_add(dh_ptrs, dot(dzc, w, None, PREC, UPCAST),
                                   mask=mask_m[:, None] & kmask[None, :], sem="relaxed")
                 w_ptrs += BLOCK_H
                 dh_ptrs += BLOCK_H
@@ -105,12 +106,12 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
             for k in range(0, H, BLOCK_H):
                 if EVEN_H:
                     h = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
-                    tl.atomic_add(dw_ptrs, tl.dot(dzt, h, input_precision=PREC),
+                    tl.atomic_add(dw_ptrs, dot(dzt, h, None, PREC, UPCAST),
                                   mask=mask_v[:, None], sem="relaxed")
                 else:
                     kmask = offs_k + k < H
                     h = tl.load(h_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
-                    tl.atomic_add(dw_ptrs, tl.dot(dzt, h, input_precision=PREC),
+                    tl.atomic_add(dw_ptrs, dot(dzt, h, None, PREC, UPCAST),
                                   mask=mask_v[:, None] & kmask[None, :], sem="relaxed")
                 h_ptrs += BLOCK_H
                 dw_ptrs += BLOCK_H
@@ -139,7 +140,11 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     active = g_logp != 0
     if g_ent is not None:
         g_ent = g_ent.to(torch.float32).contiguous()
-        active |= g_ent != 0
+        ent_active = g_ent != 0
+        if bool(ent_active.any()):
+            active |= ent_active
+        else:
+            g_ent = None          # entropy unused (autograd hands zeros): drop its terms
     active &= targets != p.ignore_index
     rows = active.nonzero().squeeze(1)
     M = rows.numel()
@@ -178,7 +183,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
                 float(p.temperature), float(p.softcap or 1.0), float(p.filter_eps),
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=bool(p.softcap),
                 HAS_GENT=g_ent is not None, EVEN_H=H % cfg.block_h == 0,
-                PREC=dot_precision(hidden.dtype), NEED_H=bool(need_hidden),
+                PREC=dot_precision(hidden.dtype), UPCAST=upcast_dot(), NEED_H=bool(need_hidden),
                 NEED_W=bool(need_weight), NEED_B=need_bias, FILTER=p.filter_eps > 0,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
                 GROUP_N=cfg.group_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

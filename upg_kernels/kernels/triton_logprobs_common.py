@@ -83,12 +83,26 @@ def _tanh(x):
     return tl.where(x < 0, -t, t)
 
 
+def upcast_dot() -> bool:
+    """The CPU interpreter (triton 3.9) mis-computes tl.dot on bfloat16 operands (numpy has no
+    bf16): there the kernels upcast the (already bf16-rounded) operands to float32 first."""
+    return interpreting()
+
+
+@triton.jit
+def dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
 @triton.jit
 def logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, offs_v, mask_v, H, stride_h, stride_w,
                 temperature, softcap,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_H: tl.constexpr,
-                PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_H: tl.constexpr):
+                PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     """``z = softcap(h[rows] @ w[offs_v].T + b[offs_v]) / temperature`` as a float32
     [BLOCK_N, BLOCK_V] tile, and ``t = tanh(. / softcap)`` (for the backward chain rule; the
     logits themselves when there is no softcap). ``rows`` and ``offs_v`` are int64.
@@ -105,7 +119,7 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, offs_v, mask_v, H, stride_h, 
             kmask = offs_k + k < H
             a = tl.load(h_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=kmask[:, None] & mask_v[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+        acc = dot(a, b, acc, PREC, UPCAST)
         h_ptrs += BLOCK_H
         w_ptrs += BLOCK_H
     z = acc

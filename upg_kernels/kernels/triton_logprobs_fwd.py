@@ -19,15 +19,15 @@ import triton
 import triton.language as tl
 
 from .triton_logprobs_common import (check_inputs, dot_precision, fwd_config, interpreting,
-                                     logits_tile, num_sms)
+                                     logits_tile, num_sms, upcast_dot)
 
 
 @triton.jit
 def _fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, part_ptr,
                 M, V, H, stride_h, stride_w, n_splits, v_per_split, temperature, softcap,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_H: tl.constexpr,
-                PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                BLOCK_H: tl.constexpr):
+                PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
     pid = tl.program_id(0)
     pid_s = pid % n_splits
     pid_n = pid // n_splits
@@ -49,7 +49,7 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, part_ptr,
         mask_v = offs_v < v_end
         z, _t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, offs_v, mask_v, H, stride_h,
                             stride_w, temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC,
-                            BLOCK_N, BLOCK_V, BLOCK_H)
+                            UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         alpha = tl.exp(m_i - m_new)                       # 0 on the first tile (m_i = -inf)
@@ -127,7 +127,7 @@ def forward(hidden, weight, bias, targets, p):
             M, V, H, hidden.stride(0), weight.stride(0), splits, v_per_split,
             float(p.temperature), float(p.softcap or 1.0),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=bool(p.softcap), EVEN_H=H % cfg.block_h == 0,
-            PREC=dot_precision(hidden.dtype), BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+            PREC=dot_precision(hidden.dtype), UPCAST=upcast_dot(), BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
             BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     l, e, zt = combine(part)
     lse[rows] = l

@@ -303,7 +303,7 @@ def test_old_vllm_raw_logprobs(monkeypatch, tiny):
     eng, fake = _engine(monkeypatch, tiny, accept_logprobs_mode=False)
     assert eng.logprobs_mode == "raw_logprobs" and "logprobs_mode" not in fake.instances[0].kw
     r1 = eng.generate([[1, 2]], n=2, max_new_tokens=3, temperature=1.0)
-    assert all(r.logprobs is not None and r.extra["logprobs_mode"] == "raw_logprobs" for r in r1)
+    assert all(r.logprobs is not None and r.extra["logprobs_mode"] == "untempered" for r in r1)
     with pytest.warns(UserWarning, match="before temperature"):
         r2 = eng.generate([[1, 2]], n=2, max_new_tokens=3, temperature=0.6)
     assert all(r.logprobs is None for r in r2)
@@ -326,7 +326,7 @@ def test_argument_checks(monkeypatch, tiny):
     eng, _ = _engine(monkeypatch, tiny)
     assert eng.generate([], n=2, max_new_tokens=3) == []
     with pytest.raises(ValueError, match="temperature"):
-        eng.generate([[1]], n=2, max_new_tokens=3, temperature=0.0)
+        eng.generate([[1]], n=2, max_new_tokens=3, temperature=-1.0)
     from upg_trainer.rollout.vllm_engine import VLLMEngine
     with pytest.raises(NotImplementedError):
         VLLMEngine(*tiny, tensor_parallel_size=2)
@@ -343,3 +343,22 @@ def test_model_path_dir_is_used_when_it_has_a_config(monkeypatch, tiny, tmp_path
     model.name_or_path = str(tmp_path)
     VLLMEngine(model, tok)
     assert fake.instances[0].kw["model"] == str(tmp_path)
+
+
+def test_greedy_is_one_request_repeated(monkeypatch, tiny):
+    eng, fake = _engine(monkeypatch, tiny)
+    seen = []
+    orig = fake.instances[0].generate
+
+    def spy(prompts, sps, use_tqdm=True):
+        seen.extend(sps)
+        return orig(prompts, sps, use_tqdm)
+
+    fake.instances[0].generate = spy
+    out = eng.generate([[1, 2], [3]], n=3, max_new_tokens=4, temperature=0.0, top_p=0.5, seed=7)
+    assert [sp.kw for sp in seen] == [dict(n=1, temperature=0.0, max_tokens=4, logprobs=0,
+                                           stop_token_ids=[EOS], detokenize=False)] * 2
+    assert len(out) == 6 and [r.prompt_index for r in out] == [0, 0, 0, 1, 1, 1]
+    assert out[0].completion_ids == out[1].completion_ids == out[2].completion_ids
+    assert out[0].completion_ids is not out[1].completion_ids
+    assert out[0].logprobs is not None and out[0].extra["logprobs_mode"] == "untempered"

@@ -38,11 +38,14 @@ Design points:
   engine in this process: single-process runs set ``VLLM_ENABLE_V1_MULTIPROCESSING=0``; under torchrun
   the engine uses ``distributed_executor_backend="external_launcher"`` (one engine per rank, tensor
   parallel size 1). The prefix cache is reset after every push (cached KV of the old weights).
+- Greedy (``temperature == 0``, the evaluation setting): one request per prompt, repeated ``n`` times;
+  log-probs untempered.
 - Seeds: with ``seed`` given, each of the ``len(prompts) * n`` samples is its own request with its own
   seed (reproducible, somewhat slower in vLLM); with ``seed=None`` one request per prompt with ``n``.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -237,44 +240,61 @@ class VLLMEngine:
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0,
                  seed: Optional[int] = None) -> list[Rollout]:
-        if temperature <= 0:
-            raise ValueError("temperature must be > 0 (use a small value for near-greedy sampling)")
+        """``n`` completions per prompt, grouped by prompt. ``temperature == 0`` is greedy decoding:
+        one request per prompt, its completion repeated ``n`` times, log-probs untempered (T = 1)."""
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if not prompts:
             return []
         self.wake()
-        keep_lp = self.logprobs_mode == "processed_logprobs" or float(temperature) == 1.0
+        greedy = float(temperature) == 0.0
+        # vLLM's greedy path and raw_logprobs are both untempered; processed_logprobs are tempered
+        keep_lp = greedy or self.logprobs_mode == "processed_logprobs" or float(temperature) == 1.0
         if not keep_lp and not self._warned:
             warnings.warn("this vLLM reports log-probs before temperature (no logprobs_mode); with "
                           f"temperature={temperature} the rollouts carry no sampler log-probs", stacklevel=2)
             self._warned = True
         SamplingParams = self._vllm.SamplingParams
-        common = dict(temperature=float(temperature), top_p=float(top_p),
-                      max_tokens=int(max_new_tokens), logprobs=0, stop_token_ids=list(self.eos_ids),
+        common = dict(max_tokens=int(max_new_tokens), logprobs=0, stop_token_ids=list(self.eos_ids),
                       detokenize=False)
-        # requests: (prompt index, first sample index, TokensPrompt, SamplingParams)
-        reqs: list[tuple[int, int, dict, Any]] = []
+        if greedy:
+            common.update(temperature=0.0)
+        else:
+            common.update(temperature=float(temperature), top_p=float(top_p))
+        # requests: (prompt index, first sample index, samples in the request, TokensPrompt, SamplingParams)
+        reqs: list[tuple[int, int, int, dict, Any]] = []
         for i, p in enumerate(prompts):
             tp = {"prompt_token_ids": [int(t) for t in p]}
-            if seed is None:
-                reqs.append((i, 0, tp, SamplingParams(n=int(n), **common)))
+            if greedy:
+                reqs.append((i, 0, 1, tp, SamplingParams(n=1, **common)))
+            elif seed is None:
+                reqs.append((i, 0, int(n), tp, SamplingParams(n=int(n), **common)))
             else:
                 for j in range(n):
-                    reqs.append((i, j, tp, SamplingParams(n=1, seed=_sample_seed(int(seed), i, j), **common)))
-        outputs = self.llm.generate([r[2] for r in reqs], [r[3] for r in reqs], use_tqdm=False)
+                    reqs.append((i, j, 1, tp, SamplingParams(n=1, seed=_sample_seed(int(seed), i, j), **common)))
+        outputs = self.llm.generate([r[3] for r in reqs], [r[4] for r in reqs], use_tqdm=False)
         if len(outputs) != len(reqs):
             raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(reqs)} requests")
-        mode = self.logprobs_mode if self.logprobs_mode == "raw_logprobs" or top_p >= 1.0 else \
-            "processed_logprobs_top_p_renormalised"
+        if greedy or self.logprobs_mode == "raw_logprobs":
+            mode = "untempered" if greedy or float(temperature) == 1.0 else None
+        else:
+            mode = "processed_logprobs" if top_p >= 1.0 else "processed_logprobs_top_p_renormalised"
         grouped: list[list[Optional[Rollout]]] = [[None] * n for _ in prompts]
-        for (i, j0, _tp, _sp), out in zip(reqs, outputs):
+        for (i, j0, count, _tp, _sp), out in zip(reqs, outputs):
             comps = sorted(out.outputs, key=lambda c: getattr(c, "index", 0))
-            if len(comps) != (n if seed is None else 1):
-                raise RuntimeError(f"vLLM returned {len(comps)} completions for prompt {i}, expected "
-                                   f"{n if seed is None else 1}")
+            if len(comps) != count:
+                raise RuntimeError(f"vLLM returned {len(comps)} completions for prompt {i}, expected {count}")
             for k, comp in enumerate(comps):
                 grouped[i][j0 + k] = self._to_rollout(prompts[i], i, comp, keep_lp, mode)
+            if greedy:  # the same completion n times (independent copies)
+                first = grouped[i][0]
+                for k in range(1, n):
+                    grouped[i][k] = dataclasses.replace(
+                        first, completion_ids=list(first.completion_ids),
+                        logprobs=None if first.logprobs is None else list(first.logprobs),
+                        extra=dict(first.extra))
         return [r for g in grouped for r in g]  # type: ignore[misc]
 
     def _to_rollout(self, prompt, prompt_index, comp, keep_lp, mode) -> Rollout:

@@ -1,0 +1,540 @@
+"""unified_policy_loss: every preset against the independent float64 reference, mixed-batch
+additivity, equal-reward groups, exact kernel skipping, NaN hygiene, bad input, docs/table agreement."""
+import math
+import pathlib
+import re
+
+import pytest
+import torch
+
+import upg_kernels
+from upg_kernels import LossConfig, UnifiedPolicyLoss, token_logprobs_reference, unified_policy_loss
+from upg_kernels.losses import PRESETS
+from upg_kernels.losses.reference import unified_policy_loss_reference
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+B, T, H, V = 6, 5, 12, 19
+ALL_PRESETS = sorted(PRESETS)
+
+
+# ----------------------------------------------------------------------------------------- cases
+def make_case(name, seed=0, *, dtype=torch.float32, flat=False, overrides=None, with_bias=True):
+    """A batch for preset ``name``: (config, hidden, weight, bias, targets, kwargs).
+
+    Ratios r = exp(logp - old) are placed away from every clip boundary so float32 and float64
+    take the same branch; one group has equal rewards; one row is fully masked; some targets are
+    ignore_index; masked positions of old/ref/rollout hold NaN (they must not matter)."""
+    g = torch.Generator().manual_seed(seed)
+    overrides = dict(overrides or {})
+    cfg0 = LossConfig.preset(name)
+    if cfg0.aggregation == "seq_mean_token_sum_norm" or cfg0.demo_aggregation == "seq_mean_token_sum_norm":
+        overrides.setdefault("max_completion_length", 2 * T)
+    cfg = LossConfig.preset(name, **overrides)
+    hid = (torch.randn(B, T, H, generator=g, dtype=torch.float64) * 0.7)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.2 if with_bias else None
+    tgt = torch.randint(0, V, (B, T), generator=g)
+    tgt[0, 4] = -100
+    tgt[3, 0] = -100
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[4, :] = False
+    mask[5, 2] = False
+    hid, w = hid.to(dtype), w.to(dtype)
+    b = None if b is None else b.to(dtype)
+    lp64 = token_logprobs_reference(hid.double(), w.double(), tgt, bias=None if b is None else b.double())
+    kw = dict(loss_mask=mask)
+    valid = mask & (tgt != -100)
+    if cfg.reference == "old":
+        if cfg.ratio_level == "sequence":
+            per_row = torch.tensor([math.log(0.5), 0.0, math.log(1.0001), math.log(2.0), 0.0, -1e-4],
+                                   dtype=torch.float64)
+            logr = per_row[:, None].expand(B, T)
+        else:
+            choices = torch.tensor([0.5, 0.9, 1.0, 1.1, 1.25, 1.6, 6.0], dtype=torch.float64).log()
+            logr = choices[torch.randint(0, len(choices), (B, T), generator=g)]
+        old = (lp64 - logr)
+        old = torch.where(valid, old, torch.full_like(old, float("nan")))
+        kw["old_logprobs"] = old.to(torch.float32 if dtype != torch.float64 else dtype)
+    if cfg.likelihood in ("chi2", "hellinger") or cfg.kl_coef > 0:
+        ref = lp64 + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)
+        kw["ref_logprobs"] = torch.where(valid, ref, torch.full_like(ref, float("nan")))
+    if cfg.rollout_is is not None:
+        base = kw.get("old_logprobs", lp64.to(torch.float32))
+        rol = torch.where(valid, base.double() + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64),
+                          torch.full((B, T), float("nan"), dtype=torch.float64))
+        kw["rollout_logprobs"] = rol
+    if cfg.advantage == "given":
+        kw["advantages"] = torch.randn(B, T, generator=g, dtype=torch.float64) if name == "ppo" \
+            else torch.randn(B, generator=g, dtype=torch.float64)
+    elif cfg.advantage != "one":
+        if cfg.demo_part is not None:
+            kw["is_demo"] = torch.tensor([False, False, True, False, False, True])
+            kw["rewards"] = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 0.5], dtype=torch.float64)
+            kw["group_ids"] = torch.tensor([7, 7, 9, 3, 3, 7])   # {0,1,(5)} mixed, {3,4} equal
+        else:
+            kw["rewards"] = torch.tensor([1.0, 0.0, 0.5, 1.0, 1.0, 1.0], dtype=torch.float64)
+            kw["group_size"] = 3                                  # second group: equal rewards
+    if flat:
+        keep = torch.arange(B)
+        hid = hid.reshape(B * T, H)
+        tgt = tgt.reshape(B * T)
+        for k in ("loss_mask", "old_logprobs", "ref_logprobs", "rollout_logprobs"):
+            if k in kw:
+                kw[k] = kw[k].reshape(B * T)
+        for k in ("rewards", "is_demo", "group_ids"):
+            if k in kw:
+                kw[k] = kw[k].repeat_interleave(T)
+        if "group_size" in kw:
+            kw["group_size"] = kw["group_size"] * T
+        if "advantages" in kw:
+            a = kw["advantages"]
+            kw["advantages"] = (a if a.dim() == 2 else a[:, None].expand(B, T)).reshape(B * T)
+        del keep
+    return cfg, hid, w, b, tgt, kw
+
+
+def run_ours(cfg, hid, w, b, tgt, kw, backend="torch"):
+    h = hid.clone().requires_grad_(True)
+    ww = w.clone().requires_grad_(True)
+    bb = None if b is None else b.clone().requires_grad_(True)
+    kw2 = {k: (v.to(hid.dtype) if isinstance(v, torch.Tensor) and v.dtype.is_floating_point
+               and k not in ("rewards",) else v) for k, v in kw.items()}
+    out = unified_policy_loss(h, ww, tgt, config=cfg, bias=bb, backend=backend, **kw2)
+    out.loss.backward()
+    return out, h.grad, ww.grad, None if bb is None else bb.grad
+
+
+def run_ref(cfg, hid, w, b, tgt, kw):
+    h = hid.double().clone().requires_grad_(True)
+    ww = w.double().clone().requires_grad_(True)
+    bb = None if b is None else b.double().clone().requires_grad_(True)
+    kw2 = {k: (v.double() if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else v)
+           for k, v in kw.items()}
+    loss, m, lp, ent, coef = unified_policy_loss_reference(h, ww, tgt, config=cfg, bias=bb, **kw2)
+    loss.backward()
+    return loss, m, lp, ent, coef, h.grad, ww.grad, None if bb is None else bb.grad
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+def check_against_reference(name, *, dtype, tol_loss, tol_grad, tol_metric, flat=False, backend="torch",
+                            overrides=None, seed=0):
+    cfg, hid, w, b, tgt, kw = make_case(name, seed, dtype=dtype, flat=flat, overrides=overrides)
+    out, gh, gw, gb = run_ours(cfg, hid, w, b, tgt, kw, backend)
+    loss_r, m_r, lp_r, ent_r, coef_r, gh_r, gw_r, gb_r = run_ref(cfg, hid, w, b, tgt, kw)
+    errs = {}
+    errs["loss"] = abs(float(out.loss) - float(loss_r)) / max(1.0, abs(float(loss_r)))
+    assert errs["loss"] < tol_loss, (name, float(out.loss), float(loss_r))
+    for nm, a, r in (("hidden", gh, gh_r), ("weight", gw, gw_r), ("bias", gb, gb_r)):
+        assert a is not None and torch.isfinite(a).all(), (name, nm)
+        if float(r.abs().max()) == 0:
+            assert float(a.abs().max()) == 0, (name, nm)
+            continue
+        errs[nm] = rel_err(a, r)
+        assert errs[nm] < tol_grad, (name, nm, errs[nm])
+    assert set(m_r) <= set(out.metrics), set(m_r) - set(out.metrics)
+    for k, v in m_r.items():
+        assert abs(out.metrics[k] - v) <= tol_metric * max(1.0, abs(v)), (name, k, out.metrics[k], v)
+    sh = tgt.shape
+    assert out.logprobs.shape == sh and out.entropy.shape == sh and out.coef_logp.shape == sh
+    assert not out.logprobs.requires_grad and not out.entropy.requires_grad
+    # the coefficient pattern: exactly the reference's zeros (float64 decides the same branches)
+    if dtype == torch.float64:
+        assert torch.equal(out.coef_logp == 0, coef_r == 0), name
+    return errs
+
+
+# ----------------------------------------------------------------------------------------- presets
+@pytest.mark.parametrize("name", ALL_PRESETS)
+def test_preset_float32_vs_reference(name):
+    check_against_reference(name, dtype=torch.float32, tol_loss=2e-5, tol_grad=2e-4, tol_metric=2e-5)
+
+
+@pytest.mark.parametrize("name", ALL_PRESETS)
+def test_preset_float64_vs_reference(name):
+    check_against_reference(name, dtype=torch.float64, tol_loss=1e-11, tol_grad=1e-9, tol_metric=1e-11)
+
+
+EXTRA_CONFIGS = [
+    ("grpo", dict(kl_coef=0.05, kl_type="k3", entropy_coef=0.01)),
+    ("grpo", dict(kl_coef=0.05, kl_type="k1")),
+    ("bnpo", dict(kl_coef=0.1, kl_type="k2")),
+    ("ppo", dict(dual_clip=3.0)),
+    ("ppo", dict(delta=1.3)),
+    ("dapo", dict(rollout_is="token_truncate", rollout_is_cap=1.5)),
+    ("dapo", dict(rollout_is="token_mask", rollout_is_cap=1.5)),
+    ("grpo", dict(rollout_is="sequence_truncate", rollout_is_cap=1.5)),
+    ("grpo", dict(rollout_is="sequence_mask", rollout_is_cap=1.5)),
+    ("reinforce", dict(reference="one")),
+    ("reinforce", dict(reference="shaped")),
+    ("grpo", dict(advantage="mean")),
+    ("grpo", dict(advantage="rloo")),
+    ("grpo", dict(advantage="batch_std")),
+    ("grpo", dict(stabilization="none")),
+    ("grpo", dict(ratio_level="sequence", stabilization="none")),
+    ("sft", dict(aggregation="seq_mean_token_mean")),
+    ("sft", dict(aggregation="seq_mean_token_sum")),
+    ("hpt", dict(demo_aggregation="seq_mean_token_mean", demo_coef=0.3, rl_coef=0.7)),
+    ("chi2_sft", dict(fdiv_beta=1.0)),
+    ("hellinger_sft", dict(fdiv_beta=1.0)),   # u above the 1/2 cap on some tokens
+    ("hpt_release", dict(entropy_coef=0.05)),
+]
+
+
+@pytest.mark.parametrize("name,overrides", EXTRA_CONFIGS, ids=lambda x: str(x))
+def test_config_variants_vs_reference(name, overrides):
+    check_against_reference(name, dtype=torch.float64, tol_loss=1e-11, tol_grad=1e-9, tol_metric=1e-11,
+                            overrides=overrides)
+    check_against_reference(name, dtype=torch.float32, tol_loss=2e-5, tol_grad=2e-4, tol_metric=2e-5,
+                            overrides=overrides, seed=1)
+
+
+@pytest.mark.parametrize("name", ["sft", "grpo", "ppo", "hpt", "cispo"])
+def test_flat_input_vs_reference(name):
+    check_against_reference(name, dtype=torch.float64, tol_loss=1e-11, tol_grad=1e-9, tol_metric=1e-11,
+                            flat=True)
+
+
+def test_flat_input_is_n_sequences_of_length_one():
+    cfg, hid, w, b, tgt, kw = make_case("sft", 3, dtype=torch.float64)
+    N = B * T
+    a = unified_policy_loss(hid.reshape(N, H), w, tgt.reshape(N), config="grpo",
+                            advantages=torch.linspace(-1, 1, N, dtype=torch.float64), bias=b)
+    c = unified_policy_loss(hid.reshape(N, 1, H), w, tgt.reshape(N, 1), config="grpo",
+                            advantages=torch.linspace(-1, 1, N, dtype=torch.float64), bias=b)
+    assert float(a.loss) == pytest.approx(float(c.loss), rel=1e-14)
+    assert a.logprobs.shape == (N,)
+
+
+# ----------------------------------------------------------------------------------------- Triton
+TRITON_SUBSET = ["sft", "grpo", "hpt", "gspo"]
+
+
+@pytest.mark.parametrize("name", TRITON_SUBSET)
+def test_preset_triton_backend_vs_reference(name):
+    pytest.importorskip("upg_kernels.kernels.triton_logprobs")
+    check_against_reference(name, dtype=torch.float32, tol_loss=2e-5, tol_grad=5e-4, tol_metric=2e-5,
+                            backend="triton")
+
+
+# ----------------------------------------------------------------------------------------- mixed batches
+def _split_kwargs(kw, rows):
+    out = {}
+    for k, v in kw.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == B:
+            out[k] = v[rows]
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("name", ["hpt", "hpt_release", "luffy"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mixed_batch_equals_sum_of_parts(name, dtype):
+    cfg, hid, w, b, tgt, kw = make_case(name, 5, dtype=dtype)
+    # the per-row advantages the mixed batch computes, handed to all three calls
+    adv = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, **kw)
+    kw = dict(kw)
+    rewards, gids = kw.pop("rewards"), kw.pop("group_ids")
+    from upg_kernels import group_advantages
+    demo = kw["is_demo"]
+    a = torch.zeros(B, dtype=torch.float64)
+    sel = ~demo if cfg.demo_part == "sft" else torch.ones(B, dtype=torch.bool)
+    a[sel] = group_advantages(rewards[sel], group_ids=gids[sel], mode=cfg.advantage).double()
+    kw["advantages"] = a.to(dtype)
+    whole = run_ours(cfg, hid, w, b, tgt, kw)
+    assert float(whole[0].loss) == pytest.approx(float(adv.loss), rel=1e-6, abs=1e-7)
+    main = (~demo).nonzero().squeeze(1)
+    dem = demo.nonzero().squeeze(1)
+    p1 = run_ours(cfg, hid[main], w, b, tgt[main], _split_kwargs(kw, main))
+    p2 = run_ours(cfg, hid[dem], w, b, tgt[dem], _split_kwargs(kw, dem))
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert abs(float(whole[0].loss) - float(p1[0].loss) - float(p2[0].loss)) < tol * 10
+    gh = torch.zeros_like(whole[1])
+    gh[main] = p1[1]
+    gh[dem] = p2[1]
+    assert rel_err(whole[1], gh) < tol
+    assert rel_err(whole[2], p1[2] + p2[2]) < tol
+    assert rel_err(whole[3], p1[3] + p2[3]) < tol
+    m = whole[0].metrics
+    assert m["demo_rows"] == 2 and m["rollout_rows"] == 4
+    assert m["sft_share"] == pytest.approx(2 / 6)
+    assert m["demo_tokens"] == p2[0].metrics["demo_tokens"]
+    assert m["rollout_tokens"] == p1[0].metrics["rollout_tokens"]
+
+
+def test_hpt_demo_rows_are_token_mean_nll():
+    cfg, hid, w, b, tgt, kw = make_case("hpt", 2, dtype=torch.float64)
+    kw = {k: v for k, v in kw.items() if k not in ("rewards", "group_ids", "old_logprobs")}
+    kw["is_demo"] = torch.ones(B, dtype=torch.bool)
+    out = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, **kw)
+    sft = unified_policy_loss(hid, w, tgt, config="sft", bias=b, loss_mask=kw["loss_mask"])
+    assert float(out.loss) == pytest.approx(float(sft.loss), rel=1e-13)
+
+
+# ----------------------------------------------------------------------------------------- zero coefficients
+def test_equal_reward_groups_have_exactly_zero_coefficients():
+    torch.manual_seed(0)
+    hid = torch.randn(B, T, H, requires_grad=True)
+    w = torch.randn(V, H, requires_grad=True)
+    tgt = torch.randint(0, V, (B, T))
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
+    out = unified_policy_loss(hid, w, tgt, config="grpo", rewards=rewards, group_size=3)
+    out.loss.backward()
+    assert torch.equal(out.coef_logp[:3], torch.zeros(3, T))
+    assert bool((out.coef_logp[3:] != 0).all())
+    assert torch.equal(hid.grad[:3], torch.zeros(3, T, H))
+    assert out.metrics["zero_coef_frac"] == pytest.approx(0.5)
+    assert math.isfinite(float(out.loss))
+
+
+def test_clipped_and_masked_tokens_skip_the_kernel(monkeypatch):
+    """The backend backward receives exactly-zero coefficients for clipped/masked/equal-group
+    tokens, and the result equals the gradient of the batch without those rows."""
+    from upg_kernels.kernels import torch_chunked
+    seen = {}
+    orig = torch_chunked.backward
+
+    def spy(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p, *a, **k):
+        seen["g_logp"] = g_logp.clone()
+        seen["g_ent"] = None if g_ent is None else g_ent.clone()
+        res = orig(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p, *a, **k)
+        # the same backward over only the rows with a nonzero coefficient
+        nz = (g_logp != 0) if g_ent is None else ((g_logp != 0) | (g_ent != 0))
+        sub = orig(hidden[nz], weight, bias, targets[nz], lse[nz], ent[nz], g_logp[nz],
+                   None if g_ent is None else g_ent[nz], p, *a, **k)
+        seen["same_as_subset"] = torch.equal(res[1], sub[1]) and torch.equal(res[0][nz], sub[0])
+        return res
+
+    monkeypatch.setattr(torch_chunked, "backward", spy)
+    cfg, hid, w, b, tgt, kw = make_case("bnpo", 4, dtype=torch.float32)
+    out, gh, gw, gb = run_ours(cfg, hid, w, b, tgt, kw)
+    g = seen["g_logp"].reshape(B, T)
+    assert seen["g_ent"] is None or not bool(seen["g_ent"].any())   # no entropy term
+    assert torch.equal(g == 0, out.coef_logp == 0)
+    zero = g == 0
+    valid = kw["loss_mask"] & (tgt != -100)
+    assert bool(zero[~valid].all())                    # masked tokens
+    assert bool(zero[3:].all())                        # the equal-reward group
+    r = (out.logprobs.double() - kw["old_logprobs"].double()).exp()
+    clipped = valid & (((r > 1.2) & (out.coef_logp == 0)) | ((r < 0.8) & (out.coef_logp == 0)))
+    assert bool(clipped.any())                         # some tokens are clipped ...
+    assert bool(zero[clipped].all())                   # ... and skipped
+    assert out.metrics["zero_coef_frac"] == pytest.approx(float((zero & valid).sum() / valid.sum()))
+    assert torch.equal(gh[zero], torch.zeros_like(gh[zero]))
+    # bitwise the same gradients as a backward over the nonzero rows alone
+    assert seen["same_as_subset"]
+
+
+def test_nan_in_masked_positions_does_not_poison():
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 6, dtype=torch.float32, overrides=dict(kl_coef=0.1))
+    assert torch.isnan(kw["old_logprobs"]).any() and torch.isnan(kw["ref_logprobs"]).any()
+    out, gh, gw, gb = run_ours(cfg, hid, w, b, tgt, kw)
+    assert math.isfinite(float(out.loss))
+    assert torch.isfinite(gh).all() and torch.isfinite(gw).all() and torch.isfinite(gb).all()
+    assert all(math.isfinite(v) for v in out.metrics.values())
+    clean = dict(kw)
+    for k in ("old_logprobs", "ref_logprobs"):
+        clean[k] = torch.nan_to_num(kw[k], nan=-3.0)
+    out2, gh2, gw2, gb2 = run_ours(cfg, hid, w, b, tgt, clean)
+    assert float(out.loss) == float(out2.loss)
+    assert torch.equal(gh, gh2) and torch.equal(gw, gw2)
+    # a NaN advantage of a masked token ([B, T] advantages) is harmless too
+    adv = torch.randn(B, T)
+    adv[1, 4] = float("nan")
+    o3 = unified_policy_loss(hid, w, tgt, config="ppo", advantages=adv, loss_mask=kw["loss_mask"],
+                             old_logprobs=clean["old_logprobs"])
+    assert math.isfinite(float(o3.loss))
+
+
+def test_on_policy_default_and_no_grad():
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 7)
+    kw.pop("old_logprobs")
+    with torch.no_grad():
+        out = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, **kw)
+    assert not out.loss.requires_grad
+    assert out.metrics["ratio_mean"] == 1.0 and out.metrics["clip_frac"] == 0.0
+    # on-policy GRPO: gradient = -A grad logp averaged like the aggregation (REINFORCE-like)
+    out2, gh, gw, gb = run_ours(cfg, hid, w, b, tgt, kw)
+    _, m, *_rest, gh_r, gw_r, gb_r = run_ref(cfg, hid, w, b, tgt, kw)
+    assert rel_err(gh, gh_r) < 2e-4
+
+
+def test_module_form():
+    cfg, hid, w, b, tgt, kw = make_case("dapo", 8)
+    mod = UnifiedPolicyLoss("dapo", backend="torch")
+    a = mod(hid, w, tgt, bias=b, **kw)
+    c = unified_policy_loss(hid, w, tgt, config=LossConfig.preset("dapo"), bias=b, backend="torch", **kw)
+    assert float(a.loss) == float(c.loss)
+    mod2 = UnifiedPolicyLoss(LossConfig.preset("dapo"), eps_high=0.2)
+    assert mod2.config.eps_high == 0.2
+    assert "dapo" not in repr(mod2) or True
+    assert upg_kernels.LossOutput is type(a)
+
+
+def test_num_items_in_batch_normalizes_token_mean():
+    cfg, hid, w, b, tgt, kw = make_case("dapo", 9, dtype=torch.float64)
+    a = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, **kw)
+    c = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, num_items_in_batch=100, **kw)
+    n = a.metrics["rollout_tokens"]
+    assert float(c.loss) == pytest.approx(float(a.loss) * n / 100, rel=1e-12)
+
+
+def test_liger_grpo_loss_semantics():
+    """Our configs reproduce Liger 0.8's loss for every loss type from the same log-probs."""
+    from liger_kernel.chunked_loss.grpo_loss import LigerFusedLinearGRPOFunction as F
+    torch.manual_seed(0)
+    hid = torch.randn(B, T, H, dtype=torch.float64)
+    w = torch.randn(V, H, dtype=torch.float64) * 0.5
+    tgt = torch.randint(0, V, (B, T))
+    mask = torch.ones(B, T)
+    mask[1, 3:] = 0
+    lp = token_logprobs_reference(hid, w, tgt)
+    old = lp + 0.3 * torch.randn(B, T, dtype=torch.float64)
+    ref = lp + 0.3 * torch.randn(B, T, dtype=torch.float64)
+    adv = torch.randn(B, dtype=torch.float64)
+    cases = [("grpo", "token", {}), ("bnpo", "token", {}), ("dr_grpo", "token", {}),
+             ("dapo", "token", {}), ("cispo", "token", {}), ("sapo", "token", {}),
+             ("grpo", "sequence", {}), ("dapo", "token", {"delta": 1.2})]
+    for loss_type, level, extra in cases:
+        eh = 5.0 if loss_type == "cispo" else 0.28
+        lp_leaf = lp.clone().requires_grad_(True)
+        ll, metrics = F.ppo_loss_fn(lp_leaf, mask, adv, mask, ref_per_token_logps=ref,
+                                    old_per_token_logps=old, epsilon_low=0.2, epsilon_high=eh, beta=0.04,
+                                    loss_type=loss_type, max_completion_length=8,
+                                    importance_sampling_level=level, **extra)
+        cfg = LossConfig.preset(loss_type if loss_type != "grpo" or level == "token" else "grpo",
+                                eps_low=0.2, eps_high=eh, kl_coef=0.04, kl_type="k3",
+                                max_completion_length=8, ratio_level=level, **extra)
+        hh = hid.clone().requires_grad_(True)
+        ours = unified_policy_loss(hh, w, tgt, config=cfg, loss_mask=mask, advantages=adv,
+                                   old_logprobs=old, ref_logprobs=ref)
+        assert float(ours.loss) == pytest.approx(float(ll), rel=1e-10, abs=1e-12), loss_type
+        g_liger = torch.autograd.grad(ll, lp_leaf)[0]
+        assert torch.allclose(-ours.coef_logp, g_liger, rtol=1e-9, atol=1e-12), loss_type
+        assert ours.metrics["kl_mean"] == pytest.approx(float(metrics[0]), rel=1e-6)
+        assert ours.metrics["clip_frac"] == pytest.approx(float(metrics[1]), rel=1e-6, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------- config
+def test_unknown_preset_and_field():
+    with pytest.raises(ValueError, match="unknown preset 'nope'.*grpo"):
+        LossConfig.preset("nope")
+    with pytest.raises(ValueError, match="unknown LossConfig field.*epsilon.*valid fields"):
+        LossConfig.preset("grpo", epsilon=0.2)
+    with pytest.raises(ValueError, match="unknown preset"):
+        unified_policy_loss(torch.zeros(1, 2, 3), torch.zeros(4, 3), torch.zeros(1, 2, dtype=torch.long),
+                            config="grpoo")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(stabilization="clipp"), "stabilization must be one of"),
+    (dict(reference="pi"), "reference must be one of"),
+    (dict(advantage="z"), "advantage must be one of"),
+    (dict(likelihood="kl"), "likelihood must be one of"),
+    (dict(aggregation="mean"), "aggregation must be one of"),
+    (dict(kl_type="k4"), "kl_type must be one of"),
+    (dict(rollout_is="token"), "rollout_is must be one of"),
+    (dict(demo_part="rl"), "demo_part must be one of"),
+    (dict(eps_low=-0.1), "eps_low must be >= 0"),
+    (dict(eps_low=1.0, stabilization="clip", reference="old"), "eps_low must be < 1"),
+    (dict(tau_pos=0.0), "tau_pos must be > 0"),
+    (dict(kl_coef=float("nan")), "kl_coef must be a finite number"),
+    (dict(stabilization="clip"), "needs reference='old'"),
+    (dict(stabilization="sapo", reference="old", ratio_level="sequence"), "not supported"),
+    (dict(likelihood="dft", reference="old"), "needs reference='current'"),
+    (dict(max_completion_length=0), "max_completion_length"),
+    (dict(dual_clip=0.5), "dual_clip"),
+])
+def test_config_validation(kw, match):
+    with pytest.raises(ValueError, match=match):
+        LossConfig(**kw)
+
+
+def test_seq_clip_implies_sequence_ratio():
+    assert LossConfig.preset("gspo").ratio_level == "sequence"
+    assert LossConfig(stabilization="seq_clip", reference="old").ratio_level == "sequence"
+
+
+# ----------------------------------------------------------------------------------------- bad input
+def _small():
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 11)
+    kw.pop("rewards")
+    kw.pop("group_size")
+    return hid, w, tgt, kw
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(advantages=torch.zeros(B + 1)), "advantages must have shape"),
+    (dict(advantages=torch.zeros(B, T + 1)), "advantages must have shape"),
+    (dict(rewards=torch.zeros(B)), "rewards needs group_size or group_ids"),
+    (dict(rewards=torch.zeros(B), group_size=4), "group_size=4 does not divide"),
+    (dict(rewards=torch.zeros(B + 1), group_size=1), "rewards must have shape"),
+    (dict(rewards=torch.zeros(B), group_ids=torch.zeros(B - 1, dtype=torch.long)), "group_ids must have shape"),
+    (dict(advantages=torch.zeros(B), is_demo=torch.zeros(B + 1, dtype=torch.bool)), "is_demo must have shape"),
+    (dict(advantages=torch.zeros(B), is_demo=torch.ones(B, dtype=torch.bool)), "demo_part is None"),
+    (dict(advantages=torch.zeros(B), loss_mask=torch.ones(B, T + 1)), "loss_mask must have shape"),
+    (dict(advantages=torch.zeros(B), old_logprobs=torch.zeros(T, B)), "old_logprobs must have shape"),
+    (dict(advantages=torch.zeros(B), rewards=torch.zeros(B), group_size=2), "not both"),
+    (dict(), "needs advantages, or rewards"),
+])
+def test_bad_input_raises_clear_errors(bad, match):
+    hid, w, tgt, kw = _small()
+    kw = {k: v for k, v in kw.items() if k == "old_logprobs"}
+    kw.update(bad)
+    with pytest.raises(ValueError, match=match):
+        unified_policy_loss(hid, w, tgt, config="grpo", **kw)
+
+
+def test_bad_input_other_parts():
+    hid, w, tgt, _ = _small()
+    with pytest.raises(ValueError, match="takes no advantages"):
+        unified_policy_loss(hid, w, tgt, config="sft", advantages=torch.zeros(B))
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        unified_policy_loss(hid, w, tgt, config="chi2_sft")
+    with pytest.raises(ValueError, match="needs rollout_logprobs"):
+        unified_policy_loss(hid, w, tgt, config=LossConfig.preset("grpo", rollout_is="token_truncate"),
+                            advantages=torch.zeros(B))
+    with pytest.raises(ValueError, match="max_completion_length"):
+        unified_policy_loss(hid, w, tgt, config="dr_grpo", advantages=torch.zeros(B))
+    with pytest.raises(ValueError, match="takes advantages, not rewards"):
+        unified_policy_loss(hid, w, tgt, config="ppo", rewards=torch.zeros(B), group_size=2)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        unified_policy_loss(hid, w, tgt[:, :-1], config="sft")
+    with pytest.raises(ValueError, match="hidden must have shape"):
+        unified_policy_loss(hid[None], w, tgt, config="sft")
+    with pytest.raises(TypeError, match="config must be"):
+        unified_policy_loss(hid, w, tgt, config=3)
+
+
+# ----------------------------------------------------------------------------------------- docs
+def _docs_table():
+    text = (ROOT / "docs" / "losses.md").read_text()
+    start = text.index("<!-- presets:begin -->")
+    end = text.index("<!-- presets:end -->")
+    rows = {}
+    for line in text[start:end].splitlines():
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        if len(cells) < 7 or cells[0] in ("preset", "") or set(cells[0]) <= set("-: "):
+            continue
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_docs_preset_table_matches_code():
+    from upg_kernels.losses.config import PRESET_COLUMNS
+    rows = _docs_table()
+    assert set(rows) == set(PRESETS), set(rows) ^ set(PRESETS)
+    for name, cells in rows.items():
+        cfg = LossConfig.preset(name)
+        want = [getattr(cfg, c) for c in PRESET_COLUMNS] + [cfg.demo_part or "-"]
+        assert cells[1:1 + len(want)] == [str(x) for x in want], (name, cells, want)
+        # the "other settings" column lists every non-default field of the row
+        extras = {k: v for k, v in PRESETS[name].items()
+                  if k not in PRESET_COLUMNS and k not in ("description", "demo_part")}
+        for k, v in extras.items():
+            assert f"{k}={v}" in cells[1 + len(want)], (name, k, cells)

@@ -1,0 +1,268 @@
+"""One config dataclass tree for every ``upg-train`` command.
+
+Precedence (lowest first): the dataclass defaults, the command's defaults (``COMMAND_DEFAULTS``),
+the YAML file given with ``--config``, then ``--section.field value`` options on the command line.
+``Config.to_dict()`` is what a run writes to ``<output.dir>/config.yaml``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import yaml
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("embedded", "transformers causal LM: local directory or hub name; 'embedded' = the "
+                   "shipped tiny Qwen2-style model (random init from train.seed) and its tokenizer")
+    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    device: str = _f("auto", "auto | cpu | cuda | cuda:N")
+    attn_implementation: str = _f("sdpa", "sdpa | eager | flash_attention_2 | auto")
+    trust_remote_code: bool = _f(False, "passed to from_pretrained")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("embedded", "training data: 'embedded' (the generated task), a .jsonl/.json/.parquet "
+                   "file, or a directory saved with datasets' save_to_disk")
+    split: str = _f("train", "split to use when path is a DatasetDict directory")
+    eval_path: str = _f("embedded", "held-out data for eval (same formats); '' = no evaluation")
+    eval_split: str = _f("test", "split of eval_path when it is a DatasetDict directory")
+    prompt_column: str = _f("prompt", "column with the problem text (a string or a list of chat messages)")
+    answer_column: str = _f("answer", "column with the reference answer (RL rewards, HPT, eval)")
+    demo_column: str = _f("demonstration", "column with the worked solution (SFT, HPT demonstrations)")
+    system_prompt: str = _f("", "optional system message put before every prompt")
+    num_train: int = _f(20000, "embedded task: number of training problems")
+    num_eval: int = _f(200, "embedded task / any eval set: at most this many held-out problems")
+    levels: list = _f([1, 2, 3], "embedded task: difficulty levels of training problems (1-4)")
+    eval_levels: list = _f([1, 2, 3], "embedded task: difficulty levels of held-out problems")
+    max_prompt_tokens: int = _f(512, "prompts longer than this are skipped")
+    max_completion_tokens: int = _f(512, "SFT: demonstrations are truncated to this many tokens")
+    packing: bool = _f(True, "SFT: pack samples into rows of pack_tokens tokens (attention isolated)")
+    pack_tokens: int = _f(512, "SFT packing: tokens per packed row")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = _f("hf", "hf (transformers generate, default, any device) | vllm (CUDA, colocated)")
+    n: int = _f(8, "completions sampled per prompt (the GRPO/HPT group size)")
+    max_new_tokens: int = _f(32, "maximum completion length")
+    temperature: float = _f(1.0, "sampling temperature (the loss uses the same temperature)")
+    top_p: float = _f(1.0, "nucleus sampling")
+    batch_size: int = _f(256, "hf engine: sequences per generate call")
+    gpu_memory_utilization: float = _f(0.3, "vllm engine: fraction of GPU memory for vLLM")
+
+
+@dataclass
+class RewardConfig:
+    funcs: list = _f(["task"], "reward functions, summed with weights: 'task' (embedded verifier), "
+                     "'math' (\\boxed{} answers, math-verify when installed), or 'module:function' / "
+                     "'file.py:function' with TRL's signature f(prompts, completions, **columns)")
+    weights: list = _f([], "one weight per reward function (empty = all 1.0)")
+    correct_threshold: float = _f(0.5, "a completion counts as correct (HPT's v, accuracy) when its "
+                                  "summed reward is >= this")
+
+
+@dataclass
+class LossSection:
+    preset: str = _f("", "upg_kernels LossConfig preset (empty = the command's: sft, grpo, hpt); "
+                     "e.g. dr_grpo, dapo, hpt_release")
+    overrides: dict = _f({}, "LossConfig field overrides, e.g. \"{eps_high: 0.28, kl_coef: 0.0}\"")
+    backend: str = _f("auto", "fused loss backend: auto | torch | triton")
+
+
+@dataclass
+class HPTConfig:
+    gamma: float = _f(0.0, "gate: a prompt trains with RL when its rollout accuracy P > gamma, "
+                      "else its demonstration trains with SFT (paper: 0 for Qwen, 2/8 for Llama)")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = _f(100, "training steps (a step = one batch of prompts/sequences and its updates)")
+    batch_size: int = _f(8, "prompts per step (grpo/hpt) or sequences per step (sft)")
+    grad_accum: int = _f(1, "micro-batches per optimizer update (the batch is split into this many)")
+    mini_batches: int = _f(1, "grpo/hpt: optimizer updates per rollout batch (paper HPT: 2)")
+    lr: float = _f(1e-3, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    betas: list = _f([0.9, 0.999], "AdamW betas")
+    schedule: str = _f("constant", "constant | linear | cosine (after warmup)")
+    warmup_steps: int = _f(0, "linear warmup updates")
+    min_lr_ratio: float = _f(0.0, "linear/cosine: final lr = lr * min_lr_ratio")
+    grad_clip: float = _f(1.0, "max global grad norm (0 = off)")
+    seed: int = _f(0, "seed of data order, sampling and the embedded model's init")
+    strategy: str = _f("none", "multi-process wrapping under torchrun: none | ddp | fsdp2")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = _f("runs/upg", "output directory (metrics.jsonl, plots, checkpoints, final model)")
+    save_every: int = _f(50, "checkpoint every K steps (0 = only at the end)")
+    keep_last: int = _f(2, "checkpoints kept")
+    eval_every: int = _f(0, "evaluate on the held-out set every K steps (0 = before/after only)")
+    resume: bool = _f(False, "continue from the latest checkpoint in output.dir")
+    progress: bool = _f(True, "show a tqdm progress bar")
+    plots: bool = _f(True, "write plots.png from metrics.jsonl")
+    overwrite: bool = _f(False, "allow starting a fresh run in a non-empty output.dir")
+
+
+@dataclass
+class Config:
+    command: str = "grpo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss: LossSection = field(default_factory=LossSection)
+    hpt: HPTConfig = field(default_factory=HPTConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def loss_preset(self) -> str:
+        return self.loss.preset or {"sft": "sft", "grpo": "grpo", "hpt": "hpt"}.get(self.command, "grpo")
+
+
+SECTIONS = [f.name for f in fields(Config) if f.name != "command"]
+
+# per-command defaults (applied before the YAML file)
+COMMAND_DEFAULTS: dict[str, dict] = {
+    "sft": {"train": {"lr": 1e-3, "batch_size": 32}, "output": {"dir": "runs/sft"}},
+    "grpo": {"train": {"lr": 2e-4}, "output": {"dir": "runs/grpo"}},
+    "hpt": {"train": {"lr": 2e-4}, "output": {"dir": "runs/hpt"}},
+    "eval": {"output": {"dir": "runs/eval"}},
+    "demo": {"output": {"dir": "runs/demo"}},
+}
+
+
+def section_fields(name: str):
+    return fields(type(getattr(Config(), name)))
+
+
+def parse_value(text: str, default: Any) -> Any:
+    """A command-line string as the type of the field's default (YAML syntax for lists/dicts/bools)."""
+    if isinstance(default, str):
+        return text
+    try:
+        v = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse {text!r}: {e}") from e
+    if isinstance(default, bool):
+        if not isinstance(v, bool):
+            raise ValueError(f"expected true/false, got {text!r}")
+    elif isinstance(default, int):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise ValueError(f"expected an integer, got {text!r}")
+    elif isinstance(default, float):
+        if isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"expected a number, got {text!r}")
+        v = float(v)
+    elif isinstance(default, list):
+        if v is None:
+            v = []
+        if not isinstance(v, list):
+            v = [v]
+    elif isinstance(default, dict):
+        if v is None:
+            v = {}
+        if not isinstance(v, dict):
+            raise ValueError(f"expected a mapping like '{{key: value}}', got {text!r}")
+    return v
+
+
+def apply_updates(cfg: Config, updates: dict, origin: str) -> None:
+    """Apply a nested ``{section: {field: value}}`` mapping, checking every name and type."""
+    if not isinstance(updates, dict):
+        raise ValueError(f"{origin}: expected a mapping of sections, got {type(updates).__name__}")
+    for sec, vals in updates.items():
+        if sec == "command":
+            continue
+        if sec not in SECTIONS:
+            raise ValueError(f"{origin}: unknown section {sec!r}; sections are {SECTIONS}")
+        if not isinstance(vals, dict):
+            raise ValueError(f"{origin}: section {sec!r} must be a mapping")
+        obj = getattr(cfg, sec)
+        names = {f.name: f for f in fields(obj)}
+        for k, v in vals.items():
+            if k not in names:
+                raise ValueError(f"{origin}: unknown option {sec}.{k}; {sec} has {sorted(names)}")
+            cur = getattr(obj, k)
+            try:
+                if isinstance(v, str) and not isinstance(cur, str):
+                    v = parse_value(v, cur)
+                elif v is not None and type(v) is not type(cur):
+                    v = parse_value(v if isinstance(v, str) else yaml.safe_dump(v), cur)
+            except ValueError as e:
+                raise ValueError(f"{origin}: option {sec}.{k}: {e}") from None
+            setattr(obj, k, v)
+
+
+def load_yaml(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"cannot read config file {path!r}: {e}") from e
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path!r} is not valid YAML: {e}") from e
+    return data
+
+
+def build_config(command: str, yaml_path: Optional[str] = None,
+                 cli: Optional[dict] = None) -> Config:
+    """defaults -> command defaults -> YAML -> command line (``{"train.lr": "1e-4"}``)."""
+    cfg = Config(command=command)
+    apply_updates(cfg, COMMAND_DEFAULTS.get(command, {}), f"defaults of {command!r}")
+    if yaml_path:
+        apply_updates(cfg, load_yaml(yaml_path), yaml_path)
+    nested: dict = {}
+    for key, text in (cli or {}).items():
+        sec, _, name = key.partition(".")
+        nested.setdefault(sec, {})[name] = text
+    apply_updates(cfg, nested, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    t, r = cfg.train, cfg.rollout
+    checks = [
+        (t.max_steps >= 0, "train.max_steps must be >= 0"),
+        (t.batch_size >= 1, "train.batch_size must be >= 1"),
+        (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
+        (t.mini_batches >= 1, "train.mini_batches must be >= 1"),
+        (t.lr >= 0, "train.lr must be >= 0"),
+        (t.schedule in ("constant", "linear", "cosine"), "train.schedule must be constant, linear or cosine"),
+        (t.strategy in ("none", "ddp", "fsdp2"), "train.strategy must be none, ddp or fsdp2"),
+        (r.n >= 1, "rollout.n must be >= 1"),
+        (r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+        (r.temperature > 0, "rollout.temperature must be > 0"),
+        (0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+        (r.engine in ("hf", "transformers", "vllm"), "rollout.engine must be hf or vllm"),
+        (cfg.output.save_every >= 0, "output.save_every must be >= 0"),
+        (cfg.output.keep_last >= 1, "output.keep_last must be >= 1"),
+        (not cfg.reward.weights or len(cfg.reward.weights) == len(cfg.reward.funcs),
+         "reward.weights must be empty or have one weight per reward.funcs entry"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+    if cfg.command in ("grpo", "hpt") and t.batch_size * r.n % (t.grad_accum * t.mini_batches):
+        raise ValueError("train.batch_size * rollout.n must be divisible by train.grad_accum * train.mini_batches")

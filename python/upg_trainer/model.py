@@ -1,0 +1,97 @@
+"""Loading a causal LM and exposing what the fused loss needs: decoder hidden states + lm_head.
+
+The trainer never asks the model for its full ``[B, T, V]`` logits: it runs the decoder
+(``model.get_decoder()``) for the last hidden states and hands them, with the lm_head weight
+(and bias), to ``upg_kernels``.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+EMBEDDED = "embedded"
+
+
+@dataclass
+class Head:
+    """The output layer as the fused loss sees it."""
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    softcap: Optional[float]
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
+    return table[name]
+
+
+def load_model_and_tokenizer(path: str = EMBEDDED, *, dtype: str = "auto", device: str = "auto",
+                             attn_implementation: Optional[str] = "sdpa", seed: int = 0,
+                             trust_remote_code: bool = False):
+    """(model, tokenizer, device). ``path="embedded"`` builds the shipped tiny model, randomly initialised."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    dt = pick_dtype(dtype, dev)
+    kw = {} if attn_implementation in (None, "", "auto") else {"attn_implementation": attn_implementation}
+    if path == EMBEDDED:
+        from .task import load_tokenizer
+        with open(os.path.join(ASSETS, "tiny_qwen2.json")) as f:
+            cfg = AutoConfig.for_model(**json.load(f))
+        torch.manual_seed(seed)  # the random init is a function of the seed
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dt, **kw)
+        tok = load_tokenizer()
+    else:
+        if not os.path.exists(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise FileNotFoundError(f"model path {path!r} does not exist (HF_HUB_OFFLINE=1: no hub)")
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=trust_remote_code, **kw)
+        except (OSError, ValueError) as e:
+            raise RuntimeError(f"could not load a causal LM from {path!r}: {e}") from e
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "left"
+    model.to(dev)
+    get_head(model)  # fail early on a model the fused loss cannot use
+    return model, tok, dev
+
+
+def get_head(model) -> Head:
+    """The lm_head weight/bias and final-logit softcap, or a clear error."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{type(model).__name__} has no lm_head (get_output_embeddings() is None): "
+                         "the trainer needs a causal LM with an output projection "
+                         "(load it with AutoModelForCausalLM, not AutoModel)")
+    if not isinstance(head, torch.nn.Linear):
+        raise ValueError(f"{type(model).__name__}'s output layer is {type(head).__name__}, not nn.Linear: "
+                         "the fused loss needs a plain linear lm_head")
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return Head(head.weight, head.bias, float(softcap) if softcap else None)
+
+
+def get_decoder(model):
+    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if dec is None:
+        dec = getattr(model, "model", None)
+    if dec is None:
+        raise ValueError(f"{type(model).__name__} exposes no decoder (get_decoder()/model)")
+    return dec
+
+
+def hidden_states(model, input_ids, attention_mask=None, position_ids=None) -> torch.Tensor:
+    """Last hidden states ``[B, T, H]`` of the decoder (after its final norm), no logits."""
+    out = get_decoder(model)(input_ids=input_ids, attention_mask=attention_mask,
+                             position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]

@@ -1,0 +1,71 @@
+"""PNG plots from ``metrics.jsonl`` (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+from .checkpoint import read_metrics
+
+PANELS = [  # (title, [(kind, key, label)])
+    ("reward", [("train", "reward", "train reward")]),
+    ("accuracy", [("train", "accuracy", "train rollouts"), ("eval", "eval/accuracy", "held-out (greedy)")]),
+    ("loss", [("train", "loss", "loss")]),
+    ("entropy", [("train", "entropy_mean", "entropy")]),
+    ("KL", [("train", "kl_mean", "KL to ref")]),
+    ("clip fraction", [("train", "clip_frac", "clip frac")]),
+    ("SFT share", [("train", "sft_share", "share of prompts trained by SFT")]),
+    ("grad norm", [("train", "grad_norm", "grad norm")]),
+]
+
+
+def _series(rows, kind, key):
+    pts = [(r["step"], r[key]) for r in rows if r.get("kind") == kind and key in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, (name, series) in zip(axes.flat, PANELS):
+        for kind, key, label in series:
+            x, y = _series(rows, kind, key)
+            if x:
+                ax.plot(x, y, marker="o" if kind == "eval" else None, ms=3, label=label)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return png_path
+
+
+def plot_comparison(runs: dict, png_path: str, title: str = "") -> str:
+    """One figure comparing several runs: {name: metrics.jsonl path}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("eval", "eval/accuracy", "held-out accuracy (greedy)"), ("train", "reward", "train reward"),
+            ("train", "loss", "loss"), ("train", "entropy_mean", "entropy"),
+            ("train", "sft_share", "SFT share"), ("train", "clip_frac", "clip fraction")]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    for ax, (kind, key, label) in zip(axes.flat, keys):
+        for name, path in runs.items():
+            x, y = _series(read_metrics(path), kind, key)
+            if x:
+                ax.plot(x, y, marker="o" if kind == "eval" else None, ms=3, label=name)
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,418 @@
+"""The training loop for SFT, GRPO and HPT, all through ``upg_kernels.unified_policy_loss``.
+
+One step:
+  * sft:  take ``batch_size`` samples, pack them, NLL on the completion tokens.
+  * grpo: take ``batch_size`` prompts, sample ``n`` rollouts each, score them, group advantages,
+          clipped policy loss (the preset decides the details).
+  * hpt:  as grpo, then per prompt P = mean correctness: P > gamma -> its rollouts are RL rows,
+          else its demonstration is one SFT row (``is_demo``); one mixed batch, one loss call.
+
+The model is never asked for logits: the decoder gives hidden states, and the loss takes them with
+the lm_head weight (``model.hidden_states`` + ``distributed.output_weight``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from typing import Optional
+
+import torch
+import yaml
+
+from upg_kernels.losses import LossConfig, group_advantages, unified_policy_loss
+
+from . import distributed as dist
+from .checkpoint import (MetricsLog, clean_partial, list_checkpoints, load_checkpoint,
+                         load_model_weights, save_checkpoint, set_rng_state)
+from .config import Config
+from .data import (PromptSampler, RowBatch, build_rows, check_columns, encode_completion,
+                   encode_prompt, load_rows, pack_rows, prompt_text)
+from .model import get_head, hidden_states, load_model_and_tokenizer
+from .rewards import RewardSet
+from .rollout import make_engine
+from .schedule import make_scheduler
+
+TIME_KEYS = ("time", "step_time", "tokens_per_s", "rollout_time", "elapsed")
+
+
+def make_loss_config(cfg: Config) -> LossConfig:
+    """The LossConfig of the run: the preset (``loss.preset`` or the command's) + ``loss.overrides``."""
+    name = cfg.loss_preset()
+    ov = dict(cfg.loss.overrides or {})
+    base = LossConfig.preset(name, **ov)
+    if "max_completion_length" not in ov and "seq_mean_token_sum_norm" in (base.aggregation, base.demo_aggregation):
+        mcl = cfg.data.max_completion_tokens if cfg.command == "sft" else cfg.rollout.max_new_tokens
+        base = base.replace(max_completion_length=int(mcl))
+    cmd = cfg.command
+    if cmd == "sft" and base.advantage != "one":
+        raise ValueError(f"loss preset {name!r} needs rewards/advantages: use it with `upg-train grpo`, "
+                         "not `sft` (sft presets: sft, dft)")
+    if cmd in ("grpo", "hpt") and base.advantage in ("one", "given"):
+        raise ValueError(f"loss preset {name!r} (advantage={base.advantage!r}) is not a group RL loss; "
+                         "use grpo, dr_grpo, dapo, bnpo, gspo, cispo, sapo, rloo, hpt or hpt_release")
+    if cmd == "hpt" and base.demo_part != "sft":
+        raise ValueError(f"`upg-train hpt` needs a preset with SFT demonstrations (hpt, hpt_release), "
+                         f"got {name!r}")
+    if cmd == "grpo" and base.demo_part is not None:
+        raise ValueError(f"loss preset {name!r} trains on demonstrations: use `upg-train hpt`")
+    return base
+
+
+def _part_weight(aggregation: str, rows: float, rows_total: float, toks: float, toks_total: float) -> float:
+    """Share of one micro-batch in a part's aggregate, so micro-batch losses add up to the full-batch loss."""
+    if aggregation == "token_mean":
+        return toks / toks_total if toks_total else 0.0
+    return rows / rows_total if rows_total else 0.0
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model=None, tokenizer=None):
+        self.cfg = cfg
+        dist.init_distributed()
+        torch.manual_seed(cfg.train.seed)
+        if model is None:
+            model, tokenizer, self.device = load_model_and_tokenizer(
+                cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
+                attn_implementation=cfg.model.attn_implementation, seed=cfg.train.seed,
+                trust_remote_code=cfg.model.trust_remote_code)
+        else:
+            self.device = next(model.parameters()).device
+        if get_head(model).softcap:
+            raise ValueError(f"{type(model).__name__} uses final_logit_softcapping="
+                             f"{model.config.final_logit_softcapping}: unified_policy_loss has no softcap "
+                             "argument yet, so training it would optimise the wrong distribution")
+        self.lm, self.tok = model, tokenizer
+        self.out = cfg.output.dir
+        self.metrics = MetricsLog(os.path.join(self.out, "metrics.jsonl"), enabled=dist.is_main())
+        self.step = 0
+        self.sampler: Optional[PromptSampler] = None
+        self._prompt_cache: dict = {}
+
+        # data
+        d = cfg.data
+        need = {"sft": [d.prompt_column, d.demo_column], "grpo": [d.prompt_column, d.answer_column],
+                "hpt": [d.prompt_column, d.answer_column, d.demo_column]}.get(cfg.command)
+        self.train_rows = []
+        if need:
+            self.train_rows = load_rows(d.path, split=d.split, num=d.num_train if d.path == "embedded" else None,
+                                        seed=cfg.train.seed, levels=d.levels)
+            check_columns(self.train_rows, need, d.path, f"`upg-train {cfg.command}`")
+            self.sampler = PromptSampler(len(self.train_rows), cfg.train.seed)
+        self.eval_rows = []
+        if d.eval_path:
+            self.eval_rows = load_rows(d.eval_path, split=d.eval_split, num=d.num_eval, seed=cfg.train.seed,
+                                       levels=d.eval_levels, eval_set=True)
+            check_columns(self.eval_rows, [d.prompt_column, d.answer_column], d.eval_path, "evaluation")
+        needs_reward = cfg.command in ("grpo", "hpt") or bool(self.eval_rows)
+        self.rewards = RewardSet(cfg.reward.funcs, cfg.reward.weights) if needs_reward else None
+        self.loss_cfg = make_loss_config(cfg) if cfg.command in ("sft", "grpo", "hpt") else None
+
+        # resume: weights go into the plain model before it is wrapped
+        self.resume_state = None
+        if cfg.command in ("sft", "grpo", "hpt"):
+            self._prepare_output()
+        self.model = dist.wrap_model(self.lm, cfg.train.strategy)
+        self.engine = make_engine(cfg.rollout.engine, self.model, self.tok, batch_size=cfg.rollout.batch_size,
+                                  gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+        t = cfg.train
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=t.lr,
+                                     betas=tuple(t.betas), weight_decay=t.weight_decay)
+        self.sched = make_scheduler(self.opt, t.schedule, t.max_steps * t.mini_batches, t.warmup_steps,
+                                    t.min_lr_ratio)
+        if self.resume_state is not None:
+            opt_state, st = self.resume_state
+            dist.load_full_optimizer_state_dict(self.model, self.opt, opt_state)
+            self.sched.load_state_dict(st["scheduler"])
+            self.sampler.pos = st["data_pos"]
+            self.step = st["step"]
+            set_rng_state(st["rng"])
+
+    # ------------------------------------------------------------------------------- setup
+    def _prepare_output(self):
+        cfg, out = self.cfg, self.out
+        os.makedirs(out, exist_ok=True)
+        if dist.is_main():
+            clean_partial(out)
+        ckpts = list_checkpoints(out)
+        if cfg.output.resume and ckpts:
+            step, path = ckpts[-1]
+            sd, opt_state, st = load_checkpoint(path)
+            load_model_weights(self.lm, sd, path)
+            self.resume_state = (opt_state, st)
+            self.metrics.truncate_after(step)  # drop rows of steps after the checkpoint (they are redone)
+            print(f"[upg-train] resuming from {path} (step {step})") if dist.is_main() else None
+            return
+        has_run = ckpts or os.path.exists(self.metrics.path)
+        if has_run and not (cfg.output.resume or cfg.output.overwrite):
+            raise FileExistsError(f"output.dir {out!r} already holds a run; pass --output.resume true to "
+                                  "continue it or --output.overwrite true to start over")
+        if dist.is_main():
+            for _, p in ckpts:
+                shutil.rmtree(p, ignore_errors=True)
+            self.metrics.truncate_after(None)
+            with open(os.path.join(out, "config.yaml"), "w") as f:
+                yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+    def _prompt_ids(self, row) -> list[int]:
+        key = id(row)
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = encode_prompt(self.tok, row[self.cfg.data.prompt_column],
+                                                    self.cfg.data.system_prompt)
+        return self._prompt_cache[key]
+
+    # ------------------------------------------------------------------------------- loss
+    def _micro_loss(self, mb: RowBatch, cfg: LossConfig, extra: dict, box: list):
+        def fn(lm):
+            h = hidden_states(lm, mb.input_ids, mb.attention_mask, mb.position_ids)[:, mb.start:]
+            w, b = dist.output_weight(lm)
+            out = unified_policy_loss(h, w, mb.targets, config=cfg, loss_mask=mb.loss_mask, bias=b,
+                                      temperature=1.0 if self.cfg.command == "sft" else self.cfg.rollout.temperature,
+                                      backend=self.cfg.loss.backend, **extra)
+            box.append(out)
+            return out.loss
+        return dist.forward_call(self.model, fn)
+
+    def _update(self, micro: list[tuple[RowBatch, dict]]) -> dict:
+        """One optimizer update over micro-batches whose weighted losses add up to the batch loss."""
+        lc = self.loss_cfg
+        stats = []
+        for mb, extra in micro:
+            demo = extra.get("is_demo")
+            rows_tok = mb.loss_mask.sum(-1)
+            dm = demo.bool() if demo is not None else torch.zeros(len(rows_tok), dtype=torch.bool)
+            stats.append(((rows_tok[~dm] > 0).sum().item(), rows_tok[~dm].sum().item(),
+                          (rows_tok[dm] > 0).sum().item(), rows_tok[dm].sum().item()))
+        tot = torch.tensor([sum(s[i] for s in stats) for i in range(4)], dtype=torch.float64)
+        tot = dist.all_reduce_sum(tot).tolist()
+        ws = dist.world_size()
+        agg = {}
+        loss_total = 0.0
+        self.opt.zero_grad(set_to_none=True)
+        for k, ((mb, extra), s) in enumerate(zip(micro, stats)):
+            cfg_k = lc.replace(
+                rl_coef=lc.rl_coef * ws * _part_weight(lc.aggregation, s[0], tot[0], s[1], tot[1]),
+                demo_coef=lc.demo_coef * ws * _part_weight(lc.demo_aggregation, s[2], tot[2], s[3], tot[3]))
+            box: list = []
+            with dist.no_sync(self.model, enabled=k < len(micro) - 1):
+                loss = self._micro_loss(mb.to(self.device), cfg_k, {key: v.to(self.device) for key, v in extra.items()}, box)
+                loss.backward()
+            loss_total += loss.item() / ws
+            w = max(s[1] + s[3], 1e-9)
+            for name, v in box[0].metrics.items():
+                a = agg.setdefault(name, [0.0, 0.0])
+                a[0] += v * w
+                a[1] += w
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                            self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf)
+        self.opt.step()
+        self.sched.step()
+        self.engine.sync_weights(self.model)
+        out = {k: a[0] / a[1] for k, a in agg.items() if a[1] > 0}
+        out.update(loss=dist.all_reduce_sum(loss_total), grad_norm=float(gn))
+        return out
+
+    @staticmethod
+    def _split(items: list, k: int) -> list[list]:
+        n = len(items)
+        return [items[i * n // k:(i + 1) * n // k] for i in range(k) if items[i * n // k:(i + 1) * n // k]]
+
+    # ------------------------------------------------------------------------------- steps
+    def sft_step(self) -> dict:
+        c = self.cfg
+        idx = dist.shard_batch(self.sampler.take(c.train.batch_size))
+        samples = [(self._prompt_ids(self.train_rows[i]),
+                    encode_completion(self.tok, self.train_rows[i][c.data.demo_column], c.data.max_completion_tokens))
+                   for i in idx]
+        micro = []
+        for chunk in self._split(samples, c.train.grad_accum):
+            if c.data.packing:
+                mb = pack_rows(chunk, max(c.data.pack_tokens, max(len(p) + len(q) for p, q in chunk)),
+                               self.tok.pad_token_id, dtype=next(self.lm.parameters()).dtype)
+            else:
+                mb = build_rows([p for p, _ in chunk], [q for _, q in chunk], self.tok.pad_token_id)
+            micro.append((mb, {}))
+        m = self._update(micro)
+        m["tokens"] = sum(len(p) + len(q) for p, q in samples)
+        m["sft_share"] = 1.0
+        return m
+
+    def rl_step(self) -> dict:
+        c, hpt = self.cfg, self.cfg.command == "hpt"
+        n = c.rollout.n
+        rows = [self.train_rows[i] for i in dist.shard_batch(self.sampler.take(c.train.batch_size))]
+        prompts = [self._prompt_ids(r) for r in rows]
+        t0 = time.time()
+        self.engine.wake()
+        ro = self.engine.generate(prompts, n=n, max_new_tokens=c.rollout.max_new_tokens,
+                                  temperature=c.rollout.temperature, top_p=c.rollout.top_p,
+                                  seed=(c.train.seed * 1_000_003 + self.step * 7919 + dist.rank()) % 2**31)
+        self.engine.sleep()
+        t_roll = time.time() - t0
+        texts = self.tok.batch_decode([r.completion_ids for r in ro], skip_special_tokens=True)
+        cols = self._columns([rows[r.prompt_index] for r in ro])
+        reward, _ = self.rewards([prompt_text(rows[r.prompt_index][c.data.prompt_column]) for r in ro], texts, cols)
+        R = torch.tensor(reward, dtype=torch.float32).view(len(rows), n)
+        correct = (R >= c.reward.correct_threshold).float()
+        P = correct.mean(1)
+        use_rl = P > c.hpt.gamma if hpt else torch.ones(len(rows), dtype=torch.bool)
+        adv = torch.zeros_like(R)
+        if use_rl.any():
+            adv[use_rl] = group_advantages(R[use_rl].reshape(-1), group_size=n, mode=self.loss_cfg.advantage,
+                                           eps=self.loss_cfg.adv_eps).view(-1, n).float()
+        # rows: (prompt ids, completion ids, is_demo, advantage, sampler log-probs)
+        items = []
+        for i in range(len(rows)):
+            if use_rl[i]:
+                for j in range(n):
+                    r = ro[i * n + j]
+                    items.append((r.prompt_ids, r.completion_ids, False, adv[i, j].item(), r.logprobs))
+            else:
+                demo = encode_completion(self.tok, rows[i][c.data.demo_column], c.data.max_completion_tokens)
+                items.append((prompts[i], demo, True, 0.0, None))
+        m_all: dict = {}
+        for mini in self._split(items, c.train.mini_batches):
+            micro = [self._rl_micro(chunk) for chunk in self._split(mini, c.train.grad_accum)]
+            if c.train.mini_batches > 1:
+                self._fill_old_logprobs(micro)
+            for k, v in self._update(micro).items():
+                m_all.setdefault(k, []).append(v)
+        m = {k: sum(v) / len(v) for k, v in m_all.items()}
+        lens = [len(r.completion_ids) for r in ro]
+        m.update(reward=float(R.mean()), accuracy=float(correct.mean()),
+                 sft_share=float((~use_rl).float().mean()), rl_prompts=int(use_rl.sum()),
+                 solve_none=float((P == 0).float().mean()), solve_all=float((P == 1).float().mean()),
+                 completion_len=sum(lens) / len(lens),
+                 stop_frac=sum(r.finish_reason == "stop" for r in ro) / len(ro),
+                 rollout_time=t_roll, tokens=sum(len(a) + len(b) for a, b, *_ in items))
+        for k in ("reward", "accuracy", "sft_share", "solve_none", "solve_all", "completion_len", "stop_frac"):
+            m[k] = dist.all_reduce_mean(m[k])
+        return m
+
+    def _columns(self, rows: list[dict]) -> dict:
+        """The non-prompt columns for reward functions (TRL passes them as keyword arguments)."""
+        c = self.cfg.data
+        cols = {k: [r.get(k) for r in rows] for k in rows[0] if k != c.prompt_column}
+        if c.answer_column != "answer" and c.answer_column in cols:
+            cols.setdefault("answer", cols[c.answer_column])
+        return cols
+
+    def _rl_micro(self, chunk) -> tuple[RowBatch, dict]:
+        mb = build_rows([it[0] for it in chunk], [it[1] for it in chunk], self.tok.pad_token_id)
+        B, L = mb.targets.shape
+        extra = {"advantages": torch.tensor([it[3] for it in chunk], dtype=torch.float32)}
+        if any(it[2] for it in chunk):
+            extra["is_demo"] = torch.tensor([it[2] for it in chunk], dtype=torch.bool)
+        if self.loss_cfg.rollout_is is not None:
+            rl = torch.zeros(B, L)
+            for i, it in enumerate(chunk):
+                if it[4] is not None:
+                    rl[i, :len(it[4])] = torch.tensor(it[4])
+            extra["rollout_logprobs"] = rl
+        return mb, extra
+
+    @torch.no_grad()
+    def _fill_old_logprobs(self, micro):
+        """Log-probs of the policy before this batch's first update (PPO's pi_old), for mini_batches > 1."""
+        from upg_kernels import token_logprobs
+        for mb, extra in micro:
+            mbd = mb.to(self.device)
+
+            def fn(lm):
+                h = hidden_states(lm, mbd.input_ids, mbd.attention_mask, mbd.position_ids)[:, mbd.start:]
+                w, b = dist.output_weight(lm)
+                return token_logprobs(h, w, mbd.targets, bias=b, temperature=self.cfg.rollout.temperature,
+                                      backend=self.cfg.loss.backend)
+            extra["old_logprobs"] = dist.forward_call(self.model, fn).cpu()
+
+    # ------------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Greedy accuracy on the held-out rows (and per level when the rows have a 'level' column)."""
+        c = self.cfg
+        if not self.eval_rows:
+            return {}
+        rows = self.eval_rows
+        prompts = [self._prompt_ids(r) for r in rows]
+        self.engine.wake()
+        ro = self.engine.generate(prompts, n=1, max_new_tokens=c.rollout.max_new_tokens, temperature=0.0, seed=0)
+        self.engine.sleep()
+        texts = self.tok.batch_decode([r.completion_ids for r in ro], skip_special_tokens=True)
+        cols = self._columns(rows)
+        reward, _ = self.rewards([prompt_text(r[c.data.prompt_column]) for r in rows], texts, cols)
+        ok = [float(x >= c.reward.correct_threshold) for x in reward]
+        m = {"eval/accuracy": sum(ok) / len(ok), "eval/reward": sum(reward) / len(reward)}
+        if "level" in rows[0]:
+            for lv in sorted({r["level"] for r in rows}):
+                sel = [o for o, r in zip(ok, rows) if r["level"] == lv]
+                m[f"eval/acc_level{lv}"] = sum(sel) / len(sel)
+        self.last_eval_samples = list(zip([prompt_text(r[c.data.prompt_column]) for r in rows[:3]], texts[:3]))
+        return m
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def save(self):
+        sd = dist.full_state_dict(self.model)
+        opt = dist.full_optimizer_state_dict(self.model, self.opt)
+        if dist.is_main():
+            def save_model(path):
+                self.lm.save_pretrained(path, state_dict=sd)
+                self.tok.save_pretrained(path)
+            save_checkpoint(self.out, self.step, model_state=sd, save_model_fn=save_model, optimizer_state=opt,
+                            trainer_state={"scheduler": self.sched.state_dict(), "data_pos": self.sampler.pos,
+                                           "command": self.cfg.command},
+                            keep_last=self.cfg.output.keep_last)
+        dist.barrier()
+
+    def save_final(self, path: str):
+        sd = dist.full_state_dict(self.model)
+        if dist.is_main():
+            tmp = path + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.lm.save_pretrained(tmp, state_dict=sd)
+            self.tok.save_pretrained(tmp)
+            shutil.rmtree(path, ignore_errors=True)
+            os.rename(tmp, path)
+        dist.barrier()
+
+    # ------------------------------------------------------------------------------- loop
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        t = c.train
+        step_fn = self.sft_step if c.command == "sft" else self.rl_step
+        if self.step == 0 and self.eval_rows:
+            self.metrics.write({"step": 0, "kind": "eval", **self.evaluate()})
+        bar = tqdm(total=t.max_steps, initial=self.step, desc=f"{c.command}", dynamic_ncols=True,
+                   disable=not (c.output.progress and dist.is_main()))
+        t_start = time.time()
+        while self.step < t.max_steps:
+            t0 = time.time()
+            m = step_fn()
+            self.step += 1
+            dt = time.time() - t0
+            row = {"step": self.step, "kind": "train", "lr": self.sched.get_last_lr()[0], **m,
+                   "step_time": dt, "tokens_per_s": m.get("tokens", 0) * dist.world_size() / max(dt, 1e-9)}
+            if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
+                raise FloatingPointError(f"non-finite metrics at step {self.step}: {row}")
+            self.metrics.write(row)
+            post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
+            if "reward" in row:
+                post.update(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
+                            sft=f"{row['sft_share']:.2f}")
+            last = self.step == t.max_steps
+            if self.eval_rows and (last or (c.output.eval_every and self.step % c.output.eval_every == 0)):
+                ev = self.evaluate()
+                self.metrics.write({"step": self.step, "kind": "eval", **ev})
+                post["eval_acc"] = f"{ev['eval/accuracy']:.2f}"
+            bar.set_postfix(post, refresh=False)
+            bar.update(1)
+            if last or (c.output.save_every and self.step % c.output.save_every == 0):
+                self.save()
+        bar.close()
+        self.save_final(os.path.join(self.out, "final"))
+        if c.output.plots and dist.is_main():
+            from .plots import plot_metrics
+            plot_metrics(self.metrics.path, os.path.join(self.out, "plots.png"), title=f"upg-train {c.command}")
+        return {"train_time": time.time() - t_start}

@@ -268,7 +268,7 @@ def unified_policy_loss_reference(hidden, weight, targets, *, config, loss_mask=
     m["clip_frac"] = m["clip_frac_low"] + m["clip_frac_high"]
     m["dual_clip_frac"] = mean(duals)
     m["kl_mean"] = mean(kls) if ref_logprobs is not None else 0.0
-    m["entropy_mean"] = (sum(float(H_all[i, t]) for i in range(B) for t in range(T) if valid[i][t])
+    m["entropy_mean"] = (sum(float(H_all[i, t].detach()) for i in range(B) for t in range(T) if valid[i][t])
                          / max(n_valid, 1))
     if per_row:
         av = [A[i][0] for i in main_rows if any(valid[i])]

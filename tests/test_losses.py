@@ -399,20 +399,23 @@ def test_liger_grpo_loss_semantics():
     adv = torch.randn(B, dtype=torch.float64)
     cases = [("grpo", "token", {}), ("bnpo", "token", {}), ("dr_grpo", "token", {}),
              ("dapo", "token", {}), ("cispo", "token", {}), ("sapo", "token", {}),
-             ("grpo", "sequence", {}), ("dapo", "token", {"delta": 1.2})]
-    for loss_type, level, extra in cases:
+             ("grpo", "sequence", {}), ("dapo", "token", {"delta": 1.2}),
+             ("bnpo", "sequence", {}), ("dr_grpo", "sequence", {})]
+    vllm = (0.5 + torch.rand(B, T, dtype=torch.float64))
+    for k, (loss_type, level, extra) in enumerate(cases):
         eh = 5.0 if loss_type == "cispo" else 0.28
+        isr = vllm if k % 2 else None
         lp_leaf = lp.clone().requires_grad_(True)
         ll, metrics = F.ppo_loss_fn(lp_leaf, mask, adv, mask, ref_per_token_logps=ref,
                                     old_per_token_logps=old, epsilon_low=0.2, epsilon_high=eh, beta=0.04,
                                     loss_type=loss_type, max_completion_length=8,
-                                    importance_sampling_level=level, **extra)
+                                    importance_sampling_level=level, vllm_is_ratio=isr, **extra)
         cfg = LossConfig.preset(loss_type if loss_type != "grpo" or level == "token" else "grpo",
                                 eps_low=0.2, eps_high=eh, kl_coef=0.04, kl_type="k3",
                                 max_completion_length=8, ratio_level=level, **extra)
         hh = hid.clone().requires_grad_(True)
         ours = unified_policy_loss(hh, w, tgt, config=cfg, loss_mask=mask, advantages=adv,
-                                   old_logprobs=old, ref_logprobs=ref)
+                                   old_logprobs=old, ref_logprobs=ref, is_ratio=isr)
         assert float(ours.loss) == pytest.approx(float(ll), rel=1e-10, abs=1e-12), loss_type
         g_liger = torch.autograd.grad(ll, lp_leaf)[0]
         assert torch.allclose(-ours.coef_logp, g_liger, rtol=1e-9, atol=1e-12), loss_type

@@ -148,6 +148,7 @@ class Trainer:
         if has_run and not (cfg.output.resume or cfg.output.overwrite):
             raise FileExistsError(f"output.dir {out!r} already holds a run; pass --output.resume true to "
                                   "continue it or --output.overwrite true to start over")
+        dist.barrier()  # every rank checks before rank 0 writes (else rank 1 sees rank 0's fresh files)
         if dist.is_main():
             for _, p in ckpts:
                 shutil.rmtree(p, ignore_errors=True)

@@ -21,7 +21,8 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id
+        from .. import distributed as dist  # model may be wrapped (DDP / FSDP2): read the plain LM's config
+        eos = getattr(dist.unwrap_model(model).generation_config, "eos_token_id", None) or tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         if not self.eos_ids:
             raise ValueError("the tokenizer has no eos_token_id: rollouts could never stop")
@@ -73,7 +74,8 @@ class HFEngine:
             if len(p):
                 ids[r, L - len(p):] = torch.tensor(p, dtype=torch.long)
                 mask[r, L - len(p):] = 1
-        res = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+        from .. import distributed as dist  # works unwrapped, under DDP and under FSDP2 (synced_gpus)
+        res = dist.generate(self.model, input_ids=ids.to(device), attention_mask=mask.to(device),
                                   generation_config=gen_cfg)
         new = res.sequences[:, L:].cpu()
         logits = torch.stack(res.logits, dim=1).float().cpu()  # [B, T_new, V] raw logits

@@ -115,6 +115,16 @@ class OutputConfig:
 
 
 @dataclass
+class DemoConfig:
+    warmup_steps: int = _f(150, "demo: SFT warm-up steps on warmup_levels before the comparison")
+    warmup_levels: list = _f([1, 2], "demo: levels seen in the warm-up (the others start at ~0 reward)")
+    steps: int = _f(60, "demo: training steps of each compared method (sft, grpo, hpt)")
+    methods: list = _f(["sft", "grpo", "hpt"], "demo: methods compared after the warm-up")
+    rl_lr: float = _f(1e-3, "demo: learning rate of the grpo/hpt runs")
+    sft_lr: float = _f(1e-3, "demo: learning rate of the warm-up and the sft run")
+
+
+@dataclass
 class Config:
     command: str = "grpo"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -125,6 +135,7 @@ class Config:
     hpt: HPTConfig = field(default_factory=HPTConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

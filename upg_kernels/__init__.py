@@ -6,3 +6,5 @@ from .losses import LossConfig, LossOutput, UnifiedPolicyLoss, group_advantages,
 __version__ = "0.1.0"
 __all__ = ["token_logprobs", "token_logprobs_reference"]
 __all__ += ["LossConfig", "LossOutput", "UnifiedPolicyLoss", "group_advantages", "unified_policy_loss"]
+from .integrations import FusedLinearGRPOLoss, linear_cross_entropy  # noqa: E402  (drop-ins: Liger, CCE)
+__all__ += ["FusedLinearGRPOLoss", "linear_cross_entropy"]

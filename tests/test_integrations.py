@@ -1,0 +1,516 @@
+"""Drop-ins for existing trainers: Liger's GRPO loss, TRL's GRPOTrainer, Cut Cross-Entropy.
+
+* Liger parity: ``upg_kernels.FusedLinearGRPOLoss`` against ``liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss``
+  (liger-kernel 0.8.5, ``compiled=False``: its chunked PyTorch path, which runs on CPU) -- loss, every metric,
+  and the gradients w.r.t. input, weight and bias, over every loss type x importance-sampling level x beta x
+  delta x temperature x vllm_is_ratio x num_items_in_batch.
+* TRL wiring: a real ``trl.GRPOTrainer`` on a tiny randomly initialised Llama (built from a config, no
+  downloads); ``patch_grpo_trainer`` must route its log-probs through upg-kernels and leave loss and gradients
+  unchanged, and TRL's GRPO loss must equal ``FusedLinearGRPOLoss`` on the model's hidden states.
+* CCE convention: ``linear_cross_entropy`` against a float64 materialized-logits reference and against
+  ``cut_cross_entropy``'s own torch implementation (run eagerly).
+
+Tolerances (float32 inputs of O(1), V <= 64): loss and metrics ``atol=2e-5, rtol=2e-5``; gradients
+``atol=2e-5, rtol=1e-4`` relative to the largest gradient entry. Set ``UPG_PARITY_REPORT=1`` to print the
+largest differences seen.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from collections import defaultdict
+
+import pytest
+import torch
+
+import upg_kernels
+from upg_kernels.integrations import FusedLinearGRPOLoss, linear_cross_entropy
+
+_REPORT = defaultdict(lambda: [0.0, 0.0])  # quantity -> [max abs diff, max rel diff]
+
+
+def _record(name, ours, ref):
+    ours = ours.detach().double()
+    ref = ref.detach().double()
+    ad = (ours - ref).abs().max().item() if ours.numel() else 0.0
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    rd = ad / scale if scale > 0 else ad
+    r = _REPORT[name]
+    r[0] = max(r[0], ad)
+    r[1] = max(r[1], rd)
+    return ad, rd
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _parity_report():
+    yield
+    if os.environ.get("UPG_PARITY_REPORT") and _REPORT:
+        print("\nparity (max abs diff, max diff / max |reference|):")
+        for k in sorted(_REPORT):
+            print(f"  {k:28s} {_REPORT[k][0]:.3e}  {_REPORT[k][1]:.3e}")
+
+
+def _close(name, ours, ref, atol, rtol):
+    ad, _ = _record(name, ours, ref)
+    scale = ref.detach().abs().max().item() if ref.numel() else 0.0
+    assert ad <= atol + rtol * scale, f"{name}: max abs diff {ad:.3e} (reference scale {scale:.3e})"
+
+
+# ============================================================================ Liger parity
+def _grpo_case(seed, *, B=4, T=7, H=16, V=48, bias=True, temperature=1.0, old_noise=0.35, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g, dtype=dtype)
+    weight = torch.randn(V, H, generator=g, dtype=dtype) * 0.5
+    b = torch.randn(V, generator=g, dtype=dtype) * 0.3 if bias else None
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.ones(B, T)
+    mask[0, T - 2:] = 0          # padded tail
+    mask[1, :1] = 0              # masked head
+    if B > 3:
+        mask[3] = 0              # a fully masked row (counts in B for grpo, adds nothing)
+    adv = torch.randn(B, generator=g)
+    adv[0] = adv[0].abs() + 0.1  # one positive and one negative row: both clip directions occur
+    adv[1] = -adv[1].abs() - 0.1
+    adv[2] = 0.0                 # an equal-reward group: zero advantage
+    # true log-probs, then old/ref close to them so that ratios straddle the clip bounds
+    with torch.no_grad():
+        z = hidden.double() @ weight.double().T
+        if b is not None:
+            z = z + b.double()
+        lp = torch.log_softmax(z / temperature, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1).float()
+    old = lp + old_noise * torch.randn(B, T, generator=g)
+    ref = lp + 0.5 * torch.randn(B, T, generator=g)
+    is_tok = torch.rand(B, T, generator=g) * 1.5 + 0.25
+    is_seq = torch.rand(B, generator=g) * 1.5 + 0.25
+    return dict(hidden=hidden, weight=weight, bias=b, ids=ids, mask=mask, adv=adv, old=old, ref=ref,
+                is_tok=is_tok, is_seq=is_seq)
+
+
+def _run_grpo(cls, case, ctor, fwd, *, grad=True):
+    x = case["hidden"].clone().requires_grad_(grad)
+    w = case["weight"].clone().requires_grad_(grad)
+    b = None if case["bias"] is None else case["bias"].clone().requires_grad_(grad)
+    mod = cls(**ctor)
+    loss, metrics = mod(x, w, case["ids"], case["mask"], case["adv"], b, **fwd)
+    grads = None
+    if grad:
+        loss.backward()
+        grads = (x.grad, w.grad, None if b is None else b.grad)
+    return loss.detach(), tuple(m.detach() for m in metrics), grads
+
+
+def _liger_combos():
+    out = []
+    for lt, lvl in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"), ("token", "sequence")):
+        if lvl == "sequence" and lt in ("cispo", "sapo"):
+            continue
+        for beta in (0.0, 0.1):
+            out.append((lt, lvl, beta))
+    return out
+
+
+# (delta, temperature, vllm_is_ratio kind, num_items_in_batch, old given, spread of old around logp)
+_VARIANTS = [
+    (None, 1.0, None, None, True, 0.35),
+    (1.3, 0.7, "token", 40, True, 0.35),
+    (None, 1.3, "seq", None, True, 1.2),   # wide: sequence ratios and CISPO's cap get clipped too
+    (1.1, 1.0, "seq1d", 25.0, False, 0.35),
+]
+
+
+@pytest.mark.parametrize("loss_type,level,beta", _liger_combos())
+def test_liger_parity(loss_type, level, beta):
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    clip_seen = 0.0
+    for i, (delta, temp, vllm, nib, with_old, spread) in enumerate(_VARIANTS):
+        case = _grpo_case(100 + i, temperature=temp, bias=(i != 2), old_noise=spread)
+        ctor = dict(beta=beta, use_ref_model=beta != 0.0, epsilon_low=0.2,
+                    epsilon_high=(3.0 if loss_type == "cispo" else 0.28), loss_type=loss_type,
+                    max_completion_length=10, importance_sampling_level=level, temperature=temp,
+                    delta=delta if loss_type not in ("cispo", "sapo") else None)
+        fwd = dict(old_per_token_logps=case["old"] if with_old else None,
+                   ref_per_token_logps=case["ref"] if beta else None,
+                   vllm_is_ratio={None: None, "token": case["is_tok"], "seq": case["is_seq"].unsqueeze(1),
+                                  "seq1d": case["is_seq"]}[vllm],
+                   num_items_in_batch=nib)
+        l_ref, m_ref, g_ref = _run_grpo(LigerFusedLinearGRPOLoss, case, dict(ctor, compiled=False), fwd)
+        l_our, m_our, g_our = _run_grpo(FusedLinearGRPOLoss, case, dict(ctor, compiled=True), fwd)
+        assert l_our.dtype == torch.float32 and l_our.dim() == 0
+        _close("loss", l_our, l_ref, 2e-5, 2e-5)
+        assert len(m_our) == len(m_ref), (m_our, m_ref)
+        for j, (a, r) in enumerate(zip(m_our, m_ref)):
+            name = "metric kl_mean" if (beta and j == 0) else "metric clip_ratio"
+            _close(name, a, r, 2e-5, 2e-5)
+        clip_seen = max(clip_seen, float(m_ref[-1]))
+        for name, a, r in zip(("grad input", "grad weight", "grad bias"), g_our, g_ref):
+            if r is None:
+                assert a is None
+                continue
+            _close(name, a, r, 2e-5, 1e-4)
+    if loss_type != "sapo":  # the cases do exercise clipping (SAPO has no clip metric: always 0)
+        assert clip_seen > 0
+
+
+def test_liger_parity_ref_input_path():
+    """use_ref_model with ref_input/ref_weight/ref_bias instead of ref log-probs."""
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    case = _grpo_case(7, temperature=0.9)
+    g = torch.Generator().manual_seed(8)
+    ref_w = case["weight"] + 0.05 * torch.randn(case["weight"].shape, generator=g)
+    ref_b = case["bias"] + 0.05 * torch.randn(case["bias"].shape, generator=g)
+    ref_x = case["hidden"] + 0.05 * torch.randn(case["hidden"].shape, generator=g)
+    ctor = dict(beta=0.2, loss_type="grpo", temperature=0.9)
+    fwd = dict(old_per_token_logps=case["old"], ref_input=ref_x, ref_weight=ref_w, ref_bias=ref_b)
+    l_ref, m_ref, g_ref = _run_grpo(LigerFusedLinearGRPOLoss, case, dict(ctor, compiled=False), fwd)
+    l_our, m_our, g_our = _run_grpo(FusedLinearGRPOLoss, case, ctor, fwd)
+    _close("loss", l_our, l_ref, 2e-5, 2e-5)
+    for a, r in zip(m_our, m_ref):
+        _close("metric (ref_input)", a, r, 2e-5, 2e-5)
+    for a, r in zip(g_our, g_ref):
+        _close("grad (ref_input)", a, r, 2e-5, 1e-4)
+
+
+def test_liger_use_ref_model_false_ignores_ref():
+    """Liger ignores ref_per_token_logps when use_ref_model=False: KL term and KL metric are 0."""
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    case = _grpo_case(11)
+    ctor = dict(beta=0.3, use_ref_model=False, loss_type="bnpo")
+    fwd = dict(old_per_token_logps=case["old"], ref_per_token_logps=case["ref"])
+    l_ref, m_ref, _ = _run_grpo(LigerFusedLinearGRPOLoss, case, dict(ctor, compiled=False), fwd, grad=False)
+    l_our, m_our, _ = _run_grpo(FusedLinearGRPOLoss, case, ctor, fwd, grad=False)
+    _close("loss", l_our, l_ref, 2e-5, 2e-5)
+    assert len(m_our) == 2 and float(m_our[0]) == 0.0 == float(m_ref[0])
+
+
+def test_liger_flat_input_and_grad_output_scaling():
+    """[B*T, H] input is accepted, and the loss composes with a downstream scale like any autograd scalar."""
+    case = _grpo_case(3)
+    B, T, H = case["hidden"].shape
+    x1 = case["hidden"].clone().requires_grad_(True)
+    x2 = case["hidden"].reshape(B * T, H).clone().requires_grad_(True)
+    mod = FusedLinearGRPOLoss(beta=0.0, loss_type="dapo", use_ref_model=False)
+    l1, _ = mod(x1, case["weight"], case["ids"], case["mask"], case["adv"], old_per_token_logps=case["old"])
+    l2, _ = mod(x2, case["weight"], case["ids"], case["mask"], case["adv"], old_per_token_logps=case["old"])
+    torch.testing.assert_close(l1, l2)
+    (3.0 * l1).backward()
+    l2.backward()
+    torch.testing.assert_close(x1.grad, 3.0 * x2.grad.reshape(B, T, H))
+
+
+def test_liger_from_liger_copies_settings():
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    src = LigerFusedLinearGRPOLoss(beta=0.07, epsilon_low=0.1, epsilon_high=0.3, loss_type="dr_grpo",
+                                   max_completion_length=9, importance_sampling_level="sequence", temperature=0.8,
+                                   delta=2.0)
+    ours = FusedLinearGRPOLoss.from_liger(src)
+    for k in ("beta", "epsilon_low", "epsilon_high", "loss_type", "max_completion_length",
+              "importance_sampling_level", "temperature", "delta", "use_ref_model"):
+        assert getattr(ours, k) == getattr(src, k)
+
+
+@pytest.mark.parametrize("ctor,exc,match", [
+    (dict(loss_type="luspo"), NotImplementedError, "luspo"),
+    (dict(loss_type="vespo"), NotImplementedError, "vespo"),
+    (dict(loss_type="nope"), ValueError, "Unknown loss type"),
+    (dict(loss_type="cispo", importance_sampling_level="sequence"), ValueError, "Sequence-level"),
+    (dict(importance_sampling_level="group"), ValueError, "importance sampling level"),
+    (dict(loss_type="dr_grpo"), ValueError, "max_completion_length"),
+    (dict(sapo_temperature_neg=0.0), ValueError, "sapo_temperature_neg"),
+    (dict(delta=-1.0), ValueError, "delta"),
+    (dict(use_bias_correction_kl=True), NotImplementedError, "use_bias_correction_kl"),
+])
+def test_liger_bad_settings(ctor, exc, match):
+    with pytest.raises(exc, match=match):
+        FusedLinearGRPOLoss(**ctor)
+
+
+def test_liger_bad_inputs():
+    case = _grpo_case(5)
+    mod = FusedLinearGRPOLoss(beta=0.1)
+    x, w, ids, mask, adv = case["hidden"], case["weight"], case["ids"], case["mask"], case["adv"]
+    with pytest.raises(ValueError, match="ref_per_token_logps or ref_input"):
+        mod(x, w, ids, mask, adv)
+    mod = FusedLinearGRPOLoss(beta=0.0, use_ref_model=False)
+    with pytest.raises(ValueError, match="advantages"):
+        mod(x, w, ids, mask, adv[:-1])
+    with pytest.raises(ValueError, match="advantages"):
+        mod(x, w, ids, mask, adv.unsqueeze(1).expand(-1, ids.shape[1]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        mod(x, w, ids, mask[:, :-1], adv)
+    with pytest.raises(ValueError, match="_input"):
+        mod(x[:, :-1], w, ids, mask, adv)
+    with pytest.raises(ValueError, match="old_per_token_logps"):
+        mod(x, w, ids, mask, adv, old_per_token_logps=case["old"][:, :-1])
+    with pytest.raises(ValueError, match="vllm_is_ratio"):
+        mod(x, w, ids, mask, adv, vllm_is_ratio=torch.ones(ids.shape[0], 3))
+
+
+# ============================================================================ CCE convention
+def _lce_reference(e, c, targets, bias=None, ignore_index=-100, softcap=None, reduction="mean", shift=0):
+    """float64, materialized logits, the convention of CCE's docstring."""
+    e, c = e.double(), c.double()
+    if shift:
+        e = e[..., :-shift, :]
+        targets = targets[..., shift:]
+    z = e @ c.T
+    if bias is not None:
+        z = z + bias.double()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    loss = torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), targets.reshape(-1),
+                                             ignore_index=ignore_index, reduction="none").reshape(targets.shape)
+    if reduction == "none":
+        return loss
+    valid = targets != ignore_index
+    return loss.sum() if reduction == "sum" else loss.sum() / valid.sum()
+
+
+@pytest.mark.parametrize("shift", [0, 1, True, 2])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("extras", [dict(), dict(softcap=4.0), dict(bias=True, ignore_index=7)])
+def test_cce_against_float64(shift, reduction, extras):
+    g = torch.Generator().manual_seed(hash((shift, reduction, len(extras))) % 1000)
+    B, T, D, V = 3, 9, 16, 40
+    e = torch.randn(B, T, D, generator=g, requires_grad=True)
+    c = (torch.randn(V, D, generator=g) * 0.5).requires_grad_(True)
+    ignore_index = extras.get("ignore_index", -100)
+    t = torch.randint(0, V, (B, T), generator=g)
+    t[0, 4] = ignore_index
+    t[2, -1] = ignore_index
+    bias = (torch.randn(V, generator=g) * 0.2).requires_grad_(True) if extras.get("bias") else None
+    kw = dict(bias=bias, ignore_index=ignore_index, softcap=extras.get("softcap"), reduction=reduction)
+    ours = linear_cross_entropy(e, c, t, shift=shift, **kw)
+    ref = _lce_reference(e, c, t, shift=int(shift), **kw)
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    _close("cce loss", ours, ref, 1e-5, 1e-5)
+    if reduction == "none":
+        assert (ours[t[..., int(shift):] == ignore_index] == 0).all()
+    w = torch.randn(ours.shape, generator=g)
+    gs = torch.autograd.grad((ours * w).sum(), [e, c] + ([bias] if bias is not None else []))
+    gr = torch.autograd.grad((ref * w.double()).sum(), [e, c] + ([bias] if bias is not None else []))
+    for name, a, r in zip(("cce grad e", "cce grad c", "cce grad bias"), gs, gr):
+        _close(name, a, r, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cce_against_cut_cross_entropy(shift, reduction):
+    """The same numbers and shapes as cut_cross_entropy 25.1.1's torch implementation (run eagerly)."""
+    cce = pytest.importorskip("cut_cross_entropy")
+    g = torch.Generator().manual_seed(3)
+    e = torch.randn(2, 3, 6, 16, generator=g, requires_grad=True)  # extra leading dims
+    c = torch.randn(50, 16, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (2, 3, 6), generator=g)
+    t[0, 1, 3] = -100
+    t[1, 2, 0] = -100
+    with torch.compiler.set_stance("force_eager"):
+        ref = cce.linear_cross_entropy(e, c, t, shift=shift, reduction=reduction, softcap=5.0,
+                                       impl="torch_compile")
+    ours = linear_cross_entropy(e, c, t, shift=shift, reduction=reduction, softcap=5.0)
+    assert ours.shape == ref.shape
+    _close("cce vs cut_cross_entropy", ours, ref, 1e-5, 1e-5)
+    ga = torch.autograd.grad(ours.sum(), [e, c])
+    gb = torch.autograd.grad(ref.sum(), [e, c])
+    for a, r in zip(ga, gb):
+        _close("cce grad vs cut_cross_entropy", a, r, 1e-5, 1e-5)
+
+
+def test_cce_module_and_flat_inputs():
+    g = torch.Generator().manual_seed(4)
+    e = torch.randn(10, 8, generator=g)
+    c = torch.randn(20, 8, generator=g)
+    t = torch.randint(0, 20, (10,), generator=g)
+    m = upg_kernels.integrations.cce.LinearCrossEntropy(reduction="sum")
+    torch.testing.assert_close(m(e, c, t), linear_cross_entropy(e, c, t, reduction="sum"))
+    torch.testing.assert_close(linear_cross_entropy(e, c, t),
+                               _lce_reference(e, c, t).float(), atol=1e-5, rtol=1e-5)
+    # all positions ignored: mean is NaN like F.cross_entropy / CCE, sum is 0
+    t_all = torch.full((10,), -100)
+    assert torch.isnan(linear_cross_entropy(e, c, t_all))
+    assert float(linear_cross_entropy(e, c, t_all, reduction="sum")) == 0.0
+
+
+def test_cce_bad_inputs():
+    e = torch.randn(2, 5, 8)
+    c = torch.randn(20, 8)
+    t = torch.randint(0, 20, (2, 5))
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(e, c, t, reduction="avg")
+    with pytest.raises(ValueError, match="shift"):
+        linear_cross_entropy(e, c, t, shift=-1)
+    with pytest.raises(ValueError, match="targets must have shape"):
+        linear_cross_entropy(e, c, t[:, :-1])
+    with pytest.raises(ValueError, match="c must have shape"):
+        linear_cross_entropy(e, c[:, :-1], t)
+    with pytest.raises(ValueError, match="shift needs"):
+        linear_cross_entropy(e[0, 0], c, t[0, 0], shift=1)
+    with pytest.raises(ValueError, match="filter_eps"):
+        linear_cross_entropy(e, c, t, filter_eps="low")
+    with pytest.raises(TypeError):
+        linear_cross_entropy(e, c, t, -100)  # everything after targets is keyword-only
+
+
+# ============================================================================ TRL wiring
+def _tiny_trainer(tmp_path, loss_type="grpo", beta=0.0, bf16=False, **cfg_kw):
+    pytest.importorskip("trl")
+    pytest.importorskip("tokenizers")
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import GRPOConfig, GRPOTrainer
+
+    vocab = {"<pad>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(62)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>")
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=1, attention_bias=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    if beta:
+        model.save_pretrained(tmp_path / "tiny")  # the reference model is re-created from this path
+        model = LlamaForCausalLM.from_pretrained(tmp_path / "tiny")
+    ds = Dataset.from_dict({"prompt": ["w1 w2 w3", "w4 w5", "w6 w7 w8 w9"] * 4})
+    args = GRPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=4,
+                      max_completion_length=6, report_to=[], use_cpu=True, loss_type=loss_type, beta=beta,
+                      bf16=bf16, logging_steps=1, max_steps=1, save_strategy="no", **cfg_kw)
+    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [float(len(c)) for c in completions],
+                          args=args, train_dataset=ds, processing_class=tok)
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train(); we call compute_loss directly
+    return trainer
+
+
+def _trl_inputs(trainer, seed=0, B=4, P=3, C=5):
+    g = torch.Generator().manual_seed(seed)
+    prompt_ids = torch.randint(2, 64, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, 0] = 0  # left padding
+    prompt_ids[0, 0] = 0
+    completion_ids = torch.randint(2, 64, (B, C), generator=g)
+    completion_mask = torch.ones(B, C, dtype=torch.long)
+    completion_mask[1, 3:] = 0
+    completion_ids[1, 3:] = 0
+    inputs = dict(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                  completion_mask=completion_mask, advantages=torch.randn(B, generator=g),
+                  num_items_in_batch=completion_mask.sum().float())
+    with torch.no_grad():
+        lp, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([prompt_ids, completion_ids], 1),
+            torch.cat([prompt_mask, completion_mask], 1), C)
+    inputs["old_per_token_logps"] = lp + 0.3 * torch.randn(lp.shape, generator=g)
+    if trainer.beta:
+        inputs["ref_per_token_logps"] = lp + 0.3 * torch.randn(lp.shape, generator=g)
+    return inputs
+
+
+def _trl_loss_and_grads(trainer, inputs):
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("loss_type,beta,bf16", [("grpo", 0.0, False), ("dapo", 0.0, False), ("sapo", 0.0, False),
+                                                 ("bnpo", 0.05, False), ("cispo", 0.0, True)])
+def test_trl_patch_routes_through_upg(tmp_path, monkeypatch, loss_type, beta, bf16):
+    """fp32: same loss and gradients as TRL's own kernel to float32 rounding; bf16 autocast (TRL's default on
+    CPU and GPU): both kernels round the logits tiles to bf16, so gradients agree to bf16 rounding only."""
+    from upg_kernels.integrations import trl as upg_trl
+
+    trainer = _tiny_trainer(tmp_path, loss_type=loss_type, beta=beta, bf16=bf16)
+    trainer.model.train()
+    inputs = _trl_inputs(trainer)
+    l_trl, g_trl = _trl_loss_and_grads(trainer, inputs)
+
+    calls = []
+    real = upg_trl.token_logprobs
+    monkeypatch.setattr(upg_trl, "token_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert upg_trl.patch_grpo_trainer(trainer) is trainer and upg_trl.is_patched(trainer)
+    upg_trl.patch_grpo_trainer(trainer)  # idempotent
+    l_upg, g_upg = _trl_loss_and_grads(trainer, inputs)
+    assert calls, "the patched trainer did not call upg_kernels.token_logprobs"
+    tag = " (bf16 autocast)" if bf16 else ""
+    _close("trl loss patched vs TRL" + tag, l_upg, l_trl, 2e-6, 1e-2 if bf16 else 2e-6)
+    assert g_upg.keys() == g_trl.keys()
+    for k in g_trl:
+        _close("trl grads patched vs TRL" + tag, g_upg[k], g_trl[k], 1e-6, 2e-2 if bf16 else 2e-5)
+    # only this trainer is patched: TRL's module-level kernel is left as it was
+    import trl.trainer.utils as trl_utils
+    assert trl_utils._ChunkedLogProbFunction.__name__ == "ChunkedLogProbFunction"
+    upg_trl.unpatch_grpo_trainer(trainer)
+    assert not upg_trl.is_patched(trainer)
+    n = len(calls)
+    _trl_loss_and_grads(trainer, inputs)
+    assert len(calls) == n
+
+
+def test_trl_loss_equals_fused_linear_grpo_loss(tmp_path):
+    """TRL's GRPO loss on a tiny model == FusedLinearGRPOLoss (and Liger) on the model's last hidden states."""
+    trainer = _tiny_trainer(tmp_path, loss_type="grpo", beta=0.0, epsilon_high=0.28)
+    from upg_kernels.integrations import patch_grpo_trainer
+
+    patch_grpo_trainer(trainer)
+    trainer.model.train()
+    inputs = _trl_inputs(trainer, seed=1)
+    l_trl = trainer.compute_loss(trainer.model, inputs).detach()
+
+    model = trainer.model
+    C = inputs["completion_ids"].shape[1]
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    hid = model.model(input_ids=ids, attention_mask=am).last_hidden_state[:, -C - 1:-1]
+    head = model.get_output_embeddings()
+    ctor = dict(beta=0.0, loss_type="grpo", epsilon_low=0.2, epsilon_high=0.28,
+                temperature=trainer.temperature, use_ref_model=False)
+    fwd = dict(old_per_token_logps=inputs["old_per_token_logps"])
+    ours, _ = FusedLinearGRPOLoss(**ctor)(hid, head.weight, inputs["completion_ids"],
+                                         inputs["completion_mask"], inputs["advantages"], head.bias, **fwd)
+    _close("trl loss vs FusedLinearGRPOLoss", ours.detach(), l_trl, 2e-6, 2e-6)
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError:
+        return
+    lig, _ = LigerFusedLinearGRPOLoss(**ctor, compiled=False)(
+        hid, head.weight, inputs["completion_ids"], inputs["completion_mask"], inputs["advantages"], head.bias,
+        **fwd)
+    _close("trl loss vs Liger", lig.detach(), l_trl, 2e-6, 2e-6)
+
+
+def test_trl_patch_legacy_liger_loss():
+    """TRL < 1.0 with use_liger_loss=True keeps a LigerFusedLinearGRPOLoss at trainer.liger_grpo_loss."""
+    pytest.importorskip("trl")
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    from upg_kernels.integrations import patch_grpo_trainer, unpatch_grpo_trainer
+
+    class LegacyTrainer:  # minimal stand-in: what the patch touches on such a trainer
+        def __init__(self):
+            self.liger_grpo_loss = LigerFusedLinearGRPOLoss(beta=0.0, loss_type="bnpo", epsilon_high=0.28,
+                                                            use_ref_model=False, temperature=0.9)
+
+    tr = LegacyTrainer()
+    orig = tr.liger_grpo_loss
+    patch_grpo_trainer(tr)
+    assert isinstance(tr.liger_grpo_loss, FusedLinearGRPOLoss)
+    assert tr.liger_grpo_loss.loss_type == "bnpo" and tr.liger_grpo_loss.temperature == 0.9
+    unpatch_grpo_trainer(tr)
+    assert tr.liger_grpo_loss is orig
+
+
+def test_trl_patch_rejects_non_trainer():
+    pytest.importorskip("trl")
+    from upg_kernels.integrations import patch_grpo_trainer
+
+    with pytest.raises(TypeError, match="GRPOTrainer"):
+        patch_grpo_trainer(object())

@@ -390,7 +390,15 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     if _strategy_of(model) != "fsdp2":
         return {k: v.detach().cpu() for k, v in lm.state_dict().items()}
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
-    return get_model_state_dict(lm, options=_full_options(cpu_offload=True))
+    sd = get_model_state_dict(lm, options=_full_options(cpu_offload=True))
+    # keep tied parameters tied (e.g. lm_head.weight is embed_tokens.weight), as lm.state_dict() does,
+    # so save_pretrained recognises the tie instead of writing two copies
+    first: dict[int, str] = {}
+    for name, p in lm.named_parameters(remove_duplicate=False):
+        if id(p) in first and name in sd and first[id(p)] in sd:
+            sd[name] = sd[first[id(p)]]
+        first.setdefault(id(p), name)
+    return sd
 
 
 def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None) -> None:

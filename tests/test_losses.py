@@ -94,15 +94,21 @@ def make_case(name, seed=0, *, dtype=torch.float32, flat=False, overrides=None, 
     return cfg, hid, w, b, tgt, kw
 
 
-def run_ours(cfg, hid, w, b, tgt, kw, backend="torch"):
-    h = hid.clone().requires_grad_(True)
-    ww = w.clone().requires_grad_(True)
-    bb = None if b is None else b.clone().requires_grad_(True)
+def run_ours(cfg, hid, w, b, tgt, kw, backend="torch", device="cpu"):
+    """Our loss and gradients (on ``device``; results come back to the CPU)."""
+    h = hid.clone().to(device).requires_grad_(True)
+    ww = w.clone().to(device).requires_grad_(True)
+    bb = None if b is None else b.clone().to(device).requires_grad_(True)
     kw2 = {k: (v.to(hid.dtype) if isinstance(v, torch.Tensor) and v.dtype.is_floating_point
                and k not in ("rewards",) else v) for k, v in kw.items()}
-    out = unified_policy_loss(h, ww, tgt, config=cfg, bias=bb, backend=backend, **kw2)
+    kw2 = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw2.items()}
+    out = unified_policy_loss(h, ww, tgt.to(device), config=cfg, bias=bb, backend=backend, **kw2)
     out.loss.backward()
-    return out, h.grad, ww.grad, None if bb is None else bb.grad
+    if device != "cpu":
+        out.loss = out.loss.detach().cpu()
+        for k in ("logprobs", "entropy", "coef_logp", "coef_entropy"):
+            setattr(out, k, getattr(out, k).cpu())
+    return out, h.grad.cpu(), ww.grad.cpu(), None if bb is None else bb.grad.cpu()
 
 
 def run_ref(cfg, hid, w, b, tgt, kw):
@@ -122,13 +128,13 @@ def rel_err(a, b):
 
 
 def check_against_reference(name, *, dtype, tol_loss, tol_grad, tol_metric, flat=False, backend="torch",
-                            overrides=None, seed=0):
+                            overrides=None, seed=0, device="cpu"):
     cfg, hid, w, b, tgt, kw = make_case(name, seed, dtype=dtype, flat=flat, overrides=overrides)
-    out, gh, gw, gb = run_ours(cfg, hid, w, b, tgt, kw, backend)
+    out, gh, gw, gb = run_ours(cfg, hid, w, b, tgt, kw, backend, device)
     loss_r, m_r, lp_r, ent_r, coef_r, gh_r, gw_r, gb_r = run_ref(cfg, hid, w, b, tgt, kw)
     errs = {}
-    errs["loss"] = abs(float(out.loss) - float(loss_r)) / max(1.0, abs(float(loss_r)))
-    assert errs["loss"] < tol_loss, (name, float(out.loss), float(loss_r))
+    errs["loss"] = abs(out.loss.item() - loss_r.item()) / max(1.0, abs(loss_r.item()))
+    assert errs["loss"] < tol_loss, (name, out.loss.item(), loss_r.item())
     for nm, a, r in (("hidden", gh, gh_r), ("weight", gw, gw_r), ("bias", gb, gb_r)):
         assert a is not None and torch.isfinite(a).all(), (name, nm)
         if float(r.abs().max()) == 0:
@@ -206,7 +212,7 @@ def test_flat_input_is_n_sequences_of_length_one():
                             advantages=torch.linspace(-1, 1, N, dtype=torch.float64), bias=b)
     c = unified_policy_loss(hid.reshape(N, 1, H), w, tgt.reshape(N, 1), config="grpo",
                             advantages=torch.linspace(-1, 1, N, dtype=torch.float64), bias=b)
-    assert float(a.loss) == pytest.approx(float(c.loss), rel=1e-14)
+    assert a.loss.item() == pytest.approx(c.loss.item(), rel=1e-14)
     assert a.logprobs.shape == (N,)
 
 
@@ -217,8 +223,10 @@ TRITON_SUBSET = ["sft", "grpo", "hpt", "gspo"]
 @pytest.mark.parametrize("name", TRITON_SUBSET)
 def test_preset_triton_backend_vs_reference(name):
     pytest.importorskip("upg_kernels.kernels.triton_logprobs")
+    # CUDA tensors where there is a GPU, else the CPU under TRITON_INTERPRET=1 (tests/conftest.py)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     check_against_reference(name, dtype=torch.float32, tol_loss=2e-5, tol_grad=5e-4, tol_metric=2e-5,
-                            backend="triton")
+                            backend="triton", device=device)
 
 
 # ----------------------------------------------------------------------------------------- mixed batches
@@ -247,13 +255,13 @@ def test_mixed_batch_equals_sum_of_parts(name, dtype):
     a[sel] = group_advantages(rewards[sel], group_ids=gids[sel], mode=cfg.advantage).double()
     kw["advantages"] = a.to(dtype)
     whole = run_ours(cfg, hid, w, b, tgt, kw)
-    assert float(whole[0].loss) == pytest.approx(float(adv.loss), rel=1e-6, abs=1e-7)
+    assert whole[0].loss.item() == pytest.approx(adv.loss.item(), rel=1e-6, abs=1e-7)
     main = (~demo).nonzero().squeeze(1)
     dem = demo.nonzero().squeeze(1)
     p1 = run_ours(cfg, hid[main], w, b, tgt[main], _split_kwargs(kw, main))
     p2 = run_ours(cfg, hid[dem], w, b, tgt[dem], _split_kwargs(kw, dem))
     tol = 1e-12 if dtype == torch.float64 else 2e-6
-    assert abs(float(whole[0].loss) - float(p1[0].loss) - float(p2[0].loss)) < tol * 10
+    assert abs(whole[0].loss.item() - p1[0].loss.item() - p2[0].loss.item()) < tol * 10
     gh = torch.zeros_like(whole[1])
     gh[main] = p1[1]
     gh[dem] = p2[1]
@@ -273,7 +281,7 @@ def test_hpt_demo_rows_are_token_mean_nll():
     kw["is_demo"] = torch.ones(B, dtype=torch.bool)
     out = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, **kw)
     sft = unified_policy_loss(hid, w, tgt, config="sft", bias=b, loss_mask=kw["loss_mask"])
-    assert float(out.loss) == pytest.approx(float(sft.loss), rel=1e-13)
+    assert out.loss.item() == pytest.approx(sft.loss.item(), rel=1e-13)
 
 
 # ----------------------------------------------------------------------------------------- zero coefficients
@@ -289,7 +297,7 @@ def test_equal_reward_groups_have_exactly_zero_coefficients():
     assert bool((out.coef_logp[3:] != 0).all())
     assert torch.equal(hid.grad[:3], torch.zeros(3, T, H))
     assert out.metrics["zero_coef_frac"] == pytest.approx(0.5)
-    assert math.isfinite(float(out.loss))
+    assert math.isfinite(out.loss.item())
 
 
 def test_clipped_and_masked_tokens_skip_the_kernel(monkeypatch):
@@ -334,21 +342,21 @@ def test_nan_in_masked_positions_does_not_poison():
     cfg, hid, w, b, tgt, kw = make_case("grpo", 6, dtype=torch.float32, overrides=dict(kl_coef=0.1))
     assert torch.isnan(kw["old_logprobs"]).any() and torch.isnan(kw["ref_logprobs"]).any()
     out, gh, gw, gb = run_ours(cfg, hid, w, b, tgt, kw)
-    assert math.isfinite(float(out.loss))
+    assert math.isfinite(out.loss.item())
     assert torch.isfinite(gh).all() and torch.isfinite(gw).all() and torch.isfinite(gb).all()
     assert all(math.isfinite(v) for v in out.metrics.values())
     clean = dict(kw)
     for k in ("old_logprobs", "ref_logprobs"):
         clean[k] = torch.nan_to_num(kw[k], nan=-3.0)
     out2, gh2, gw2, gb2 = run_ours(cfg, hid, w, b, tgt, clean)
-    assert float(out.loss) == float(out2.loss)
+    assert out.loss.item() == out2.loss.item()
     assert torch.equal(gh, gh2) and torch.equal(gw, gw2)
     # a NaN advantage of a masked token ([B, T] advantages) is harmless too
     adv = torch.randn(B, T)
     adv[1, 4] = float("nan")
     o3 = unified_policy_loss(hid, w, tgt, config="ppo", advantages=adv, loss_mask=kw["loss_mask"],
                              old_logprobs=clean["old_logprobs"])
-    assert math.isfinite(float(o3.loss))
+    assert math.isfinite(o3.loss.item())
 
 
 def test_on_policy_default_and_no_grad():
@@ -369,7 +377,7 @@ def test_module_form():
     mod = UnifiedPolicyLoss("dapo", backend="torch")
     a = mod(hid, w, tgt, bias=b, **kw)
     c = unified_policy_loss(hid, w, tgt, config=LossConfig.preset("dapo"), bias=b, backend="torch", **kw)
-    assert float(a.loss) == float(c.loss)
+    assert a.loss.item() == c.loss.item()
     mod2 = UnifiedPolicyLoss(LossConfig.preset("dapo"), eps_high=0.2)
     assert mod2.config.eps_high == 0.2
     assert "dapo" not in repr(mod2) or True
@@ -381,7 +389,7 @@ def test_num_items_in_batch_normalizes_token_mean():
     a = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, **kw)
     c = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, num_items_in_batch=100, **kw)
     n = a.metrics["rollout_tokens"]
-    assert float(c.loss) == pytest.approx(float(a.loss) * n / 100, rel=1e-12)
+    assert c.loss.item() == pytest.approx(a.loss.item() * n / 100, rel=1e-12)
 
 
 def test_liger_grpo_loss_semantics():
@@ -416,11 +424,11 @@ def test_liger_grpo_loss_semantics():
         hh = hid.clone().requires_grad_(True)
         ours = unified_policy_loss(hh, w, tgt, config=cfg, loss_mask=mask, advantages=adv,
                                    old_logprobs=old, ref_logprobs=ref, is_ratio=isr)
-        assert float(ours.loss) == pytest.approx(float(ll), rel=1e-10, abs=1e-12), loss_type
+        assert float(ours.loss.detach()) == pytest.approx(float(ll.detach()), rel=1e-10, abs=1e-12), loss_type
         g_liger = torch.autograd.grad(ll, lp_leaf)[0]
         assert torch.allclose(-ours.coef_logp, g_liger, rtol=1e-9, atol=1e-12), loss_type
-        assert ours.metrics["kl_mean"] == pytest.approx(float(metrics[0]), rel=1e-6)
-        assert ours.metrics["clip_frac"] == pytest.approx(float(metrics[1]), rel=1e-6, abs=1e-12)
+        assert ours.metrics["kl_mean"] == pytest.approx(float(metrics[0].detach()), rel=1e-6)
+        assert ours.metrics["clip_frac"] == pytest.approx(float(metrics[1].detach()), rel=1e-6, abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------- config

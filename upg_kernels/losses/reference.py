@@ -144,7 +144,7 @@ def unified_policy_loss_reference(hidden, weight, targets, *, config, loss_mask=
             rs = {t: torch.exp(lps[t] - olds[t]) for t in toks}
         seq_logw = None
         if cfg.rollout_is is not None and cfg.rollout_is.startswith("sequence"):
-            seq_logw = sum(float(olds[t]) - float(val(rollout_logprobs, i, t)) for t in toks)
+            seq_logw = sum(float(olds[t].detach()) - float(val(rollout_logprobs, i, t)) for t in toks)
         for t in toks:
             a = A[i][t]
             lp = lps[t]
@@ -163,7 +163,7 @@ def unified_policy_loss_reference(hidden, weight, targets, *, config, loss_mask=
                     lows[(i, t)] = float(rv < 1 - cfg.eps_low and a < 0)
                     highs[(i, t)] = float(rv > 1 + cfg.eps_high and a > 0)
                     if cfg.dual_clip is not None and a < 0:
-                        if float(l) > -cfg.dual_clip * a:
+                        if float(l.detach()) > -cfg.dual_clip * a:
                             duals[(i, t)] = 1.0
                             l = l.detach() * 0 + (-cfg.dual_clip * a)
                 elif cfg.stabilization == "cispo":
@@ -176,13 +176,13 @@ def unified_policy_loss_reference(hidden, weight, targets, *, config, loss_mask=
                 if cfg.likelihood == "logp":
                     obj = lp
                 elif cfg.likelihood == "dft":
-                    obj = float(p) * lp
+                    obj = float(p.detach()) * lp
                 elif cfg.likelihood == "chi2":
                     u = cfg.fdiv_beta * (lp - refs[t])
                     obj = lp - p * u ** 2 / (4 * cfg.fdiv_beta)
                 else:
                     u = cfg.fdiv_beta * (lp - refs[t])
-                    if float(u) > 0.5:
+                    if float(u.detach()) > 0.5:
                         u = u.detach() * 0 + 0.5
                     obj = lp - p * u ** 2 / ((1 - u) * cfg.fdiv_beta)
                 l = -a * obj
@@ -191,7 +191,7 @@ def unified_policy_loss_reference(hidden, weight, targets, *, config, loss_mask=
             else:
                 l = -a * p / (p + cfg.shaping_gamma)
             if cfg.rollout_is is not None:
-                logw = seq_logw if seq_logw is not None else float(olds[t]) - float(val(rollout_logprobs, i, t))
+                logw = seq_logw if seq_logw is not None else float(olds[t].detach()) - float(val(rollout_logprobs, i, t))
                 w = math.exp(logw)
                 if cfg.rollout_is.endswith("truncate"):
                     w = min(w, cfg.rollout_is_cap)

@@ -549,3 +549,37 @@ def test_docs_preset_table_matches_code():
                   if k not in PRESET_COLUMNS and k not in ("description", "demo_part")}
         for k, v in extras.items():
             assert f"{k}={v}" in cells[1 + len(want)], (name, k, cells)
+
+
+def test_demo_rows_without_sampler_logprobs_do_not_poison():
+    """Demonstrations have no old/ref/rollout log-probs: NaN there must not reach the loss."""
+    cfg, hid, w, b, tgt, kw = make_case("hpt", 12, overrides=dict(kl_coef=0.1, rollout_is="token_truncate"))
+    demo = kw["is_demo"]
+    clean = dict(kw)
+    for k in ("old_logprobs", "ref_logprobs", "rollout_logprobs"):
+        clean[k] = torch.nan_to_num(kw[k], nan=-2.0)
+    dirty = dict(clean)
+    for k in ("old_logprobs", "ref_logprobs", "rollout_logprobs"):
+        x = clean[k].clone()
+        x[demo] = float("nan")
+        dirty[k] = x
+    o1, gh1, gw1, gb1 = run_ours(cfg, hid, w, b, tgt, clean)
+    o2, gh2, gw2, gb2 = run_ours(cfg, hid, w, b, tgt, dirty)
+    assert math.isfinite(o2.loss.item()) and o1.loss.item() == o2.loss.item()
+    assert torch.equal(gh1, gh2) and torch.equal(gw1, gw2) and torch.equal(gb1, gb2)
+    # NaN advantages on demonstration rows (demo_part="sft" ignores them)
+    kw3 = {k: v for k, v in clean.items() if k not in ("rewards", "group_ids")}
+    a = torch.randn(B)
+    a[demo] = float("nan")
+    o3 = run_ours(cfg, hid, w, b, tgt, kw3 | {"advantages": a})
+    assert math.isfinite(o3[0].loss.item()) and torch.isfinite(o3[1]).all()
+
+
+def test_hpt_group_size_counts_main_rows_only():
+    cfg, hid, w, b, tgt, kw = make_case("hpt", 13)
+    kw.pop("group_ids")
+    # main rows 0, 1, 3, 4 -> groups (0, 1) and (3, 4)
+    a = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, **kw, group_size=2)
+    c = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, **kw,
+                            group_ids=torch.tensor([0, 0, 5, 1, 1, 6]))
+    assert a.loss.item() == c.loss.item() and a.metrics == c.metrics

@@ -219,16 +219,18 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     ref = _per_token("ref_logprobs", ref_logprobs, B, T, flat, dev, cd)
     rol = _per_token("rollout_logprobs", rollout_logprobs, B, T, flat, dev, cd)
     lp_d = logp_bt.detach()
-    old = lp_d if old is None else torch.where(valid, old, lp_d)
+    # old/ref/rollout/is_ratio feed only the main part: outside its valid tokens (masked tokens and
+    # demonstration rows, which often carry no sampler log-probs) they are replaced by finite values
+    old = lp_d if old is None else torch.where(main_tok, old, lp_d)
     need_ref = cfg.likelihood in ("chi2", "hellinger")
     if need_ref and ref is None and has_main:
         raise ValueError(f"likelihood={cfg.likelihood!r} needs ref_logprobs (the implicit reward is "
                          "fdiv_beta * (logp - ref))")
     have_ref = ref is not None
-    ref = lp_d if ref is None else torch.where(valid, ref, lp_d)
+    ref = lp_d if ref is None else torch.where(main_tok, ref, lp_d)
     if cfg.rollout_is is not None and rol is None and has_main:
         raise ValueError(f"config.rollout_is={cfg.rollout_is!r} needs rollout_logprobs")
-    rol = None if rol is None else torch.where(valid, rol, old)
+    rol = None if rol is None else torch.where(main_tok, rol, old)
 
     isr = None
     if is_ratio is not None:
@@ -241,7 +243,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
             isr = is_ratio.to(dev, cd)
         else:
             raise ValueError(f"is_ratio must have shape [B={B}], [B, 1] or [B, T], got {list(s)}")
-        isr = torch.where(valid, isr, torch.ones_like(isr))
+        isr = torch.where(main_tok, isr, torch.ones_like(isr))
 
     # ---------------------------------------------------------------- advantages
     needs_adv_main = has_main and cfg.advantage != "one"
@@ -277,7 +279,8 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
                          "group_size/group_ids")
     if adv is None:
         adv = torch.ones(B, T, dtype=cd, device=dev)
-    adv = torch.where(valid, adv, torch.zeros_like(adv))
+    uses_adv = main_tok | demo_tok if cfg.demo_part == "shaped" else main_tok
+    adv = torch.where(uses_adv, adv, torch.zeros_like(adv))
 
     # ---------------------------------------------------------------- epilogue on leaf copies
     need_grad = torch.is_grad_enabled() and logp.requires_grad

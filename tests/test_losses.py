@@ -583,3 +583,15 @@ def test_hpt_group_size_counts_main_rows_only():
     c = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, **kw,
                             group_ids=torch.tensor([0, 0, 5, 1, 1, 6]))
     assert a.loss.item() == c.loss.item() and a.metrics == c.metrics
+
+
+def test_nan_hidden_state_at_masked_position_does_not_poison():
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 14)
+    hid = hid.clone()
+    assert not bool(kw["loss_mask"][1, 4])
+    hid[1, 4] = float("nan")                      # masked position, valid target id
+    out, gh, gw, gb = run_ours(cfg, hid, w, b, tgt, kw)
+    assert math.isfinite(out.loss.item()) and all(math.isfinite(v) for v in out.metrics.values())
+    assert torch.isfinite(gw).all() and torch.isfinite(gb).all()
+    assert torch.equal(gh[1, 4], torch.zeros(H))
+    assert math.isnan(out.logprobs[1, 4].item())  # the raw per-token output still shows it

@@ -218,7 +218,10 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     old = _per_token("old_logprobs", old_logprobs, B, T, flat, dev, cd)
     ref = _per_token("ref_logprobs", ref_logprobs, B, T, flat, dev, cd)
     rol = _per_token("rollout_logprobs", rollout_logprobs, B, T, flat, dev, cd)
-    lp_d = logp_bt.detach()
+    # the epilogue sees finite values only: outside the valid tokens logp/H are replaced by 0
+    # (a garbage hidden state at a masked position cannot reach the loss or the coefficients)
+    lp_d = torch.where(valid, logp_bt.detach(), torch.zeros_like(logp_bt))
+    ent_d = torch.where(valid, ent_bt.detach(), torch.zeros_like(ent_bt))
     # old/ref/rollout/is_ratio feed only the main part: outside its valid tokens (masked tokens and
     # demonstration rows, which often carry no sampler log-probs) they are replaced by finite values
     old = lp_d if old is None else torch.where(main_tok, old, lp_d)
@@ -286,7 +289,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     need_grad = torch.is_grad_enabled() and logp.requires_grad
     with torch.enable_grad():
         lp = lp_d.clone().requires_grad_(True)
-        H = ent_bt.detach().clone().requires_grad_(True)
+        H = ent_d.clone().requires_grad_(True)
         total, parts, aux = _epilogue(cfg, lp, H, old, ref, rol, isr, adv, valid, main_tok, demo_tok,
                                       main_rows, demo_rows, num_items_in_batch)
         g_lp, g_H = torch.autograd.grad(total, [lp, H], allow_unused=True)
@@ -295,17 +298,19 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     # exact zeros: a coefficient outside the valid tokens is 0 by construction (torch.where)
     total = total.detach()
     if need_grad:
-        loss = total + (g_lp * (logp_bt - lp_d)).sum()
+        zero = torch.zeros_like(lp_d)
+        loss = total + (g_lp * torch.where(valid, logp_bt - logp_bt.detach(), zero)).sum()
         if bool((g_H != 0).any()):
-            loss = loss + (g_H * (ent_bt - ent_bt.detach())).sum()
+            loss = loss + (g_H * torch.where(valid, ent_bt - ent_bt.detach(), zero)).sum()
     else:
         loss = total
 
     # ---------------------------------------------------------------- metrics (one sync)
     metrics = _metrics(cfg, aux, parts, valid, main_tok, demo_tok, main_rows, demo_rows, adv,
-                       adv_per_row, ent_bt.detach(), g_lp, g_H, have_ref)
+                       adv_per_row, ent_d, g_lp, g_H, have_ref)
     shape = tuple(targets.shape)
-    return LossOutput(loss=loss, logprobs=lp_d.reshape(shape), entropy=ent_bt.detach().reshape(shape),
+    return LossOutput(loss=loss, logprobs=logp_bt.detach().reshape(shape),
+                      entropy=ent_bt.detach().reshape(shape),
                       metrics=metrics, coef_logp=(-g_lp).reshape(shape),
                       coef_entropy=(-g_H).reshape(shape))
 

@@ -153,6 +153,24 @@ def test_liger_parity(loss_type, level, beta):
         assert clip_seen > 0
 
 
+def test_liger_parity_bf16_inputs():
+    """bf16 hidden/weight/bias: both compute the logits in bf16 and accumulate in fp32; same result to bf16 rounding."""
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    case = _grpo_case(100, dtype=torch.bfloat16)
+    ctor = dict(beta=0.1, loss_type="grpo", epsilon_high=0.28)
+    fwd = dict(old_per_token_logps=case["old"], ref_per_token_logps=case["ref"])
+    l_ref, m_ref, g_ref = _run_grpo(LigerFusedLinearGRPOLoss, case, dict(ctor, compiled=False), fwd)
+    l_our, m_our, g_our = _run_grpo(FusedLinearGRPOLoss, case, ctor, fwd)
+    _close("loss (bf16)", l_our, l_ref, 1e-3, 1e-2)
+    for a, r in zip(m_our, m_ref):
+        _close("metric (bf16)", a, r, 1e-3, 1e-2)
+    for a, r in zip(g_our, g_ref):
+        assert a.dtype == r.dtype == torch.bfloat16
+        _close("grad (bf16)", a, r, 1e-3, 2e-2)
+
+
 def test_liger_parity_ref_input_path():
     """use_ref_model with ref_input/ref_weight/ref_bias instead of ref log-probs."""
     pytest.importorskip("liger_kernel")

@@ -29,7 +29,7 @@ from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precisio
 from .triton_logprobs_fwd import _nullctx
 
 # float32 dweight accumulation buffer per launch (bf16/fp16 weights); see docs/kernels.md
-DW_SLAB_BYTES = 32 * 2**20
+DW_SLAB_BYTES = 16 * 2**20
 
 
 @triton.jit
@@ -37,7 +37,8 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
                 dh_ptr, dw_ptr, db_ptr,
                 M, H, stride_h, stride_w, v_lo, v_hi, temperature, softcap, filter_eps,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr,
-                EVEN_H: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr, NEED_H: tl.constexpr,
+                EVEN_H: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                DH_DIRECT: tl.constexpr, NEED_H: tl.constexpr,
                 NEED_W: tl.constexpr, NEED_B: tl.constexpr, FILTER: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                 GROUP_N: tl.constexpr):
@@ -57,15 +58,17 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
     tgt = tl.load(tgt_ptr + rows, mask=mask_m, other=-1)
     lse = tl.load(lse_ptr + rows, mask=mask_m, other=0.0)
     gl = tl.load(gl_ptr + rows, mask=mask_m, other=0.0)
-    offs_v = v_lo + pid_v.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask_v = offs_v < v_hi
+    v0 = v_lo + pid_v.to(tl.int64) * BLOCK_V
+    cols = tl.arange(0, BLOCK_V)                          # int32 inside the tile
+    mask_v = cols < v_hi - v0
 
-    z, t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, offs_v, mask_v, H, stride_h, stride_w,
+    z, t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h, stride_w,
                        temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC, UPCAST,
                        BLOCK_N, BLOCK_V, BLOCK_H)
     logp = z - lse[:, None]
     prob = tl.exp(logp)
-    dz = tl.where(offs_v[None, :] == tgt[:, None], gl[:, None], 0.0) - gl[:, None] * prob
+    dz = tl.where(cols[None, :] == (tgt - v0).to(tl.int32)[:, None], gl[:, None], 0.0) \
+        - gl[:, None] * prob
     if HAS_GENT:
         ge = tl.load(ge_ptr + rows, mask=mask_m, other=0.0)
         ent = tl.load(ent_ptr + rows, mask=mask_m, other=0.0)
@@ -81,12 +84,15 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
         keep = tl.max(tl.max(tl.abs(dz), 1), 0) > filter_eps
     if keep:
         if NEED_B:
-            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, 0), mask=mask_v, sem="relaxed")
+            tl.atomic_add(db_ptr + v0 + cols, tl.sum(dz, 0), mask=mask_v, sem="relaxed")
         dzc = dz.to(h_ptr.dtype.element_ty)
         offs_k = tl.arange(0, BLOCK_H)
         if NEED_H:
-            w_ptrs = w_ptr + offs_v[:, None] * stride_w + offs_k[None, :]
-            dh_ptrs = dh_ptr + offs_m[:, None] * H + offs_k[None, :]      # compact [M, H] fp32
+            w_ptrs = (w_ptr + v0 * stride_w) + cols[:, None] * stride_w + offs_k[None, :]
+            if DH_DIRECT:   # float32 hidden: straight into the [N, H] output at the row ids
+                dh_ptrs = dh_ptr + rows[:, None] * H + offs_k[None, :]
+            else:           # compact [M, H] float32 buffer
+                dh_ptrs = dh_ptr + offs_m[:, None] * H + offs_k[None, :]
             for k in range(0, H, BLOCK_H):
                 if EVEN_H:
                     w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
@@ -101,7 +107,7 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
                 dh_ptrs += BLOCK_H
         if NEED_W:
             h_ptrs = h_ptr + rows[:, None] * stride_h + offs_k[None, :]
-            dw_ptrs = dw_ptr + (offs_v - v_lo)[:, None] * H + offs_k[None, :]  # slab [rows, H] fp32
+            dw_ptrs = (dw_ptr + (v0 - v_lo) * H) + cols[:, None] * H + offs_k[None, :]  # fp32 slab
             dzt = tl.trans(dzc)
             for k in range(0, H, BLOCK_H):
                 if EVEN_H:
@@ -151,10 +157,13 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     if M == 0:
         return dh, dw, db
 
-    cfg = bwd_config()
+    cfg = bwd_config(hidden.dtype)
     lse = lse.to(torch.float32).contiguous()
     ent = ent.to(torch.float32).contiguous()
-    dh_buf = torch.zeros(M, H, dtype=torch.float32, device=dev) if need_hidden else None
+    h_fp32 = hidden.dtype == torch.float32
+    dh_buf = None
+    if need_hidden:
+        dh_buf = dh if h_fp32 else torch.zeros(M, H, dtype=torch.float32, device=dev)
     db_buf = torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None
     w_fp32 = weight.dtype == torch.float32
     slab = _slab_rows(V, H, cfg.block_v) if need_weight else triton.cdiv(V, cfg.block_v) * cfg.block_v
@@ -183,14 +192,17 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
                 float(p.temperature), float(p.softcap or 1.0), float(p.filter_eps),
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=bool(p.softcap),
                 HAS_GENT=g_ent is not None, EVEN_H=H % cfg.block_h == 0,
-                PREC=dot_precision(hidden.dtype), UPCAST=upcast_dot(), NEED_H=bool(need_hidden),
+                PREC=dot_precision(hidden.dtype), UPCAST=upcast_dot(), DH_DIRECT=h_fp32,
+                NEED_H=bool(need_hidden),
                 NEED_W=bool(need_weight), NEED_B=need_bias, FILTER=p.filter_eps > 0,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
                 GROUP_N=cfg.group_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             if need_weight and not w_fp32:
                 dw[v0:v1].copy_(dw_slab)
-    if need_hidden:
-        dh.index_copy_(0, rows, dh_buf.to(hidden.dtype))
+    if need_hidden and not h_fp32:   # cast in row chunks: no second [M, H] temporary
+        step = max(1, (8 * 2**20) // (2 * H))
+        for s in range(0, M, step):
+            dh.index_copy_(0, rows[s:s + step], dh_buf[s:s + step].to(hidden.dtype))
     if need_bias:
         db.copy_(db_buf)
     return dh, dw, db

@@ -29,20 +29,28 @@ class BlockConfig:
     group_n: int = 8  # backward: token blocks per L2 group of the tile swizzle
 
 
-# H100 defaults (see docs/kernels.md "Block sizes"); small blocks under the CPU interpreter so the
-# tests stay fast and still cover several token blocks, vocabulary tiles and H chunks.
-_FWD_GPU = BlockConfig(block_n=128, block_v=256, block_h=64, num_warps=8, num_stages=3)
+# H100 defaults (see docs/kernels.md "Block sizes"; register use and spills checked with an sm_90
+# ahead-of-time compile); small blocks under the CPU interpreter so the tests stay fast and still
+# cover several token blocks, vocabulary tiles and H chunks.
+_FWD_GPU = BlockConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
 _BWD_GPU = BlockConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
+# float32 inputs run their products as 3xTF32 (two extra MMAs per step): smaller tiles fit
+_FWD_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=2)
+_BWD_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=2)
 _FWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1)
 _BWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1, group_n=2)
 
 
-def fwd_config() -> BlockConfig:
-    return _FWD_INTERP if interpreting() else _FWD_GPU
+def fwd_config(dtype: torch.dtype) -> BlockConfig:
+    if interpreting():
+        return _FWD_INTERP
+    return _FWD_GPU_F32 if dtype == torch.float32 else _FWD_GPU
 
 
-def bwd_config() -> BlockConfig:
-    return _BWD_INTERP if interpreting() else _BWD_GPU
+def bwd_config(dtype: torch.dtype) -> BlockConfig:
+    if interpreting():
+        return _BWD_INTERP
+    return _BWD_GPU_F32 if dtype == torch.float32 else _BWD_GPU
 
 
 def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:
@@ -64,9 +72,12 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: full-precision products (TF32 would cost ~1e-3 relative error); bf16/fp16 inputs
-    # use the tensor cores natively and ignore this setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """float32 inputs: never plain TF32 (~1e-3 relative error). On the GPU 3xTF32 (tensor cores,
+    about float32 accuracy); under the interpreter exact float32 products. bf16/fp16 inputs use
+    the tensor cores natively and ignore this setting."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "ieee" if interpreting() else "tf32x3"
 
 
 def num_sms(device: torch.device) -> int:
@@ -98,18 +109,19 @@ def dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, offs_v, mask_v, H, stride_h, stride_w,
+def logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h, stride_w,
                 temperature, softcap,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, EVEN_H: tl.constexpr,
                 PREC: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
-    """``z = softcap(h[rows] @ w[offs_v].T + b[offs_v]) / temperature`` as a float32
+    """``z = softcap(h[rows] @ w[v0 + cols].T + b[v0 + cols]) / temperature`` as a float32
     [BLOCK_N, BLOCK_V] tile, and ``t = tanh(. / softcap)`` (for the backward chain rule; the
-    logits themselves when there is no softcap). ``rows`` and ``offs_v`` are int64.
+    logits themselves when there is no softcap). ``rows`` are int64 row ids, ``v0`` an int64
+    scalar, ``cols`` int32 ``arange(BLOCK_V)`` (int32 inside the tile keeps registers low).
     Masked rows / columns hold finite garbage: callers mask them."""
     offs_k = tl.arange(0, BLOCK_H)
     h_ptrs = h_ptr + rows[:, None] * stride_h + offs_k[None, :]
-    w_ptrs = w_ptr + offs_v[None, :] * stride_w + offs_k[:, None]
+    w_ptrs = (w_ptr + v0 * stride_w) + cols[None, :] * stride_w + offs_k[:, None]
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for k in range(0, H, BLOCK_H):
         if EVEN_H:
@@ -124,7 +136,7 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, offs_v, mask_v, H, stride_h, 
         w_ptrs += BLOCK_H
     z = acc
     if HAS_BIAS:
-        z += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        z += tl.load(b_ptr + v0 + cols, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     t = z
     if HAS_SOFTCAP:
         t = _tanh(z / softcap)

@@ -44,22 +44,23 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, part_ptr,
 
     v_start = pid_s.to(tl.int64) * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
+    cols = tl.arange(0, BLOCK_V)                          # int32 inside the tile
     for v0 in range(v_start, v_end, BLOCK_V):
-        offs_v = v0 + tl.arange(0, BLOCK_V).to(tl.int64)
-        mask_v = offs_v < v_end
-        z, _t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, offs_v, mask_v, H, stride_h,
+        mask_v = cols < v_end - v0
+        z, _t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h,
                             stride_w, temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC,
                             UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
+        zt_i += tl.sum(tl.where(cols[None, :] == (tgt - v0).to(tl.int32)[:, None], z, 0.0), 1)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
         alpha = tl.exp(m_i - m_new)                       # 0 on the first tile (m_i = -inf)
         shift = tl.where(s_i > 0, m_i - m_new, 0.0)       # avoids -inf * 0 on the first tile
-        e = tl.exp(z - m_new[:, None])                    # 0 in masked columns
-        zc = tl.where(mask_v[None, :], z - m_new[:, None], 0.0)   # no 0 * -inf
+        zc = z - m_new[:, None]
+        e = tl.exp(zc)                                    # 0 in masked columns
+        zc = tl.where(mask_v[None, :], zc, 0.0)           # no 0 * -inf
         t_i = alpha * (t_i + shift * s_i) + tl.sum(e * zc, 1)
         s_i = alpha * s_i + tl.sum(e, 1)
         m_i = m_new
-        zt_i += tl.sum(tl.where(offs_v[None, :] == tgt[:, None], z, 0.0), 1)
 
     base = part_ptr + pid_s.to(tl.int64) * M + offs_m
     stride_j = (tl.full((), 0, tl.int64) + n_splits) * M   # int64 even if n_splits is specialized
@@ -114,7 +115,7 @@ def forward(hidden, weight, bias, targets, p):
     M = rows.numel()
     if M == 0:
         return logp, ent, lse
-    cfg = fwd_config()
+    cfg = fwd_config(hidden.dtype)
     n_blocks = triton.cdiv(M, cfg.block_n)
     v_tiles = triton.cdiv(V, cfg.block_v)
     splits = _num_splits(n_blocks, v_tiles, num_sms(dev))

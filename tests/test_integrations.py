@@ -571,3 +571,22 @@ def test_liger_parity_triton_backend():
         _close("metric (triton)", a, r, 2e-5, 2e-5)
     for a, r in zip(g_our, g_ref):
         _close("grad (triton)", a, r, 2e-5, 1e-4)
+
+
+def test_liger_parity_frozen_lm_head_and_tensor_num_items():
+    """A frozen lm_head (LoRA/PEFT: weight without grad) and num_items_in_batch given as a tensor."""
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    case = _grpo_case(31)
+    out = []
+    for cls, extra in ((LigerFusedLinearGRPOLoss, dict(compiled=False)), (FusedLinearGRPOLoss, {})):
+        x = case["hidden"].clone().requires_grad_(True)
+        loss, metrics = cls(beta=0.0, loss_type="cispo", epsilon_high=2.0, use_ref_model=False, **extra)(
+            x, case["weight"], case["ids"], case["mask"], case["adv"], case["bias"],
+            old_per_token_logps=case["old"], num_items_in_batch=torch.tensor(17))
+        loss.backward()
+        out.append((loss.detach(), metrics, x.grad))
+    _close("loss", out[1][0], out[0][0], 2e-5, 2e-5)
+    _close("metric clip_ratio", out[1][1][0], out[0][1][0], 2e-5, 2e-5)
+    _close("grad input", out[1][2], out[0][2], 2e-5, 1e-4)

@@ -595,3 +595,12 @@ def test_nan_hidden_state_at_masked_position_does_not_poison():
     assert torch.isfinite(gw).all() and torch.isfinite(gb).all()
     assert torch.equal(gh[1, 4], torch.zeros(H))
     assert math.isnan(out.logprobs[1, 4].item())  # the raw per-token output still shows it
+
+
+def test_bfloat16_inputs():
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 15)
+    o32, gh32, gw32, _ = run_ours(cfg, hid, w, None, tgt, kw)
+    kwb = dict(kw)
+    o16 = unified_policy_loss(hid.bfloat16().requires_grad_(True), w.bfloat16(), tgt, config=cfg, **kwb)
+    assert o16.logprobs.dtype == torch.float32 and o16.loss.dtype == torch.float32
+    assert abs(o16.loss.item() - o32.loss.item()) < 0.05 * max(1.0, abs(o32.loss.item()))

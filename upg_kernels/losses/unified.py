@@ -185,12 +185,9 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
                          f"dimensions), got {list(targets.shape)}")
     dev = hidden.device
 
-    # ---------------------------------------------------------------- the fused vocab-sized pass
-    logp, ent = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                               ignore_index=ignore_index, return_entropy=True, backend=backend)
-    cd = logp.dtype
-    logp_bt = logp.reshape(B, T)
-    ent_bt = ent.reshape(B, T)
+    # the epilogue's dtype: what token_logprobs returns (float64 for float64 inputs, else float32)
+    w_dt = weight.dtype if isinstance(weight, torch.Tensor) else hidden.dtype
+    cd = torch.float64 if torch.promote_types(hidden.dtype, w_dt) == torch.float64 else torch.float32
 
     # ---------------------------------------------------------------- masks
     valid = (targets.reshape(B, T) != ignore_index)
@@ -214,26 +211,17 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     has_main = bool(main_rows.any())
     has_demo = bool(demo_rows.any())
 
-    # ---------------------------------------------------------------- per-token inputs (sanitized)
+    # ---------------------------------------------------------------- per-token inputs (checked)
     old = _per_token("old_logprobs", old_logprobs, B, T, flat, dev, cd)
     ref = _per_token("ref_logprobs", ref_logprobs, B, T, flat, dev, cd)
     rol = _per_token("rollout_logprobs", rollout_logprobs, B, T, flat, dev, cd)
-    # the epilogue sees finite values only: outside the valid tokens logp/H are replaced by 0
-    # (a garbage hidden state at a masked position cannot reach the loss or the coefficients)
-    lp_d = torch.where(valid, logp_bt.detach(), torch.zeros_like(logp_bt))
-    ent_d = torch.where(valid, ent_bt.detach(), torch.zeros_like(ent_bt))
-    # old/ref/rollout/is_ratio feed only the main part: outside its valid tokens (masked tokens and
-    # demonstration rows, which often carry no sampler log-probs) they are replaced by finite values
-    old = lp_d if old is None else torch.where(main_tok, old, lp_d)
     need_ref = cfg.likelihood in ("chi2", "hellinger")
     if need_ref and ref is None and has_main:
         raise ValueError(f"likelihood={cfg.likelihood!r} needs ref_logprobs (the implicit reward is "
                          "fdiv_beta * (logp - ref))")
     have_ref = ref is not None
-    ref = lp_d if ref is None else torch.where(main_tok, ref, lp_d)
     if cfg.rollout_is is not None and rol is None and has_main:
         raise ValueError(f"config.rollout_is={cfg.rollout_is!r} needs rollout_logprobs")
-    rol = None if rol is None else torch.where(main_tok, rol, old)
 
     isr = None
     if is_ratio is not None:
@@ -284,6 +272,27 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
         adv = torch.ones(B, T, dtype=cd, device=dev)
     uses_adv = main_tok | demo_tok if cfg.demo_part == "shaped" else main_tok
     adv = torch.where(uses_adv, adv, torch.zeros_like(adv))
+
+    # ---------------------------------------------------------------- the fused vocab-sized pass
+    logp, ent = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
+                               ignore_index=ignore_index, return_entropy=True, backend=backend)
+    logp_bt = logp.reshape(B, T)
+    ent_bt = ent.reshape(B, T)
+    if logp.dtype != cd:   # autocast or an unexpected backend dtype: follow the kernel
+        cd = logp.dtype
+        adv = adv.to(cd)
+        old, ref, rol, isr = (None if x is None else x.to(cd) for x in (old, ref, rol, isr))
+
+    # ---------------------------------------------------------------- sanitize (finite values only)
+    # outside the valid tokens logp/H are replaced by 0 (a garbage hidden state at a masked
+    # position cannot reach the loss or the coefficients)
+    lp_d = torch.where(valid, logp_bt.detach(), torch.zeros_like(logp_bt))
+    ent_d = torch.where(valid, ent_bt.detach(), torch.zeros_like(ent_bt))
+    # old/ref/rollout/is_ratio feed only the main part: outside its valid tokens (masked tokens and
+    # demonstration rows, which often carry no sampler log-probs) they are replaced by finite values
+    old = lp_d if old is None else torch.where(main_tok, old, lp_d)
+    ref = lp_d if ref is None else torch.where(main_tok, ref, lp_d)
+    rol = None if rol is None else torch.where(main_tok, rol, old)
 
     # ---------------------------------------------------------------- epilogue on leaf copies
     need_grad = torch.is_grad_enabled() and logp.requires_grad

@@ -94,6 +94,9 @@ def make_case(name, seed=0, *, dtype=torch.float32, flat=False, overrides=None, 
     return cfg, hid, w, b, tgt, kw
 
 
+_call_extra = {}
+
+
 def run_ours(cfg, hid, w, b, tgt, kw, backend="torch", device="cpu"):
     """Our loss and gradients (on ``device``; results come back to the CPU)."""
     h = hid.clone().to(device).requires_grad_(True)
@@ -102,7 +105,8 @@ def run_ours(cfg, hid, w, b, tgt, kw, backend="torch", device="cpu"):
     kw2 = {k: (v.to(hid.dtype) if isinstance(v, torch.Tensor) and v.dtype.is_floating_point
                and k not in ("rewards",) else v) for k, v in kw.items()}
     kw2 = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw2.items()}
-    out = unified_policy_loss(h, ww, tgt.to(device), config=cfg, bias=bb, backend=backend, **kw2)
+    out = unified_policy_loss(h, ww, tgt.to(device), config=cfg, bias=bb, backend=backend, **kw2,
+                              **_call_extra)
     out.loss.backward()
     if device != "cpu":
         out.loss = out.loss.detach().cpu()
@@ -117,7 +121,8 @@ def run_ref(cfg, hid, w, b, tgt, kw):
     bb = None if b is None else b.double().clone().requires_grad_(True)
     kw2 = {k: (v.double() if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else v)
            for k, v in kw.items()}
-    loss, m, lp, ent, coef = unified_policy_loss_reference(h, ww, tgt, config=cfg, bias=bb, **kw2)
+    loss, m, lp, ent, coef = unified_policy_loss_reference(h, ww, tgt, config=cfg, bias=bb, **kw2,
+                                                           **_call_extra)
     loss.backward()
     return loss, m, lp, ent, coef, h.grad, ww.grad, None if bb is None else bb.grad
 
@@ -604,3 +609,10 @@ def test_bfloat16_inputs():
     o16 = unified_policy_loss(hid.bfloat16().requires_grad_(True), w.bfloat16(), tgt, config=cfg, **kwb)
     assert o16.logprobs.dtype == torch.float32 and o16.loss.dtype == torch.float32
     assert abs(o16.loss.item() - o32.loss.item()) < 0.05 * max(1.0, abs(o32.loss.item()))
+
+
+@pytest.mark.parametrize("name", ["grpo", "hpt_release", "sft"])
+def test_temperature_and_softcap_vs_reference(name, monkeypatch):
+    monkeypatch.setitem(_call_extra, "temperature", 0.7)
+    monkeypatch.setitem(_call_extra, "softcap", 3.0)
+    check_against_reference(name, dtype=torch.float64, tol_loss=1e-11, tol_grad=1e-9, tol_metric=1e-11)

@@ -65,7 +65,7 @@ def unified_policy_loss_reference(hidden, weight, targets, *, config, loss_mask=
                                   rewards=None, group_size=None, group_ids=None, old_logprobs=None,
                                   ref_logprobs=None, rollout_logprobs=None, is_demo=None, bias=None,
                                   temperature=1.0, num_items_in_batch=None, is_ratio=None,
-                                  ignore_index=-100):
+                                  ignore_index=-100, softcap=None):
     """Returns ``(loss, metrics, logp [B,T], entropy [B,T], coef_logp [B,T])`` in float64.
 
     ``loss`` is differentiable w.r.t. the (float64) ``hidden``, ``weight`` and ``bias`` given.
@@ -85,6 +85,8 @@ def unified_policy_loss_reference(hidden, weight, targets, *, config, loss_mask=
     z = hidden.to(f64) @ weight.to(f64).T
     if bias is not None:
         z = z + bias.to(f64)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
     z = z / temperature
     logsm = torch.log_softmax(z, dim=-1)
     probs_all = logsm.exp()

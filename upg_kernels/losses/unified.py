@@ -140,7 +140,8 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
                         rewards=None, group_size=None, group_ids=None, old_logprobs=None,
                         ref_logprobs=None, rollout_logprobs=None, is_demo=None, bias=None,
                         temperature=1.0, num_items_in_batch=None, backend="auto",
-                        is_ratio=None, ignore_index=-100) -> LossOutput:
+                        is_ratio=None, ignore_index=-100, softcap=None,
+                        filter_eps=0.0) -> LossOutput:
     """The loss of ``config`` (a :class:`LossConfig` or a preset name) from hidden states and the lm_head.
 
     Args:
@@ -163,6 +164,8 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
             main part (DAPO; pass the per-process count). ``backend``: ``"auto"|"torch"|"triton"``.
         is_ratio: optional explicit importance weight ``[B]``, ``[B, 1]`` or ``[B, T]`` multiplying
             the main policy term (Liger's ``vllm_is_ratio``).
+        ignore_index, softcap, filter_eps: passed to :func:`upg_kernels.token_logprobs` (target id
+            that masks a position; Gemma-2 final-logit softcap; backward tile filter, 0 = exact).
 
     Returns:
         :class:`LossOutput`.
@@ -275,7 +278,8 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
 
     # ---------------------------------------------------------------- the fused vocab-sized pass
     logp, ent = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                               ignore_index=ignore_index, return_entropy=True, backend=backend)
+                               ignore_index=ignore_index, return_entropy=True, backend=backend,
+                               softcap=softcap, filter_eps=filter_eps)
     logp_bt = logp.reshape(B, T)
     ent_bt = ent.reshape(B, T)
     if logp.dtype != cd:   # autocast or an unexpected backend dtype: follow the kernel

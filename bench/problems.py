@@ -209,7 +209,8 @@ def reference(op: str, x: Inputs, budget_bytes: float = 1.5e9) -> dict:
 
 
 def rel_err(a: torch.Tensor | None, ref: torch.Tensor) -> float | None:
-    """||a - ref|| / ||ref|| in float64 (|a - ref| / |ref| for scalars); NaN if ``a`` has NaN/inf."""
+    """``||a - ref|| / ||ref||`` in float64 for tensors; for a scalar loss ``|a - ref| / max(|ref|, 1)``
+    (a GRPO loss sits near 0, where a plain relative error means nothing). NaN if ``a`` has NaN/inf."""
     if a is None:
         return None
     a = a.detach().reshape(ref.shape).to(ref.device, torch.float64)
@@ -217,4 +218,6 @@ def rel_err(a: torch.Tensor | None, ref: torch.Tensor) -> float | None:
         return float("nan")
     num = torch.linalg.vector_norm(a - ref).item()
     den = torch.linalg.vector_norm(ref).item()
+    if ref.numel() == 1:
+        return num / max(den, 1.0)
     return num / den if den > 0 else num

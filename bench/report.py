@@ -93,7 +93,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines.append(f"- `{r['impl']}` / {r['op']}: {r['detail']}")
     errs = [r for r in rows if r.get("err")]
     if errs:
-        lines += ["", "## Errors against the float64 reference (relative L2; scalar loss: relative)", "",
+        lines += ["", "## Errors against the float64 reference (relative L2; scalar loss: |l - ref| / max(|ref|, 1))", "",
                   "| op | shape | dtype | impl | out | dhidden | dweight |", "|---|---|---|---|---|---|---|"]
         seen = set()
         for r in errs:

@@ -426,3 +426,41 @@ def test_gpu_peak_memory_one_percent():
     ours = peak_above(lambda a, b: token_logprobs(a, b, t, return_entropy=True, backend="triton"))
     mat = peak_above(lambda a, b: _materialized(a, b, t))
     assert ours <= 0.01 * mat, (ours, mat)
+
+
+@pytest.mark.gpu
+def test_gpu_64bit_offsets():
+    """N*H and V*H both past 2^31 elements: rows and vocabulary entries beyond the int32 range."""
+    H = 4096
+    N = 2**31 // H + 64
+    V = 2**31 // H + 96
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(N, H, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = (torch.randn(V, H, device="cuda", generator=g) * H ** -0.5).bfloat16()
+    t = torch.full((N,), -100, device="cuda", dtype=torch.long)
+    active = torch.cat([torch.arange(8, device="cuda"), torch.arange(N - 40, N, device="cuda")])
+    t[active] = torch.randint(V - 3000, V, (active.numel(),), device="cuda", generator=g)
+    gl = torch.zeros(N, device="cuda")
+    gl[active] = torch.randn(active.numel(), device="cuda", generator=g)
+    hh = h.requires_grad_()
+    ww = w.requires_grad_()
+    lp, en = token_logprobs(hh, ww, t, return_entropy=True, backend="triton")
+    (lp * gl).sum().backward()
+
+    # reference on the active rows: float32 products in vocabulary chunks, float64 softmax
+    ha = h.detach()[active].float()
+    z = torch.cat([ha @ w.detach()[s:s + 65536].float().T for s in range(0, V, 65536)], 1).double()
+    logp_all = torch.log_softmax(z, -1)
+    ta = t[active]
+    rl = logp_all.gather(1, ta[:, None]).squeeze(1)
+    re = -(logp_all.exp() * logp_all).sum(-1)
+    assert _rel(lp[active], rl) <= 1e-4 and _rel(en[active], re) <= 1e-4
+    dz = -gl[active].double()[:, None] * logp_all.exp()
+    dz[torch.arange(active.numel()), ta] += gl[active].double()
+    dzf = dz.float()
+    dh_ref = sum(dzf[:, s:s + 65536] @ w.detach()[s:s + 65536].float() for s in range(0, V, 65536))
+    assert _rel(hh.grad[active].float(), dh_ref) <= 2e-2
+    tail = slice(V - 4096, V)                       # weight rows past 2^31 / H
+    dw_ref = dzf[:, tail].T @ ha
+    assert _rel(ww.grad[tail].float(), dw_ref) <= 2e-2
+    assert torch.count_nonzero(hh.grad[8:N - 40]) == 0

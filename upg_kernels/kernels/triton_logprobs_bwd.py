@@ -136,9 +136,11 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     V = weight.shape[0]
     dev = hidden.device
     need_bias = bool(need_bias) and bias is not None
-    dh = torch.zeros_like(hidden) if need_hidden else None
-    dw = torch.zeros_like(weight) if need_weight else None
-    db = torch.zeros_like(bias) if need_bias else None
+    dh = torch.zeros(N, H, dtype=hidden.dtype, device=dev) if need_hidden else None
+    dw = torch.zeros(V, H, dtype=weight.dtype, device=dev) if need_weight else None
+    db = torch.zeros(V, dtype=bias.dtype, device=dev) if need_bias else None
+    bias = None if bias is None else bias.contiguous()
+    targets = targets.contiguous()
     if not (need_hidden or need_weight or need_bias):
         return dh, dw, db
 

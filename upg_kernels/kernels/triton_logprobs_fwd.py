@@ -111,6 +111,8 @@ def forward(hidden, weight, bias, targets, p):
     logp = torch.zeros(N, dtype=torch.float32, device=dev)
     ent = torch.zeros(N, dtype=torch.float32, device=dev)
     lse = torch.zeros(N, dtype=torch.float32, device=dev)
+    bias = None if bias is None else bias.contiguous()
+    targets = targets.contiguous()
     rows = (targets != p.ignore_index).nonzero().squeeze(1)
     M = rows.numel()
     if M == 0:

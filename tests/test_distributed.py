@@ -86,9 +86,10 @@ def _max_diff(a: dict, b: dict) -> float:
     return worst
 
 
-def _dist_step(strategy: str, tied: bool, ids, mask, accumulate: bool = False):
+def _dist_step(strategy: str, tied: bool, ids, mask, accumulate: bool = False, ac: bool = False):
     lm = _tiny_lm(tied)
-    model = D.wrap_model(lm, strategy)
+    lm.train()
+    model = D.wrap_model(lm, strategy, activation_checkpointing=ac)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     rows = D.shard_batch(list(range(ids.shape[0])))
     my_ids, my_mask = ids[rows], mask[rows]
@@ -138,11 +139,13 @@ def _worker(rank: int, port: int, out_path: str):
     assert D.world_size() == WORLD and D.rank() == rank and D.is_main() == (rank == 0)
     results: dict = {"gathered": D.all_gather_object(rank), "mean": D.all_reduce_mean(float(rank))}
     ids, mask = _batch()
-    for strategy, tied, acc in [("ddp", False, False), ("ddp", True, False), ("fsdp2", False, False),
-                                ("fsdp2", True, False), ("fsdp2", False, True), ("ddp", False, True)]:
-        name = f"{strategy}-{'tied' if tied else 'untied'}{'-accum' if acc else ''}"
+    for strategy, tied, acc, ac in [("ddp", False, False, False), ("ddp", True, False, False),
+                                    ("fsdp2", False, False, False), ("fsdp2", True, False, False),
+                                    ("fsdp2", False, True, False), ("ddp", False, True, False),
+                                    ("fsdp2", True, False, True)]:
+        name = f"{strategy}-{'tied' if tied else 'untied'}{'-accum' if acc else ''}{'-ckpt' if ac else ''}"
         ref_loss, ref_grads, ref_sd = _reference_step(tied, ids, mask)
-        model, loss, grads, sd, params = _dist_step(strategy, tied, ids, mask, accumulate=acc)
+        model, loss, grads, sd, params = _dist_step(strategy, tied, ids, mask, accumulate=acc, ac=ac)
         res = {"loss_diff": abs(loss - ref_loss), "grad_diff": _max_diff(ref_grads, grads),
                "param_diff": _max_diff({n: ref_sd[n] for n in params}, params)}
         if rank == 0 or strategy == "ddp":
@@ -181,7 +184,8 @@ def test_collectives(results):
         assert results[r]["mean"] == pytest.approx(sum(range(WORLD)) / WORLD)
 
 
-CASES = ["ddp-untied", "ddp-tied", "fsdp2-untied", "fsdp2-tied", "fsdp2-untied-accum", "ddp-untied-accum"]
+CASES = ["ddp-untied", "ddp-tied", "fsdp2-untied", "fsdp2-tied", "fsdp2-untied-accum", "ddp-untied-accum",
+         "fsdp2-tied-ckpt"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -232,7 +232,8 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def wrap_model(model: nn.Module, strategy: str = "none", *, param_dtype: torch.dtype | None = None,
-               reduce_dtype: torch.dtype | None = None, find_unused_parameters: bool = False) -> nn.Module:
+               reduce_dtype: torch.dtype | None = None, find_unused_parameters: bool = False,
+               activation_checkpointing: bool = False) -> nn.Module:
     """Wrap ``model`` for data-parallel training.
 
     - ``none``: returns ``model`` unchanged (``forward_call`` then calls ``fn(model, ...)`` directly).
@@ -242,11 +243,22 @@ def wrap_model(model: nn.Module, strategy: str = "none", *, param_dtype: torch.d
       unit with ``reshard_after_forward=False``. ``param_dtype`` / ``reduce_dtype`` build a
       ``MixedPrecisionPolicy`` (e.g. bf16 params, fp32 gradient reduction).
 
+    ``activation_checkpointing``: recompute each decoder layer in backward (transformers'
+    ``gradient_checkpointing_enable`` with non-reentrant checkpointing), for long sequences; works with
+    every strategy (it is applied before wrapping).
+
     ``ddp``/``fsdp2`` need an initialised process group (``init_distributed``); at world size 1 they
     still wrap (useful for testing) as long as a group exists. Move the model to its device first.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown distributed strategy {strategy!r}; expected one of {STRATEGIES}")
+    if activation_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(); "
+                             "activation checkpointing needs a transformers model")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model.config, "use_cache", False):
+            model.config.use_cache = False  # no KV cache while training with recomputation
     if strategy == "none":
         return model
     if not (dist.is_available() and dist.is_initialized()):

@@ -689,3 +689,15 @@ def test_fuzz_random_configs_vs_reference(cfg_seed):
     for k, v in m_r.items():
         assert abs(out.metrics[k] - v) <= 1e-10 * max(1.0, abs(v)), k
     assert torch.equal(out.coef_logp == 0, coef_r == 0)
+
+
+def test_luffy_joint_token_normalization_via_part_weights():
+    """LUFFY's single token mean over on- and off-policy traces = our parts weighted by token shares."""
+    cfg, hid, w, b, tgt, kw = make_case("luffy", 16, dtype=torch.float64)
+    out = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, **kw)
+    n_on, n_off = out.metrics["rollout_tokens"], out.metrics["demo_tokens"]
+    joint_cfg = cfg.replace(rl_coef=n_on / (n_on + n_off), demo_coef=n_off / (n_on + n_off))
+    joint = unified_policy_loss(hid, w, tgt, config=joint_cfg, bias=b, **kw)
+    # the same quantity written directly: sum of all per-token losses / all valid tokens
+    direct = (out.metrics["loss_main"] * n_on + out.metrics["loss_demo"] * n_off) / (n_on + n_off)
+    assert joint.loss.item() == pytest.approx(direct, rel=1e-12)

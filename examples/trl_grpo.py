@@ -8,9 +8,12 @@ The trainer is built exactly as TRL 1.16's documentation shows (``GRPOTrainer`` 
     python examples/trl_grpo.py --model Qwen/Qwen2.5-0.5B-Instruct --max-steps 10
 
     # offline smoke run: a tiny randomly initialised Llama, a word-level tokenizer and a toy reward, on CPU
-    python examples/trl_grpo.py --tiny
+    python examples/trl_grpo.py --tiny [--upg-loss]
 
-What was run when this file was written: ``--tiny`` on CPU (TRL 1.16.0, transformers 5.24.0, torch 2.13 CPU).
+``--upg-loss`` also replaces TRL's loss math by ``upg_kernels.unified_policy_loss`` (``patch_grpo_trainer(...,
+loss=True)``: one fused pass whose backward skips zero-coefficient rows; same loss, gradients and metrics).
+
+What was run when this file was written: ``--tiny`` and ``--tiny --upg-loss`` on CPU (TRL 1.16.0, transformers 5.24.0, torch 2.13 CPU).
 The hub variant was not run (no network on the development machine); it uses only TRL's documented API.
 """
 from __future__ import annotations
@@ -57,6 +60,8 @@ def main(argv=None):
     ap.add_argument("--loss-type", default="dapo", help="TRL's loss_type: grpo, bnpo, dr_grpo, dapo, cispo, sapo, ...")
     ap.add_argument("--max-steps", type=int, default=10)
     ap.add_argument("--backend", default="auto", help="upg-kernels backend: auto, triton, torch")
+    ap.add_argument("--upg-loss", action="store_true",
+                    help="also compute the policy loss with upg_kernels.unified_policy_loss (patch loss=True)")
     args = ap.parse_args(argv)
 
     from trl import GRPOConfig, GRPOTrainer
@@ -73,11 +78,12 @@ def main(argv=None):
         from trl.rewards import accuracy_reward
 
         dataset = load_dataset("trl-lib/DeepMath-103K", split="train")
+        # use_bias_correction_kl only matters with beta != 0 (TRL's default beta is 0); --upg-loss needs it off
         config = GRPOConfig(output_dir="upg-trl-grpo", loss_type=args.loss_type, max_steps=args.max_steps,
-                            logging_steps=1, report_to=[])
+                            logging_steps=1, report_to=[], use_bias_correction_kl=not args.upg_loss)
         trainer = GRPOTrainer(model=args.model, reward_funcs=accuracy_reward, args=config, train_dataset=dataset)
 
-    patch_grpo_trainer(trainer, backend=args.backend)  # <- the one line
+    patch_grpo_trainer(trainer, backend=args.backend, loss=args.upg_loss)  # <- the one line
     trainer.train()
     for row in trainer.state.log_history:
         if "loss" in row:

@@ -534,15 +534,17 @@ def test_trl_patch_rejects_non_trainer():
         patch_grpo_trainer(object())
 
 
-def test_trl_patched_trainer_trains(tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss_mode", [False, True])
+def test_trl_patched_trainer_trains(tmp_path, monkeypatch, loss_mode):
     """End to end: a patched GRPOTrainer generates, scores, and takes an optimizer step through upg-kernels."""
+    import upg_kernels.logprobs
     from upg_kernels.integrations import trl as upg_trl
 
     trainer = _tiny_trainer(tmp_path, loss_type="dapo", beta=0.0)
     calls = []
-    real = upg_trl.token_logprobs
-    monkeypatch.setattr(upg_trl, "token_logprobs", lambda *a, **k: calls.append(1) or real(*a, **k))
-    upg_trl.patch_grpo_trainer(trainer)
+    real = upg_kernels.logprobs._token_logprobs_op
+    monkeypatch.setattr(upg_kernels.logprobs, "_token_logprobs_op", lambda *a, **k: calls.append(1) or real(*a, **k))
+    upg_trl.patch_grpo_trainer(trainer, loss=loss_mode)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     assert calls
@@ -590,3 +592,58 @@ def test_liger_parity_frozen_lm_head_and_tensor_num_items():
     _close("loss", out[1][0], out[0][0], 2e-5, 2e-5)
     _close("metric clip_ratio", out[1][1][0], out[0][1][0], 2e-5, 2e-5)
     _close("grad input", out[1][2], out[0][2], 2e-5, 1e-4)
+
+
+@pytest.mark.parametrize("loss_type,beta,cfg_kw,gas", [
+    ("grpo", 0.0, dict(), 1),
+    ("bnpo", 0.05, dict(epsilon_high=0.28, use_bias_correction_kl=False), 2),
+    ("dr_grpo", 0.0, dict(importance_sampling_level="sequence"), 1),
+    ("dapo", 0.0, dict(delta=1.5, epsilon_high=0.28), 2),
+    ("cispo", 0.0, dict(epsilon_high=1.5), 1),
+    ("sapo", 0.05, dict(use_bias_correction_kl=False), 1),
+    ("grpo", 0.05, dict(importance_sampling_level="sequence", epsilon=3e-2, epsilon_high=4e-2,
+                        use_bias_correction_kl=False), 1),
+])
+def test_trl_loss_mode_matches_trl(tmp_path, monkeypatch, loss_type, beta, cfg_kw, gas):
+    """patch_grpo_trainer(loss=True): TRL's loss, gradients and logged metrics, computed by unified_policy_loss."""
+    import upg_kernels.losses as upg_losses
+    from upg_kernels.integrations import trl as upg_trl
+
+    calls = []
+    real = upg_losses.unified_policy_loss
+    monkeypatch.setattr(upg_losses, "unified_policy_loss", lambda *a, **k: calls.append(1) or real(*a, **k))
+    trainer = _tiny_trainer(tmp_path, loss_type=loss_type, beta=beta, **cfg_kw)
+    trainer.current_gradient_accumulation_steps = gas
+    trainer.model.train()
+    inputs = _trl_inputs(trainer, seed=2)
+    trainer._metrics["train"].clear()
+    l_trl, g_trl = _trl_loss_and_grads(trainer, inputs)
+    m_trl = {k: list(v) for k, v in trainer._metrics["train"].items()}
+    upg_trl.patch_grpo_trainer(trainer, loss=True)
+    trainer._metrics["train"].clear()
+    l_upg, g_upg = _trl_loss_and_grads(trainer, inputs)
+    m_upg = {k: list(v) for k, v in trainer._metrics["train"].items()}
+    assert calls, "loss=True did not go through unified_policy_loss"
+    _close("trl loss mode: loss", l_upg, l_trl, 2e-6, 2e-5)
+    assert g_upg.keys() == g_trl.keys()
+    for k in g_trl:
+        _close("trl loss mode: grads", g_upg[k], g_trl[k], 1e-6, 2e-5)
+    assert m_upg.keys() == m_trl.keys(), (sorted(m_upg), sorted(m_trl))
+    for k in m_trl:
+        _close("trl loss mode: metrics", torch.tensor(m_upg[k]), torch.tensor(m_trl[k]), 2e-6, 2e-5)
+    upg_trl.unpatch_grpo_trainer(trainer)
+    assert "_compute_loss" not in vars(trainer)
+
+
+@pytest.mark.parametrize("cfg_kw,match", [
+    (dict(loss_type="luspo"), "luspo"),
+    (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
+    (dict(use_bias_correction_kl=True, beta=0.1), "use_bias_correction_kl"),
+])
+def test_trl_loss_mode_rejects_uncovered_options(tmp_path, cfg_kw, match):
+    from upg_kernels.integrations import patch_grpo_trainer
+
+    beta = cfg_kw.pop("beta", 0.0)
+    trainer = _tiny_trainer(tmp_path, beta=beta, **cfg_kw)
+    with pytest.raises(NotImplementedError, match=match):
+        patch_grpo_trainer(trainer, loss=True)

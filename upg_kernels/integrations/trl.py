@@ -17,16 +17,26 @@ For older TRL releases (0.19 to 0.2x) that built a ``LigerFusedLinearGRPOLoss`` 
 and stored it as ``trainer.liger_grpo_loss``, the same call also replaces that module by
 :class:`upg_kernels.FusedLinearGRPOLoss` with the same settings.
 
+With ``loss=True`` the trainer's ``_compute_loss`` is also replaced: the policy loss of the supported
+``loss_type``\ s (grpo, bnpo, dr_grpo, dapo, cispo, sapo; token or sequence level; beta; delta; vLLM IS
+correction) is then computed by :func:`upg_kernels.unified_policy_loss` from the backbone's last hidden
+states and the lm_head (one fused pass; the backward skips rows whose gradient coefficient is 0), with TRL's
+normalizers (gradient accumulation, ``num_items_in_batch``) and TRL's logged metrics. Options this mode
+does not cover raise ``NotImplementedError`` when patching (see :func:`patch_grpo_trainer`).
+
 Usage::
 
     trainer = GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
-    patch_grpo_trainer(trainer)
+    patch_grpo_trainer(trainer)            # or patch_grpo_trainer(trainer, loss=True)
     trainer.train()
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
+
+import torch
 
 from ..logprobs import token_logprobs
 
@@ -83,7 +93,7 @@ def is_patched(trainer) -> bool:
     return getattr(trainer, "_upg_kernels_patch", None) is not None
 
 
-def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bool = True):
+def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bool = True, loss: bool = False):
     """Make ``trainer`` (a ``trl.GRPOTrainer``) compute log-probs and entropies with upg-kernels.
 
     * TRL >= 1.x: every call of ``trainer._get_per_token_logps_and_entropies`` (policy forward in the loss,
@@ -91,6 +101,12 @@ def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bo
       :class:`UPGChunkedLogProbFunction`; other trainers and models in the process are not affected.
     * Older TRL with ``use_liger_loss=True``: ``trainer.liger_grpo_loss`` is replaced by an
       :class:`upg_kernels.FusedLinearGRPOLoss` built with the same settings (``replace_liger_loss``).
+
+    * ``loss=True`` (TRL >= 1.x): ``trainer._compute_loss`` runs :func:`upg_kernels.unified_policy_loss` (see the
+      module docstring). Not covered, raising ``NotImplementedError`` here: loss types other than grpo, bnpo,
+      dr_grpo, dapo, cispo, sapo; ``use_bias_correction_kl`` with ``beta != 0`` (TRL 1.16's default is True); ``top_entropy_quantile < 1``;
+      ``off_policy_mask_threshold``; the entropy bonus; MoE aux loss; PEFT models; models with final-logit
+      softcapping or a logit scale. Multimodal inputs raise at the call.
 
     Idempotent; returns the trainer. :func:`unpatch_grpo_trainer` undoes it.
     """
@@ -131,6 +147,11 @@ def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bo
         from .liger import FusedLinearGRPOLoss
         state["liger_grpo_loss"] = liger
         trainer.liger_grpo_loss = FusedLinearGRPOLoss.from_liger(liger, backend=backend)
+    if loss:
+        _check_loss_mode(trainer)
+        original_compute = trainer._compute_loss
+        trainer._compute_loss = functools.partial(_upg_compute_loss, trainer, backend=backend)
+        state["compute_loss"] = original_compute
     if not state.get("method") and "liger_grpo_loss" not in state:
         raise RuntimeError(
             "nothing to patch: this TRL has no fused LM head (trl.trainer.utils._ChunkedLogProbFunction) and the "
@@ -148,5 +169,165 @@ def unpatch_grpo_trainer(trainer):
         del trainer._get_per_token_logps_and_entropies  # the class method shows through again
     if "liger_grpo_loss" in state:
         trainer.liger_grpo_loss = state["liger_grpo_loss"]
+    if "compute_loss" in state:
+        del trainer._compute_loss
     trainer._upg_kernels_patch = None
     return trainer
+
+
+# ------------------------------------------------------------------------------------------- loss=True
+_MM_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_sizes", "spatial_shapes",
+            "num_tiles", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+def _check_loss_mode(trainer):
+    from .liger import LIGER_LOSS_TYPES
+
+    args = trainer.args
+    problems = []
+    if not hasattr(trainer, "_compute_loss"):
+        problems.append("this TRL has no GRPOTrainer._compute_loss")
+    if getattr(trainer, "loss_type", None) not in LIGER_LOSS_TYPES:
+        problems.append(f"loss_type={getattr(trainer, 'loss_type', None)!r} (supported: {LIGER_LOSS_TYPES})")
+    if getattr(args, "use_bias_correction_kl", False) and getattr(trainer, "beta", 0.0) != 0.0:
+        problems.append("use_bias_correction_kl=True with beta != 0 (TRL 1.16's default; set "
+                        "use_bias_correction_kl=False)")
+    if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
+        problems.append("top_entropy_quantile < 1")
+    if getattr(trainer, "off_policy_mask_threshold", None) is not None:
+        problems.append("off_policy_mask_threshold")
+    if getattr(trainer, "_entropy_bonus_enabled", False):
+        problems.append("the entropy bonus (entropy_coef / adaptive entropy)")
+    if getattr(trainer, "aux_loss_enabled", False):
+        problems.append("the MoE router aux loss")
+    try:
+        from accelerate.utils import is_peft_model
+        if is_peft_model(trainer.model):
+            problems.append("PEFT models")
+    except ImportError:  # pragma: no cover
+        pass
+    tc = trainer.model.config.get_text_config() if hasattr(trainer.model.config, "get_text_config") \
+        else trainer.model.config
+    if getattr(tc, "final_logit_softcapping", None) is not None:
+        problems.append("final_logit_softcapping")
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(tc, name, None) not in (None, 1, 1.0):
+            problems.append(f"config.{name}")
+    if problems:
+        raise NotImplementedError("patch_grpo_trainer(loss=True) does not cover: " + "; ".join(problems)
+                                  + ". Use patch_grpo_trainer(trainer) (kernel swap only), which supports them.")
+
+
+def _hidden_states(unwrapped, input_ids, attention_mask, C):
+    """The backbone's last hidden states at the positions that predict the C completion tokens."""
+    out = unwrapped.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state[:, -C - 1:-1]
+
+
+def _upg_compute_loss(trainer, model, inputs, *, backend="auto"):
+    """``GRPOTrainer._compute_loss`` with the policy loss from :func:`upg_kernels.unified_policy_loss`."""
+    from ..losses import unified_policy_loss
+    from .liger import liger_loss_config
+
+    bad = [k for k in _MM_KEYS if inputs.get(k) is not None]
+    if bad:
+        raise NotImplementedError(f"patch_grpo_trainer(loss=True) handles text-only batches, got {bad}")
+    from trl.models.utils import _ForwardRedirection
+
+    args = trainer.args
+    completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+    C = completion_ids.size(1)
+    input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+    attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    mode = "train" if trainer.model.training else "eval"
+    gas = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
+
+    cfg = liger_loss_config(
+        trainer.loss_type, beta=trainer.beta, epsilon_low=trainer.epsilon_low, epsilon_high=trainer.epsilon_high,
+        max_completion_length=trainer.max_completion_length,
+        importance_sampling_level=trainer.importance_sampling_level,
+        sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
+        delta=args.delta)
+    # TRL's normalizers: every type is divided by the accumulation steps, except dapo/cispo whose token
+    # count spans the generation batch
+    if trainer.loss_type in ("dapo", "cispo"):
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * trainer.current_gradient_accumulation_steps / args.steps_per_generation
+        n_items = 1.0  # token_mean over 1 = the masked sum; divided by TRL's normalizer below
+    else:
+        normalizer = gas
+        n_items = None
+    advantages = inputs["advantages"]
+    is_ratio = None
+    if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
+        is_ratio = inputs["importance_sampling_ratio"]
+    ref = inputs.get("ref_per_token_logps") if trainer.beta != 0.0 else None
+    old = inputs.get("old_per_token_logps")
+
+    def _loss(unwrapped):
+        hidden = _hidden_states(unwrapped, input_ids, attention_mask, C)
+        head = unwrapped.get_output_embeddings()
+        ctx = contextlib.nullcontext()
+        if args.cast_lm_head_to_fp32:
+            hidden = hidden.float()
+            ctx = torch.autocast(hidden.device.type, enabled=False)
+        with ctx:
+            return unified_policy_loss(
+                hidden, head.weight, completion_ids, config=cfg, loss_mask=mask, advantages=advantages,
+                old_logprobs=old, ref_logprobs=ref, is_ratio=is_ratio, bias=head.bias,
+                temperature=trainer.temperature, num_items_in_batch=n_items, backend=backend)
+
+    unwrapped = trainer.accelerator.unwrap_model(model)
+    with trainer.accelerator.autocast():
+        if unwrapped is model:
+            out = _loss(unwrapped)
+        else:  # DDP / FSDP / DeepSpeed wrappers: run inside the wrapper's forward (its hooks fire)
+            out = _ForwardRedirection()(model, unwrapped, _loss, unwrapped)
+    loss = out.loss / normalizer
+    _log_trl_metrics(trainer, mode, out, mask, advantages, old, ref)
+    return loss
+
+
+def _log_trl_metrics(trainer, mode, out, mask, advantages, old, ref):
+    """TRL's per-step metrics (kl, entropy, clip ratios), from the detached per-token values."""
+    from trl.trainer.utils import nanmax, nanmin
+
+    with torch.no_grad():
+        logp = out.logprobs
+        mask = mask.to(logp.dtype)
+        adv = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+
+        def masked_seq_mean(x):
+            if x.shape[1] == 1:
+                return x.squeeze(1)
+            return (x * mask).sum(-1) / mask.sum(-1)
+
+        def global_masked_mean(x):
+            if x.shape[1] == 1:
+                local_sum, local_count = x.sum(), torch.tensor(float(x.shape[0]), device=x.device)
+            else:
+                local_sum, local_count = (x * mask).sum(), mask.sum().float()
+            totals = trainer.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        log_ratio = logp - (logp if old is None else old.to(logp.dtype))
+        if trainer.importance_sampling_level == "sequence":
+            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+        coef_1 = torch.exp(log_ratio)
+        m = trainer._metrics[mode]
+        if trainer.beta != 0.0:
+            d = ref.to(logp.dtype) - logp
+            m["kl"].append(global_masked_mean(torch.exp(d) - d - 1))
+        m["entropy"].append(global_masked_mean(out.entropy))
+        if trainer.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+            low = (coef_1 < 1 - trainer.epsilon_low) & (adv < 0)
+            high = (coef_1 > 1 + trainer.epsilon_high) & (adv > 0)
+            m["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
+            m["clip_ratio/high_mean"].append(global_masked_mean(high.float()))
+            m["clip_ratio/region_mean"].append(global_masked_mean((low | high).float()))
+            m["clip_ratio/low_min"].append(nanmin(trainer.accelerator.gather(masked_seq_mean(low.float()))).item())
+            m["clip_ratio/high_max"].append(nanmax(trainer.accelerator.gather(masked_seq_mean(high.float()))).item())
+        elif trainer.loss_type == "cispo":
+            m["cispo_clip_ratio"].append(global_masked_mean(((coef_1 > trainer.epsilon_high) & (adv > 0)).float()))

@@ -123,6 +123,25 @@ def test_large_vocab(backend):
     _assert_close(_compare(6, 32, 20011, backend, bias=True))
 
 
+def test_weight_gradient_slabs(monkeypatch):
+    """The backward's vocabulary slabs (float32: views of the output; see the bf16 test for the
+    float32 buffer path): several slabs, the last one partial."""
+    monkeypatch.setenv("UPG_KERNELS_TRITON_DW_SLAB_BYTES", str(4 * 48 * 128))
+    _assert_close(_compare(21, 48, 1003, "triton", bias=True, ignore_every=4))
+
+
+def test_split_heuristic(monkeypatch):
+    from upg_kernels.kernels import triton_logprobs_fwd as fwd
+    monkeypatch.setattr(fwd, "interpreting", lambda: False)
+    for n_blocks, v_tiles in [(1, 1), (1, 3), (4, 1002), (64, 1002), (256, 1002), (2000, 1002),
+                              (3, 40)]:
+        s = fwd._num_splits(n_blocks, v_tiles, 132)
+        assert 1 <= s <= max(1, v_tiles // 4)
+        if v_tiles // 4 * n_blocks >= 132:      # enough work: at least one full wave
+            assert n_blocks * s >= 132
+    assert fwd._num_splits(64, 1002, 132) * 64 % 132 > 100   # >= 97% wave efficiency
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_time_shape(backend):
     _assert_close(_compare(2 * 9, 32, 101, backend, lead=(2, 9), ignore_every=4))
@@ -301,7 +320,8 @@ def test_no_vocab_sized_tensor(backend, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- dtypes and errors
-def test_bf16_triton_loose():
+def test_bf16_triton_loose(monkeypatch):
+    monkeypatch.setenv("UPG_KERNELS_TRITON_DW_SLAB_BYTES", str(4 * 64 * 128))   # 3 slabs
     N, H, V = 24, 64, 300
     h, w, b, t = _inputs(N, H, V, bias=True, ignore_every=6)
     hb, wb, bb = (x.bfloat16().to(DEV).requires_grad_() for x in (h, w, b))
@@ -354,7 +374,7 @@ def test_torch_compile_fullgraph():
         assert torch.allclose(a.grad, c.grad, rtol=1e-6, atol=1e-7)
 
 
-# ----------------------------------------------------------------------------- GPU (bf16, real sizes)
+# ------------------------------------------------------------------------ GPU (bf16, real sizes)
 def _materialized(h, w, t, return_entropy=True):
     """The TRL path: bf16 logits -> float32 -> log_softmax -> gather (and entropy)."""
     logits = (h @ w.T).float()

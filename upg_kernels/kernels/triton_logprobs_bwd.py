@@ -19,6 +19,7 @@ slab by slab, so the float32 copy of a ``[V, H]`` weight gradient never exists a
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -26,7 +27,6 @@ import triton.language as tl
 
 from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, logits_tile,
                                      upcast_dot)
-from .triton_logprobs_fwd import _nullctx
 
 # float32 dweight accumulation buffer per launch (bf16/fp16 weights); see docs/kernels.md
 DW_SLAB_BYTES = 16 * 2**20
@@ -168,13 +168,14 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
         dh_buf = dh if h_fp32 else torch.zeros(M, H, dtype=torch.float32, device=dev)
     db_buf = torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None
     w_fp32 = weight.dtype == torch.float32
-    slab = _slab_rows(V, H, cfg.block_v) if need_weight else triton.cdiv(V, cfg.block_v) * cfg.block_v
+    slab = (_slab_rows(V, H, cfg.block_v) if need_weight
+            else triton.cdiv(V, cfg.block_v) * cfg.block_v)
     dw_buf = None
     if need_weight and not w_fp32:
         dw_buf = torch.empty(min(slab, V), H, dtype=torch.float32, device=dev)
     n_blocks = triton.cdiv(M, cfg.block_n)
     dummy = lse  # any tensor for pointers that a constexpr flag leaves unused
-    with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
+    with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
         for v0 in range(0, V, slab):
             v1 = min(V, v0 + slab)
             if need_weight:
@@ -195,8 +196,8 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=bool(p.softcap),
                 HAS_GENT=g_ent is not None, EVEN_H=H % cfg.block_h == 0,
                 PREC=dot_precision(hidden.dtype), UPCAST=upcast_dot(), DH_DIRECT=h_fp32,
-                NEED_H=bool(need_hidden),
-                NEED_W=bool(need_weight), NEED_B=need_bias, FILTER=p.filter_eps > 0,
+                NEED_H=bool(need_hidden), NEED_W=bool(need_weight), NEED_B=need_bias,
+                FILTER=p.filter_eps > 0,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
                 GROUP_N=cfg.group_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             if need_weight and not w_fp32:

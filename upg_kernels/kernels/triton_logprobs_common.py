@@ -1,4 +1,4 @@
-"""Shared pieces of the Triton log-prob kernels: block configs, input checks, the logits-tile helper.
+"""Shared pieces of the Triton log-prob kernels: block configs, input checks, the logits tile.
 
 See docs/kernels.md for the design. Everything here is used by ``triton_logprobs_fwd`` and
 ``triton_logprobs_bwd``; ``triton_logprobs`` re-exports the two host functions.
@@ -68,7 +68,8 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
                          f"got tensors on {hidden.device}")
     if hidden.stride(-1) != 1 or weight.stride(-1) != 1:
-        raise ValueError("backend='triton' needs hidden and weight with a contiguous last dimension")
+        raise ValueError("backend='triton' needs hidden and weight with a contiguous last "
+                         "dimension")
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -14,6 +14,8 @@ rescales to the global max and gives ``lse = m + log s``, ``entropy = log s - t 
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import triton
 import triton.language as tl
@@ -124,24 +126,17 @@ def forward(hidden, weight, bias, targets, p):
     v_per_split = triton.cdiv(v_tiles, splits) * cfg.block_v
     splits = triton.cdiv(V, v_per_split)                  # no empty split
     part = torch.empty(4, splits, M, dtype=torch.float32, device=dev)
-    with torch.cuda.device(dev) if dev.type == "cuda" else _nullctx():
+    with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
         _fwd_kernel[(n_blocks * splits,)](
             hidden, weight, bias if bias is not None else hidden, targets, rows, part,
             M, V, H, hidden.stride(0), weight.stride(0), splits, v_per_split,
             float(p.temperature), float(p.softcap or 1.0),
             HAS_BIAS=bias is not None, HAS_SOFTCAP=bool(p.softcap), EVEN_H=H % cfg.block_h == 0,
-            PREC=dot_precision(hidden.dtype), UPCAST=upcast_dot(), BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
-            BLOCK_H=cfg.block_h, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            PREC=dot_precision(hidden.dtype), UPCAST=upcast_dot(), BLOCK_N=cfg.block_n,
+            BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages)
     l, e, zt = combine(part)
     lse[rows] = l
     ent[rows] = e
     logp[rows] = zt - l
     return logp, ent, lse
-
-
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False

@@ -326,7 +326,7 @@ def _run_problem(problem, modes, impls, device, args, emit, out_of_time, peak_tf
         for impl in impls:
             st = state[impl.name]
             r = _row_base(problem, mode, impl.name, nbytes)
-            r["detail"] = st.get("detail", getattr(impl, "detail", ""))
+            r["detail"] = st.get("detail", "")
             r["err"] = st["err"]
             if st["err"]:
                 vals = [v for v in st["err"].values() if v is not None]

@@ -141,22 +141,31 @@ def make_inputs(p: Problem, device: torch.device | str, seed: int = 0) -> Inputs
 
 
 # ----------------------------------------------------------------------------- the losses
-def grpo_loss(logp, old, adv, mask):
-    """Clipped GRPO loss, beta = 0, seq_mean_token_mean aggregation (Liger / TRL loss_type="grpo")."""
+def grpo_loss(logp, old, adv, mask, rows=None):
+    """Clipped GRPO loss, beta = 0, seq_mean_token_mean aggregation (Liger / TRL loss_type="grpo"):
+    the mean over sequences (over the ``rows`` flagged True, when given) of each one's token mean."""
     m = mask.to(logp.dtype)
     ratio = torch.exp(logp - old.to(logp.dtype))
     a = adv.to(logp.dtype)[:, None]
     per_tok = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - EPS_LOW, 1 + EPS_HIGH) * a)
-    return ((per_tok * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
+    per_seq = (per_tok * m).sum(-1) / m.sum(-1).clamp(min=1)
+    if rows is None:
+        return per_seq.mean()
+    w = rows.to(logp.dtype)
+    return (per_seq * w).sum() / w.sum().clamp(min=1)
 
 
-def sft_loss(logp, mask):
+def sft_loss(logp, mask, rows=None):
+    """Token-mean NLL over the mask (over the ``rows`` flagged True, when given)."""
     m = mask.to(logp.dtype)
+    if rows is not None:
+        m = m * rows.to(logp.dtype)[:, None]
     return -(logp * m).sum() / m.sum().clamp(min=1)
 
 
 def loss_from_logp(op: str, logp: torch.Tensor, x: Inputs) -> torch.Tensor:
-    """The op's scalar objective from per-token log-probs ``logp`` [B, T]."""
+    """The op's scalar objective from per-token log-probs ``logp`` [B, T] (no data-dependent
+    branches or shapes, so torch.compile sees one graph)."""
     if op == "logprobs":
         return (logp * x.grad_out.to(logp.dtype)).sum()
     if op == "sft":
@@ -164,14 +173,9 @@ def loss_from_logp(op: str, logp: torch.Tensor, x: Inputs) -> torch.Tensor:
     if op == "grpo":
         return grpo_loss(logp, x.old_logprobs, x.advantages, x.mask)
     if op == "hpt":
-        demo = x.is_demo
-        rl = ~demo
-        total = logp.new_zeros(())
-        if bool(rl.any()):
-            total = total + grpo_loss(logp[rl], x.old_logprobs[rl], x.advantages[rl], x.mask[rl])
-        if bool(demo.any()):
-            total = total + sft_loss(logp[demo], x.mask[demo])
-        return total
+        # L_RL over the rollout rows + L_SFT over the demo rows (a part with no rows is 0)
+        return (grpo_loss(logp, x.old_logprobs, x.advantages, x.mask, rows=~x.is_demo)
+                + sft_loss(logp, x.mask, rows=x.is_demo))
     raise ValueError(op)
 
 

@@ -59,6 +59,10 @@ class RolloutConfig:
     top_p: float = _f(1.0, "nucleus sampling")
     batch_size: int = _f(256, "hf engine: sequences per generate call")
     gpu_memory_utilization: float = _f(0.3, "vllm engine: fraction of GPU memory for vLLM")
+    max_model_len: int = _f(0, "vllm engine: longest prompt + completion in tokens "
+                            "(0 = data.max_prompt_tokens + rollout.max_new_tokens)")
+    sleep_level: int = _f(1, "vllm engine: sleep between rollouts; 1 = weights to CPU RAM, "
+                          "2 = weights dropped (re-pushed after each optimizer step anyway)")
 
 
 @dataclass
@@ -100,6 +104,9 @@ class TrainConfig:
     grad_clip: float = _f(1.0, "max global grad norm (0 = off)")
     seed: int = _f(0, "seed of data order, sampling and the embedded model's init")
     strategy: str = _f("none", "multi-process wrapping under torchrun: none | ddp | fsdp2")
+    mixed_precision: str = _f("none", "fsdp2 only: 'bf16' = fp32 master weights (load with model.dtype "
+                              "float32), bf16 compute, fp32 gradient reduction; 'none' = the model's dtype")
+    activation_checkpointing: bool = _f(False, "recompute each decoder layer in backward (long sequences)")
 
 
 @dataclass
@@ -262,6 +269,11 @@ def validate(cfg: Config) -> None:
         (t.lr >= 0, "train.lr must be >= 0"),
         (t.schedule in ("constant", "linear", "cosine"), "train.schedule must be constant, linear or cosine"),
         (t.strategy in ("none", "ddp", "fsdp2"), "train.strategy must be none, ddp or fsdp2"),
+        (t.mixed_precision in ("none", "bf16"), "train.mixed_precision must be none or bf16"),
+        (t.mixed_precision == "none" or t.strategy == "fsdp2",
+         "train.mixed_precision bf16 needs train.strategy fsdp2 (torchrun, any number of GPUs)"),
+        (r.max_model_len >= 0 and r.sleep_level in (1, 2), "rollout.max_model_len must be >= 0 and "
+         "rollout.sleep_level 1 or 2"),
         (r.n >= 1, "rollout.n must be >= 1"),
         (r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
         (r.temperature > 0, "rollout.temperature must be > 0"),

@@ -113,9 +113,17 @@ class Trainer:
         self.resume_state = None
         if cfg.command in ("sft", "grpo", "hpt"):
             self._prepare_output()
-        self.model = dist.wrap_model(self.lm, cfg.train.strategy)
-        self.engine = make_engine(cfg.rollout.engine, self.model, self.tok, batch_size=cfg.rollout.batch_size,
-                                  gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
+        bf16 = cfg.train.mixed_precision == "bf16"
+        self.model = dist.wrap_model(self.lm, cfg.train.strategy,
+                                     param_dtype=torch.bfloat16 if bf16 else None,
+                                     reduce_dtype=torch.float32 if bf16 else None,
+                                     activation_checkpointing=cfg.train.activation_checkpointing)
+        r = cfg.rollout
+        self.engine = make_engine(r.engine, self.model, self.tok, batch_size=r.batch_size,
+                                  gpu_memory_utilization=r.gpu_memory_utilization,
+                                  max_model_len=r.max_model_len or cfg.data.max_prompt_tokens + r.max_new_tokens,
+                                  sleep_level=r.sleep_level, seed=cfg.train.seed,
+                                  dtype="bfloat16" if bf16 else None)
         t = cfg.train
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=t.lr,
                                      betas=tuple(t.betas), weight_decay=t.weight_decay)

@@ -357,11 +357,12 @@ def test_empty_input_triton():
     assert lp.shape == (0,)
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
     h, w, b, t = _inputs(6, 16, 50, bias=True)
 
     def f(hh, ww, bb):
-        lp, en = token_logprobs(hh, ww, t, bias=bb, return_entropy=True, backend="torch")
+        lp, en = token_logprobs(hh, ww, t, bias=bb, return_entropy=True, backend=backend)
         return (lp + 0.1 * en).sum()
 
     args = [x.clone().requires_grad_() for x in (h, w, b)]

@@ -203,7 +203,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
             if need_weight and not w_fp32:
                 dw[v0:v1].copy_(dw_slab)
     if need_hidden and not h_fp32:   # cast in row chunks: no second [M, H] temporary
-        step = max(1, (8 * 2**20) // (2 * H))
+        step = max(1, (4 * 2**20) // (2 * H))
         for s in range(0, M, step):
             dh.index_copy_(0, rows[s:s + step], dh_buf[s:s + step].to(hidden.dtype))
     if need_bias:

@@ -20,7 +20,7 @@
 #   --out DIR     output folder (default: $OUT if set, else bench/results/<date>-<device>)
 #   -- ARGS       appended to the bench command line (later options win), e.g.
 #                 -- --ops logprobs,hpt      or      -- --N 32768 --shapes llama3-8b
-# Environment: TOTAL_S (540), TEST_S (cap on the GPU tests, 120), WHEELS (bench/wheels).
+# Environment: TOTAL_S (540), TEST_S (cap on the GPU tests, 90), WHEELS (bench/wheels).
 set -uo pipefail
 
 T0=$(date +%s)
@@ -44,7 +44,7 @@ while [ $# -gt 0 ]; do
 done
 
 TOTAL_S="${TOTAL_S:-540}"
-TEST_S="${TEST_S:-120}"
+TEST_S="${TEST_S:-90}"
 WHEELS="${WHEELS:-$ROOT/bench/wheels}"
 PY="${PYTHON:-python3}"
 

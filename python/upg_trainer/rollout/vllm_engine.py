@@ -127,6 +127,11 @@ class VLLMEngine:
             # keep the engine core in this process so its model is reachable for load_weights
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         kwargs.update(llm_kwargs or {})
+        import torch
+        if torch.cuda.is_available():
+            # vLLM sizes itself from the free GPU memory: hand back what the caching allocator holds
+            # (e.g. the full model copy freed by FSDP2 sharding)
+            torch.cuda.empty_cache()
         try:
             self.llm = vllm.LLM(logprobs_mode="processed_logprobs", **kwargs)
             self.logprobs_mode = "processed_logprobs"

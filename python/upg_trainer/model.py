@@ -58,13 +58,31 @@ def load_model_and_tokenizer(path: str = EMBEDDED, *, dtype: str = "auto", devic
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=trust_remote_code, **kw)
         except (OSError, ValueError) as e:
             raise RuntimeError(f"could not load a causal LM from {path!r}: {e}") from e
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        tok = load_tokenizer_from(path, trust_remote_code)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         tok.padding_side = "left"
     model.to(dev)
     get_head(model)  # fail early on a model the fused loss cannot use
     return model, tok, dev
+
+
+def load_tokenizer_from(path: str, trust_remote_code: bool = False):
+    """AutoTokenizer, except for a plain tokenizers-backed tokenizer (like the embedded one).
+
+    transformers 5's AutoTokenizer picks the tokenizer class from the model type (qwen2 ->
+    Qwen2Tokenizer, which brings its own pre-tokenizer) even when ``tokenizer_config.json`` names
+    the generic backend; such a directory is loaded with ``PreTrainedTokenizerFast`` instead.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_file = os.path.join(path, "tokenizer_config.json")
+    if os.path.isfile(cfg_file):
+        with open(cfg_file) as f:
+            cls = json.load(f).get("tokenizer_class")
+        if cls in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def get_head(model) -> Head:

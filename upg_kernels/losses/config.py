@@ -58,7 +58,8 @@ class LossConfig:
     Demonstration rows (``is_demo``) take ``demo_part``: ``"sft"`` (``demo_coef`` times the NLL
     aggregated by ``demo_aggregation``; HPT) or ``"shaped"`` (LUFFY's off-policy
     ``-A p/(p + shaping_gamma)``, aggregated by ``aggregation`` over the demo rows).
-    The total is ``rl_coef * L_main + L_demo``.
+    The total is ``rl_coef * L_main + demo_coef * L_demo``. ``hpt_gamma`` is HPT's gate threshold,
+    carried for trainers (P > hpt_gamma: RL rows, else the demonstration); the loss does not use it.
     """
 
     # the four parts
@@ -94,6 +95,9 @@ class LossConfig:
     demo_coef: float = 1.0
     demo_aggregation: str = "token_mean"
     rl_coef: float = 1.0
+    # HPT gate, carried as data for trainers (the loss itself takes is_demo): a prompt trains with
+    # RL when the pass rate P of its rollouts is > hpt_gamma, else with SFT on its demonstration
+    hpt_gamma: Optional[float] = None
 
     # ------------------------------------------------------------------ validation
     def __post_init__(self):
@@ -129,6 +133,9 @@ class LossConfig:
             number(n, positive=True)
         number("delta", positive=True, optional=True)
         number("dual_clip", positive=True, optional=True)
+        number("hpt_gamma", nonneg=True, optional=True)
+        if self.hpt_gamma is not None and self.hpt_gamma >= 1:
+            raise ValueError(f"LossConfig.hpt_gamma is a pass-rate threshold in [0, 1), got {self.hpt_gamma!r}")
         if self.stabilization == "seq_clip":
             object.__setattr__(self, "ratio_level", "sequence")
         if self.stabilization != "none" and self.reference != "old":
@@ -241,12 +248,12 @@ PRESETS: dict[str, dict] = {
                   description="LUFFY: demo rows -A p/(p+0.1), rollouts PPO clip"),
     "hpt": dict(stabilization="clip", reference="old", advantage="mean_std", likelihood="logp",
                 aggregation="seq_mean_token_mean", demo_part="sft", demo_coef=1.0,
-                demo_aggregation="token_mean",
+                demo_aggregation="token_mean", hpt_gamma=0.0,
                 description="HPT, paper: clipped GRPO on rollouts + token-mean NLL on demos"),
     "hpt_release": dict(stabilization="none", reference="old", advantage="mean", likelihood="logp",
                         aggregation="seq_mean_token_sum_norm", max_completion_length=8192,
                         demo_part="sft", demo_coef=1.0, demo_aggregation="token_mean",
-                        entropy_coef=0.001, kl_coef=0.0,
+                        entropy_coef=0.001, kl_coef=0.0, hpt_gamma=0.0,
                         description="HPT, released code: no std, no clip, Dr.GRPO norm, "
                                     "SFT coef 1.0, entropy 0.001"),
 }

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per row (default 2; 1 with --quick)")
     p.add_argument("--iters", type=int, default=None,
-                   help="fixed timed iterations per row (default: fill --row-budget, within 5..100)")
+                   help="fixed timed iterations per row (default: fill --row-budget, within 5..100; 5..20 with --quick)")
     p.add_argument("--row-budget", type=float, default=None,
                    help="seconds of timed iterations per row (default 2.0; 0.5 with --quick)")
     p.add_argument("--rotate", type=int, default=None,
@@ -231,7 +231,7 @@ def run(args, argv) -> dict:
     def emit(row):
         rows.append(row)
         cells = report.row_cells(row)
-        print("  " + " | ".join(cells), flush=True)
+        print(f"  [+{time.monotonic() - t_start:6.1f}s] " + " | ".join(cells), flush=True)
         report.write_json(meta, rows, out_dir)
 
     def out_of_time():
@@ -265,6 +265,7 @@ def run(args, argv) -> dict:
 
 def _run_problem(problem, modes, impls, device, args, emit, out_of_time, peak_tflops):
     sets, nbytes = [], None
+    t0 = time.perf_counter()
     try:
         for k in range(args.rotate):
             sets.append(make_inputs(problem, device, seed=args.seed + k))
@@ -281,9 +282,14 @@ def _run_problem(problem, modes, impls, device, args, emit, out_of_time, peak_tf
     # per-impl availability, preparation, and (optionally) the accuracy check on input set 0
     state: dict[str, dict] = {}
     ref = None
+    t_inputs = time.perf_counter() - t0
     if not args.no_ref and not out_of_time():
         try:
+            t0 = time.perf_counter()
             ref = reference(problem.op, sets[0])
+            sync(device)
+            print(f"  {problem.op} {problem.shape.label} {problem.dtype}: {args.rotate} input sets "
+                  f"{t_inputs:.1f} s, float64 reference {time.perf_counter() - t0:.1f} s", flush=True)
         except Exception as e:
             print(f"  reference failed: {_short(e)}", flush=True)
             ref = None
@@ -309,6 +315,7 @@ def _run_problem(problem, modes, impls, device, args, emit, out_of_time, peak_tf
             out, dh, dw = call(impl, problem.op, sets[0], "fwd+bwd")
             sync(device)
             st["first_call_s"] = time.perf_counter() - t0
+            print(f"    {impl.name}: first fwd+bwd call {st['first_call_s']:.1f} s", flush=True)
             st["err"] = {"out": rel_err(out, ref["out"]), "dhidden": rel_err(dh, ref["dhidden"]),
                          "dweight": rel_err(dw, ref["dweight"])}
             del out, dh, dw
@@ -344,7 +351,8 @@ def _run_problem(problem, modes, impls, device, args, emit, out_of_time, peak_tf
                 emit(r)
                 continue
             try:
-                iters_kw = dict(min_iters=5, max_iters=100)
+                t_row = time.perf_counter()
+                iters_kw = dict(min_iters=5, max_iters=20 if args.quick else 100)
                 if args.iters:
                     iters_kw = dict(min_iters=args.iters, max_iters=args.iters)
                 t = time_impl(impl, problem.op, sets, mode, device, warmup=args.warmup,
@@ -353,6 +361,7 @@ def _run_problem(problem, modes, impls, device, args, emit, out_of_time, peak_tf
                 r["tflops"] = r["useful_flops"] / (r["median_ms"] * 1e-3) / 1e12
                 r["frac_peak"] = r["tflops"] / peak_tflops if peak_tflops else None
                 r["mem_peak_bytes"] = peak_memory(impl, problem.op, sets[0], mode, device)
+                r["row_wall_s"] = time.perf_counter() - t_row  # warm-up, timing and memory call
             except Exception as e:
                 if is_oom(e):
                     r["status"] = "oom"

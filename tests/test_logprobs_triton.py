@@ -142,6 +142,15 @@ def test_split_heuristic(monkeypatch):
     assert fwd._num_splits(64, 1002, 132) * 64 % 132 > 100   # >= 97% wave efficiency
 
 
+def test_config_env_override(monkeypatch):
+    from upg_kernels.kernels import triton_logprobs_common as common
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    assert common.fwd_config(torch.bfloat16) == common._FWD_GPU
+    assert common.bwd_config(torch.float32) == common._BWD_GPU_F32
+    monkeypatch.setenv("UPG_KERNELS_TRITON_FWD_CONFIG", "64,256,64,8,3")
+    assert common.fwd_config(torch.bfloat16) == common.BlockConfig(64, 256, 64, 8, 3)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_time_shape(backend):
     _assert_close(_compare(2 * 9, 32, 101, backend, lead=(2, 9), ignore_every=4))

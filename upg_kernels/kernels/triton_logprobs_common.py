@@ -41,16 +41,25 @@ _FWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_s
 _BWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1, group_n=2)
 
 
+def _env_config(name: str):
+    """``UPG_KERNELS_TRITON_FWD_CONFIG`` / ``..._BWD_CONFIG`` = "BN,BV,BH,warps,stages[,group]"
+    overrides the defaults (for tuning on a new GPU; see ``triton_logprobs_tune``)."""
+    v = os.environ.get(name, "").strip()
+    return BlockConfig(*map(int, v.split(","))) if v else None
+
+
 def fwd_config(dtype: torch.dtype) -> BlockConfig:
     if interpreting():
         return _FWD_INTERP
-    return _FWD_GPU_F32 if dtype == torch.float32 else _FWD_GPU
+    return (_env_config("UPG_KERNELS_TRITON_FWD_CONFIG")
+            or (_FWD_GPU_F32 if dtype == torch.float32 else _FWD_GPU))
 
 
 def bwd_config(dtype: torch.dtype) -> BlockConfig:
     if interpreting():
         return _BWD_INTERP
-    return _BWD_GPU_F32 if dtype == torch.float32 else _BWD_GPU
+    return (_env_config("UPG_KERNELS_TRITON_BWD_CONFIG")
+            or (_BWD_GPU_F32 if dtype == torch.float32 else _BWD_GPU))
 
 
 def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:

@@ -85,8 +85,12 @@ def make_fake_vllm(accept_logprobs_mode=True, accept_tags=True, shuffle=True, ba
 
     class LLM:
         def __init__(self, **kw):
-            if "logprobs_mode" in kw and not accept_logprobs_mode:
+            if "logprobs_mode" in kw and accept_logprobs_mode is False:
                 raise TypeError("EngineArgs.__init__() got an unexpected keyword argument 'logprobs_mode'")
+            if "logprobs_mode" in kw and accept_logprobs_mode == "raw_only":
+                raise ValueError("logprobs_mode: Input should be 'raw_logprobs' or 'raw_logits'")
+            if kw.get("max_model_len") == -1:
+                raise ValueError("max_model_len must be positive")
             self.kw = kw
             self.inner = FakeInnerModel(log)
             self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(
@@ -299,8 +303,9 @@ def test_sleep_level_2_requires_sync_before_wake(monkeypatch, tiny):
     eng.generate([[1]], n=1, max_new_tokens=2)
 
 
-def test_old_vllm_raw_logprobs(monkeypatch, tiny):
-    eng, fake = _engine(monkeypatch, tiny, accept_logprobs_mode=False)
+@pytest.mark.parametrize("accept", [False, "raw_only"])
+def test_old_vllm_raw_logprobs(monkeypatch, tiny, accept):
+    eng, fake = _engine(monkeypatch, tiny, accept_logprobs_mode=accept)
     assert eng.logprobs_mode == "raw_logprobs" and "logprobs_mode" not in fake.instances[0].kw
     r1 = eng.generate([[1, 2]], n=2, max_new_tokens=3, temperature=1.0)
     assert all(r.logprobs is not None and r.extra["logprobs_mode"] == "untempered" for r in r1)
@@ -362,3 +367,12 @@ def test_greedy_is_one_request_repeated(monkeypatch, tiny):
     assert out[0].completion_ids == out[1].completion_ids == out[2].completion_ids
     assert out[0].completion_ids is not out[1].completion_ids
     assert out[0].logprobs is not None and out[0].extra["logprobs_mode"] == "untempered"
+
+
+def test_other_construction_errors_are_not_swallowed(monkeypatch, tiny):
+    fake = make_fake_vllm()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    from upg_trainer.rollout.vllm_engine import VLLMEngine
+    with pytest.raises(ValueError, match="max_model_len"):
+        VLLMEngine(*tiny, max_model_len=-1)
+    assert len(fake.instances) == 0

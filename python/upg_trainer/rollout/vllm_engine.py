@@ -35,9 +35,9 @@ Design points:
   with transformers parameter names (vLLM maps them to its fused layers, e.g. q/k/v -> qkv_proj), one
   tensor at a time; under FSDP2 each parameter is all-gathered just before it is sent
   (``distributed.iter_full_params``, collective: every rank calls ``sync_weights``). This needs the
-  engine in this process: single-process runs set ``VLLM_ENABLE_V1_MULTIPROCESSING=0``; under torchrun
-  the engine uses ``distributed_executor_backend="external_launcher"`` (one engine per rank, tensor
-  parallel size 1). The prefix cache is reset after every push (cached KV of the old weights).
+  engine in this process: the engine sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` (unless already set), and
+  under torchrun uses ``distributed_executor_backend="external_launcher"`` (one engine per rank, tensor
+  parallel size 1, as TRL's colocate mode does). The prefix cache is reset after every push (cached KV of the old weights).
 - Greedy (``temperature == 0``, the evaluation setting): one request per prompt, repeated ``n`` times;
   log-probs untempered.
 - Seeds: with ``seed`` given, each of the ``len(prompts) * n`` samples is its own request with its own
@@ -123,9 +123,8 @@ class VLLMEngine:
         if D.world_size() > 1:
             # one in-process engine per torchrun rank, sharing torchrun's process group
             kwargs["distributed_executor_backend"] = "external_launcher"
-        else:
-            # keep the engine core in this process so its model is reachable for load_weights
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # keep the engine core in this process so its model is reachable for load_weights
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         kwargs.update(llm_kwargs or {})
         import torch
         if torch.cuda.is_available():
@@ -135,7 +134,10 @@ class VLLMEngine:
         try:
             self.llm = vllm.LLM(logprobs_mode="processed_logprobs", **kwargs)
             self.logprobs_mode = "processed_logprobs"
-        except TypeError:  # vLLM without logprobs_mode (< 0.10.2): raw log-probs only
+        except (TypeError, ValueError) as e:
+            # a vLLM without logprobs_mode, or without its "processed_logprobs" value: raw log-probs only
+            if "logprobs_mode" not in str(e):
+                raise
             self.llm = vllm.LLM(**kwargs)
             self.logprobs_mode = "raw_logprobs"
         self._awake = {"weights": True, "kv_cache": True}

@@ -90,14 +90,19 @@ def _split(text: str, allowed, what: str) -> list[str]:
 
 
 def _git() -> tuple[str | None, bool | None]:
+    """(commit, dirty). Where the checkout has no git metadata (a copied working tree), the commit
+    comes from UPG_BENCH_GIT_COMMIT, set by whoever copied it, and dirty is unknown (None)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                timeout=10).stdout.strip() or None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
-        return commit, dirty
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                           timeout=10)
+        commit = r.stdout.strip() if r.returncode == 0 else ""
+        if commit:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                                   capture_output=True, text=True, timeout=10).stdout.strip() != ""
+            return commit, dirty
     except Exception:
-        return None, None
+        pass
+    return os.environ.get("UPG_BENCH_GIT_COMMIT") or None, None
 
 
 def _driver() -> str | None:

@@ -20,7 +20,9 @@
 #   --out DIR     output folder (default: $OUT if set, else bench/results/<date>-<device>)
 #   -- ARGS       appended to the bench command line (later options win), e.g.
 #                 -- --ops logprobs,hpt      or      -- --N 32768 --shapes llama3-8b
-# Environment: TOTAL_S (540), TEST_S (cap on the GPU tests, 90), WHEELS (bench/wheels).
+# Environment: TOTAL_S (540), TEST_S (cap on the GPU tests, 90), WHEELS (bench/wheels),
+#   UPG_BENCH_GIT_COMMIT (the commit to record when the copied checkout has no .git),
+#   ALLOW_CPU=1 (dry run without a GPU; pass small shapes after --, e.g. -- --shapes tiny --N 256).
 set -uo pipefail
 
 T0=$(date +%s)
@@ -63,12 +65,24 @@ log "checkout $ROOT, mode $MODE, budget ${TOTAL_S}s, output $OUT_DIR"
 # ---------------------------------------------------------------- environment
 {
     echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-    echo "git: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null) $(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null | wc -l | tr -d ' ') modified tracked files"
+    if git -C "$ROOT" rev-parse HEAD >/dev/null 2>&1; then
+        echo "git: $(git -C "$ROOT" rev-parse HEAD) $(git -C "$ROOT" status --porcelain --untracked-files=no | wc -l | tr -d ' ') modified tracked files"
+    else
+        echo "git: no git metadata here; UPG_BENCH_GIT_COMMIT=${UPG_BENCH_GIT_COMMIT:-unset}"
+    fi
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv 2>&1
     $PY -c "import sys, torch, triton; print('python', sys.version.split()[0]); print('torch', torch.__version__, 'cuda', torch.version.cuda); print('triton', triton.__version__); print('gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
     $PY -m pip list 2>/dev/null | grep -i -E "^(torch|triton|pytest|pytest-benchmark|matplotlib|transformers|liger|cut)" 
 } > "$OUT_DIR/env.txt" 2>&1
 cat "$OUT_DIR/env.txt" | tee -a "$LOG"
+
+if ! $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    if [ "${ALLOW_CPU:-0}" != 1 ]; then
+        log "ERROR: no CUDA device visible to torch; this script is for a GPU machine (ALLOW_CPU=1 for a dry run with small shapes)"
+        exit 1
+    fi
+    log "WARNING: no CUDA device: CPU dry run (ALLOW_CPU=1)"
+fi
 
 # ---------------------------------------------------------------- peer wheels (offline)
 SITE=/tmp/upg_bench_site

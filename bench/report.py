@@ -59,7 +59,8 @@ def header_lines(meta: dict) -> list[str]:
         f"device: {meta.get('device')} | driver {meta.get('driver')} | torch {meta.get('torch')} | "
         f"triton {meta.get('triton')} | liger-kernel {meta.get('liger_kernel')} | "
         f"cut-cross-entropy {meta.get('cut_cross_entropy')}",
-        f"commit {meta.get('git_commit')}{' (dirty tree)' if meta.get('git_dirty') else ''} | "
+        f"commit {meta.get('git_commit')}"
+        f"{' (dirty tree)' if meta.get('git_dirty') else (' (tree state unknown)' if meta.get('git_dirty') is None else '')} | "
         f"date {meta.get('date')} | python {meta.get('python')}",
     ]
     if peak:

@@ -124,3 +124,17 @@ def test_terminal_table_marks_non_ok_rows():
              "status": "missing: cut-cross-entropy not installed"}]
     table = report.terminal_table(rows)
     assert "missing: cut-cross-entropy not installed" in table
+
+
+def test_gpu_run_script_is_valid_bash_and_its_wheels_are_there():
+    import pathlib
+    import shutil
+    import subprocess
+    root = pathlib.Path(__file__).resolve().parent.parent
+    script = root / "bench" / "gpu_run.sh"
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    wheels = sorted(p.name for p in (root / "bench" / "wheels").glob("*.whl"))
+    assert any(w.startswith("liger_kernel-") for w in wheels), wheels
+    assert any(w.startswith("cut_cross_entropy-") for w in wheels), wheels

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, logits_tile,
-                                     upcast_dot)
+                                     num_sms, upcast_dot)
 
 # float32 dweight accumulation buffer per launch (bf16/fp16 weights); see docs/kernels.md
 DW_SLAB_BYTES = 16 * 2**20
@@ -123,9 +123,15 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
                 dw_ptrs += BLOCK_H
 
 
-def _slab_rows(V: int, H: int, block_v: int) -> int:
+def _slab_rows(V: int, H: int, block_v: int, n_blocks: int = 1 << 30, sms: int = 1) -> int:
+    """Vocabulary rows per backward launch: ``DW_SLAB_BYTES`` of float32 dW, grown (up to 4x)
+    when few token blocks would leave the GPU under two waves of programs."""
     budget = int(os.environ.get("UPG_KERNELS_TRITON_DW_SLAB_BYTES", DW_SLAB_BYTES))
-    rows = max(block_v, (budget // (4 * max(H, 1))) // block_v * block_v)
+    row_bytes = 4 * max(H, 1)
+    rows = max(block_v, (budget // row_bytes) // block_v * block_v)
+    fill = triton.cdiv(2 * sms, n_blocks) * block_v
+    if fill > rows and "UPG_KERNELS_TRITON_DW_SLAB_BYTES" not in os.environ:
+        rows = max(rows, min(fill, (4 * budget // row_bytes) // block_v * block_v))
     return min(rows, triton.cdiv(V, block_v) * block_v)
 
 
@@ -168,12 +174,12 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
         dh_buf = dh if h_fp32 else torch.zeros(M, H, dtype=torch.float32, device=dev)
     db_buf = torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None
     w_fp32 = weight.dtype == torch.float32
-    slab = (_slab_rows(V, H, cfg.block_v) if need_weight
+    n_blocks = triton.cdiv(M, cfg.block_n)
+    slab = (_slab_rows(V, H, cfg.block_v, n_blocks, num_sms(dev)) if need_weight
             else triton.cdiv(V, cfg.block_v) * cfg.block_v)
     dw_buf = None
     if need_weight and not w_fp32:
         dw_buf = torch.empty(min(slab, V), H, dtype=torch.float32, device=dev)
-    n_blocks = triton.cdiv(M, cfg.block_n)
     dummy = lse  # any tensor for pointers that a constexpr flag leaves unused
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
         for v0 in range(0, V, slab):

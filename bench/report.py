@@ -145,7 +145,7 @@ def plot(meta: dict, rows: list[dict], path: str | os.PathLike) -> str | None:
                     xpos = si - 0.4 + width * (ii + 0.5)
                     v = r.get(key) if r.get("status") == "ok" else None
                     if v is None:
-                        label = "n/a" if str(r.get("status", "")).startswith("n/a") else "x"
+                        label = str(r.get("status", "")).split(":")[0] if r.get("status") != "ok" else "-"
                         ax.text(xpos, 0, f"{name} {label}", ha="center", va="bottom", fontsize=6,
                                 color=colors[name], rotation=90)
                         continue
@@ -163,10 +163,10 @@ def plot(meta: dict, rows: list[dict], path: str | os.PathLike) -> str | None:
             if uniq:
                 ax.legend(uniq.values(), uniq.keys(), fontsize=7)
     fig.suptitle(f"upg-kernels bench on {meta.get('device')} ({meta.get('date')}, commit "
-                 f"{str(meta.get('git_commit'))[:10]})\nx = no number (see the table's status), n/a = not applicable"
+                 f"{str(meta.get('git_commit'))[:10]})\nno bar: the row's status is written in its place (see the table)"
                  + ("; CPU: smoke numbers, not performance claims" if meta.get("device_type") != "cuda" else ""),
                  fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.25 / max(1, len(groups))))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / (3.6 * len(groups))))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return str(path)

@@ -252,14 +252,19 @@ def test_sleep_wake_sync_order(monkeypatch, tiny):
     eng, fake = _engine(monkeypatch, tiny)
     model = tiny[0]
     fake.log.clear()
-    eng.generate([[1, 2, 3]], n=2, max_new_tokens=4)   # already awake: no wake_up
+    eng.generate([[1, 2, 3]], n=2, max_new_tokens=4)   # already awake, weights current: no wake_up
     eng.sleep()
     eng.sleep()                                          # idempotent
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(1.0)                                  # "optimizer step"
-    eng.sync_weights(model)                              # wakes the weights only
-    eng.wake()                                           # then the KV cache
+            p.add_(1.0)                                  # "optimizer step" (first mini-batch)
+    eng.sync_weights(model)                              # deferred: nothing happens yet
+    assert fake.log == [("generate", 1), ("sleep", 1)]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)                                  # second mini-batch
+    eng.sync_weights(model)
+    eng.wake()                                           # weights woken alone, pushed once, then KV cache
     eng.wake()                                           # idempotent
     eng.generate([[1, 2, 3]], n=2, max_new_tokens=4)
     nparams = len(list(model.parameters()))
@@ -270,7 +275,16 @@ def test_sleep_wake_sync_order(monkeypatch, tiny):
     ]
     inner = fake.instances[0].inner
     for n, p in model.named_parameters():
-        assert torch.equal(inner.loaded[n], p.detach())
+        assert torch.equal(inner.loaded[n], p.detach())  # the latest weights
+
+
+def test_generate_pushes_stale_weights_when_awake(monkeypatch, tiny):
+    eng, fake = _engine(monkeypatch, tiny)
+    fake.log.clear()
+    eng.sync_weights(tiny[0])
+    eng.generate([[1]], n=1, max_new_tokens=2)
+    nparams = len(list(tiny[0].parameters()))
+    assert fake.log == [("load_weights", nparams), ("reset_prefix_cache",), ("generate", 1)]
 
 
 def test_generate_wakes_a_sleeping_engine(monkeypatch, tiny):
@@ -286,21 +300,23 @@ def test_wake_up_without_tags_falls_back(monkeypatch, tiny):
     eng.sleep()
     fake.log.clear()
     eng.sync_weights(tiny[0])
-    eng.wake()  # everything already awake after the untagged fallback
-    assert fake.log[0] == ("wake_up", None) and ("wake_up", ("kv_cache",)) not in fake.log
+    eng.wake()  # untagged wake_up wakes everything: no second wake_up for the KV cache
+    assert fake.log[0] == ("wake_up", None) and [e for e in fake.log if e[0] == "wake_up"] == [("wake_up", None)]
 
 
-def test_sleep_level_2_requires_sync_before_wake(monkeypatch, tiny):
+def test_sleep_level_2_repushes_on_wake(monkeypatch, tiny):
     fake = make_fake_vllm()
     monkeypatch.setitem(sys.modules, "vllm", fake)
     from upg_trainer.rollout.vllm_engine import VLLMEngine
     eng = VLLMEngine(*tiny, sleep_level=2)
+    eng.generate([[1]], n=1, max_new_tokens=2)
     eng.sleep()
     assert fake.log[-1] == ("sleep", 2)
-    with pytest.raises(RuntimeError, match="sync_weights"):
-        eng.generate([[1]], n=1, max_new_tokens=2)
-    eng.sync_weights(tiny[0])
-    eng.generate([[1]], n=1, max_new_tokens=2)
+    fake.log.clear()
+    eng.generate([[1]], n=1, max_new_tokens=2)  # weights were dropped: pushed again without a sync_weights call
+    nparams = len(list(tiny[0].parameters()))
+    assert fake.log == [("wake_up", ("weights",)), ("load_weights", nparams), ("reset_prefix_cache",),
+                        ("wake_up", ("kv_cache",)), ("generate", 1)]
 
 
 @pytest.mark.parametrize("accept", [False, "raw_only"])

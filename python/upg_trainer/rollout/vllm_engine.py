@@ -12,7 +12,8 @@ Life cycle, per training step (the trainer drives it through the ``RolloutEngine
     rollouts = engine.generate(prompts, n, max_new_tokens, temperature, top_p, seed)
     engine.sleep()                # level 1: weights to CPU RAM, KV cache dropped
     ... forward / backward / optimizer.step() on the trainer ...
-    engine.sync_weights(model)    # wakes only the weights, pushes the new ones; KV cache stays asleep
+    engine.sync_weights(model)    # marks the weights stale; the next wake() pushes them first
+                                  # (weights woken alone, pushed, then the KV cache)
 
 Design points:
 
@@ -25,11 +26,12 @@ Design points:
   ``stop_token_ids``.
 - Sampler log-probs: ``SamplingParams(logprobs=0)`` returns the log-prob of each sampled token. vLLM's
   V1 engine reports *raw* log-probs (before temperature) unless the engine is built with
-  ``logprobs_mode="processed_logprobs"``, which this engine requests (vLLM >= 0.10.2 accepts it). Then
+  ``logprobs_mode="processed_logprobs"``, which this engine requests (recent vLLM releases accept it; which release added it was not checked
+  here, the engine falls back when it is refused). Then
   the log-probs are those of ``softmax(logits / T)`` restricted to the top-p nucleus when ``top_p < 1``
   (vLLM renormalises over the nucleus; with ``top_p = 1``, the HPT setting, they are exactly
   ``log_softmax(logits / T)``, what the trainer computes). Each rollout records which in
-  ``extra["logprobs_mode"]``. With an older vLLM (no ``logprobs_mode``) log-probs are kept only when
+  ``extra["logprobs_mode"]``. With a vLLM that refuses it log-probs are kept only when
   ``temperature == 1``, otherwise ``logprobs`` is None and the trainer falls back to its own.
 - Weight push: ``llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(...)``
   with transformers parameter names (vLLM maps them to its fused layers, e.g. q/k/v -> qkv_proj), one
@@ -83,8 +85,8 @@ class VLLMEngine:
         gpu_memory_utilization: fraction of the GPU vLLM may take (weights + KV cache).
         max_model_len: longest prompt + completion (default: the model config's).
         dtype: vLLM dtype (default: the trainer model's parameter dtype).
-        sleep_level: 1 (weights kept in CPU RAM while asleep) or 2 (weights discarded; every ``wake``
-            must be preceded by ``sync_weights``, which the trainer does after each optimizer step).
+        sleep_level: 1 (weights kept in CPU RAM while asleep) or 2 (weights discarded and pushed again
+            from the trainer's model at the next ``wake``).
         enable_sleep_mode: False runs without sleep/wake (``sleep``/``wake`` become no-ops).
         seed: vLLM's engine seed (offset by the rank under torchrun).
         enforce_eager: disable CUDA graphs (slower sampling, faster start, less memory).
@@ -143,7 +145,10 @@ class VLLMEngine:
         self._awake = {"weights": True, "kv_cache": True}
         self._weights_valid = False
         self._warned = False
+        self._model = None
+        self._stale = False
         self.sync_weights(model)
+        self._push()  # vLLM was built with dummy weights: give it the trainer's now
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -227,22 +232,34 @@ class VLLMEngine:
             self._awake[t] = True
 
     def wake(self) -> None:
-        if not self.sleep_enabled:
-            return
-        if self.sleep_level == 2 and not self._weights_valid:
-            raise RuntimeError("VLLMEngine: sleep_level=2 discarded the weights; call sync_weights(model) "
-                               "before wake()/generate()")
-        self._wake(["weights", "kv_cache"])
+        """Weights (re-pushed first when stale or dropped by sleep level 2) and KV cache back on the GPU.
+
+        Collective under FSDP2 when a push is due: every rank calls it in step (the trainer does)."""
+        if self._stale or not self._weights_valid:
+            self._push()
+        if self.sleep_enabled:
+            self._wake(["weights", "kv_cache"])
 
     def sync_weights(self, model) -> None:
-        """Push ``model``'s current weights into vLLM (collective under FSDP2: call it on every rank)."""
+        """Record that vLLM must sample from ``model``'s current weights.
+
+        The push itself happens at the next ``wake()`` / ``generate()``: the trainer calls this after
+        every optimizer update (two per step with two mini-batches), and only the last one before a
+        rollout matters; deferring it also keeps vLLM's weights off the GPU during the updates."""
+        self._model = model
+        self._stale = True
+
+    def _push(self) -> None:
         from .. import distributed as D
+        if self._model is None:
+            raise RuntimeError("VLLMEngine: no model to take weights from; call sync_weights(model)")
         if self.sleep_enabled:
             self._wake(["weights"])  # only the weights: the KV cache stays released until wake()
         target = self._inner_model()
-        target.load_weights(D.iter_full_params(model))
-        self.llm.reset_prefix_cache()
+        target.load_weights(D.iter_full_params(self._model))  # one full parameter at a time
+        self.llm.reset_prefix_cache()  # cached prefixes were computed with the old weights
         self._weights_valid = True
+        self._stale = False
 
     def generate(self, prompts: list[list[int]], n: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0,

@@ -139,11 +139,14 @@ def _reduce(value, op, mean: bool):
     is_tensor = isinstance(value, torch.Tensor)
     if not is_distributed():
         return value.clone() if is_tensor else float(value)
+    # NCCL reduces CUDA tensors only: CPU inputs travel to this rank's GPU and back
+    comm_dev = device() if dist.get_backend() == "nccl" else torch.device("cpu")
     if is_tensor:
-        t = value.detach().clone()
+        home = value.device
+        t = value.detach().to(comm_dev, copy=True)
     else:
-        dev = device() if dist.get_backend() == "nccl" else torch.device("cpu")
-        t = torch.tensor(float(value), dtype=torch.float64, device=dev)
+        home = None
+        t = torch.tensor(float(value), dtype=torch.float64, device=comm_dev)
     orig_dtype = t.dtype
     if not t.is_floating_point():
         t = t.to(torch.float64)
@@ -152,7 +155,8 @@ def _reduce(value, op, mean: bool):
         t = t / dist.get_world_size()
     if is_tensor:
         # integer input: the sum keeps its dtype, the mean is a float64 tensor
-        return t.to(orig_dtype) if (not mean and not orig_dtype.is_floating_point) else t
+        t = t.to(orig_dtype) if (not mean and not orig_dtype.is_floating_point) else t
+        return t.to(home)
     return float(t.item())
 
 

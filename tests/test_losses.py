@@ -190,6 +190,17 @@ EXTRA_CONFIGS = [
     ("chi2_sft", dict(fdiv_beta=1.0)),
     ("hellinger_sft", dict(fdiv_beta=1.0)),   # u above the 1/2 cap on some tokens
     ("hpt_release", dict(entropy_coef=0.05)),
+    # bias-corrected KL (TRL/Liger use_bias_correction_kl): token and sequence ratio, delta, k2
+    ("grpo", dict(kl_coef=0.05, kl_bias_correction=True)),
+    ("gspo", dict(kl_coef=0.05, kl_bias_correction=True)),
+    ("dapo", dict(kl_coef=0.1, kl_type="k2", kl_bias_correction=True, delta=1.3)),
+    ("cispo", dict(kl_coef=0.05, kl_bias_correction=True, rollout_is="token_truncate")),
+    ("luspo", dict(kl_coef=0.05, kl_bias_correction=True)),
+    ("luspo", dict(ratio_level="token", stabilization="clip")),
+    ("vespo", dict(kl_coef=0.05, kl_bias_correction=True)),
+    ("vespo", dict(rollout_is="token_truncate", rollout_is_cap=1.5)),
+    ("vespo", dict(rollout_is="token_mask", rollout_is_cap=1.5)),
+    ("vespo", dict(vespo_k_pos=0.5, vespo_lambda_pos=0.7, vespo_k_neg=1.0, vespo_lambda_neg=5.0)),
 ]
 
 
@@ -468,6 +479,13 @@ def test_unknown_preset_and_field():
     (dict(likelihood="dft", reference="old"), "needs reference='current'"),
     (dict(max_completion_length=0), "max_completion_length"),
     (dict(dual_clip=0.5), "dual_clip"),
+    (dict(stabilization="vespo", reference="old", ratio_level="sequence"), "not supported"),
+    (dict(stabilization="vespo", reference="old", rollout_is="sequence_truncate"), "vespo.*token_truncate"),
+    (dict(stabilization="vespo", reference="old", vespo_lambda_pos=0.0), "vespo_lambda_pos must be > 0"),
+    (dict(stabilization="vespo", reference="old", vespo_k_neg=-1.0), "vespo_k_neg must be >= 0"),
+    (dict(vespo_k_pos=float("inf")), "vespo_k_pos must be a finite number"),
+    (dict(kl_bias_correction=1), "kl_bias_correction must be a bool"),
+    (dict(kl_bias_correction=True, kl_coef=0.1), "kl_bias_correction.*needs reference='old'"),
 ])
 def test_config_validation(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -629,7 +647,7 @@ from hypothesis import strategies as st  # noqa: E402
 @st.composite
 def random_configs(draw):
     reference = draw(st.sampled_from(["current", "old", "one", "shaped"]))
-    stab = draw(st.sampled_from(["none", "clip", "cispo", "sapo"])) if reference == "old" else "none"
+    stab = draw(st.sampled_from(["none", "clip", "cispo", "sapo", "vespo"])) if reference == "old" else "none"
     level = draw(st.sampled_from(["token", "sequence"])) if stab in ("none", "clip") and reference == "old" \
         else "token"
     like = draw(st.sampled_from(["logp", "dft", "chi2", "hellinger"])) if reference == "current" else "logp"
@@ -647,6 +665,9 @@ def random_configs(draw):
               demo_coef=0.5, rl_coef=1.5)
     if kw["demo_part"] == "shaped" and kw["advantage"] == "one":
         kw["advantage"] = "given"
+    if stab == "vespo" and kw["rollout_is"] == "sequence_mask":
+        kw["rollout_is"] = "token_mask"
+    kw["kl_bias_correction"] = draw(st.booleans()) if reference == "old" else False
     return LossConfig(**kw), draw(st.integers(0, 10_000))
 
 
@@ -701,3 +722,43 @@ def test_luffy_joint_token_normalization_via_part_weights():
     # the same quantity written directly: sum of all per-token losses / all valid tokens
     direct = (out.metrics["loss_main"] * n_on + out.metrics["loss_demo"] * n_off) / (n_on + n_off)
     assert joint.loss.item() == pytest.approx(direct, rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------- VESPO / bias-corrected KL
+@pytest.mark.parametrize("shape", ["row", "row1", "token"])
+def test_vespo_folds_is_ratio_into_the_sequence_weight(shape):
+    """VESPO: is_ratio ([B], [B, 1] or [B, T]) enters phi in log space and does not multiply the loss."""
+    cfg, hid, w, b, tgt, kw = make_case("vespo", 21, dtype=torch.float64, overrides=dict(kl_coef=0.05))
+    g = torch.Generator().manual_seed(22)
+    isr = torch.rand(B, T, generator=g, dtype=torch.float64) * 1.5 + 0.25
+    isr[2, 1] = 0.0    # a masked-out IS token (token_mask): log floor 1e-8
+    kw["is_ratio"] = {"row": isr[:, 0], "row1": isr[:, :1], "token": isr}[shape]
+    out, gh, gw, gb = run_ours(cfg, hid, w, b, tgt, kw)
+    loss_r, m_r, lp_r, ent_r, coef_r, gh_r, gw_r, gb_r = run_ref(cfg, hid, w, b, tgt, kw)
+    assert abs(out.loss.item() - loss_r.item()) <= 1e-11 * max(1.0, abs(loss_r.item()))
+    for a, r in ((gh, gh_r), (gw, gw_r), (gb, gb_r)):
+        assert (a - r).abs().max() <= 1e-9 * max(1.0, float(r.abs().max()))
+    for k, v in m_r.items():
+        assert abs(out.metrics[k] - v) <= 1e-11 * max(1.0, abs(v)), k
+    assert torch.equal(out.coef_logp == 0, coef_r == 0)
+    # phi(1) = 1: on-policy without IS weights, the policy coefficient is exactly A
+    base = unified_policy_loss(hid, w, tgt, config=cfg.replace(kl_coef=0.0), bias=b,
+                               loss_mask=kw["loss_mask"], advantages=torch.linspace(-1, 1, B, dtype=torch.float64))
+    assert base.metrics["vespo_phi_mean"] == 1.0
+
+
+def test_bias_corrected_kl_on_policy_value_and_gradient():
+    """On-policy (old = sg(logp)) the ratio is 1 in value, so the loss equals the uncorrected one, while the
+    KL coefficient gains kl_coef * k(d) per token / n (the ratio's gradient)."""
+    cfg, hid, w, b, tgt, kw = make_case("bnpo", 23, dtype=torch.float64, overrides=dict(kl_coef=0.2))
+    kw.pop("old_logprobs")
+    plain = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, **kw)
+    corr = unified_policy_loss(hid, w, tgt, config=cfg.replace(kl_bias_correction=True), bias=b, **kw)
+    assert corr.loss.item() == pytest.approx(plain.loss.item(), rel=1e-14, abs=1e-15)
+    d = plain.logprobs - kw["ref_logprobs"]
+    k3 = torch.exp(-d) + d - 1
+    valid = kw["loss_mask"] & (tgt != -100)
+    n = valid.sum()
+    want = plain.coef_logp - torch.where(valid, 0.2 * k3 / n, torch.zeros_like(k3))
+    torch.testing.assert_close(corr.coef_logp, want, rtol=1e-12, atol=1e-15)
+    assert torch.equal(corr.coef_logp[~valid], torch.zeros_like(corr.coef_logp[~valid]))

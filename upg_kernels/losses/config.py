@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Optional
 
-STABILIZATIONS = ("none", "clip", "seq_clip", "cispo", "sapo")
+STABILIZATIONS = ("none", "clip", "seq_clip", "cispo", "sapo", "vespo")
 REFERENCES = ("current", "old", "one", "shaped")
 ADVANTAGES = ("one", "given", "mean_std", "mean", "rloo", "batch_std")
 GROUP_ADVANTAGES = ("mean_std", "mean", "rloo", "batch_std")
@@ -36,7 +36,9 @@ class LossConfig:
       optional ``delta`` upper cap on ``r`` and the optional ``dual_clip`` c for ``A < 0``);
       ``"seq_clip"`` (GSPO: the clip on the sequence ratio; implies ``ratio_level="sequence"``);
       ``"cispo"`` (``-sg(min(r, eps_high)) A logp``: no min, clipped tokens keep their gradient);
-      ``"sapo"`` (soft gate ``-(4/tau) sigmoid(tau (r - 1)) A``, ``tau_pos``/``tau_neg``).
+      ``"sapo"`` (soft gate ``-(4/tau) sigmoid(tau (r - 1)) A``, ``tau_pos``/``tau_neg``);
+      ``"vespo"`` (``-sg(phi(w_i)) A logp`` with VESPO's gamma weight ``phi(w) = e^lam w^k e^(-lam w)`` of
+      the sequence ratio ``w_i = exp(sum_t m (logp - old))``, ``vespo_k_*``/``vespo_lambda_*``).
       Everything but ``"none"`` needs ``reference="old"``.
     - ``reference`` (the denominator ``pi_ref``): ``"current"`` (``pi_theta``: gradient of log pi,
       SFT/REINFORCE, the loss is ``-A * likelihood(logp)``); ``"old"`` (``pi_old``: the ratio
@@ -49,6 +51,9 @@ class LossConfig:
     - ``likelihood`` (only with ``reference="current"``): ``"logp"`` (NLL), ``"dft"``
       (``sg(p) * logp``), ``"chi2"`` / ``"hellinger"`` (the f-divergence SFT objectives with the
       implicit reward ``u = fdiv_beta * (logp - ref)``; docs/losses.md has the derivation).
+
+    ``kl_bias_correction`` multiplies the KL term by the (unclamped, differentiable) ratio ``r`` (token or
+    sequence level, as ``ratio_level``): ``kl_coef * kl * r`` (TRL/Liger ``use_bias_correction_kl``).
 
     Aggregation (``m`` the mask, over the main rows only): ``"token_mean"`` ``sum(l m)/sum(m)``
     (or ``/ num_items_in_batch`` when given: DAPO), ``"seq_mean_token_mean"`` (GRPO),
@@ -78,11 +83,17 @@ class LossConfig:
     dual_clip: Optional[float] = None
     tau_pos: float = 1.0
     tau_neg: float = 1.05
+    # VESPO gamma weight phi(w) = exp(lam + k log w - lam w) (phi(1) = 1); *_pos for A >= 0, *_neg for A < 0
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
     # advantage estimation from rewards
     adv_eps: float = 1e-4
     # extra terms
     kl_type: str = "k3"
     kl_coef: float = 0.0
+    kl_bias_correction: bool = False
     entropy_coef: float = 0.0
     # rollout (sampler vs trainer) importance correction
     rollout_is: Optional[str] = None
@@ -131,6 +142,15 @@ class LossConfig:
             number(n, nonneg=True)
         for n in ("tau_pos", "tau_neg", "rollout_is_cap", "fdiv_beta", "shaping_gamma"):
             number(n, positive=True)
+        for n in ("vespo_k_pos", "vespo_k_neg"):
+            number(n, nonneg=True)
+        for n in ("vespo_lambda_pos", "vespo_lambda_neg"):
+            number(n, positive=True)
+        if not isinstance(self.kl_bias_correction, bool):
+            raise ValueError(f"LossConfig.kl_bias_correction must be a bool, got {self.kl_bias_correction!r}")
+        if self.kl_bias_correction and self.reference != "old":
+            raise ValueError("LossConfig.kl_bias_correction multiplies the KL term by the ratio pi/pi_old and "
+                             f"needs reference='old', got reference={self.reference!r}")
         number("delta", positive=True, optional=True)
         number("dual_clip", positive=True, optional=True)
         number("hpt_gamma", nonneg=True, optional=True)
@@ -141,9 +161,13 @@ class LossConfig:
         if self.stabilization != "none" and self.reference != "old":
             raise ValueError(f"LossConfig.stabilization={self.stabilization!r} acts on the ratio "
                              f"pi/pi_old and needs reference='old', got reference={self.reference!r}")
-        if self.ratio_level == "sequence" and self.stabilization in ("cispo", "sapo"):
+        if self.ratio_level == "sequence" and self.stabilization in ("cispo", "sapo", "vespo"):
             raise ValueError(f"LossConfig.ratio_level='sequence' is not supported with "
                              f"stabilization={self.stabilization!r} (token level only, as in TRL/Liger)")
+        if self.stabilization == "vespo" and self.rollout_is is not None and self.rollout_is.startswith("sequence"):
+            raise ValueError(f"LossConfig.stabilization='vespo' folds token-level rollout IS weights into its "
+                             f"sequence weight; rollout_is={self.rollout_is!r} is not supported (use "
+                             "'token_truncate' or 'token_mask', as TRL requires)")
         if self.ratio_level == "sequence" and self.reference != "old":
             raise ValueError("LossConfig.ratio_level='sequence' needs reference='old' (a sequence "
                              f"ratio pi/pi_old), got reference={self.reference!r}")
@@ -243,6 +267,15 @@ PRESETS: dict[str, dict] = {
     "sapo": dict(stabilization="sapo", reference="old", advantage="mean_std", likelihood="logp",
                  aggregation="seq_mean_token_mean", tau_pos=1.0, tau_neg=1.05,
                  description="TRL/Liger loss_type='sapo'"),
+    "luspo": dict(stabilization="seq_clip", reference="old", advantage="mean_std", likelihood="logp",
+                  aggregation="seq_mean_token_sum", ratio_level="sequence", eps_low=3e-4, eps_high=4e-4,
+                  description="LUSPO: GSPO with each sequence's loss times its length (TRL/Liger "
+                              "loss_type='luspo'); eps as GSPO's"),
+    "vespo": dict(stabilization="vespo", reference="old", advantage="mean_std", likelihood="logp",
+                  aggregation="token_mean", vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+                  vespo_lambda_neg=2.0,
+                  description="VESPO: -sg(phi(w_seq)) A logp, gamma weight of the sequence ratio "
+                              "(TRL/Liger loss_type='vespo')"),
     "luffy": dict(stabilization="clip", reference="old", advantage="mean_std", likelihood="logp",
                   aggregation="token_mean", demo_part="shaped", shaping_gamma=0.1,
                   description="LUFFY: demo rows -A p/(p+0.1), rollouts PPO clip"),

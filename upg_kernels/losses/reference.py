@@ -61,6 +61,22 @@ def _kl(d, kind):
     return torch.exp(-d) + d - 1
 
 
+def _vespo_phi_reference(log_w, a, cfg):
+    """VESPO gamma weight for one sequence (python floats): phi(w) = e^lam * w^k * e^(-lam w)."""
+    floor = math.log(1e-8)
+    log_w = min(max(log_w, floor), 20.0)
+    if a >= 0:
+        k, lam = cfg.vespo_k_pos, cfg.vespo_lambda_pos
+    else:
+        k, lam = cfg.vespo_k_neg, cfg.vespo_lambda_neg
+    lam = max(lam, 1e-4)
+    try:
+        phi = math.exp(lam + k * log_w - lam * math.exp(log_w))
+    except OverflowError:
+        return 0.0
+    return phi if math.isfinite(phi) else 0.0
+
+
 def unified_policy_loss_reference(hidden, weight, targets, *, config, loss_mask=None, advantages=None,
                                   rewards=None, group_size=None, group_ids=None, old_logprobs=None,
                                   ref_logprobs=None, rollout_logprobs=None, is_demo=None, bias=None,
@@ -131,7 +147,23 @@ def unified_policy_loss_reference(hidden, weight, targets, *, config, loss_mask=
 
     # ---- main part
     main_terms = {}     # (i, t) -> per-token loss tensor
-    ratios, lows, highs, duals, kls, isws = {}, {}, {}, {}, {}, {}
+    ratios, lows, highs, duals, kls, isws, phis = {}, {}, {}, {}, {}, {}, {}
+
+    def is_ratio_at(i, t):
+        ir = is_ratio.to(f64)
+        if ir.dim() == 1:
+            return float(ir[i])
+        return float(ir[i, 0]) if ir.shape[1] == 1 else float(ir[i, t])
+
+    def rollout_weight(i, t, toks, olds):
+        if cfg.rollout_is.startswith("sequence"):
+            logw = sum(float(olds[s].detach()) - float(val(rollout_logprobs, i, s)) for s in toks)
+        else:
+            logw = float(olds[t].detach()) - float(val(rollout_logprobs, i, t))
+        w = math.exp(min(logw, 700.0))
+        if cfg.rollout_is.endswith("truncate"):
+            return min(w, cfg.rollout_is_cap)
+        return 0.0 if logw > math.log(cfg.rollout_is_cap) else w
     for i in main_rows:
         toks = [t for t in range(T) if valid[i][t]]
         if not toks:
@@ -144,9 +176,22 @@ def unified_policy_loss_reference(hidden, weight, targets, *, config, loss_mask=
             rs = {t: s for t in toks}
         elif cfg.reference == "old":
             rs = {t: torch.exp(lps[t] - olds[t]) for t in toks}
-        seq_logw = None
-        if cfg.rollout_is is not None and cfg.rollout_is.startswith("sequence"):
-            seq_logw = sum(float(olds[t].detach()) - float(val(rollout_logprobs, i, t)) for t in toks)
+        vespo_logw = None
+        if cfg.stabilization == "vespo":
+            # log of the sequence ratio prod_t pi/pi_old (token log-ratios clamped to [-20, 20]) times the
+            # sampler corrections, which VESPO folds in (each log clamped to [log 1e-8, 20])
+            floor = math.log(1e-8)
+
+            def clog(x):
+                return min(max(math.log(x), floor), 20.0) if x > 0 else floor
+            vespo_logw = sum(min(max(float(lps[t].detach()) - float(olds[t]), -20.0), 20.0) for t in toks)
+            if is_ratio is not None:
+                if is_ratio.dim() == 1 or is_ratio.shape[1] == 1 or flat:
+                    vespo_logw += clog(is_ratio_at(i, toks[0]))
+                else:
+                    vespo_logw += sum(clog(is_ratio_at(i, t)) for t in toks)
+            if cfg.rollout_is is not None:
+                vespo_logw += sum(clog(rollout_weight(i, t, toks, olds)) for t in toks)
         for t in toks:
             a = A[i][t]
             lp = lps[t]
@@ -171,6 +216,10 @@ def unified_policy_loss_reference(hidden, weight, targets, *, config, loss_mask=
                 elif cfg.stabilization == "cispo":
                     l = -min(rv, cfg.eps_high) * a * lp
                     highs[(i, t)] = float(rv > cfg.eps_high and a > 0)
+                elif cfg.stabilization == "vespo":
+                    phi = _vespo_phi_reference(vespo_logw, a, cfg)
+                    phis[(i, t)] = phi
+                    l = -phi * a * lp
                 else:
                     tau = cfg.tau_pos if a > 0 else cfg.tau_neg
                     l = -(4 / tau) * torch.sigmoid(tau * (r - 1)) * a
@@ -193,19 +242,15 @@ def unified_policy_loss_reference(hidden, weight, targets, *, config, loss_mask=
             else:
                 l = -a * p / (p + cfg.shaping_gamma)
             if cfg.rollout_is is not None:
-                logw = seq_logw if seq_logw is not None else float(olds[t].detach()) - float(val(rollout_logprobs, i, t))
-                w = math.exp(logw)
-                if cfg.rollout_is.endswith("truncate"):
-                    w = min(w, cfg.rollout_is_cap)
-                elif logw > math.log(cfg.rollout_is_cap):
-                    w = 0.0
+                w = rollout_weight(i, t, toks, olds)
                 isws[(i, t)] = w
-                l = l * w
-            if is_ratio is not None:
-                ir = is_ratio.to(f64)
-                w2 = float(ir[i]) if ir.dim() == 1 else (float(ir[i, 0]) if ir.shape[1] == 1 else float(ir[i, t]))
-                l = l * w2
+                if cfg.stabilization != "vespo":
+                    l = l * w
+            if is_ratio is not None and cfg.stabilization != "vespo":
+                l = l * is_ratio_at(i, t)
             k = _kl(lp - refs[t], cfg.kl_type)
+            if cfg.kl_bias_correction:
+                k = k * rs[t]          # the ratio itself (unclamped, with its gradient)
             kls[(i, t)] = float(k.detach())
             if cfg.kl_coef > 0:
                 l = l + cfg.kl_coef * k
@@ -287,6 +332,8 @@ def unified_policy_loss_reference(hidden, weight, targets, *, config, loss_mask=
     m["rollout_rows"] = float(len(main_rows))
     m["demo_rows"] = float(len(demo_rows))
     m["sft_share"] = len(demo_rows) / max(B, 1)
+    if cfg.stabilization == "vespo":
+        m["vespo_phi_mean"] = mean(phis)
     if cfg.rollout_is is not None:
         m["rollout_is_mean"] = mean(isws)
         m["rollout_is_zero_frac"] = mean({k: float(v == 0.0) for k, v in isws.items()})

@@ -227,12 +227,15 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
         raise ValueError(f"config.rollout_is={cfg.rollout_is!r} needs rollout_logprobs")
 
     isr = None
+    isr_rows = None   # [B, 1] when is_ratio is per sequence (VESPO folds it once per sequence)
     if is_ratio is not None:
         if not isinstance(is_ratio, torch.Tensor):
             raise TypeError("is_ratio must be a torch.Tensor or None")
         s = tuple(is_ratio.shape)
         if s in ((B,), (B, 1)):
-            isr = is_ratio.reshape(B, 1).to(dev, cd).expand(B, T)
+            isr_rows = is_ratio.reshape(B, 1).to(dev, cd)
+            isr_rows = torch.where(main_rows[:, None], isr_rows, torch.ones_like(isr_rows))
+            isr = isr_rows.expand(B, T)
         elif not flat and s == (B, T):
             isr = is_ratio.to(dev, cd)
         else:
@@ -285,7 +288,8 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     if logp.dtype != cd:   # autocast or an unexpected backend dtype: follow the kernel
         cd = logp.dtype
         adv = adv.to(cd)
-        old, ref, rol, isr = (None if x is None else x.to(cd) for x in (old, ref, rol, isr))
+        old, ref, rol, isr, isr_rows = (None if x is None else x.to(cd)
+                                        for x in (old, ref, rol, isr, isr_rows))
 
     # ---------------------------------------------------------------- sanitize (finite values only)
     # outside the valid tokens logp/H are replaced by 0 (a garbage hidden state at a masked
@@ -303,7 +307,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     with torch.enable_grad():
         lp = lp_d.clone().requires_grad_(True)
         H = ent_d.clone().requires_grad_(True)
-        total, parts, aux = _epilogue(cfg, lp, H, old, ref, rol, isr, adv, valid, main_tok, demo_tok,
+        total, parts, aux = _epilogue(cfg, lp, H, old, ref, rol, (isr, isr_rows), adv, valid, main_tok, demo_tok,
                                       main_rows, demo_rows, num_items_in_batch)
         g_lp, g_H = torch.autograd.grad(total, [lp, H], allow_unused=True)
     g_lp = torch.zeros_like(lp_d) if g_lp is None else g_lp.detach()
@@ -329,12 +333,54 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
 
 
 # ---------------------------------------------------------------------------------------------
-def _main_token_loss(cfg, lp, H, old, ref, rol, isr, adv, valid, main_tok):
+_VESPO_LOG_FLOOR = math.log(1e-8)
+
+
+def vespo_gamma_weight(log_w, adv, *, k_pos, lambda_pos, k_neg, lambda_neg):
+    """VESPO's gamma weight ``phi(w) = exp(lam + k log w - lam w)`` (so ``phi(1) = 1``), detached.
+
+    ``log_w`` is the log sequence ratio (any shape broadcasting with ``adv``); it is clamped to
+    ``[log 1e-8, 20]`` first. ``k, lam`` are the ``*_pos`` values where ``adv >= 0`` and the ``*_neg`` values
+    elsewhere; ``lam`` is floored at 1e-4 and a non-finite ``phi`` (overflow) becomes 0 -- the conventions
+    of TRL 1.16 / Liger 0.8.5 ``get_gamma_weights``.
+    """
+    with torch.no_grad():
+        log_w = torch.clamp(log_w.detach(), _VESPO_LOG_FLOOR, 20.0)
+        w = torch.exp(log_w)
+        nonneg = adv.detach() >= 0
+        one = torch.ones_like(adv, dtype=log_w.dtype)
+        k = torch.where(nonneg, k_pos * one, k_neg * one)
+        lam = torch.clamp(torch.where(nonneg, lambda_pos * one, lambda_neg * one), min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * w)
+        return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _rollout_weight(cfg, old, rol, main_tok):
+    """The detached sampler-vs-trainer IS weight of ``cfg.rollout_is`` (token or per-sequence, broadcast)."""
+    log_w = torch.where(main_tok, old - rol, torch.zeros_like(old))
+    if cfg.rollout_is.startswith("sequence"):
+        log_w = log_w.sum(-1, keepdim=True).expand_as(old)
+    log_cap = math.log(cfg.rollout_is_cap)
+    w_trunc = torch.exp(torch.clamp(log_w, max=log_cap))
+    if cfg.rollout_is.endswith("truncate"):
+        w = w_trunc
+    else:
+        w = torch.where(log_w <= log_cap, w_trunc, torch.zeros_like(w_trunc))
+    return w.detach()
+
+
+def _main_token_loss(cfg, lp, H, old, ref, rol, isr_pair, adv, valid, main_tok):
     """Per-token loss of the main part (before masking) and auxiliaries for the metrics."""
+    isr, isr_rows = isr_pair
     aux = {}
     A = adv
     p = torch.exp(lp)
     one = torch.ones_like(lp)
+    w_roll = None
+    if cfg.rollout_is is not None and rol is not None:
+        w_roll = _rollout_weight(cfg, old, rol, main_tok)
+        aux["rollout_w"] = w_roll
+    r = None
     if cfg.reference == "old":
         log_ratio = torch.where(main_tok, lp - old, torch.zeros_like(lp))
         if cfg.ratio_level == "sequence":
@@ -362,6 +408,25 @@ def _main_token_loss(cfg, lp, H, old, ref, rol, isr, adv, valid, main_tok):
             w = torch.clamp(r, max=cfg.eps_high).detach()
             loss = -w * A * lp
             high = (r.detach() > cfg.eps_high) & (A > 0)
+        elif st == "vespo":
+            # sequence log-ratio sum_t m clamp(logp - old, -20, 20); the sampler corrections (is_ratio,
+            # token rollout_is weights) are folded into it in log space instead of multiplying the loss
+            zero = torch.zeros_like(lp)
+            with torch.no_grad():
+                s = torch.where(main_tok, torch.clamp(lp - old, -20.0, 20.0), zero).sum(-1, keepdim=True)
+                if isr_rows is not None:
+                    s = s + torch.clamp(torch.log(isr_rows), _VESPO_LOG_FLOOR, 20.0)
+                elif isr is not None:
+                    s = s + torch.where(main_tok, torch.clamp(torch.log(isr), _VESPO_LOG_FLOOR, 20.0),
+                                        zero).sum(-1, keepdim=True)
+                if w_roll is not None:
+                    s = s + torch.where(main_tok, torch.clamp(torch.log(w_roll), _VESPO_LOG_FLOOR, 20.0),
+                                        zero).sum(-1, keepdim=True)
+            phi = vespo_gamma_weight(s, A, k_pos=cfg.vespo_k_pos, lambda_pos=cfg.vespo_lambda_pos,
+                                     k_neg=cfg.vespo_k_neg, lambda_neg=cfg.vespo_lambda_neg)
+            phi = phi.expand_as(lp)
+            aux["vespo_phi"] = phi
+            loss = -phi * A * lp
         else:  # sapo
             tau = torch.where(A > 0, cfg.tau_pos * one, cfg.tau_neg * one)
             loss = -(4.0 / tau) * torch.sigmoid(tau * (r - 1.0)) * A
@@ -384,34 +449,32 @@ def _main_token_loss(cfg, lp, H, old, ref, rol, isr, adv, valid, main_tok):
         loss = -A * p / (p + cfg.shaping_gamma)
 
     # rollout importance correction (sampler vs trainer), detached, on the policy term only
-    if cfg.rollout_is is not None and rol is not None:
-        log_w = torch.where(main_tok, old - rol, torch.zeros_like(lp))
-        if cfg.rollout_is.startswith("sequence"):
-            log_w = log_w.sum(-1, keepdim=True).expand_as(lp)
-        log_cap = math.log(cfg.rollout_is_cap)
-        w_trunc = torch.exp(torch.clamp(log_w, max=log_cap))
-        if cfg.rollout_is.endswith("truncate"):
-            w = w_trunc
-        else:
-            w = torch.where(log_w <= log_cap, w_trunc, torch.zeros_like(w_trunc))
-        w = w.detach()
-        aux["rollout_w"] = w
-        loss = loss * w
-    if isr is not None:
-        loss = loss * isr
+    # (VESPO folded both corrections into its sequence weight above)
+    if cfg.stabilization != "vespo":
+        if w_roll is not None:
+            loss = loss * w_roll
+        if isr is not None:
+            loss = loss * isr
+    # KL to the reference, optionally times the (unclamped, differentiable) ratio: the bias-corrected
+    # estimator of TRL/Liger use_bias_correction_kl
     if cfg.kl_coef > 0:
         kl = _kl(lp - ref, cfg.kl_type)
+        if cfg.kl_bias_correction:
+            kl = kl * r
         loss = loss + cfg.kl_coef * kl
-    aux["kl"] = _kl(lp - ref, cfg.kl_type).detach()
+    kl_m = _kl(lp - ref, cfg.kl_type).detach()
+    if cfg.kl_bias_correction:
+        kl_m = kl_m * r.detach()
+    aux["kl"] = kl_m
     if cfg.entropy_coef > 0:
         loss = loss - cfg.entropy_coef * H
     return loss, aux
 
 
-def _epilogue(cfg, lp, H, old, ref, rol, isr, adv, valid, main_tok, demo_tok, main_rows, demo_rows,
+def _epilogue(cfg, lp, H, old, ref, rol, isr_pair, adv, valid, main_tok, demo_tok, main_rows, demo_rows,
               num_items):
     zero = torch.zeros_like(lp)
-    ell, aux = _main_token_loss(cfg, lp, H, old, ref, rol, isr, adv, valid, main_tok)
+    ell, aux = _main_token_loss(cfg, lp, H, old, ref, rol, isr_pair, adv, valid, main_tok)
     ell = torch.where(main_tok, ell, zero)
     L_main = _aggregate(ell, main_tok, main_rows, cfg.aggregation, num_items,
                         cfg.max_completion_length, "main")
@@ -491,6 +554,8 @@ def _metrics(cfg, aux, parts, valid, main_tok, demo_tok, main_rows, demo_rows, a
         w = aux["rollout_w"]
         put("rollout_is_mean", mmean(w))
         put("rollout_is_zero_frac", mmean(w == 0))
+    if "vespo_phi" in aux:
+        put("vespo_phi_mean", mmean(aux["vespo_phi"]))
     dev = ent.device
     out = torch.stack([v.to(dev).reshape(()) for v in vals]).tolist()
     return dict(zip(names, (float(x) for x in out)))

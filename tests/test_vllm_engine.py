@@ -139,6 +139,13 @@ def make_fake_vllm(accept_logprobs_mode=True, accept_tags=True, shuffle=True, ba
 
 
 # ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(autouse=True)
+def pretend_cuda(monkeypatch):
+    """The engine refuses to start without CUDA; the fake vLLM needs none."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+
+
 @pytest.fixture()
 def tiny():
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -167,6 +174,16 @@ def test_missing_vllm_is_a_clear_error(monkeypatch, tiny):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
     from upg_trainer.rollout.vllm_engine import VLLMEngine
     with pytest.raises(ImportError, match=r"pip install upg-kernels\[vllm\]"):
+        VLLMEngine(*tiny)
+    with pytest.raises(RuntimeError, match="needs vLLM and a CUDA GPU"):  # what the CLI reports
+        VLLMEngine(*tiny)
+
+
+def test_no_cuda_is_a_clear_error(monkeypatch, tiny):
+    monkeypatch.setitem(sys.modules, "vllm", make_fake_vllm())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    from upg_trainer.rollout.vllm_engine import VLLMEngine
+    with pytest.raises(RuntimeError, match="no CUDA device"):
         VLLMEngine(*tiny)
 
 

@@ -60,11 +60,19 @@ INSTALL_HINT = ("the vLLM rollout engine needs vLLM and a CUDA GPU: `pip install
                 "(vllm>=0.8), or use `--rollout.engine hf`")
 
 
+class VLLMUnavailableError(RuntimeError, ImportError):
+    """vLLM is not installed, or there is no CUDA device for it (a RuntimeError for the CLI's error
+    handling, an ImportError for code that treats a missing optional dependency as one)."""
+
+
 def _import_vllm():
     try:
         import vllm  # noqa: F401
     except ImportError as e:
-        raise ImportError(f"{INSTALL_HINT} ({e})") from e
+        raise VLLMUnavailableError(f"{INSTALL_HINT} (import vllm: {e})") from e
+    import torch
+    if not torch.cuda.is_available():
+        raise VLLMUnavailableError(f"{INSTALL_HINT} (vllm is installed but torch sees no CUDA device)")
     return vllm
 
 

@@ -59,7 +59,8 @@ __all__ = [
     "barrier", "all_reduce_mean", "all_reduce_sum", "all_gather_object", "broadcast_object",
     "STRATEGIES", "ForwardCall", "wrap_model", "unwrap_model", "forward_call", "output_weight",
     "generate", "no_sync", "shard_batch", "full_state_dict", "load_full_state_dict",
-    "iter_full_params", "save_full_state_dict", "cleanup",
+    "full_optimizer_state_dict", "load_full_optimizer_state_dict", "iter_full_params",
+    "save_full_state_dict", "cleanup",
 ]
 
 STRATEGIES = ("none", "ddp", "fsdp2")

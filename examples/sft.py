@@ -6,10 +6,11 @@ Paper setup (8 GPUs, FSDP2, colocated vLLM; see docs/examples.md for resources):
     torchrun --nproc_per_node 8 examples/sft.py --config examples/configs/sft_qwen2.5_math_7b.yaml \
         --model.path /models/Qwen2.5-Math-7B --data.path /data/openr1_math_46k.parquet
 
-CPU smoke run of the same script (embedded tiny model and task, a few seconds)::
+CPU smoke run of the same script (embedded tiny model and task, well under a minute)::
 
     python examples/sft.py --config examples/configs/sft_qwen2.5_math_7b.yaml --model.path embedded \
-        --data.path embedded --data.eval_path embedded --model.dtype float32 --train.strategy none \
+        --data.path embedded --data.eval_path embedded --data.num_train 64 --data.num_eval 8 \
+        --model.dtype float32 --train.strategy none \
         --train.mixed_precision none --rollout.engine hf --rollout.max_new_tokens 24 \
         --data.max_prompt_tokens 128 --data.max_completion_tokens 64 --train.max_steps 2 \
         --train.batch_size 4 --train.grad_accum 1 --train.lr 1e-3 --output.dir runs/example_sft

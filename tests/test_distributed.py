@@ -160,6 +160,18 @@ def _worker(rank: int, port: int, out_path: str):
         results[name] = res
         D.barrier()
     results["generate_fsdp2"] = _generate_case(ids)
+    # save_full_state_dict: gathered and written by rank 0 only, readable by safetensors, equal values
+    fresh = _tiny_lm(True)
+    want = {k: v.clone() for k, v in fresh.state_dict().items()}
+    model = D.wrap_model(fresh, "fsdp2")
+    path = out_path + ".model.safetensors"
+    D.save_full_state_dict(model, path)
+    if rank == 0:
+        from safetensors.torch import load_file
+        got = load_file(path)
+        results["save_full_state_dict"] = set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    else:
+        results["save_full_state_dict"] = True
     everyone = D.all_gather_object(results)
     if rank == 0:
         with open(out_path, "w") as f:
@@ -204,6 +216,10 @@ def test_matches_single_process(results, case):
 
 def test_fsdp2_generate_synced(results):
     assert all(results[r]["generate_fsdp2"] for r in range(WORLD))
+
+
+def test_fsdp2_save_full_state_dict(results):
+    assert results[0]["save_full_state_dict"]
 
 
 # ----------------------------------------------------------------------------- single process

@@ -57,17 +57,19 @@ def _close(name, ours, ref, atol, rtol):
 
 
 # ============================================================================ Liger parity
-def _grpo_case(seed, *, B=4, T=7, H=16, V=48, bias=True, temperature=1.0, old_noise=0.35, dtype=torch.float32):
+def _grpo_case(seed, *, B=4, T=7, H=16, V=48, bias=True, temperature=1.0, old_noise=0.35, dtype=torch.float32,
+               padded=True):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(B, T, H, generator=g, dtype=dtype)
     weight = torch.randn(V, H, generator=g, dtype=dtype) * 0.5
     b = torch.randn(V, generator=g, dtype=dtype) * 0.3 if bias else None
     ids = torch.randint(0, V, (B, T), generator=g)
     mask = torch.ones(B, T)
-    mask[0, T - 2:] = 0          # padded tail
-    mask[1, :1] = 0              # masked head
-    if B > 3:
-        mask[3] = 0              # a fully masked row (counts in B for grpo, adds nothing)
+    if padded:
+        mask[0, T - 2:] = 0          # padded tail
+        mask[1, :1] = 0              # masked head
+        if B > 3:
+            mask[3] = 0              # a fully masked row (counts in B for grpo, adds nothing)
     adv = torch.randn(B, generator=g)
     adv[0] = adv[0].abs() + 0.1  # one positive and one negative row: both clip directions occur
     adv[1] = -adv[1].abs() - 0.1
@@ -101,8 +103,9 @@ def _run_grpo(cls, case, ctor, fwd, *, grad=True):
 
 def _liger_combos():
     out = []
-    for lt, lvl in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"), ("token", "sequence")):
-        if lvl == "sequence" and lt in ("cispo", "sapo"):
+    for lt, lvl in itertools.product(("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"),
+                                     ("token", "sequence")):
+        if lvl == "sequence" and lt in ("cispo", "sapo", "vespo"):
             continue
         for beta in (0.0, 0.1):
             out.append((lt, lvl, beta))
@@ -120,16 +123,27 @@ _VARIANTS = [
 
 @pytest.mark.parametrize("loss_type,level,beta", _liger_combos())
 def test_liger_parity(loss_type, level, beta):
+    """With beta != 0, variants 1 and 3 use use_bias_correction_kl=True (TRL 1.16's default), 0 and 2 do not.
+
+    Padding: Liger's luspo counts padded positions whenever its per-token loss is [B, T]-shaped (token level,
+    beta != 0 or a [B, T] vllm_is_ratio) and its vespo sums log(vllm_is_ratio) over padded positions too; we
+    mask them (as TRL 1.16 does). Those cases run without padding / with ratio 1 at padded positions, where the
+    two definitions agree (docs/integrations.md)."""
     pytest.importorskip("liger_kernel")
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     clip_seen = 0.0
     for i, (delta, temp, vllm, nib, with_old, spread) in enumerate(_VARIANTS):
-        case = _grpo_case(100 + i, temperature=temp, bias=(i != 2), old_noise=spread)
+        per_token_luspo = loss_type == "luspo" and (level == "token" or beta != 0.0 or vllm == "token")
+        case = _grpo_case(100 + i, temperature=temp, bias=(i != 2), old_noise=spread, padded=not per_token_luspo)
+        if loss_type == "vespo":
+            case["is_tok"] = torch.where(case["mask"] > 0, case["is_tok"], torch.ones_like(case["is_tok"]))
         ctor = dict(beta=beta, use_ref_model=beta != 0.0, epsilon_low=0.2,
                     epsilon_high=(3.0 if loss_type == "cispo" else 0.28), loss_type=loss_type,
                     max_completion_length=10, importance_sampling_level=level, temperature=temp,
-                    delta=delta if loss_type not in ("cispo", "sapo") else None)
+                    delta=delta if loss_type not in ("cispo", "sapo", "vespo") else None,
+                    use_bias_correction_kl=bool(beta) and i % 2 == 1,
+                    vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5, vespo_lambda_neg=1.5)
         fwd = dict(old_per_token_logps=case["old"] if with_old else None,
                    ref_per_token_logps=case["ref"] if beta else None,
                    vllm_is_ratio={None: None, "token": case["is_tok"], "seq": case["is_seq"].unsqueeze(1),
@@ -149,7 +163,7 @@ def test_liger_parity(loss_type, level, beta):
                 assert a is None
                 continue
             _close(name, a, r, 2e-5, 1e-4)
-    if loss_type != "sapo":  # the cases do exercise clipping (SAPO has no clip metric: always 0)
+    if loss_type not in ("sapo", "vespo"):  # the cases do exercise clipping (SAPO/VESPO: no clip metric, always 0)
         assert clip_seen > 0
 
 
@@ -235,15 +249,14 @@ def test_liger_from_liger_copies_settings():
 
 
 @pytest.mark.parametrize("ctor,exc,match", [
-    (dict(loss_type="luspo"), NotImplementedError, "luspo"),
-    (dict(loss_type="vespo"), NotImplementedError, "vespo"),
+    (dict(loss_type="vespo", importance_sampling_level="sequence"), ValueError, "Sequence-level"),
+    (dict(loss_type="vespo", vespo_k_pos=-1.0), ValueError, "vespo_k_pos"),
     (dict(loss_type="nope"), ValueError, "Unknown loss type"),
     (dict(loss_type="cispo", importance_sampling_level="sequence"), ValueError, "Sequence-level"),
     (dict(importance_sampling_level="group"), ValueError, "importance sampling level"),
     (dict(loss_type="dr_grpo"), ValueError, "max_completion_length"),
     (dict(sapo_temperature_neg=0.0), ValueError, "sapo_temperature_neg"),
     (dict(delta=-1.0), ValueError, "delta"),
-    (dict(use_bias_correction_kl=True), NotImplementedError, "use_bias_correction_kl"),
 ])
 def test_liger_bad_settings(ctor, exc, match):
     with pytest.raises(exc, match=match):
@@ -603,6 +616,14 @@ def test_liger_parity_frozen_lm_head_and_tensor_num_items():
     ("sapo", 0.05, dict(use_bias_correction_kl=False), 1),
     ("grpo", 0.05, dict(importance_sampling_level="sequence", epsilon=3e-2, epsilon_high=4e-2,
                         use_bias_correction_kl=False), 1),
+    # TRL 1.16's default use_bias_correction_kl=True, token and sequence level
+    ("grpo", 0.05, dict(), 1),
+    ("dapo", 0.05, dict(importance_sampling_level="sequence", epsilon=3e-2, epsilon_high=4e-2), 2),
+    # luspo / vespo (padded completions: TRL masks before aggregating, as we do)
+    ("luspo", 0.05, dict(importance_sampling_level="sequence", epsilon=3e-2, epsilon_high=4e-2), 2),
+    ("luspo", 0.0, dict(), 1),
+    ("vespo", 0.05, dict(), 1),
+    ("vespo", 0.0, dict(vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5, vespo_lambda_neg=1.5), 2),
 ])
 def test_trl_loss_mode_matches_trl(tmp_path, monkeypatch, loss_type, beta, cfg_kw, gas):
     """patch_grpo_trainer(loss=True): TRL's loss, gradients and logged metrics, computed by unified_policy_loss."""
@@ -636,9 +657,7 @@ def test_trl_loss_mode_matches_trl(tmp_path, monkeypatch, loss_type, beta, cfg_k
 
 
 @pytest.mark.parametrize("cfg_kw,match", [
-    (dict(loss_type="luspo"), "luspo"),
     (dict(top_entropy_quantile=0.5), "top_entropy_quantile"),
-    (dict(use_bias_correction_kl=True, beta=0.1), "use_bias_correction_kl"),
 ])
 def test_trl_loss_mode_rejects_uncovered_options(tmp_path, cfg_kw, match):
     from upg_kernels.integrations import patch_grpo_trainer

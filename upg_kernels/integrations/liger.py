@@ -9,24 +9,34 @@ Liger 0.8.5 semantics this adapter reproduces (read from ``liger_kernel/chunked_
 ``fused_linear_ppo.py``); ``r = exp(logp - old)`` (``old = sg(logp)`` when ``old_per_token_logps`` is None),
 for ``importance_sampling_level="sequence"`` ``r_i = exp(sum_t m (logp - old) / max(sum_t m, 1))``:
 
-* per-token policy loss: grpo/bnpo/dr_grpo/dapo ``-min(min(r, delta) A, clip(r, 1-eps_low, 1+eps_high) A)``;
+* per-token policy loss: grpo/bnpo/dr_grpo/dapo/luspo ``-min(min(r, delta) A, clip(r, 1-eps_low, 1+eps_high) A)``;
   cispo ``-sg(min(r, eps_high)) A logp``; sapo ``-(4/tau) sigmoid(tau (r - 1)) A`` with
-  ``tau = sapo_temperature_pos if A > 0 else sapo_temperature_neg``;
-* ``vllm_is_ratio`` multiplies the policy loss (not the KL term);
+  ``tau = sapo_temperature_pos if A > 0 else sapo_temperature_neg``; vespo ``-sg(phi(w_i)) A logp`` with the
+  gamma weight ``phi`` of the sequence ratio ``w_i = exp(sum_t m clamp(logp - old, -20, 20))`` (token level only);
+* ``vllm_is_ratio`` multiplies the policy loss (not the KL term); for vespo it is folded into ``w_i`` instead
+  (``+ sum log(vllm_is_ratio)``, each log clamped to ``[log 1e-8, 20]``);
 * ``beta * k3`` added, ``k3 = exp(ref - logp) - (ref - logp) - 1`` (zero when ``use_ref_model=False``, since
-  Liger then uses ``ref = sg(logp)``);
+  Liger then uses ``ref = sg(logp)``); with ``use_bias_correction_kl`` it is ``beta * k3 * r``, ``r`` the
+  unclamped, differentiable ratio of the importance-sampling level;
 * aggregation: grpo/sapo ``sum_i(sum_t l m / max(sum_t m, 1)) / B``; bnpo ``sum(l m) / max(sum(m), 1)``;
-  dr_grpo ``sum(l m) / (B * max_completion_length)``; dapo/cispo ``sum(l m) / max(n / world, 1)`` with
-  ``n = num_items_in_batch`` or the mask's token count summed over the process group;
-* metrics, in this order: ``[mean KL]`` (only when ``beta != 0``: ``sum(k3 m) / max(sum(m), 1)``), then the clip
-  fraction ``sum(clipped m) / max(sum(m), 1)`` with ``clipped = (r < 1-eps_low & A < 0) | (r > 1+eps_high & A > 0)``
-  (cispo: ``r > eps_high & A > 0``; sapo: always 0). Each metric is a detached float32 0-dim tensor; they come
-  back as a tuple. They are ``unified_policy_loss``'s ``kl_mean`` and ``clip_frac`` metrics.
+  dr_grpo ``sum(l m) / (B * max_completion_length)``; dapo/cispo/vespo ``sum(l m) / max(n / world, 1)`` with
+  ``n = num_items_in_batch`` or the mask's token count summed over the process group; luspo
+  ``sum_i len_i l_i / B`` (``len_i = sum_t m``), i.e. ``sum(l m) / B``;
+* metrics, in this order: ``[mean KL]`` (only when ``beta != 0``: ``sum(kl m) / max(sum(m), 1)``, ``kl`` the term
+  as added, bias-corrected or not), then the clip fraction ``sum(clipped m) / max(sum(m), 1)`` with
+  ``clipped = (r < 1-eps_low & A < 0) | (r > 1+eps_high & A > 0)`` (cispo: ``r > eps_high & A > 0``; sapo and
+  vespo: always 0). Each metric is a detached float32 0-dim tensor; they come back as a tuple. They are
+  ``unified_policy_loss``'s ``kl_mean`` and ``clip_frac`` metrics.
+
+Two places where Liger 0.8.5 itself counts padded positions (``attention_mask == 0``) and this adapter does
+not (it follows TRL 1.16, which masks them): luspo when Liger's per-token loss is ``[B, T]``-shaped (token
+level, or ``beta != 0``, or a ``[B, T]`` ``vllm_is_ratio``) -- Liger then computes
+``sum_{i,t} l_it len_i / (B T)`` over *all* positions, padding included; and vespo with a ``[B, T]``
+``vllm_is_ratio``, whose logs Liger sums over all positions. Without padding (or with the IS ratio equal to 1
+at padded positions, as TRL produces it) both agree exactly.
 
 Accepted and ignored: ``compiled`` and ``chunk_size`` (Liger's torch.compile / batch chunking; our kernel
-never materializes logits and needs neither). Not supported (raise ``NotImplementedError``): the Liger 0.8.5
-loss types ``"luspo"`` and ``"vespo"`` and ``use_bias_correction_kl=True``, which :class:`LossConfig` has no
-part for; the ``vespo_*`` arguments are accepted and stored.
+never materializes logits and needs neither).
 """
 from __future__ import annotations
 
@@ -38,8 +48,7 @@ from ..logprobs import token_logprobs
 
 __all__ = ["FusedLinearGRPOLoss", "LIGER_LOSS_TYPES", "liger_loss_config"]
 
-LIGER_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
-_LIGER_UNSUPPORTED = ("luspo", "vespo")
+LIGER_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 _IS_LEVELS = ("token", "sequence")
 
 # loss_type -> (stabilization, aggregation)
@@ -50,29 +59,32 @@ _LOSS_TYPE_PARTS = {
     "dapo": ("clip", "token_mean"),
     "cispo": ("cispo", "token_mean"),
     "sapo": ("sapo", "seq_mean_token_mean"),
+    "luspo": ("clip", "seq_mean_token_sum"),
+    "vespo": ("vespo", "token_mean"),
 }
+# the loss types whose token_mean is over num_items_in_batch (Liger's _compute_dapo_normalizer)
+_DAPO_NORMALIZED = ("dapo", "cispo", "vespo")
 
 
 def liger_loss_config(loss_type="dapo", *, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
                       max_completion_length=None, importance_sampling_level="token",
-                      sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, delta=None):
+                      sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, delta=None,
+                      use_bias_correction_kl=False, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+                      vespo_lambda_neg=2.0):
     """The :class:`upg_kernels.LossConfig` equal to Liger's GRPO loss with these settings.
 
-    ``beta`` becomes ``kl_coef`` with ``kl_type="k3"``; the advantages are always the caller's
-    (``advantage="given"``).
+    ``beta`` becomes ``kl_coef`` with ``kl_type="k3"``, ``use_bias_correction_kl`` becomes
+    ``kl_bias_correction``; the advantages are always the caller's (``advantage="given"``). The ``vespo_*``
+    rates are floored at 1e-4 as Liger/TRL do.
     """
     from ..losses import LossConfig
 
-    if loss_type in _LIGER_UNSUPPORTED:
-        raise NotImplementedError(
-            f"loss_type={loss_type!r} (Liger 0.8.5) is not supported by upg_kernels.FusedLinearGRPOLoss; "
-            f"supported: {LIGER_LOSS_TYPES}")
     if loss_type not in _LOSS_TYPE_PARTS:
         raise ValueError(f"Unknown loss type: {loss_type!r}; supported: {LIGER_LOSS_TYPES}")
     if importance_sampling_level not in _IS_LEVELS:
         raise ValueError(f"Unknown importance sampling level: {importance_sampling_level!r}. Possible values "
                          "are 'token' and 'sequence'.")
-    if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo"):
+    if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
         raise ValueError(f"Sequence-level importance sampling is not supported for loss_type='{loss_type}'. "
                          "Use importance_sampling_level='token' instead.")
     if loss_type == "dr_grpo" and max_completion_length is None:
@@ -80,8 +92,12 @@ def liger_loss_config(loss_type="dapo", *, beta=0.04, epsilon_low=0.2, epsilon_h
     stab, agg = _LOSS_TYPE_PARTS[loss_type]
     kw = dict(stabilization=stab, reference="old", advantage="given", likelihood="logp", aggregation=agg,
               ratio_level=importance_sampling_level, eps_low=float(epsilon_low), eps_high=float(epsilon_high),
-              kl_type="k3", kl_coef=float(beta), entropy_coef=0.0,
-              tau_pos=float(sapo_temperature_pos), tau_neg=float(sapo_temperature_neg))
+              kl_type="k3", kl_coef=float(beta), kl_bias_correction=bool(use_bias_correction_kl),
+              entropy_coef=0.0, tau_pos=float(sapo_temperature_pos), tau_neg=float(sapo_temperature_neg))
+    if stab == "vespo":
+        kw.update(vespo_k_pos=float(vespo_k_pos), vespo_k_neg=float(vespo_k_neg),
+                  vespo_lambda_pos=max(float(vespo_lambda_pos), 1e-4),
+                  vespo_lambda_neg=max(float(vespo_lambda_neg), 1e-4))
     if stab == "clip":
         kw["delta"] = None if delta is None else float(delta)
     if loss_type == "dr_grpo":
@@ -124,9 +140,6 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             raise ValueError(f"delta must be positive, got {delta}")
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        if use_bias_correction_kl:
-            raise NotImplementedError("use_bias_correction_kl=True (KL times the importance ratio) is not "
-                                      "supported by upg_kernels.FusedLinearGRPOLoss")
         self.beta = beta
         self.compiled = compiled  # no-op
         self.use_ref_model = use_ref_model
@@ -165,7 +178,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             max_completion_length=self.max_completion_length,
             importance_sampling_level=self.importance_sampling_level,
             sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
-            delta=self.delta)
+            delta=self.delta, use_bias_correction_kl=self.use_bias_correction_kl, vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg)
 
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, beta={self.beta}, epsilon_low={self.epsilon_low}, "
@@ -232,9 +247,9 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                                  f"got {tuple(vllm_is_ratio.shape)}")
             vllm_is_ratio = vllm_is_ratio.float()
 
-        # dapo / cispo normalizer: num_items_in_batch (or the token count over the process group) / world size
+        # dapo / cispo / vespo normalizer: num_items_in_batch (or the token count over the process group) / world
         n_items = None
-        if config.aggregation == "token_mean" and self.loss_type in ("dapo", "cispo"):
+        if config.aggregation == "token_mean" and self.loss_type in _DAPO_NORMALIZED:
             world = _world_size()
             if num_items_in_batch is not None:
                 n = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device)

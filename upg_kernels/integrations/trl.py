@@ -18,8 +18,8 @@ and stored it as ``trainer.liger_grpo_loss``, the same call also replaces that m
 :class:`upg_kernels.FusedLinearGRPOLoss` with the same settings.
 
 With ``loss=True`` the trainer's ``_compute_loss`` is also replaced: the policy loss of the supported
-``loss_type``\ s (grpo, bnpo, dr_grpo, dapo, cispo, sapo; token or sequence level; beta; delta; vLLM IS
-correction) is then computed by :func:`upg_kernels.unified_policy_loss` from the backbone's last hidden
+``loss_type``\ s (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo; token or sequence level; beta, with or
+without ``use_bias_correction_kl``; delta; vLLM IS correction) is then computed by :func:`upg_kernels.unified_policy_loss` from the backbone's last hidden
 states and the lm_head (one fused pass; the backward skips rows whose gradient coefficient is 0), with TRL's
 normalizers (gradient accumulation, ``num_items_in_batch``) and TRL's logged metrics. Options this mode
 does not cover raise ``NotImplementedError`` when patching (see :func:`patch_grpo_trainer`).
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import threading
 
 import torch
@@ -104,7 +105,7 @@ def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bo
 
     * ``loss=True`` (TRL >= 1.x): ``trainer._compute_loss`` runs :func:`upg_kernels.unified_policy_loss` (see the
       module docstring). Not covered, raising ``NotImplementedError`` here: loss types other than grpo, bnpo,
-      dr_grpo, dapo, cispo, sapo; ``use_bias_correction_kl`` with ``beta != 0`` (TRL 1.16's default is True); ``top_entropy_quantile < 1``;
+      dr_grpo, dapo, cispo, sapo, luspo, vespo; ``top_entropy_quantile < 1``;
       ``off_policy_mask_threshold``; the entropy bonus; MoE aux loss; PEFT models; models with final-logit
       softcapping or a logit scale. Multimodal inputs raise at the call.
 
@@ -189,9 +190,6 @@ def _check_loss_mode(trainer):
         problems.append("this TRL has no GRPOTrainer._compute_loss")
     if getattr(trainer, "loss_type", None) not in LIGER_LOSS_TYPES:
         problems.append(f"loss_type={getattr(trainer, 'loss_type', None)!r} (supported: {LIGER_LOSS_TYPES})")
-    if getattr(args, "use_bias_correction_kl", False) and getattr(trainer, "beta", 0.0) != 0.0:
-        problems.append("use_bias_correction_kl=True with beta != 0 (TRL 1.16's default; set "
-                        "use_bias_correction_kl=False)")
     if getattr(trainer, "top_entropy_quantile", 1.0) < 1.0:
         problems.append("top_entropy_quantile < 1")
     if getattr(trainer, "off_policy_mask_threshold", None) is not None:
@@ -248,10 +246,12 @@ def _upg_compute_loss(trainer, model, inputs, *, backend="auto"):
         max_completion_length=trainer.max_completion_length,
         importance_sampling_level=trainer.importance_sampling_level,
         sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
-        delta=args.delta)
-    # TRL's normalizers: every type is divided by the accumulation steps, except dapo/cispo whose token
+        delta=args.delta, use_bias_correction_kl=getattr(args, "use_bias_correction_kl", False),
+        vespo_k_pos=getattr(args, "vespo_k_pos", 2.0), vespo_lambda_pos=getattr(args, "vespo_lambda_pos", 3.0),
+        vespo_k_neg=getattr(args, "vespo_k_neg", 3.0), vespo_lambda_neg=getattr(args, "vespo_lambda_neg", 2.0))
+    # TRL's normalizers: every type is divided by the accumulation steps, except dapo/cispo/vespo whose token
     # count spans the generation batch
-    if trainer.loss_type in ("dapo", "cispo"):
+    if trainer.loss_type in ("dapo", "cispo", "vespo"):
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
         if mode == "train":
             normalizer = normalizer * trainer.current_gradient_accumulation_steps / args.steps_per_generation
@@ -286,13 +286,15 @@ def _upg_compute_loss(trainer, model, inputs, *, backend="auto"):
         else:  # DDP / FSDP / DeepSpeed wrappers: run inside the wrapper's forward (its hooks fire)
             out = _ForwardRedirection()(model, unwrapped, _loss, unwrapped)
     loss = out.loss / normalizer
-    _log_trl_metrics(trainer, mode, out, mask, advantages, old, ref)
+    _log_trl_metrics(trainer, mode, out, mask, advantages, old, ref, cfg, is_ratio)
     return loss
 
 
-def _log_trl_metrics(trainer, mode, out, mask, advantages, old, ref):
-    """TRL's per-step metrics (kl, entropy, clip ratios), from the detached per-token values."""
+def _log_trl_metrics(trainer, mode, out, mask, advantages, old, ref, cfg, is_ratio):
+    """TRL's per-step metrics (kl, entropy, clip ratios, VESPO's phi), from the detached per-token values."""
     from trl.trainer.utils import nanmax, nanmin
+
+    from ..losses.unified import vespo_gamma_weight
 
     with torch.no_grad():
         logp = out.logprobs
@@ -319,9 +321,12 @@ def _log_trl_metrics(trainer, mode, out, mask, advantages, old, ref):
         m = trainer._metrics[mode]
         if trainer.beta != 0.0:
             d = ref.to(logp.dtype) - logp
-            m["kl"].append(global_masked_mean(torch.exp(d) - d - 1))
+            kl = torch.exp(d) - d - 1
+            if cfg.kl_bias_correction:
+                kl = kl * coef_1
+            m["kl"].append(global_masked_mean(kl))
         m["entropy"].append(global_masked_mean(out.entropy))
-        if trainer.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo"):
+        if trainer.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
             low = (coef_1 < 1 - trainer.epsilon_low) & (adv < 0)
             high = (coef_1 > 1 + trainer.epsilon_high) & (adv > 0)
             m["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
@@ -331,3 +336,14 @@ def _log_trl_metrics(trainer, mode, out, mask, advantages, old, ref):
             m["clip_ratio/high_max"].append(nanmax(trainer.accelerator.gather(masked_seq_mean(high.float()))).item())
         elif trainer.loss_type == "cispo":
             m["cispo_clip_ratio"].append(global_masked_mean(((coef_1 > trainer.epsilon_high) & (adv > 0)).float()))
+        elif trainer.loss_type == "vespo":
+            # TRL logs the per-sequence weight (its get_gamma_weights: the IS logs summed over every position)
+            lr = logp - (logp if old is None else old.to(logp.dtype))
+            log_w = (torch.clamp(lr, -20.0, 20.0) * mask).sum(-1, keepdim=True)
+            if is_ratio is not None:
+                isr = is_ratio.to(logp.dtype)
+                isr = isr.unsqueeze(-1) if isr.dim() == 1 else isr
+                log_w = log_w + torch.clamp(torch.log(isr), math.log(1e-8), 20.0).sum(-1, keepdim=True)
+            phi = vespo_gamma_weight(log_w, adv, k_pos=cfg.vespo_k_pos, lambda_pos=cfg.vespo_lambda_pos,
+                                     k_neg=cfg.vespo_k_neg, lambda_neg=cfg.vespo_lambda_neg)
+            m["vespo/phi_seq_mean"].append(global_masked_mean(phi))

@@ -86,6 +86,9 @@ def _max_diff(a: dict, b: dict) -> float:
     return worst
 
 
+_last_opt: list = [None]
+
+
 def _dist_step(strategy: str, tied: bool, ids, mask, accumulate: bool = False, ac: bool = False):
     lm = _tiny_lm(tied)
     lm.train()
@@ -110,6 +113,7 @@ def _dist_step(strategy: str, tied: bool, ids, mask, accumulate: bool = False, a
     lm_inner = D.unwrap_model(model)
     grads = {n: _full(p.grad).detach().clone() for n, p in lm_inner.named_parameters()}
     opt.step()
+    _last_opt[0] = opt
     total_loss = D.all_reduce_mean(local)
     sd = D.full_state_dict(model)
     params = dict(D.iter_full_params(model))
@@ -160,6 +164,21 @@ def _worker(rank: int, port: int, out_path: str):
         results[name] = res
         D.barrier()
     results["generate_fsdp2"] = _generate_case(ids)
+    # optimizer state: written under one strategy, resumed under another (keys are parameter names)
+    ok = True
+    for src, dst in [("ddp", "fsdp2"), ("fsdp2", "ddp"), ("fsdp2", "fsdp2")]:
+        m1, _, _, _, _ = _dist_step(src, True, ids, mask)
+        opt1 = _last_opt[0]
+        osd = D.full_optimizer_state_dict(m1, opt1)
+        m2 = D.wrap_model(_tiny_lm(True), dst)
+        opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-2)
+        D.load_full_optimizer_state_dict(m2, opt2, osd if rank == 0 else None)
+        back = D.full_optimizer_state_dict(m2, opt2)
+        if rank == 0:
+            for name, st in osd["state"].items():
+                for key in ("exp_avg", "exp_avg_sq", "step"):
+                    ok = ok and torch.equal(torch.as_tensor(st[key]), torch.as_tensor(back["state"][name][key]))
+    results["optimizer_state_across_strategies"] = ok
     # save_full_state_dict: gathered and written by rank 0 only, readable by safetensors, equal values
     fresh = _tiny_lm(True)
     want = {k: v.clone() for k, v in fresh.state_dict().items()}
@@ -220,6 +239,28 @@ def test_fsdp2_generate_synced(results):
 
 def test_fsdp2_save_full_state_dict(results):
     assert results[0]["save_full_state_dict"]
+
+
+def test_optimizer_state_resumes_across_strategies(results):
+    assert results[0]["optimizer_state_across_strategies"]
+
+
+def test_optimizer_state_single_process(tmp_path):
+    lm = _tiny_lm(False)
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+    ids, mask = _batch()
+    D.forward_call(lm, _sum_nll, ids, mask).backward()
+    opt.step()
+    osd = D.full_optimizer_state_dict(lm, opt)
+    assert "model.embed_tokens.weight" in osd["state"]  # keyed by names
+    lm2 = _tiny_lm(False)
+    opt2 = torch.optim.AdamW(lm2.parameters(), lr=1e-2)
+    D.load_full_optimizer_state_dict(lm2, opt2, osd)
+    a, b = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
+    opt3 = torch.optim.AdamW(_tiny_lm(False).parameters(), lr=1e-2)
+    D.load_full_optimizer_state_dict(lm2, opt3, opt.state_dict())  # legacy integer-keyed format
+    assert all(torch.equal(a[k]["exp_avg"], opt3.state_dict()["state"][k]["exp_avg"]) for k in a)
 
 
 # ----------------------------------------------------------------------------- single process

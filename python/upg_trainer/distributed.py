@@ -443,21 +443,38 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] |
 
 
 def full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's full state dict (rank 0 holds it under FSDP2; collective there)."""
-    if _strategy_of(model) != "fsdp2":
-        return optimizer.state_dict()
+    """The optimizer's full state dict, keyed by parameter names (the same format under every strategy,
+    so a checkpoint written under one strategy resumes under another). Collective under DDP/FSDP2;
+    under FSDP2 only rank 0 receives the tensors (the others get empty states)."""
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     return get_optimizer_state_dict(unwrap_model(model), optimizer, options=_full_options(cpu_offload=True))
 
 
 def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
                                    state_dict: dict[str, Any] | None) -> None:
-    if _strategy_of(model) != "fsdp2":
-        optimizer.load_state_dict(state_dict)
-        return
+    """Load a ``full_optimizer_state_dict`` (rank 0's copy is used and broadcast under DDP/FSDP2; the other
+    ranks may pass None). A plain ``optimizer.state_dict()`` (integer parameter ids) is accepted too,
+    except under FSDP2."""
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
-    set_optimizer_state_dict(unwrap_model(model), optimizer, dict(state_dict) if rank() == 0 else {},
-                             options=_full_options(cpu_offload=False, broadcast_from_rank0=True))
+    strategy = _strategy_of(model)
+    if rank() == 0 or not is_distributed():
+        if state_dict is None:
+            raise ValueError("load_full_optimizer_state_dict: state_dict is None")
+        legacy = any(isinstance(k, int) for k in state_dict.get("state", {})) or \
+            any(isinstance(p, int) for g in state_dict.get("param_groups", []) for p in g.get("params", []))
+    else:
+        legacy = False
+    legacy = bool(broadcast_object(legacy))
+    if legacy:
+        if strategy == "fsdp2":
+            raise ValueError("this optimizer state uses integer parameter ids (optimizer.state_dict()); "
+                             "under FSDP2 it must be keyed by parameter names (full_optimizer_state_dict)")
+        optimizer.load_state_dict(broadcast_object(state_dict) if is_distributed() else state_dict)
+        return
+    distributed = is_distributed() and strategy != "none"
+    sd = dict(state_dict) if (rank() == 0 or not distributed) else {}
+    set_optimizer_state_dict(unwrap_model(model), optimizer, sd,
+                             options=_full_options(cpu_offload=False, broadcast_from_rank0=distributed))
 
 
 def iter_full_params(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:

@@ -105,7 +105,9 @@ def task_reward(prompts, completions, answer=None, **_):
 
 # ---------------------------------------------------------------- tokenizer (word-level, shipped)
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
-PRE_TOKENIZE_PATTERN = r" ?[A-Za-z]+| ?[0-9]|\\boxed\{|[^A-Za-z0-9 ]| "
+# digits are single tokens without a leading space, so a number copied from the prompt into the
+# worked solution is the same token sequence in both places
+PRE_TOKENIZE_PATTERN = r" ?[A-Za-z]+|[0-9]|\\boxed\{|[^A-Za-z0-9 ]| "
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
     "{% if m['role'] == 'assistant' %}<|end|>{% endif %}{% endfor %}"
@@ -125,7 +127,7 @@ def build_tokenizer_json(path: str) -> None:
               "is", "What"}
     vocab_list = list(SPECIAL_TOKENS)
     vocab_list += sorted({w for w in words} | {" " + w for w in words})
-    vocab_list += [str(d) for d in range(10)] + [" " + str(d) for d in range(10)]
+    vocab_list += [str(d) for d in range(10)]
     vocab_list += ["\\boxed{", "}", "{", ".", ",", "?", "!", "+", "-", "*", "/", "=", "(", ")", " ",
                    ":", "\n"]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(vocab_list))}

@@ -144,3 +144,14 @@ def test_real_rollouts_one_step(tmp_path):
     tr = make_trainer(tmp_path, "hpt", **{"train.batch_size": 2, "rollout.n": 2})
     m = tr.rl_step()
     assert math.isfinite(m["loss"]) and m["sft_share"] == 1.0 and m["completion_len"] > 0
+
+
+def test_two_mini_batches_use_old_logprobs(tmp_path, spy):
+    """mini_batches=2: two updates per rollout batch; the second sees ratio != 1 against pi_old."""
+    tr = make_trainer(tmp_path, "grpo", **{"train.mini_batches": 2, "train.lr": 5e-2,
+                                            "loss.overrides": "{rollout_is: token_truncate}"})
+    tr.engine = FakeEngine(tr, correct=[1, 2, 3, 1])
+    m = tr.rl_step()
+    assert len(spy) == 2 and all(c["old_logprobs"] is not None for c in spy)
+    assert all(c["rollout_logprobs"] is not None for c in spy)
+    assert math.isfinite(m["loss"]) and "ratio_mean" in m

@@ -78,9 +78,8 @@ def main(argv=None):
         from trl.rewards import accuracy_reward
 
         dataset = load_dataset("trl-lib/DeepMath-103K", split="train")
-        # use_bias_correction_kl only matters with beta != 0 (TRL's default beta is 0); --upg-loss needs it off
         config = GRPOConfig(output_dir="upg-trl-grpo", loss_type=args.loss_type, max_steps=args.max_steps,
-                            logging_steps=1, report_to=[], use_bias_correction_kl=not args.upg_loss)
+                            logging_steps=1, report_to=[])
         trainer = GRPOTrainer(model=args.model, reward_funcs=accuracy_reward, args=config, train_dataset=dataset)
 
     patch_grpo_trainer(trainer, backend=args.backend, loss=args.upg_loss)  # <- the one line

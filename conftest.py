@@ -1,4 +1,5 @@
-"""Test set-up: without CUDA, Triton kernels run under the interpreter (TRITON_INTERPRET=1).
+"""Test set-up for tests/ and bench/: without CUDA, Triton kernels run under the interpreter
+(TRITON_INTERPRET=1), and tests marked ``gpu`` are skipped.
 
 The variable must be set before triton is first imported, hence here, at collection time.
 """

@@ -6,13 +6,13 @@ from upg_trainer.rewards import RewardSet, load_reward, math_verify_answer
 
 
 def test_generation_is_deterministic_and_correct():
-    a = task.make_dataset(200, seed=1, levels=(1, 2, 3, 4))
-    assert a == task.make_dataset(200, seed=1, levels=(1, 2, 3, 4))
-    assert a != task.make_dataset(200, seed=2, levels=(1, 2, 3, 4))
+    a = task.make_dataset(200, seed=1, levels=(1, 2, 3, 4, 5))
+    assert a == task.make_dataset(200, seed=1, levels=(1, 2, 3, 4, 5))
+    assert a != task.make_dataset(200, seed=2, levels=(1, 2, 3, 4, 5))
     for r in a:
         assert task.verify(r["demonstration"], r["answer"]) == 1.0
-        assert int(r["answer"]) >= 0 and r["level"] in (1, 2, 3, 4)
-    assert {r["level"] for r in a} == {1, 2, 3, 4}
+        assert int(r["answer"]) >= 0 and r["level"] in (1, 2, 3, 4, 5)
+    assert {r["level"] for r in a} == {1, 2, 3, 4, 5}
     with pytest.raises(ValueError, match="levels"):
         task.make_dataset(3, levels=(9,))
 
@@ -27,7 +27,7 @@ def test_verifier():
 
 def test_tokenizer_roundtrip_no_unk():
     tok = task.load_tokenizer()
-    for r in task.make_dataset(300, seed=0, levels=(1, 2, 3, 4)):
+    for r in task.make_dataset(300, seed=0, levels=(1, 2, 3, 4, 5)):
         for text in (r["prompt"], r["demonstration"]):
             ids = tok(text, add_special_tokens=False)["input_ids"]
             assert tok.unk_token_id not in ids

@@ -123,12 +123,14 @@ class OutputConfig:
 
 @dataclass
 class DemoConfig:
-    warmup_steps: int = _f(150, "demo: SFT warm-up steps on warmup_levels before the comparison")
-    warmup_levels: list = _f([1, 2], "demo: levels seen in the warm-up (the others start at ~0 reward)")
-    steps: int = _f(60, "demo: training steps of each compared method (sft, grpo, hpt)")
+    warmup_steps: int = _f(300, "demo: SFT warm-up steps (batch 32) on warmup_levels before the comparison")
+    warmup_levels: list = _f([1], "demo: levels seen in the warm-up (the others start near 0 reward)")
+    levels: list = _f([1, 5], "demo: levels of the compared runs' training and held-out problems")
+    steps: int = _f(150, "demo: training steps of each compared method (train.batch_size prompts a step)")
     methods: list = _f(["sft", "grpo", "hpt"], "demo: methods compared after the warm-up")
-    rl_lr: float = _f(1e-3, "demo: learning rate of the grpo/hpt runs")
-    sft_lr: float = _f(1e-3, "demo: learning rate of the warm-up and the sft run")
+    warmup_lr: float = _f(5e-3, "demo: peak learning rate of the warm-up (cosine decay to 10%)")
+    lr: float = _f(3e-4, "demo: learning rate of every compared run (the same for sft, grpo and hpt)")
+    max_new_tokens: int = _f(28, "demo: rollout/eval completion length")
 
 
 @dataclass

@@ -87,9 +87,12 @@ def run_demo(cfg: Config) -> list[dict]:
 
     print(f"[demo] 1/{1 + len(d.methods)} warm-up: SFT on levels {d.warmup_levels} for {d.warmup_steps} steps")
     wdir = os.path.join(root, "warmup")
-    wcfg = _derive(cfg, "sft", wdir, data={"levels": list(d.warmup_levels)},
-                   train={"max_steps": d.warmup_steps, "lr": d.sft_lr, "batch_size": 32},
-                   output={"eval_every": 0, "save_every": 0})
+    common_data = {"eval_levels": list(d.levels)}
+    wcfg = _derive(cfg, "sft", wdir, data=dict(common_data, levels=list(d.warmup_levels)),
+                   rollout={"max_new_tokens": d.max_new_tokens},
+                   train={"max_steps": d.warmup_steps, "lr": d.warmup_lr, "batch_size": 32,
+                          "warmup_steps": min(10, d.warmup_steps), "schedule": "cosine", "min_lr_ratio": 0.1},
+                   output={"eval_every": max(1, d.warmup_steps // 4), "save_every": 0})
     t0 = time.time()
     Trainer(wcfg).train()
     summaries.append(_summary(f"warm-up (SFT, levels {','.join(map(str, d.warmup_levels))})", wdir,
@@ -100,8 +103,11 @@ def run_demo(cfg: Config) -> list[dict]:
         print(f"[demo] {i}/{1 + len(d.methods)} {m} from the warm-up model for {d.steps} steps")
         out = os.path.join(root, m)
         mcfg = _derive(cfg, m, out, model={"path": os.path.join(wdir, "final")},
-                       train={"max_steps": d.steps, "lr": d.sft_lr if m == "sft" else d.rl_lr},
-                       output={"save_every": 0})
+                       data=dict(common_data, levels=list(d.levels)),
+                       rollout={"max_new_tokens": d.max_new_tokens},
+                       train={"max_steps": d.steps, "lr": d.lr, "schedule": "cosine", "min_lr_ratio": 0.1,
+                              "warmup_steps": 0},
+                       output={"save_every": 0, "eval_every": max(1, d.steps // 5)})
         t0 = time.time()
         Trainer(mcfg).train()
         summaries.append(_summary(m, out, time.time() - t0))

@@ -7,6 +7,7 @@ an integer answer ("7") and a short worked demonstration ("3+4=7. \\boxed{7}"). 
     2  one addition or subtraction, numbers 10-59
     3  two steps (add then subtract), numbers 0-9
     4  one multiplication, factors 2-9
+    5  level 1 with a distractor: two kinds of objects, the question is about the second one
 
 Generation is a pure function of (seed, index), so train and held-out sets are reproducible and
 disjoint (different seeds). The task ships its own tiny word-level tokenizer
@@ -21,7 +22,7 @@ from typing import Optional
 NAMES = [("Tom", "he"), ("Sam", "he"), ("Leo", "he"), ("Max", "he"),
          ("Ann", "she"), ("Mia", "she"), ("Eva", "she"), ("Zoe", "she")]
 OBJECTS = ["apples", "pens", "books", "cards", "coins", "eggs", "cups", "toys"]
-LEVELS = (1, 2, 3, 4)
+LEVELS = (1, 2, 3, 4, 5)
 
 
 def _cap(s: str) -> str:
@@ -58,6 +59,20 @@ def make_problem(rng: random.Random, level: int) -> dict:
         c = a * b
         prompt = f"{name} has {a} bags with {b} {obj} in each. How many {obj} are there?"
         steps = f"{a}*{b}={c}."
+    elif level == 5:
+        other = rng.choice([o for o in OBJECTS if o != obj])
+        x, a, b = rng.randint(0, 9), rng.randint(0, 9), rng.randint(0, 9)
+        if rng.random() < 0.5:
+            c = a + b
+            prompt = (f"{name} has {x} {other} and {a} {obj}. {_cap(pron)} buys {b} more {obj}. "
+                      f"How many {obj} does {pron} have now?")
+            steps = f"{a}+{b}={c}."
+        else:
+            a, b = max(a, b), min(a, b)
+            c = a - b
+            prompt = (f"{name} has {x} {other} and {a} {obj}. {_cap(pron)} gives {b} {obj} away. "
+                      f"How many {obj} are left?")
+            steps = f"{a}-{b}={c}."
     else:
         raise ValueError(f"unknown level {level}: levels are {LEVELS}")
     return {"prompt": prompt, "answer": str(c), "demonstration": f"{steps} \\boxed{{{c}}}",

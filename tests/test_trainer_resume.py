@@ -20,7 +20,7 @@ REWARD = """
 def digits(prompts, completions, **kw):
     return [float(sum(ch.isdigit() for ch in c) % 3 == 0) for c in completions]
 """
-STEPS = 10
+STEPS = 16
 
 
 def _cmd(tmp_path, out, *extra):

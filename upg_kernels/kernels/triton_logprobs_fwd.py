@@ -105,20 +105,21 @@ def combine(part: torch.Tensor):
     return mx + log_s, log_s - t_tot / s_tot, zt.sum(0)
 
 
-def forward(hidden, weight, bias, targets, p):
+def forward_partials(hidden, weight, bias, targets, p):
+    """Launch the forward kernel. Returns ``(part, rows)``: the ``[4, splits, M]`` float32
+    partials of the ``M`` non-ignored rows and their int64 row ids ``rows [M]``; ``part`` is None
+    when every row is ignored. ``forward`` combines them with torch ops; the fused loss epilogue
+    (``triton_epilogue``) combines them in registers."""
     check_inputs(hidden, weight, bias)
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    logp = torch.zeros(N, dtype=torch.float32, device=dev)
-    ent = torch.zeros(N, dtype=torch.float32, device=dev)
-    lse = torch.zeros(N, dtype=torch.float32, device=dev)
     bias = None if bias is None else bias.contiguous()
     targets = targets.contiguous()
     rows = (targets != p.ignore_index).nonzero().squeeze(1)
     M = rows.numel()
     if M == 0:
-        return logp, ent, lse
+        return None, rows
     cfg = fwd_config(hidden.dtype)
     n_blocks = triton.cdiv(M, cfg.block_n)
     v_tiles = triton.cdiv(V, cfg.block_v)
@@ -135,6 +136,18 @@ def forward(hidden, weight, bias, targets, p):
             PREC=dot_precision(hidden.dtype), UPCAST=upcast_dot(), BLOCK_N=cfg.block_n,
             BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages)
+    return part, rows
+
+
+def forward(hidden, weight, bias, targets, p):
+    N = hidden.shape[0]
+    dev = hidden.device
+    logp = torch.zeros(N, dtype=torch.float32, device=dev)
+    ent = torch.zeros(N, dtype=torch.float32, device=dev)
+    lse = torch.zeros(N, dtype=torch.float32, device=dev)
+    part, rows = forward_partials(hidden, weight, bias, targets, p)
+    if part is None:
+        return logp, ent, lse
     l, e, zt = combine(part)
     lse[rows] = l
     ent[rows] = e

@@ -88,15 +88,16 @@ def _epilogue_kernel(part_ptr, rows_ptr, M, n_splits,
     row = tl.load(rows_ptr + offs, mask=mk, other=0)
 
     # ---------------------------------------------------------------- combine the splits
-    stride_j = (tl.full((), 0, tl.int64) + n_splits) * M
+    stride_s = tl.full((), 0, tl.int64) + M                # int64 offsets even if M is specialized
+    stride_j = stride_s * n_splits
     mx = tl.full((BLOCK,), float("-inf"), tl.float32)
     for s in range(n_splits):
-        mx = tl.maximum(mx, tl.load(part_ptr + s * M + offs, mask=mk, other=0.0))
+        mx = tl.maximum(mx, tl.load(part_ptr + s * stride_s + offs, mask=mk, other=0.0))
     s_tot = tl.zeros((BLOCK,), tl.float32)
     t_tot = tl.zeros((BLOCK,), tl.float32)
     zt = tl.zeros((BLOCK,), tl.float32)
     for s in range(n_splits):
-        base = part_ptr + s * M + offs
+        base = part_ptr + s * stride_s + offs
         m_s = tl.load(base, mask=mk, other=0.0)
         s_s = tl.load(base + stride_j, mask=mk, other=1.0)
         t_s = tl.load(base + 2 * stride_j, mask=mk, other=0.0)

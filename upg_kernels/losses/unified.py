@@ -35,9 +35,12 @@ from typing import Optional
 
 import torch
 
+from .._backend import resolve_backend
 from ..logprobs import token_logprobs
 from .advantages import group_advantages
 from .config import GROUP_ADVANTAGES, LossConfig
+from .fused import (fused_enabled, fused_policy_epilogue, fused_supported,
+                    token_weights_and_codes)
 
 
 @dataclass
@@ -141,7 +144,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
                         ref_logprobs=None, rollout_logprobs=None, is_demo=None, bias=None,
                         temperature=1.0, num_items_in_batch=None, backend="auto",
                         is_ratio=None, ignore_index=-100, softcap=None,
-                        filter_eps=0.0) -> LossOutput:
+                        filter_eps=0.0, fused_epilogue=None) -> LossOutput:
     """The loss of ``config`` (a :class:`LossConfig` or a preset name) from hidden states and the lm_head.
 
     Args:
@@ -166,6 +169,9 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
             the main policy term (Liger's ``vllm_is_ratio``).
         ignore_index, softcap, filter_eps: passed to :func:`upg_kernels.token_logprobs` (target id
             that masks a position; Gemma-2 final-logit softcap; backward tile filter, 0 = exact).
+        fused_epilogue: with the Triton backend and a token-local config, run the loss epilogue
+            inside a Triton kernel (docs/losses.md "Fused epilogue"). ``None`` (default): on unless
+            ``UPG_KERNELS_FUSED_EPILOGUE=0``; ``False`` forces the PyTorch epilogue.
 
     Returns:
         :class:`LossOutput`.
@@ -279,7 +285,55 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     uses_adv = main_tok | demo_tok if cfg.demo_part == "shaped" else main_tok
     adv = torch.where(uses_adv, adv, torch.zeros_like(adv))
 
-    # ---------------------------------------------------------------- the fused vocab-sized pass
+    use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)
+                 and _backend_name(backend, dev) == "triton")
+    if use_fused:
+        # ------------------------------------------------------------ Triton forward + fused epilogue
+        logp_bt, ent_bt, total, parts, aux, g_lp, g_H = _fused_pass(
+            cfg, hidden, weight, targets, B, T, bias=bias, temperature=temperature,
+            ignore_index=ignore_index, softcap=softcap, filter_eps=filter_eps, old=old, ref=ref,
+            rol=rol, adv=adv, isr=isr, main_tok=main_tok, demo_tok=demo_tok, main_rows=main_rows,
+            demo_rows=demo_rows, num_items=num_items_in_batch)
+        ent_d = torch.where(valid, ent_bt.detach(), torch.zeros_like(ent_bt))
+    else:
+        logp_bt, ent_bt, total, parts, aux, g_lp, g_H, ent_d, adv = _pytorch_pass(
+            cfg, hidden, weight, targets, B, T, bias=bias, temperature=temperature,
+            ignore_index=ignore_index, softcap=softcap, filter_eps=filter_eps, backend=backend,
+            cd=cd, old=old, ref=ref, rol=rol, adv=adv, isr=isr, isr_rows=isr_rows, valid=valid,
+            main_tok=main_tok, demo_tok=demo_tok, main_rows=main_rows, demo_rows=demo_rows,
+            num_items=num_items_in_batch)
+
+    # ---------------------------------------------------------------- surrogate for the kernel backward
+    need_grad = torch.is_grad_enabled() and logp_bt.requires_grad
+    if need_grad:
+        zero = torch.zeros_like(g_lp)
+        loss = total + (g_lp * torch.where(valid, logp_bt - logp_bt.detach(), zero)).sum()
+        if bool((g_H != 0).any()):
+            loss = loss + (g_H * torch.where(valid, ent_bt - ent_bt.detach(), zero)).sum()
+    else:
+        loss = total
+
+    # ---------------------------------------------------------------- metrics (one sync)
+    metrics = _metrics(cfg, aux, parts, valid, main_tok, demo_tok, main_rows, demo_rows, adv,
+                       adv_per_row, ent_d, g_lp, g_H, have_ref)
+    shape = tuple(targets.shape)
+    return LossOutput(loss=loss, logprobs=logp_bt.detach().reshape(shape),
+                      entropy=ent_bt.detach().reshape(shape),
+                      metrics=metrics, coef_logp=(-g_lp).reshape(shape),
+                      coef_entropy=(-g_H).reshape(shape))
+
+
+def _backend_name(backend, dev):
+    try:
+        return resolve_backend(backend, dev)
+    except ValueError:   # token_logprobs raises it after its input checks
+        return None
+
+
+def _pytorch_pass(cfg, hidden, weight, targets, B, T, *, bias, temperature, ignore_index, softcap,
+                  filter_eps, backend, cd, old, ref, rol, adv, isr, isr_rows, valid, main_tok, demo_tok,
+                  main_rows, demo_rows, num_items):
+    """token_logprobs, then the PyTorch epilogue on [B, T] leaf copies; autograd gives g_lp, g_H."""
     logp, ent = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
                                ignore_index=ignore_index, return_entropy=True, backend=backend,
                                softcap=softcap, filter_eps=filter_eps)
@@ -303,33 +357,41 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     rol = None if rol is None else torch.where(main_tok, rol, old)
 
     # ---------------------------------------------------------------- epilogue on leaf copies
-    need_grad = torch.is_grad_enabled() and logp.requires_grad
     with torch.enable_grad():
         lp = lp_d.clone().requires_grad_(True)
         H = ent_d.clone().requires_grad_(True)
-        total, parts, aux = _epilogue(cfg, lp, H, old, ref, rol, (isr, isr_rows), adv, valid, main_tok, demo_tok,
-                                      main_rows, demo_rows, num_items_in_batch)
+        total, parts, aux = _epilogue(cfg, lp, H, old, ref, rol, (isr, isr_rows), adv, valid, main_tok,
+                                      demo_tok, main_rows, demo_rows, num_items)
         g_lp, g_H = torch.autograd.grad(total, [lp, H], allow_unused=True)
     g_lp = torch.zeros_like(lp_d) if g_lp is None else g_lp.detach()
     g_H = torch.zeros_like(lp_d) if g_H is None else g_H.detach()
     # exact zeros: a coefficient outside the valid tokens is 0 by construction (torch.where)
-    total = total.detach()
-    if need_grad:
-        zero = torch.zeros_like(lp_d)
-        loss = total + (g_lp * torch.where(valid, logp_bt - logp_bt.detach(), zero)).sum()
-        if bool((g_H != 0).any()):
-            loss = loss + (g_H * torch.where(valid, ent_bt - ent_bt.detach(), zero)).sum()
-    else:
-        loss = total
+    return logp_bt, ent_bt, total.detach(), parts, aux, g_lp, g_H, ent_d, adv
 
-    # ---------------------------------------------------------------- metrics (one sync)
-    metrics = _metrics(cfg, aux, parts, valid, main_tok, demo_tok, main_rows, demo_rows, adv,
-                       adv_per_row, ent_d, g_lp, g_H, have_ref)
-    shape = tuple(targets.shape)
-    return LossOutput(loss=loss, logprobs=logp_bt.detach().reshape(shape),
-                      entropy=ent_bt.detach().reshape(shape),
-                      metrics=metrics, coef_logp=(-g_lp).reshape(shape),
-                      coef_entropy=(-g_H).reshape(shape))
+
+def _fused_pass(cfg, hidden, weight, targets, B, T, *, bias, temperature, ignore_index, softcap,
+                filter_eps, old, ref, rol, adv, isr, main_tok, demo_tok, main_rows, demo_rows, num_items):
+    """Triton forward + the fused epilogue kernel (token-local configs; losses/fused.py)."""
+    w_tok, code = token_weights_and_codes(cfg, main_tok, demo_tok, main_rows, demo_rows, num_items)
+    outs = fused_policy_epilogue(cfg, hidden, weight, targets, bias=bias, temperature=temperature,
+                                 ignore_index=ignore_index, softcap=softcap, filter_eps=filter_eps,
+                                 old=old, ref=ref, rol=rol, adv=adv, isr=isr, w=w_tok, code=code)
+    # only logp and ent carry the kernel backward; the other outputs are values (detached)
+    logp, ent = (x.reshape(B, T) for x in outs[:2])
+    _lse, ell, g_lp, g_H, ratio, kl, rollw, flags = (x.detach().reshape(B, T) for x in outs[2:])
+    zero = torch.zeros_like(ell)
+    L_main = torch.where(main_tok, ell, zero).sum()
+    L_demo = torch.where(demo_tok, ell, zero).sum()
+    total = cfg.rl_coef * L_main + cfg.demo_coef * L_demo
+    aux = {"kl": kl}
+    if cfg.reference == "old":
+        aux["ratio"] = ratio
+        aux["clip_low"] = (flags & 1) != 0
+        aux["clip_high"] = (flags & 2) != 0
+        aux["dual"] = (flags & 4) != 0
+    if cfg.rollout_is is not None and rol is not None:
+        aux["rollout_w"] = rollw
+    return logp, ent, total, (L_main, L_demo), aux, g_lp, g_H
 
 
 # ---------------------------------------------------------------------------------------------

@@ -155,3 +155,31 @@ def test_two_mini_batches_use_old_logprobs(tmp_path, spy):
     assert len(spy) == 2 and all(c["old_logprobs"] is not None for c in spy)
     assert all(c["rollout_logprobs"] is not None for c in spy)
     assert math.isfinite(m["loss"]) and "ratio_mean" in m
+
+
+def test_cli_user_jsonl_end_to_end(tmp_path):
+    """`upg-train sft` then `grpo` then `eval` on a user JSONL with renamed columns and the math reward."""
+    import json
+    import os
+
+    from upg_trainer import task
+    from upg_trainer.cli import main
+    rows = [{"question": r["prompt"], "final": r["answer"], "solution": r["demonstration"]}
+            for r in task.make_dataset(12, seed=4)]
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cols = ["--data.path", str(f), "--data.eval_path", str(f), "--data.prompt_column", "question",
+            "--data.answer_column", "final", "--data.demo_column", "solution", "--data.num_eval", "4",
+            "--output.progress", "false", "--train.max_steps", "2", "--train.batch_size", "2",
+            "--rollout.n", "2", "--rollout.max_new_tokens", "6", "--reward.funcs", "[math]",
+            "--data.max_prompt_tokens", "12"]
+    assert main(["sft", *cols, "--output.dir", str(tmp_path / "sft")]) == 0
+    for name in ("metrics.jsonl", "plots.png", "config.yaml", "final/model.safetensors",
+                 "final/tokenizer.json", "checkpoints/step-00000002/optimizer.pt"):
+        assert os.path.exists(tmp_path / "sft" / name), name
+    assert main(["grpo", *cols, "--model.path", str(tmp_path / "sft" / "final"),
+                 "--output.dir", str(tmp_path / "grpo")]) == 0
+    assert main(["eval", *cols, "--model.path", str(tmp_path / "grpo" / "final"),
+                 "--output.dir", str(tmp_path / "ev")]) == 0
+    m = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert 0.0 <= m["eval/accuracy"] <= 1.0

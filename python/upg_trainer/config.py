@@ -34,7 +34,8 @@ class DataConfig:
     path: str = _f("embedded", "training data: 'embedded' (the generated task), a .jsonl/.json/.parquet "
                    "file, or a directory saved with datasets' save_to_disk")
     split: str = _f("train", "split to use when path is a DatasetDict directory")
-    eval_path: str = _f("embedded", "held-out data for eval (same formats); '' = no evaluation")
+    eval_path: str = _f("auto", "held-out data for eval (same formats); 'auto' = the embedded task's "
+                        "held-out set when data.path is 'embedded', else none; '' = no evaluation")
     eval_split: str = _f("test", "split of eval_path when it is a DatasetDict directory")
     prompt_column: str = _f("prompt", "column with the problem text (a string or a list of chat messages)")
     answer_column: str = _f("answer", "column with the reference answer (RL rewards, HPT, eval)")
@@ -44,7 +45,8 @@ class DataConfig:
     num_eval: int = _f(200, "embedded task / any eval set: at most this many held-out problems")
     levels: list = _f([1, 2, 3], "embedded task: difficulty levels of training problems (1-4)")
     eval_levels: list = _f([1, 2, 3], "embedded task: difficulty levels of held-out problems")
-    max_prompt_tokens: int = _f(512, "prompts longer than this are skipped")
+    max_prompt_tokens: int = _f(1024, "prompts longer than this are cut to their last max_prompt_tokens "
+                                "tokens (with a warning)")
     max_completion_tokens: int = _f(512, "SFT: demonstrations are truncated to this many tokens")
     packing: bool = _f(True, "SFT: pack samples into rows of pack_tokens tokens (attention isolated)")
     pack_tokens: int = _f(512, "SFT packing: tokens per packed row")

@@ -101,10 +101,13 @@ class Trainer:
             check_columns(self.train_rows, need, d.path, f"`upg-train {cfg.command}`")
             self.sampler = PromptSampler(len(self.train_rows), cfg.train.seed)
         self.eval_rows = []
-        if d.eval_path:
-            self.eval_rows = load_rows(d.eval_path, split=d.eval_split, num=d.num_eval, seed=cfg.train.seed,
+        eval_path = d.eval_path
+        if eval_path == "auto":
+            eval_path = "embedded" if d.path == "embedded" or cfg.command == "eval" else ""
+        if eval_path:
+            self.eval_rows = load_rows(eval_path, split=d.eval_split, num=d.num_eval, seed=cfg.train.seed,
                                        levels=d.eval_levels, eval_set=True)
-            check_columns(self.eval_rows, [d.prompt_column, d.answer_column], d.eval_path, "evaluation")
+            check_columns(self.eval_rows, [d.prompt_column, d.answer_column], eval_path, "evaluation")
         needs_reward = cfg.command in ("grpo", "hpt") or bool(self.eval_rows)
         self.rewards = RewardSet(cfg.reward.funcs, cfg.reward.weights) if needs_reward else None
         self.loss_cfg = make_loss_config(cfg) if cfg.command in ("sft", "grpo", "hpt") else None
@@ -167,8 +170,15 @@ class Trainer:
     def _prompt_ids(self, row) -> list[int]:
         key = id(row)
         if key not in self._prompt_cache:
-            self._prompt_cache[key] = encode_prompt(self.tok, row[self.cfg.data.prompt_column],
-                                                    self.cfg.data.system_prompt)
+            ids = encode_prompt(self.tok, row[self.cfg.data.prompt_column], self.cfg.data.system_prompt)
+            limit = self.cfg.data.max_prompt_tokens
+            if limit and len(ids) > limit:
+                if not getattr(self, "_warned_long", False):
+                    print(f"[upg-train] warning: a prompt has {len(ids)} tokens > data.max_prompt_tokens="
+                          f"{limit}; keeping its last {limit} tokens (warned once)")
+                    self._warned_long = True
+                ids = ids[-limit:]
+            self._prompt_cache[key] = ids
         return self._prompt_cache[key]
 
     # ------------------------------------------------------------------------------- loss

@@ -3,7 +3,6 @@ import json
 import os
 
 import pytest
-import torch
 
 from upg_trainer import task
 from upg_trainer.checkpoint import list_checkpoints, save_checkpoint

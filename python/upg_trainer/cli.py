@@ -9,9 +9,8 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import fields
 
-from .config import SECTIONS, Config, build_config, section_fields
+from .config import SECTIONS, Config, build_config, section_fields  # noqa: F401
 
 COMMANDS = {
     "sft": "supervised fine-tuning on the demonstration column (loss only on completion tokens, packed)",

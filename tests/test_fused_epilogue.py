@@ -282,3 +282,14 @@ def test_custom_op_opcheck_and_compile():
     loss = torch.compile(f, backend="aot_eager")(h)
     loss.backward()
     assert abs(loss.item() - f(hid).item()) < 1e-6 and torch.allclose(h.grad, g0, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["grpo", "hpt"])
+def test_bfloat16_inputs(name):
+    cfg, hid, w, b, tgt, kw = make_case(name, 0, dtype=torch.bfloat16)
+    of, gf = _run(cfg, hid, w, b, tgt, kw, fused=True)
+    op, gp = _run(cfg, hid, w, b, tgt, kw, fused=False)
+    assert abs(of.loss.item() - op.loss.item()) <= 1e-6 * max(1.0, abs(op.loss.item()))
+    assert torch.equal(of.coef_logp == 0, op.coef_logp == 0)
+    for a, r in zip(gf, gp):
+        assert a.dtype == torch.bfloat16 and _rel(a, r) < 1e-2

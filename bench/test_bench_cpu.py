@@ -17,6 +17,8 @@ SHAPE = Shape("tiny", 64, 1000, 256)
 CASES = [(op, name, "bf16") for op in ("logprobs", "sft", "grpo", "hpt")
          for name in ("ours", "ours-torch", "ours-tlp", "ours-dropin", "eager", "liger")]
 CASES += [(op, name, "fp32") for op in ("logprobs", "sft", "grpo", "hpt") for name in ("ours", "eager")]
+# combinations that do not exist (e.g. Liger has no per-token log-prob op) are not cases at all
+CASES = [c for c in CASES if not (REGISTRY[c[1]]().status(c[0], CPU) or "").startswith("n/a")]
 TOL = {"bf16": 2e-2, "fp32": 1e-4}
 
 
@@ -37,7 +39,7 @@ def problems():
 def test_cpu_fwd_bwd(benchmark, problems, op, name, dtype):
     impl = REGISTRY[name]()
     status = impl.status(op, CPU)
-    if status is not None:
+    if status is not None:   # a peer that is not installed (the dev extra installs them all)
         pytest.skip(status)
     p, x, ref = problems(op, dtype)
     impl.prepare(p, CPU)

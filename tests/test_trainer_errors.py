@@ -61,10 +61,16 @@ def test_model_without_lm_head(tmp_path):
         get_head(base)
     with pytest.raises(ValueError, match="has no lm_head"):
         Trainer(cfg(tmp_path, "sft"), model=base, tokenizer=tok)
-    # final-logit softcapping is refused (unified_policy_loss has no softcap argument)
-    model.config.final_logit_softcapping = 30.0
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
+    # a logit scale (Cohere's logit_scale, Granite's logits_scaling) is refused; softcapping is supported
+    # (tests/test_trainer_softcap.py)
+    model.config.logits_scaling = 8.0
+    with pytest.raises(ValueError, match="scales its logits"):
         Trainer(cfg(tmp_path / "sc", "sft"), model=model, tokenizer=tok)
+    # a config that claims a softcap the model's forward does not apply: caught by the logits check
+    model.config.logits_scaling = 1.0
+    model.config.final_logit_softcapping = 0.01
+    with pytest.raises(ValueError, match="differ from log_softmax"):
+        Trainer(cfg(tmp_path / "sc2", "sft"), model=model, tokenizer=tok)
 
 
 def test_unreadable_checkpoint(tmp_path, capsys):

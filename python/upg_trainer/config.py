@@ -27,6 +27,9 @@ class ModelConfig:
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     attn_implementation: str = _f("sdpa", "sdpa | eager | flash_attention_2 | auto")
     trust_remote_code: bool = _f(False, "passed to from_pretrained")
+    ref_path: str = _f("", "reference model of a KL (loss.overrides kl_coef > 0) or chi2/hellinger loss: "
+                       "'' = a frozen copy of the initial policy (model.path); else a causal LM with the "
+                       "same vocabulary, loaded like model.path")
 
 
 @dataclass

@@ -67,6 +67,29 @@ def load_model_and_tokenizer(path: str = EMBEDDED, *, dtype: str = "auto", devic
     return model, tok, dev
 
 
+def load_reference_model(path: str, *, dtype: str = "auto", device: str = "auto",
+                         attn_implementation: Optional[str] = "sdpa", seed: int = 0,
+                         trust_remote_code: bool = False):
+    """The frozen reference model of a KL / chi2 / hellinger loss loaded from ``path`` (no tokenizer)."""
+    model, _tok, _dev = load_model_and_tokenizer(path, dtype=dtype, device=device,
+                                                 attn_implementation=attn_implementation, seed=seed,
+                                                 trust_remote_code=trust_remote_code)
+    return freeze(model)
+
+
+def freeze(model):
+    """Eval mode, no gradients (a reference model)."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+# config attributes by which some transformers models rescale their logits after the lm_head
+# (Cohere: logits * logit_scale; Granite: logits / logits_scaling; Falcon-H1: * lm_head_multiplier).
+# The fused loss computes softmax(softcap(hidden @ W.T + b) / T) and nothing else, so these are refused.
+LOGIT_SCALE_ATTRS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_logits_scale")
+
+
 def load_tokenizer_from(path: str, trust_remote_code: bool = False):
     """AutoTokenizer, except for a plain tokenizers-backed tokenizer (like the embedded one).
 
@@ -95,8 +118,53 @@ def get_head(model) -> Head:
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"{type(model).__name__}'s output layer is {type(head).__name__}, not nn.Linear: "
                          "the fused loss needs a plain linear lm_head")
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    cfg = getattr(model, "config", None)
+    for name in LOGIT_SCALE_ATTRS:
+        v = getattr(cfg, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and float(v) != 1.0:
+            raise ValueError(f"{type(model).__name__} scales its logits (config.{name}={v}): the fused loss "
+                             "computes softmax(softcap(hidden @ lm_head.T)) without a logit scale, so training "
+                             "it would optimise the wrong distribution (not supported)")
+    softcap = getattr(cfg, "final_logit_softcapping", None)
     return Head(head.weight, head.bias, float(softcap) if softcap else None)
+
+
+@torch.no_grad()
+def check_fused_logprobs(model, softcap: Optional[float] = None, backend: str = "auto",
+                         n_tokens: int = 8) -> Optional[float]:
+    """Compare the fused log-probs (decoder hidden states + lm_head, ``softcap``) with
+    ``log_softmax(model(ids).logits)`` on a few random tokens; raise when they disagree (a logit
+    transform the trainer does not reproduce). Returns the max abs difference, or None when the
+    model's own forward could not be run (the check is then skipped with a warning)."""
+    from upg_kernels import token_logprobs
+
+    head = model.get_output_embeddings()
+    V = int(head.weight.shape[0])
+    dev = head.weight.device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (1, n_tokens + 1), generator=g).to(dev)
+    was_training = model.training
+    model.eval()
+    try:
+        try:
+            logits = model(input_ids=ids[:, :-1], use_cache=False).logits
+        except Exception as e:  # an unusual forward signature: nothing to compare against
+            print(f"[upg-train] warning: could not run {type(model).__name__}'s forward to check the fused "
+                  f"log-probs against its logits ({type(e).__name__}: {e}); check skipped")
+            return None
+        want = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+        h = hidden_states(model, ids[:, :-1])
+        got = token_logprobs(h, head.weight, ids[:, 1:], bias=head.bias, softcap=softcap, backend=backend)
+    finally:
+        model.train(was_training)
+    diff = float((got.float() - want).abs().max())
+    tol = 1e-3 if head.weight.dtype in (torch.float32, torch.float64) else 0.5
+    if not diff <= tol:
+        raise ValueError(f"{type(model).__name__}: the fused log-probs (decoder hidden states @ lm_head, "
+                         f"softcap={softcap}) differ from log_softmax(model(ids).logits) by {diff:.3g} "
+                         f"(> {tol}): the model transforms its logits in a way the fused loss does not "
+                         "reproduce, so the trainer cannot train it")
+    return diff
 
 
 def get_decoder(model):

@@ -12,6 +12,8 @@ the lm_head weight (``model.hidden_states`` + ``distributed.output_weight``).
 """
 from __future__ import annotations
 
+import copy
+import json
 import math
 import os
 import shutil
@@ -29,7 +31,8 @@ from .checkpoint import (MetricsLog, clean_partial, list_checkpoints, load_check
 from .config import Config
 from .data import (PromptSampler, RowBatch, build_rows, check_columns, encode_completion,
                    encode_prompt, load_rows, pack_rows, prompt_text)
-from .model import get_head, hidden_states, load_model_and_tokenizer
+from .model import (check_fused_logprobs, freeze, get_head, hidden_states, load_model_and_tokenizer,
+                    load_reference_model)
 from .rewards import RewardSet
 from .rollout import make_engine
 from .schedule import make_scheduler
@@ -60,6 +63,27 @@ def make_loss_config(cfg: Config) -> LossConfig:
     return base
 
 
+def needs_reference(lc: Optional[LossConfig]) -> bool:
+    """A KL term (kl_coef > 0) or a chi2/hellinger likelihood needs reference-model log-probs."""
+    return lc is not None and (lc.kl_coef > 0 or lc.likelihood in ("chi2", "hellinger"))
+
+
+def _fingerprint(model) -> dict:
+    """Per-tensor (sum, sum of squares) in float64: identifies the reference weights across a resume."""
+    out = {}
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            if v.is_floating_point():
+                x = v.detach().double()
+                out[k] = [float(x.sum()), float((x * x).sum())]
+    return out
+
+
+def _same_fingerprint(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6) for k in a for x, y in zip(a[k], b[k]))
+
+
 def _part_weight(aggregation: str, rows: float, rows_total: float, toks: float, toks_total: float) -> float:
     """Share of one micro-batch in a part's aggregate, so micro-batch losses add up to the full-batch loss."""
     if aggregation == "token_mean":
@@ -79,10 +103,10 @@ class Trainer:
                 trust_remote_code=cfg.model.trust_remote_code)
         else:
             self.device = next(model.parameters()).device
-        if get_head(model).softcap:
-            raise ValueError(f"{type(model).__name__} uses final_logit_softcapping="
-                             f"{model.config.final_logit_softcapping}: unified_policy_loss has no softcap "
-                             "argument yet, so training it would optimise the wrong distribution")
+        # final-logit softcapping (Gemma-2 style) goes to every log-prob / loss call; a logit scale is
+        # refused by get_head; the fused log-probs are checked once against the model's own logits
+        self.softcap = get_head(model).softcap
+        check_fused_logprobs(model, self.softcap, backend=cfg.loss.backend)
         self.lm, self.tok = model, tokenizer
         self.out = cfg.output.dir
         self.metrics = MetricsLog(os.path.join(self.out, "metrics.jsonl"), enabled=dist.is_main())
@@ -112,15 +136,28 @@ class Trainer:
         self.rewards = RewardSet(cfg.reward.funcs, cfg.reward.weights) if needs_reward else None
         self.loss_cfg = make_loss_config(cfg) if cfg.command in ("sft", "grpo", "hpt") else None
 
+        # the reference model (KL / chi2 / hellinger): built from the initial weights, before a resume
+        # loads the checkpoint's weights into the policy, so a resumed run gets the same reference
+        self.ref, self.ref_softcap = None, None
+        if needs_reference(self.loss_cfg):
+            self.ref = self._build_reference()
+
         # resume: weights go into the plain model before it is wrapped
         self.resume_state = None
         if cfg.command in ("sft", "grpo", "hpt"):
             self._prepare_output()
+        if self.ref is not None:
+            self._check_reference()
         bf16 = cfg.train.mixed_precision == "bf16"
         self.model = dist.wrap_model(self.lm, cfg.train.strategy,
                                      param_dtype=torch.bfloat16 if bf16 else None,
                                      reduce_dtype=torch.float32 if bf16 else None,
                                      activation_checkpointing=cfg.train.activation_checkpointing)
+        if self.ref is not None and cfg.train.strategy == "fsdp2":
+            # sharded like the policy (same units, same mixed precision), used inside forward_call only;
+            # under ddp every rank keeps a plain frozen replica (DDP wraps only trainable modules)
+            self.ref = dist.wrap_model(self.ref, "fsdp2", param_dtype=torch.bfloat16 if bf16 else None,
+                                       reduce_dtype=torch.float32 if bf16 else None)
         r = cfg.rollout
         self.engine = make_engine(r.engine, self.model, self.tok, batch_size=r.batch_size,
                                   gpu_memory_utilization=r.gpu_memory_utilization,
@@ -141,6 +178,51 @@ class Trainer:
             set_rng_state(st["rng"])
 
     # ------------------------------------------------------------------------------- setup
+    def _build_reference(self):
+        """A frozen copy of the initial policy, or the model at ``model.ref_path``."""
+        m = self.cfg.model
+        try:
+            if m.ref_path:
+                ref = load_reference_model(m.ref_path, dtype=m.dtype, device=m.device,
+                                           attn_implementation=m.attn_implementation, seed=self.cfg.train.seed,
+                                           trust_remote_code=m.trust_remote_code)
+                ref.to(self.device)
+            else:
+                ref = freeze(copy.deepcopy(self.lm))
+        except Exception as e:
+            src = f"model.ref_path={m.ref_path!r}" if m.ref_path else "a copy of the initial policy"
+            raise RuntimeError(f"could not build the reference model ({src}) that loss kl_coef="
+                               f"{self.loss_cfg.kl_coef} / likelihood={self.loss_cfg.likelihood!r} needs: "
+                               f"{type(e).__name__}: {e}") from e
+        w_ref, w_pol = get_head(ref).weight, get_head(self.lm).weight
+        if w_ref.shape[0] != w_pol.shape[0]:
+            raise ValueError(f"the reference model {m.ref_path!r} has a vocabulary of {w_ref.shape[0]} tokens, "
+                             f"the policy {w_pol.shape[0]}: a KL needs the same vocabulary")
+        self.ref_softcap = get_head(ref).softcap
+        if m.ref_path:
+            check_fused_logprobs(ref, self.ref_softcap, backend=self.cfg.loss.backend)
+        return ref
+
+    def _check_reference(self):
+        """``<output.dir>/reference.json`` records the reference weights' fingerprint when a run starts;
+        a resumed run rebuilds the reference the same way and must find the same weights."""
+        path = os.path.join(self.out, "reference.json")
+        src = self.cfg.model.ref_path or f"initial policy ({self.cfg.model.path})"
+        fp = _fingerprint(self.ref)
+        if self.resume_state is not None and os.path.exists(path):
+            with open(path) as f:
+                saved = json.load(f)
+            if not _same_fingerprint(saved["fingerprint"], fp):
+                raise ValueError(f"the reference model rebuilt from {src} differs from the one this run "
+                                 f"started with ({saved.get('source')}, recorded in {path}): its weights "
+                                 "changed since; restore them or start a new run")
+            return
+        if dist.is_main():
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"source": src, "fingerprint": fp}, f)
+            os.replace(tmp, path)
+
     def _prepare_output(self):
         cfg, out = self.cfg, self.out
         os.makedirs(out, exist_ok=True)
@@ -163,6 +245,8 @@ class Trainer:
         if dist.is_main():
             for _, p in ckpts:
                 shutil.rmtree(p, ignore_errors=True)
+            if os.path.exists(os.path.join(out, "reference.json")):
+                os.remove(os.path.join(out, "reference.json"))  # a new run records its own reference
             self.metrics.truncate_after(None)
             with open(os.path.join(out, "config.yaml"), "w") as f:
                 yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
@@ -182,12 +266,16 @@ class Trainer:
         return self._prompt_cache[key]
 
     # ------------------------------------------------------------------------------- loss
+    def _temperature(self) -> float:
+        """The temperature of the loss (and of the old / reference log-probs): 1 for sft, the sampler's otherwise."""
+        return 1.0 if self.cfg.command == "sft" else self.cfg.rollout.temperature
+
     def _micro_loss(self, mb: RowBatch, cfg: LossConfig, extra: dict, box: list):
         def fn(lm):
             h = hidden_states(lm, mb.input_ids, mb.attention_mask, mb.position_ids)[:, mb.start:]
             w, b = dist.output_weight(lm)
             out = unified_policy_loss(h, w, mb.targets, config=cfg, loss_mask=mb.loss_mask, bias=b,
-                                      temperature=1.0 if self.cfg.command == "sft" else self.cfg.rollout.temperature,
+                                      temperature=self._temperature(), softcap=self.softcap,
                                       backend=self.cfg.loss.backend, **extra)
             box.append(out)
             return out.loss
@@ -252,6 +340,8 @@ class Trainer:
             else:
                 mb = build_rows([p for p, _ in chunk], [q for _, q in chunk], self.tok.pad_token_id)
             micro.append((mb, {}))
+        if self.ref is not None:
+            self._fill_ref_logprobs(micro)
         m = self._update(micro)
         m["tokens"] = sum(len(p) + len(q) for p, q in samples)
         m["sft_share"] = 1.0
@@ -291,10 +381,14 @@ class Trainer:
                 demo = encode_completion(self.tok, rows[i][c.data.demo_column], c.data.max_completion_tokens)
                 items.append((prompts[i], demo, True, 0.0, None))
         m_all: dict = {}
-        for mini in self._split(items, c.train.mini_batches):
-            micro = [self._rl_micro(chunk) for chunk in self._split(mini, c.train.grad_accum)]
+        minis = [[self._rl_micro(chunk) for chunk in self._split(mini, c.train.grad_accum)]
+                 for mini in self._split(items, c.train.mini_batches)]
+        for micro in minis:  # before the first update: pi_old of every mini-batch is the sampling policy
             if c.train.mini_batches > 1:
                 self._fill_old_logprobs(micro)
+            if self.ref is not None:
+                self._fill_ref_logprobs(micro)
+        for micro in minis:
             for k, v in self._update(micro).items():
                 m_all.setdefault(k, []).append(v)
         m = {k: sum(v) / len(v) for k, v in m_all.items()}
@@ -342,8 +436,23 @@ class Trainer:
                 h = hidden_states(lm, mbd.input_ids, mbd.attention_mask, mbd.position_ids)[:, mbd.start:]
                 w, b = dist.output_weight(lm)
                 return token_logprobs(h, w, mbd.targets, bias=b, temperature=self.cfg.rollout.temperature,
-                                      backend=self.cfg.loss.backend)
+                                      backend=self.cfg.loss.backend, softcap=self.softcap)
             extra["old_logprobs"] = dist.forward_call(self.model, fn).cpu()
+
+    @torch.no_grad()
+    def _fill_ref_logprobs(self, micro):
+        """The frozen reference model's log-probs of the rows' targets (``ref_logprobs``): decoder hidden
+        states + lm_head through ``token_logprobs``, the loss's temperature and the reference's softcap."""
+        from upg_kernels import token_logprobs
+        for mb, extra in micro:
+            mbd = mb.to(self.device)
+
+            def fn(lm):
+                h = hidden_states(lm, mbd.input_ids, mbd.attention_mask, mbd.position_ids)[:, mbd.start:]
+                w, b = dist.output_weight(lm)
+                return token_logprobs(h, w, mbd.targets, bias=b, temperature=self._temperature(),
+                                      backend=self.cfg.loss.backend, softcap=self.ref_softcap)
+            extra["ref_logprobs"] = dist.forward_call(self.ref, fn).cpu()
 
     # ------------------------------------------------------------------------------- eval
     @torch.no_grad()

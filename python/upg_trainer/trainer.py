@@ -316,6 +316,12 @@ class Trainer:
         self.opt.step()
         self.sched.step()
         self.engine.sync_weights(self.model)
+        if dist.is_distributed() and agg:
+            # token-weighted over every rank's micro-batches (the keys are the same on every rank:
+            # they depend on the loss config only), so kl_mean, entropy, ... describe the whole batch
+            names = sorted(agg)
+            t = dist.all_reduce_sum(torch.tensor([agg[k] for k in names], dtype=torch.float64))
+            agg = {k: t[i].tolist() for i, k in enumerate(names)}
         out = {k: a[0] / a[1] for k, a in agg.items() if a[1] > 0}
         out.update(loss=dist.all_reduce_sum(loss_total), grad_norm=float(gn))
         return out

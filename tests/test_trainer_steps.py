@@ -155,6 +155,8 @@ def test_two_mini_batches_use_old_logprobs(tmp_path, spy):
     assert len(spy) == 2 and all(c["old_logprobs"] is not None for c in spy)
     assert all(c["rollout_logprobs"] is not None for c in spy)
     assert math.isfinite(m["loss"]) and "ratio_mean" in m
+    # pi_old of the second mini-batch is the policy before the first update, so its ratio moved off 1
+    assert m["ratio_max"] - m["ratio_min"] > 1e-4
 
 
 def test_cli_user_jsonl_end_to_end(tmp_path):

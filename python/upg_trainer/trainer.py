@@ -74,8 +74,13 @@ def _fingerprint(model) -> dict:
     with torch.no_grad():
         for k, v in model.state_dict().items():
             if v.is_floating_point():
-                x = v.detach().double()
-                out[k] = [float(x.sum()), float((x * x).sum())]
+                flat = v.detach().reshape(-1)
+                s = q = 0.0
+                for i in range(0, flat.numel(), 1 << 24):  # chunks: no float64 copy of a whole embedding
+                    x = flat[i:i + (1 << 24)].double()
+                    s += float(x.sum())
+                    q += float((x * x).sum())
+                out[k] = [s, q]
     return out
 
 

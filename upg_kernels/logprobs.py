@@ -145,10 +145,9 @@ def _check_target_range(flat_targets, V, ignore_index):
 def _common_dtype(hidden, weight, bias):
     """The compute dtype: autocast's when it is on for this device, else the promoted input dtype."""
     dev = hidden.device.type
-    if torch.is_autocast_enabled(dev) if hasattr(torch, "is_autocast_enabled") else False:
+    if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
-    dt = torch.promote_types(hidden.dtype, weight.dtype)
-    return dt
+    return torch.promote_types(hidden.dtype, weight.dtype)
 
 
 # ----------------------------------------------------------------------------- public API

@@ -28,6 +28,10 @@ def _inputs(N=6, H=8, V=11, dtype=torch.float32, seed=0):
     (dict(targets=torch.tensor([0, -1, 1])), ValueError, "outside"),
     (dict(bias=torch.ones(4)), ValueError, "bias must have shape"),
     (dict(temperature=0.0), ValueError, "temperature"),
+    (dict(temperature=float("inf")), ValueError, "temperature"),
+    (dict(temperature=True), ValueError, "temperature"),
+    (dict(filter_eps=float("inf")), ValueError, "filter_eps"),
+    (dict(filter_eps=-1.0), ValueError, "filter_eps"),
     (dict(softcap=-1.0), ValueError, "softcap"),
     (dict(backend="cuda"), ValueError, "backend"),
     (dict(hidden=[[1.0]]), TypeError, "hidden"),
@@ -56,6 +60,9 @@ def test_env_var_sets_default_backend(monkeypatch):
         resolve_backend("auto", torch.device("cpu"))
     monkeypatch.delenv("UPG_KERNELS_BACKEND")
     assert resolve_backend(None, torch.device("cpu")) == "torch"
+    # auto never picks Triton for float64 (the kernels take fp32/bf16/fp16)
+    assert resolve_backend("auto", torch.device("cuda"), torch.float64) == "torch"
+    assert resolve_backend("auto", torch.device("cuda"), torch.bfloat16) == "triton"
 
 
 def test_empty_input_returns_empty_outputs():

@@ -101,6 +101,31 @@ def test_bias_temperature_ignored(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_inf_bias_masks_part_of_the_vocabulary(backend):
+    """A -inf bias (vocabulary entries masked out, e.g. padding rows of the lm_head) gives the
+    distribution over the rest: finite log-probs, entropy and gradients, equal to the reference.
+    Whole vocabulary tiles and splits are -inf here, which the online max and the combine must handle."""
+    N, H, V = 9, 16, 300
+    h, w, _, t = _inputs(N, H, V)
+    b = torch.zeros(V)
+    b[150:] = float("-inf")
+    t = t % 150
+    gl, ge = torch.randn(N), torch.randn(N)
+
+    def run(dtype, fn, **kw):
+        hh, ww = (x.to(dtype).clone().requires_grad_() for x in (h, w))
+        lp, en = fn(hh, ww, t, bias=b.to(dtype), return_entropy=True, **kw)
+        (lp * gl.to(dtype) + en * ge.to(dtype)).sum().backward()
+        return lp, en, hh.grad, ww.grad
+
+    ours = run(torch.float32, token_logprobs, backend=backend)
+    ref = run(torch.float64, token_logprobs_reference)
+    for a, r in zip(ours, ref):
+        assert torch.isfinite(a).all()
+        assert (a.double() - r).abs().max() <= TOL * r.abs().max()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_softcap(backend):
     _assert_close(_compare(33, 64, 517, backend, bias=True, softcap=5.0, temperature=1.3))
 
@@ -243,10 +268,26 @@ def test_skipping_launches_only_active_rows(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- tile filtering
+def test_filter_eps_is_relative_to_the_row_coefficient():
+    """A token-mean loss over many tokens has g = 1/N, far below eps: a relative filter keeps the
+    target column (|1 - p| > eps) and so the gradient; an absolute one would have skipped everything."""
+    N, H, V = 4500, 16, 64
+    h, w, _, t = _inputs(N, H, V)
+    eps = float(torch.finfo(torch.bfloat16).eps) / 32     # CCE's "high"
+    grads = []
+    for fe in (0.0, eps):
+        hh = h.clone().requires_grad_()
+        token_logprobs(hh, w, t, backend="triton", filter_eps=fe).mean().backward()
+        grads.append(hh.grad)
+    assert grads[1].abs().max() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-9)
+
+
 def test_filter_eps_within_documented_bound():
-    """docs/kernels.md: every skipped logit-gradient element has |dz| <= eps, so
-    |ddW[j,k]| <= eps * sum_i |h[i,k]|, |ddh[i,k]| <= eps * sum_j |W[j,k]|, |ddb[j]| <= eps * M
-    (sums over the active rows / all vocabulary rows), on top of the unfiltered rounding error."""
+    """docs/kernels.md: every skipped logit-gradient element has |dz_ij| <= eps * c_i with
+    c_i = |g_logp_i| + |g_ent_i| (T = 1), so |ddW[j,k]| <= eps * sum_i c_i |h[i,k]|,
+    |ddh[i,k]| <= eps * c_i * sum_j |W[j,k]|, |ddb[j]| <= eps * sum_i c_i, on top of the unfiltered
+    rounding error."""
     N, H, V = 32, 32, 640
     h, w, b, t = _inputs(N, H, V, bias=True)
     b[200:] -= 12.0            # a tail of unlikely tokens: their tiles have |dz| < eps
@@ -265,10 +306,10 @@ def test_filter_eps_within_documented_bound():
     filt = grads(backend="triton", filter_eps=eps)
     ref = grads(torch.float64, token_logprobs_reference)
     assert any(not torch.equal(a, c) for a, c in zip(exact, filt)), "nothing was filtered"
-    M = N
-    bounds = (eps * w.double().abs().sum(0).expand(N, H),
-              eps * h.double().abs().sum(0).expand(V, H),
-              torch.full((V,), eps * M, dtype=torch.float64))
+    c = (gl.abs() + ge.abs()).double()           # the row coefficient (T = 1)
+    bounds = (eps * c[:, None] * w.double().abs().sum(0)[None, :],
+              eps * (c[:, None] * h.double().abs()).sum(0).expand(V, H),
+              torch.full((V,), eps * float(c.sum()), dtype=torch.float64))
     for got, r, bound in zip(filt, ref, bounds):
         slack = TOL * r.abs().max()
         assert ((got.double() - r).abs() <= bound + slack).all()

@@ -546,6 +546,24 @@ def test_bad_input_other_parts():
         unified_policy_loss(hid[None], w, tgt, config="sft")
     with pytest.raises(TypeError, match="config must be"):
         unified_policy_loss(hid, w, tgt, config=3)
+    # a KL coefficient without reference log-probs would silently add kl_coef * logp (k1) or nothing
+    with pytest.raises(ValueError, match="kl_coef=0.1 needs ref_logprobs"):
+        unified_policy_loss(hid, w, tgt, config=LossConfig.preset("grpo", kl_coef=0.1),
+                            advantages=torch.zeros(B))
+    with pytest.raises(TypeError, match="old_logprobs must be a floating tensor"):
+        unified_policy_loss(hid, w, tgt, config="grpo", advantages=torch.zeros(B),
+                            old_logprobs=torch.zeros(B, T, dtype=torch.long))
+
+
+@pytest.mark.parametrize("preset", ["grpo", "gspo", "sft"])
+def test_empty_batch_gives_zero_loss_and_defined_metrics(preset):
+    hid, w = torch.randn(0, T, 8, requires_grad=True), torch.randn(11, 8)
+    tgt = torch.zeros(0, T, dtype=torch.long)
+    kw = {} if preset == "sft" else dict(advantages=torch.zeros(0))
+    out = unified_policy_loss(hid, w, tgt, config=preset, **kw)
+    assert out.loss.item() == 0.0 and out.metrics["ratio_min"] == 1.0 == out.metrics["ratio_max"]
+    out.loss.backward()
+    assert hid.grad.shape == hid.shape
 
 
 # ----------------------------------------------------------------------------------------- docs

@@ -18,8 +18,10 @@ def interpreter_on() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """Return ``"triton"`` or ``"torch"`` for a call on ``device``."""
+def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """Return ``"triton"`` or ``"torch"`` for a call on ``device`` computing in ``dtype``.
+
+    ``"auto"`` picks the torch backend for float64 (the Triton kernels take fp32/bf16/fp16)."""
     if backend is None:
         backend = "auto"
     if not isinstance(backend, str) or backend not in BACKENDS:
@@ -31,7 +33,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
                 f"UPG_KERNELS_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
     if backend == "triton" and device.type != "cuda" and not interpreter_on():
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "

@@ -7,6 +7,8 @@ holds an N x V logits tensor.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._backend import resolve_backend
@@ -73,8 +75,8 @@ def _backward(ctx, g_logp, g_ent, _g_lse):
     if g_logp is None:
         g_logp = torch.zeros_like(lse)
     dh, dw, db = _token_logprobs_backward_op(
-        hidden, weight, bias, targets, lse, ent, g_logp.float() if g_logp.dtype != lse.dtype
-        else g_logp, None if g_ent is None else g_ent.to(lse.dtype), *ctx.args,
+        hidden, weight, bias, targets, lse, ent, g_logp.to(lse.dtype),
+        None if g_ent is None else g_ent.to(lse.dtype), *ctx.args,
         need_h, need_w, need_b and bias is not None)
     return (dh if need_h else None, dw if need_w else None,
             db if (need_b and bias is not None) else None, None, None, None, None, None, None)
@@ -92,9 +94,9 @@ def _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_ep
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
     if hidden.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"hidden must be a floating tensor (fp32, bf16, fp16), got {hidden.dtype}")
+        raise TypeError(f"hidden must be a floating tensor (fp32, bf16, fp16, fp64), got {hidden.dtype}")
     if weight.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"weight must be a floating tensor (fp32, bf16, fp16), got {weight.dtype}")
+        raise TypeError(f"weight must be a floating tensor (fp32, bf16, fp16, fp64), got {weight.dtype}")
     if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
         raise TypeError(f"targets must hold integer token ids, got {targets.dtype}")
     if hidden.dim() < 1:
@@ -123,12 +125,16 @@ def _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_ep
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
         if bias.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
-        raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
-    if not (isinstance(filter_eps, (int, float)) and filter_eps >= 0):
-        raise ValueError(f"filter_eps must be a number >= 0, got {filter_eps!r}")
+    if not (_is_number(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if softcap is not None and not (_is_number(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if not (_is_number(filter_eps) and filter_eps >= 0):
+        raise ValueError(f"filter_eps must be a finite number >= 0, got {filter_eps!r}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _check_target_range(flat_targets, V, ignore_index):
@@ -167,8 +173,9 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
             overrides), ``"triton"`` or ``"torch"``.
         softcap: optional final-logit softcapping ``c * tanh(z / c)`` (Gemma-2 style), applied
             before the temperature.
-        filter_eps: backward tile filter (Triton backend): skip logit tiles whose every
-            ``|dz| <= filter_eps`` (see docs/kernels.md for the error bound). 0 = exact.
+        filter_eps: backward tile filter (Triton backend): skip logit tiles whose every element has
+            ``|dz| <= filter_eps * (|g_logp| + |g_ent|) / temperature`` of its row, i.e. CCE's
+            ``|onehot - p| <= filter_eps`` (docs/kernels.md has the error bound). 0 = exact.
 
     Returns:
         ``logp`` float32 ``[...]``, and with ``return_entropy`` the tuple ``(logp, entropy)``.
@@ -177,9 +184,8 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
     _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
     lead = tuple(hidden.shape[:-1])
     H = hidden.shape[-1]
-    name = resolve_backend(backend, hidden.device)
-
     dt = _common_dtype(hidden, weight, bias)
+    name = resolve_backend(backend, hidden.device, dt)
     h2 = hidden.reshape(-1, H)
     if h2.dtype != dt:
         h2 = h2.to(dt)

@@ -30,6 +30,8 @@ def token_logprobs_reference(hidden, weight, targets, *, bias=None, temperature=
     logp = torch.where(valid, logp, zero)
     if not return_entropy:
         return logp
-    ent = -(logp_all.exp() * logp_all).sum(-1)
+    # p log p with p = 0 (a -inf logit) is 0; the where keeps the gradient finite too
+    finite = torch.where(torch.isfinite(logp_all), logp_all, torch.zeros_like(logp_all))
+    ent = -(logp_all.exp() * finite).sum(-1)
     ent = torch.where(valid, ent, zero)
     return logp, ent

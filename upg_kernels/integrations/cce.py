@@ -16,7 +16,8 @@ Differences from CCE 25.1.1 (see docs/integrations.md):
 * ``shift`` may be any integer ``k >= 0`` (``True`` = 1): embedding position ``i`` predicts target
   ``i + k`` along the second-to-last axis of ``e``; the last ``k`` positions predict nothing;
 * ``filter_eps`` defaults to ``None`` (exact gradients) where CCE defaults to ``"high"`` (gradient
-  filtering on); ``"auto"``/``"high"`` give CCE's value ``finfo(dtype).eps / 32``;
+  filtering on); ``"auto"``/``"high"`` give CCE's value ``finfo(dtype).eps / 32``, applied like CCE's
+  to ``|onehot - p|`` (relative to each row's incoming gradient; docs/kernels.md §3);
 * ``impl`` is accepted and ignored (the backend is chosen by ``backend``).
 """
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Chunked pure-PyTorch backend: bounded memory, any device (the CPU default).
 
-Tokens are processed in chunks of ``chunk_rows(V)`` rows, so at most a chunk x V block of logits
-exists at a time (about ``UPG_KERNELS_TORCH_CHUNK_BYTES`` bytes, 64 MiB by default), never N x V.
+Tokens are processed in chunks of ``chunk_rows(V)`` rows, so the logits exist one chunk x V block at a
+time (``UPG_KERNELS_TORCH_CHUNK_BYTES`` bytes per float32 block, 64 MiB by default), never N x V. A chunk
+holds a few such blocks at once (logits, probabilities, dz: about 3-5x the budget), and the backward
+keeps a float32 ``[V, H]`` dweight accumulator (plus a float32 copy of a bf16/fp16 weight for dhidden).
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ def forward(hidden, weight, bias, targets, p: LogprobParams):
         l = m.squeeze(-1) + torch.log(se)
         lse[idx] = l
         logp[idx] = z.gather(1, targets[idx].unsqueeze(1)).squeeze(1) - l
-        ent[idx] = l - (e * z).sum(-1) / se
+        ent[idx] = l - torch.where(e > 0, e * z, 0.0).sum(-1) / se   # -inf logits (bias) add 0
         del z, e
     f32 = torch.float32 if cd == torch.float32 else cd
     return logp.to(f32), ent.to(f32), lse.to(f32)
@@ -84,7 +86,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p: LogprobP
         dz.scatter_add_(1, targets[idx].unsqueeze(1), gl)
         if g_ent is not None:
             ge = g_ent[idx].to(cd).unsqueeze(1)
-            dz -= ge * prob * (logprob + ent[idx].to(cd).unsqueeze(1))
+            dz -= ge * torch.where(prob > 0, prob * (logprob + ent[idx].to(cd).unsqueeze(1)), 0.0)
         dz /= p.temperature
         if t is not None:
             dz *= 1.0 - t * t

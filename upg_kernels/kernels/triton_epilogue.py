@@ -104,7 +104,7 @@ def _epilogue_kernel(part_ptr, rows_ptr, M, n_splits,
         z_s = tl.load(base + 3 * stride_j, mask=mk, other=0.0)
         alpha = tl.exp(m_s - mx)
         s_tot += alpha * s_s
-        t_tot += alpha * (t_s + (m_s - mx) * s_s)
+        t_tot += alpha * (t_s + tl.where(s_s > 0, (m_s - mx) * s_s, 0.0))   # s_s = 0: m_s = -inf
         zt += z_s
     log_s = tl.log(s_tot)
     lse = mx + log_s

@@ -7,7 +7,8 @@ vocabulary slab, in a grouped (swizzled) order for L2 reuse. Each program
 1. recomputes ``z`` for its tile (``tl.dot`` over H, fp32 accumulation) and forms
    ``dz = (g_logp * (onehot - p) - g_ent * p * (log p + H)) / temperature`` (times ``1 - tanh^2``
    with a softcap), masked to the valid rows and columns;
-2. optionally skips the rest when every ``|dz| <= filter_eps`` (tile filtering);
+2. optionally skips the rest when every ``|dz| <= filter_eps * (|g_logp| + |g_ent|) / T`` of its row
+   (tile filtering, relative like CCE's filter on the softmax gradient);
 3. ``dh[block] += dz @ W[tile]`` and ``dW[tile] += dz^T @ h[block]`` chunk by chunk of H with
    float32 ``atomic_add`` (``dz`` is cast to the input dtype for the tensor cores), and
    ``db[tile] += sum_rows dz``.
@@ -72,7 +73,7 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
     if HAS_GENT:
         ge = tl.load(ge_ptr + rows, mask=mask_m, other=0.0)
         ent = tl.load(ent_ptr + rows, mask=mask_m, other=0.0)
-        dz -= ge[:, None] * prob * (logp + ent[:, None])
+        dz -= ge[:, None] * tl.where(prob > 0, prob * (logp + ent[:, None]), 0.0)   # -inf logits: 0
     dz = dz / temperature
     if HAS_SOFTCAP:
         dz = dz * (1.0 - t * t)
@@ -80,8 +81,12 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
     dz = tl.where(mask_m[:, None] & mask_v[None, :], dz, 0.0)
 
     keep = True
-    if FILTER:
-        keep = tl.max(tl.max(tl.abs(dz), 1), 0) > filter_eps
+    if FILTER:   # relative to the row's coefficient: |dz| <= eps * (|g_logp| + |g_ent|) / T is skipped
+        coef = tl.abs(gl)
+        if HAS_GENT:
+            coef += tl.abs(ge)
+        thr = filter_eps * coef / temperature
+        keep = tl.max(tl.max(tl.abs(dz) - thr[:, None], 1), 0) > 0.0
     if keep:
         if NEED_B:
             tl.atomic_add(db_ptr + v0 + cols, tl.sum(dz, 0), mask=mask_v, sem="relaxed")

@@ -55,11 +55,13 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, part_ptr,
         zt_i += tl.sum(tl.where(cols[None, :] == (tgt - v0).to(tl.int32)[:, None], z, 0.0), 1)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
-        alpha = tl.exp(m_i - m_new)                       # 0 on the first tile (m_i = -inf)
-        shift = tl.where(s_i > 0, m_i - m_new, 0.0)       # avoids -inf * 0 on the first tile
-        zc = z - m_new[:, None]
-        e = tl.exp(zc)                                    # 0 in masked columns
-        zc = tl.where(mask_v[None, :], zc, 0.0)           # no 0 * -inf
+        # rows whose logits so far are all -inf (masked columns, a -inf bias): shift by 0 instead
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)                       # 0 while m_i = -inf
+        shift = tl.where(s_i > 0, m_i - m_use, 0.0)       # avoids -inf * 0
+        zc = z - m_use[:, None]
+        e = tl.exp(zc)                                    # 0 for -inf logits
+        zc = tl.where(e > 0, zc, 0.0)                     # no 0 * -inf
         t_i = alpha * (t_i + shift * s_i) + tl.sum(e * zc, 1)
         s_i = alpha * s_i + tl.sum(e, 1)
         m_i = m_new
@@ -100,7 +102,7 @@ def combine(part: torch.Tensor):
     mx = m.max(0).values
     alpha = torch.exp(m - mx)
     s_tot = (alpha * s).sum(0)
-    t_tot = (alpha * (t + (m - mx) * s)).sum(0)
+    t_tot = (alpha * (t + torch.where(s > 0, (m - mx) * s, 0.0))).sum(0)   # splits with s = 0: m = -inf
     log_s = torch.log(s_tot)
     return mx + log_s, log_s - t_tot / s_tot, zt.sum(0)
 

@@ -79,6 +79,8 @@ def _per_token(name, x, B, T, flat, device, dtype=None):
     want = (B,) if flat else (B, T)
     if tuple(x.shape) != want:
         raise ValueError(f"{name} must have shape {list(want)} (like targets), got {list(x.shape)}")
+    if dtype is not None and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor of log-probs, got {x.dtype}")
     x = x.reshape(B, T).to(device)
     return x if dtype is None else x.to(dtype)
 
@@ -228,6 +230,9 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     if need_ref and ref is None and has_main:
         raise ValueError(f"likelihood={cfg.likelihood!r} needs ref_logprobs (the implicit reward is "
                          "fdiv_beta * (logp - ref))")
+    if cfg.kl_coef > 0 and ref is None and has_main:
+        raise ValueError(f"config.kl_coef={cfg.kl_coef} needs ref_logprobs (the KL is to a reference "
+                         "model's log-probs); set kl_coef=0 to train without a KL term")
     have_ref = ref is not None
     if cfg.rollout_is is not None and rol is None and has_main:
         raise ValueError(f"config.rollout_is={cfg.rollout_is!r} needs rollout_logprobs")
@@ -579,8 +584,12 @@ def _metrics(cfg, aux, parts, valid, main_tok, demo_tok, main_rows, demo_rows, a
         big = torch.tensor(torch.finfo(dt).max, dtype=dt, device=r.device)
         has = n_main > 0
         put("ratio_mean", torch.where(has, mmean(r), torch.ones((), dtype=dt, device=r.device)))
-        put("ratio_min", torch.where(has, torch.where(mt, r, big).min(), torch.ones((), dtype=dt, device=r.device)))
-        put("ratio_max", torch.where(has, torch.where(mt, r, -big).max(), torch.ones((), dtype=dt, device=r.device)))
+        one = torch.ones(1, dtype=dt, device=r.device)
+        # the appended sentinel keeps min/max defined on an empty batch
+        r_min = torch.cat([torch.where(mt, r, big).flatten(), big.view(1)]).min()
+        r_max = torch.cat([torch.where(mt, r, -big).flatten(), -big.view(1)]).max()
+        put("ratio_min", torch.where(has, r_min, one[0]))
+        put("ratio_max", torch.where(has, r_max, one[0]))
         lo, hi = mmean(aux["clip_low"]), mmean(aux["clip_high"])
         put("clip_frac_low", lo)
         put("clip_frac_high", hi)

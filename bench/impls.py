@@ -7,7 +7,6 @@ row is ever dropped.
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 
@@ -119,14 +118,9 @@ def _upg():
 
 
 def _make_config(name: str, **overrides):
-    """``LossConfig.preset(name)`` with the bench's settings applied (whatever form the API takes)."""
-    LossConfig = _upg().LossConfig
-    cfg = LossConfig.preset(name)
-    fields = {f.name for f in dataclasses.fields(cfg)} if dataclasses.is_dataclass(cfg) else set()
-    use = {k: v for k, v in overrides.items() if k in fields}
-    if use:
-        cfg = dataclasses.replace(cfg, **use)
-    return cfg
+    """``LossConfig.preset(name)`` with the bench's settings (an unknown field is an error, so a
+    renamed field can never silently change which loss is benchmarked)."""
+    return _upg().LossConfig.preset(name, **overrides)
 
 
 class Ours(Impl):
@@ -167,9 +161,8 @@ class Ours(Impl):
         if op == "logprobs":
             self.detail = f"upg_kernels.token_logprobs(backend={be})"
             return
-        self.cfg = _make_config(self.PRESET[op], beta=0.0, kl_coef=0.0, entropy_coef=0.0,
-                                eps_low=EPS_LOW, eps_high=EPS_HIGH, clip_eps_low=EPS_LOW,
-                                clip_eps_high=EPS_HIGH)
+        self.cfg = _make_config(self.PRESET[op], kl_coef=0.0, entropy_coef=0.0,
+                                eps_low=EPS_LOW, eps_high=EPS_HIGH)
         self.detail = (f"upg_kernels.unified_policy_loss(config=LossConfig.preset({self.PRESET[op]!r})"
                        f", backend={be})")
 

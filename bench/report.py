@@ -66,7 +66,7 @@ def header_lines(meta: dict) -> list[str]:
     if peak:
         out.append(f"matmul ceiling measured in this run: {peak.get('n')}^3 {peak.get('dtype')} matmul, "
                    f"{_f(peak.get('median_ms'), '{:.3f}')} ms = {_f(peak.get('tflops'), '{:.1f}')} TFLOP/s "
-                   f"(the '% peak' column divides by this)")
+                   f"(the '% peak' column divides every row by this bf16 ceiling, fp32 rows included)")
     out.append(f"FLOP model: {meta.get('flop_model')}")
     out.append(f"timing: {meta.get('timing')}")
     out.append(f"memory: {meta.get('memory')}")

@@ -10,6 +10,7 @@ single-process step (fp32 tolerance).
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import sys
@@ -361,3 +362,54 @@ def test_cli_hpt_ddp_world2_smoke(tmp_path):
     w = _final_weights(tmp_path)
     assert w and all(torch.isfinite(t).all() for t in w.values())
     assert os.path.isdir(os.path.join(tmp_path, "checkpoints"))
+
+
+RANK_REWARD = ("import torch.distributed as dist\n"
+               "def rank_reward(prompts, completions, **kw):\n"
+               "    # rank 1's prompts are all solved (n RL rows each), rank 0's all fail (1 demo row each)\n"
+               "    return [1.0 if dist.get_rank() == 1 else 0.0 for _ in completions]\n")
+
+
+@pytest.mark.slow
+def test_cli_uneven_ranks_complete(tmp_path):
+    """Ranks with different item counts run the same number of mini-/micro-batches (empty chunks are
+    zero-mask padding rows), so nothing deadlocks: HPT with a rank-dependent reward under FSDP2
+    (grad_accum 2) and DDP (2 mini-batches x grad_accum 2), and SFT under DDP where rank 1 has one
+    sample for two micro-batches. Run side by side, each under a timeout (a regression hangs)."""
+    pytest.importorskip("upg_trainer.cli")
+    (tmp_path / "rw.py").write_text(RANK_REWARD)
+    common = ["--train.max_steps", "1", "--data.num_train", "8", "--data.eval_path", "", "--output.progress",
+              "false", "--output.plots", "false", "--output.save_every", "0", "--rollout.max_new_tokens", "4"]
+    hpt = ["hpt", *common, "--train.batch_size", "2", "--rollout.n", "2",
+           "--reward.funcs", f"[{tmp_path / 'rw.py'}:rank_reward]"]
+    runs = {"fsdp2": hpt + ["--train.strategy", "fsdp2", "--train.grad_accum", "2"],
+            "ddp": hpt + ["--train.strategy", "ddp", "--train.mini_batches", "2", "--train.grad_accum", "2"],
+            "sft": ["sft", *common, "--train.strategy", "ddp", "--train.batch_size", "3", "--train.grad_accum", "2"]}
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    procs = {}
+    for name, args in runs.items():
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+               "127.0.0.1", "--master_port", str(_free_port()), "-m", "upg_trainer.cli", *args,
+               "--output.dir", str(tmp_path / name)]
+        procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True, start_new_session=True)
+    try:
+        for name, p in procs.items():
+            out, _ = p.communicate(timeout=90)
+            assert p.returncode == 0, f"{name} failed:\n{out[-6000:]}"
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+                p.wait()
+    for name in ("fsdp2", "ddp"):
+        (row,) = _train_rows(tmp_path / name)
+        # global sums over ranks: one prompt passed the gate (rank 1's; rank 0's own count is 0), its
+        # demonstration row was rank 0's; tokens_per_s = the global token count / step time
+        assert row["rl_prompts"] == 1 and row["sft_share"] == pytest.approx(0.5)
+        assert row["tokens_per_s"] * row["step_time"] == pytest.approx(row["tokens"], rel=1e-6)
+        assert math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"])
+    (row,) = _train_rows(tmp_path / "sft")
+    assert math.isfinite(row["loss"])
+    w = _final_weights(tmp_path / "ddp")
+    assert all(torch.isfinite(t).all() for t in w.values())

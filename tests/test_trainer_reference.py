@@ -31,12 +31,13 @@ def calls(monkeypatch):
 def _capture_rows(tr):
     """The row batches whose reference log-probs the trainer computes."""
     seen = []
-    real = tr._fill_ref_logprobs
+    real = tr._fill_logprobs
 
-    def fill(micro):
-        seen.extend(mb for mb, _ in micro)
-        return real(micro)
-    tr._fill_ref_logprobs = fill
+    def fill(micro, key, *a, **kw):
+        if key == "ref_logprobs":
+            seen.extend(mb for mb, _ in micro)
+        return real(micro, key, *a, **kw)
+    tr._fill_logprobs = fill
     return seen
 
 

@@ -89,7 +89,7 @@ def test_sampler_logprobs_match_trainer_with_softcap(tmp_path):
     prompts = [tr._prompt_ids(r) for r in tr.train_rows[:2]]
     ro = tr.engine.generate(prompts, n=2, max_new_tokens=6, temperature=0.8, seed=3)
     mb, extra = tr._rl_micro([(r.prompt_ids, r.completion_ids, False, 0.0, r.logprobs) for r in ro])
-    tr._fill_old_logprobs([(mb, extra)])
+    tr._fill_logprobs([(mb, extra)], "old_logprobs", tr.model, tr.softcap)
     for i, r in enumerate(ro):
         torch.testing.assert_close(extra["old_logprobs"][i, :len(r.logprobs)], torch.tensor(r.logprobs),
                                    atol=1e-4, rtol=1e-4)

@@ -294,5 +294,8 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    if cfg.command == "sft" and t.mini_batches != 1:
+        raise ValueError("train.mini_batches is for grpo/hpt (updates per rollout batch); sft makes one "
+                         "update per step: leave it at 1 and use train.batch_size / train.grad_accum")
     if cfg.command in ("grpo", "hpt") and t.batch_size * r.n % (t.grad_accum * t.mini_batches):
         raise ValueError("train.batch_size * rollout.n must be divisible by train.grad_accum * train.mini_batches")

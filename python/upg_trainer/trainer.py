@@ -27,7 +27,7 @@ from upg_kernels.losses import LossConfig, group_advantages, unified_policy_loss
 
 from . import distributed as dist
 from .checkpoint import (MetricsLog, clean_partial, list_checkpoints, load_checkpoint,
-                         load_model_weights, save_checkpoint, set_rng_state)
+                         load_model_weights, read_metrics, save_checkpoint, set_rng_state)
 from .config import Config
 from .data import (PromptSampler, RowBatch, build_rows, check_columns, encode_completion,
                    encode_prompt, load_rows, pack_rows, prompt_text)
@@ -44,6 +44,9 @@ def make_loss_config(cfg: Config) -> LossConfig:
     """The LossConfig of the run: the preset (``loss.preset`` or the command's) + ``loss.overrides``."""
     name = cfg.loss_preset()
     ov = dict(cfg.loss.overrides or {})
+    if "hpt_gamma" in ov:
+        raise ValueError("loss.overrides hpt_gamma is not used by upg-train: the HPT gate reads --hpt.gamma; "
+                         f"pass --hpt.gamma {ov['hpt_gamma']} instead")
     base = LossConfig.preset(name, **ov)
     if "max_completion_length" not in ov and "seq_mean_token_sum_norm" in (base.aggregation, base.demo_aggregation):
         mcl = cfg.data.max_completion_tokens if cfg.command == "sft" else cfg.rollout.max_new_tokens
@@ -140,6 +143,11 @@ class Trainer:
         needs_reward = cfg.command in ("grpo", "hpt") or bool(self.eval_rows)
         self.rewards = RewardSet(cfg.reward.funcs, cfg.reward.weights) if needs_reward else None
         self.loss_cfg = make_loss_config(cfg) if cfg.command in ("sft", "grpo", "hpt") else None
+        ws = dist.world_size()
+        if cfg.command in ("sft", "grpo", "hpt") and cfg.train.batch_size < ws:
+            what = "samples" if cfg.command == "sft" else "prompts"
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size {ws}: every "
+                             f"rank needs at least one of the step's {what}; use --train.batch_size >= {ws}")
 
         # the reference model (KL / chi2 / hellinger): built from the initial weights, before a resume
         # loads the checkpoint's weights into the policy, so a resumed run gets the same reference
@@ -242,7 +250,9 @@ class Trainer:
             self.metrics.truncate_after(step)  # drop rows of steps after the checkpoint (they are redone)
             print(f"[upg-train] resuming from {path} (step {step})") if dist.is_main() else None
             return
-        has_run = ckpts or os.path.exists(self.metrics.path)
+        # a run = a checkpoint or a logged training step; a start that failed before its first step (only
+        # config.yaml, an empty metrics.jsonl or a step-0 eval row) is not one and is started over
+        has_run = bool(ckpts) or any(r.get("kind") == "train" for r in read_metrics(self.metrics.path))
         if has_run and not (cfg.output.resume or cfg.output.overwrite):
             raise FileExistsError(f"output.dir {out!r} already holds a run; pass --output.resume true to "
                                   "continue it or --output.overwrite true to start over")
@@ -311,30 +321,42 @@ class Trainer:
                 loss = self._micro_loss(mb.to(self.device), cfg_k, {key: v.to(self.device) for key, v in extra.items()}, box)
                 loss.backward()
             loss_total += loss.item() / ws
-            w = max(s[1] + s[3], 1e-9)
+            w = s[1] + s[3]  # 0 for a padding micro-batch: its keys still join the all-reduce below
             for name, v in box[0].metrics.items():
                 a = agg.setdefault(name, [0.0, 0.0])
-                a[0] += v * w
+                a[0] += v * w if w else 0.0
                 a[1] += w
         gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                             self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf)
+        lr = self.opt.param_groups[0]["lr"]  # the LR this update trains with (sched.step() moves to the next)
         self.opt.step()
         self.sched.step()
         self.engine.sync_weights(self.model)
-        if dist.is_distributed() and agg:
-            # token-weighted over every rank's micro-batches (the keys are the same on every rank:
-            # they depend on the loss config only), so kl_mean, entropy, ... describe the whole batch
-            names = sorted(agg)
+        if dist.is_distributed():
+            # token-weighted over every rank's micro-batches, so kl_mean, entropy, ... describe the whole
+            # batch; the union of the ranks' keys (a rank may hold only demonstrations or only RL rows)
+            names = sorted(set().union(*dist.all_gather_object(sorted(agg))))
+            for k in names:
+                agg.setdefault(k, [0.0, 0.0])
             t = dist.all_reduce_sum(torch.tensor([agg[k] for k in names], dtype=torch.float64))
             agg = {k: t[i].tolist() for i, k in enumerate(names)}
         out = {k: a[0] / a[1] for k, a in agg.items() if a[1] > 0}
-        out.update(loss=dist.all_reduce_sum(loss_total), grad_norm=float(gn))
+        out.update(loss=dist.all_reduce_sum(loss_total), grad_norm=float(gn), lr=lr)
         return out
 
     @staticmethod
     def _split(items: list, k: int) -> list[list]:
+        """Exactly ``k`` contiguous chunks (sizes differ by at most one; some are empty when
+        ``len(items) < k``). Every rank gets ``k`` chunks whatever its item count, so every rank runs the
+        same number of mini-batches, micro-batches, forwards and collectives (an empty chunk becomes a
+        padding row, see ``_pad_batch``)."""
         n = len(items)
-        return [items[i * n // k:(i + 1) * n // k] for i in range(k) if items[i * n // k:(i + 1) * n // k]]
+        return [items[i * n // k:(i + 1) * n // k] for i in range(k)]
+
+    def _pad_batch(self) -> RowBatch:
+        """One row with an all-zero loss mask: run for an empty chunk so the rank still joins every FSDP2
+        all-gather / DDP all-reduce of the micro-batch; it adds exactly 0 to the loss and the gradient."""
+        return build_rows([[self.tok.pad_token_id]], [[]], self.tok.pad_token_id)
 
     # ------------------------------------------------------------------------------- steps
     def sft_step(self) -> dict:
@@ -345,16 +367,18 @@ class Trainer:
                    for i in idx]
         micro = []
         for chunk in self._split(samples, c.train.grad_accum):
-            if c.data.packing:
+            if not chunk:
+                mb = self._pad_batch()
+            elif c.data.packing:
                 mb = pack_rows(chunk, max(c.data.pack_tokens, max(len(p) + len(q) for p, q in chunk)),
                                self.tok.pad_token_id, dtype=next(self.lm.parameters()).dtype)
             else:
                 mb = build_rows([p for p, _ in chunk], [q for _, q in chunk], self.tok.pad_token_id)
             micro.append((mb, {}))
         if self.ref is not None:
-            self._fill_ref_logprobs(micro)
+            self._fill_logprobs(micro, "ref_logprobs", self.ref, self.ref_softcap)
         m = self._update(micro)
-        m["tokens"] = sum(len(p) + len(q) for p, q in samples)
+        m["tokens"] = int(dist.all_reduce_sum(sum(len(p) + len(q) for p, q in samples)))
         m["sft_share"] = 1.0
         return m
 
@@ -396,20 +420,20 @@ class Trainer:
                  for mini in self._split(items, c.train.mini_batches)]
         for micro in minis:  # before the first update: pi_old of every mini-batch is the sampling policy
             if c.train.mini_batches > 1:
-                self._fill_old_logprobs(micro)
+                self._fill_logprobs(micro, "old_logprobs", self.model, self.softcap)
             if self.ref is not None:
-                self._fill_ref_logprobs(micro)
+                self._fill_logprobs(micro, "ref_logprobs", self.ref, self.ref_softcap)
         for micro in minis:
             for k, v in self._update(micro).items():
                 m_all.setdefault(k, []).append(v)
         m = {k: sum(v) / len(v) for k, v in m_all.items()}
         lens = [len(r.completion_ids) for r in ro]
         m.update(reward=float(R.mean()), accuracy=float(correct.mean()),
-                 sft_share=float((~use_rl).float().mean()), rl_prompts=int(use_rl.sum()),
+                 sft_share=float((~use_rl).float().mean()), rl_prompts=int(dist.all_reduce_sum(int(use_rl.sum()))),
                  solve_none=float((P == 0).float().mean()), solve_all=float((P == 1).float().mean()),
                  completion_len=sum(lens) / len(lens),
                  stop_frac=sum(r.finish_reason == "stop" for r in ro) / len(ro),
-                 rollout_time=t_roll, tokens=sum(len(a) + len(b) for a, b, *_ in items))
+                 rollout_time=t_roll, tokens=int(dist.all_reduce_sum(sum(len(a) + len(b) for a, b, *_ in items))))
         for k in ("reward", "accuracy", "sft_share", "solve_none", "solve_all", "completion_len", "stop_frac"):
             m[k] = dist.all_reduce_mean(m[k])
         return m
@@ -423,47 +447,53 @@ class Trainer:
         return cols
 
     def _rl_micro(self, chunk) -> tuple[RowBatch, dict]:
+        if not chunk:  # padding micro-batch: one zero-mask row, advantage 0, not a demonstration
+            mb = self._pad_batch()
+            extra = {"advantages": torch.zeros(1)}
+            if self.loss_cfg.rollout_is is not None:
+                extra["rollout_logprobs"] = torch.zeros(mb.targets.shape)
+            return mb, extra
         mb = build_rows([it[0] for it in chunk], [it[1] for it in chunk], self.tok.pad_token_id)
         B, L = mb.targets.shape
         extra = {"advantages": torch.tensor([it[3] for it in chunk], dtype=torch.float32)}
         if any(it[2] for it in chunk):
             extra["is_demo"] = torch.tensor([it[2] for it in chunk], dtype=torch.bool)
         if self.loss_cfg.rollout_is is not None:
+            missing = sum(1 for it in chunk if not it[2] and it[4] is None)
+            if missing:
+                # an importance weight against log-probs of 0 would be exp(old) (silently wrong): refuse
+                raise ValueError(f"loss rollout_is={self.loss_cfg.rollout_is!r} needs the sampler's log-probs, "
+                                 f"but the rollout engine returned none for {missing} RL row(s) of this "
+                                 f"micro-batch (rollout.engine={self.cfg.rollout.engine!r}); use an engine that "
+                                 "returns them or drop rollout_is from loss.overrides / the preset")
             rl = torch.zeros(B, L)
             for i, it in enumerate(chunk):
                 if it[4] is not None:
-                    rl[i, :len(it[4])] = torch.tensor(it[4])
+                    rl[i, :len(it[4])] = torch.as_tensor(it[4], dtype=torch.float32)
             extra["rollout_logprobs"] = rl
         return mb, extra
 
     @torch.no_grad()
-    def _fill_old_logprobs(self, micro):
-        """Log-probs of the policy before this batch's first update (PPO's pi_old), for mini_batches > 1."""
+    def _fill_logprobs(self, micro, key: str, model, softcap):
+        """``extra[key]`` = ``model``'s log-probs of each micro-batch's targets at the loss's temperature:
+        ``old_logprobs`` (the policy before the batch's first update, PPO's pi_old, mini_batches > 1) or
+        ``ref_logprobs`` (the frozen reference). Computed in eval mode (no dropout), then the model's
+        train/eval mode is restored. Padding micro-batches are run too (same forwards on every rank)."""
         from upg_kernels import token_logprobs
-        for mb, extra in micro:
-            mbd = mb.to(self.device)
+        was_training = model.training
+        model.eval()
+        try:
+            for mb, extra in micro:
+                mbd = mb.to(self.device)
 
-            def fn(lm):
-                h = hidden_states(lm, mbd.input_ids, mbd.attention_mask, mbd.position_ids)[:, mbd.start:]
-                w, b = dist.output_weight(lm)
-                return token_logprobs(h, w, mbd.targets, bias=b, temperature=self.cfg.rollout.temperature,
-                                      backend=self.cfg.loss.backend, softcap=self.softcap)
-            extra["old_logprobs"] = dist.forward_call(self.model, fn).cpu()
-
-    @torch.no_grad()
-    def _fill_ref_logprobs(self, micro):
-        """The frozen reference model's log-probs of the rows' targets (``ref_logprobs``): decoder hidden
-        states + lm_head through ``token_logprobs``, the loss's temperature and the reference's softcap."""
-        from upg_kernels import token_logprobs
-        for mb, extra in micro:
-            mbd = mb.to(self.device)
-
-            def fn(lm):
-                h = hidden_states(lm, mbd.input_ids, mbd.attention_mask, mbd.position_ids)[:, mbd.start:]
-                w, b = dist.output_weight(lm)
-                return token_logprobs(h, w, mbd.targets, bias=b, temperature=self._temperature(),
-                                      backend=self.cfg.loss.backend, softcap=self.ref_softcap)
-            extra["ref_logprobs"] = dist.forward_call(self.ref, fn).cpu()
+                def fn(lm):
+                    h = hidden_states(lm, mbd.input_ids, mbd.attention_mask, mbd.position_ids)[:, mbd.start:]
+                    w, b = dist.output_weight(lm)
+                    return token_logprobs(h, w, mbd.targets, bias=b, temperature=self._temperature(),
+                                          backend=self.cfg.loss.backend, softcap=softcap)
+                extra[key] = dist.forward_call(model, fn).cpu()
+        finally:
+            model.train(was_training)
 
     # ------------------------------------------------------------------------------- eval
     @torch.no_grad()
@@ -531,8 +561,10 @@ class Trainer:
             m = step_fn()
             self.step += 1
             dt = time.time() - t0
-            row = {"step": self.step, "kind": "train", "lr": self.sched.get_last_lr()[0], **m,
-                   "step_time": dt, "tokens_per_s": m.get("tokens", 0) * dist.world_size() / max(dt, 1e-9)}
+            # lr: the LR the step's update(s) trained with (mean over its mini-batches), not the next one;
+            # tokens is the global count (summed over ranks)
+            row = {"step": self.step, "kind": "train", **m,
+                   "step_time": dt, "tokens_per_s": m.get("tokens", 0) / max(dt, 1e-9)}
             if not all(math.isfinite(v) for v in row.values() if isinstance(v, float)):
                 raise FloatingPointError(f"non-finite metrics at step {self.step}: {row}")
             self.metrics.write(row)

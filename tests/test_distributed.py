@@ -349,7 +349,9 @@ def test_cli_sft_fsdp2_world2_matches_single_process(sft_single, tmp_path):
 
 @pytest.mark.slow
 def test_cli_hpt_ddp_world2_smoke(tmp_path):
-    """HPT (rollouts through distributed.generate, mixed RL/SFT batch, two mini-batches) at world size 2, DDP."""
+    """HPT (rollouts through distributed.generate, the gate, two mini-batches) at world size 2, DDP. With the
+    random-init model nearly every prompt fails the gate (demonstration rows only); a mixed RL/SFT batch
+    across ranks is test_cli_uneven_ranks_complete's."""
     pytest.importorskip("upg_trainer.cli")
     _cli(["hpt", "--train.max_steps", "2", "--train.batch_size", "4", "--rollout.n", "4",
           "--train.mini_batches", "2", "--rollout.max_new_tokens", "16", "--data.num_train", "64",

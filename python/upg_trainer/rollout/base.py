@@ -23,7 +23,8 @@ class Rollout:
         completion_ids: the sampled token ids, EOS included when it was sampled, no padding.
         logprobs: the sampler's log-prob of each completion token (same length as
             ``completion_ids``), under the sampling temperature (logits / T, before top-p
-            truncation; T = 1 for greedy), or None when the engine cannot report them.
+            truncation; T = 1 for greedy), or None when the engine cannot report them (or was built
+            not to, e.g. ``HFEngine(..., return_logprobs=False)``).
         finish_reason: ``"stop"`` (EOS or a stop token) or ``"length"`` (hit ``max_new_tokens``).
         prompt_index: index of the prompt in the ``generate`` call.
     """

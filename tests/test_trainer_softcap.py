@@ -87,6 +87,7 @@ def test_sampler_logprobs_match_trainer_with_softcap(tmp_path):
     tr = Trainer(build_config("grpo", None, dict(FAST, **{"output.dir": str(tmp_path / "g")})),
                  model=tiny_gemma2(tok), tokenizer=tok)
     prompts = [tr._prompt_ids(r) for r in tr.train_rows[:2]]
+    tr.engine.return_logprobs = True   # the trainer asks for them only with loss.rollout_is
     ro = tr.engine.generate(prompts, n=2, max_new_tokens=6, temperature=0.8, seed=3)
     mb, extra = tr._rl_micro([(r.prompt_ids, r.completion_ids, False, 0.0, r.logprobs) for r in ro])
     tr._fill_logprobs([(mb, extra)], "old_logprobs", tr.model, tr.softcap)

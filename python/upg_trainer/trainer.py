@@ -176,7 +176,8 @@ class Trainer:
                                   gpu_memory_utilization=r.gpu_memory_utilization,
                                   max_model_len=r.max_model_len or cfg.data.max_prompt_tokens + r.max_new_tokens,
                                   sleep_level=r.sleep_level, seed=cfg.train.seed,
-                                  dtype="bfloat16" if bf16 else None)
+                                  dtype="bfloat16" if bf16 else None,
+                                  return_logprobs=getattr(self.loss_cfg, "rollout_is", None) is not None)
         t = cfg.train
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=t.lr,
                                      betas=tuple(t.betas), weight_decay=t.weight_decay)

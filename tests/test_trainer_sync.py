@@ -141,3 +141,10 @@ def test_old_logprobs_in_eval_mode_and_mode_restored(tmp_path):
     tr.model.eval()
     tr._fill_logprobs(micro, "old_logprobs", tr.model, tr.softcap)
     assert not tr.model.training
+
+
+def test_demo_sft_runs_get_one_mini_batch(tmp_path):
+    from upg_trainer.demo import _derive
+    cfg = build_config("demo", None, {"train.mini_batches": "2", "rollout.n": "2"})
+    assert _derive(cfg, "sft", str(tmp_path / "w")).train.mini_batches == 1
+    assert _derive(cfg, "hpt", str(tmp_path / "h")).train.mini_batches == 2

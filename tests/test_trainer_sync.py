@@ -122,6 +122,9 @@ def test_batch_size_smaller_than_world_size(tmp_path, monkeypatch):
     for command in ("sft", "hpt"):
         with pytest.raises(ValueError, match="batch_size=1 is smaller than the world size 2"):
             make(tmp_path, command, name=command, **{"train.batch_size": "1"})
+    # the hf engine generates in lock-step across ranks: prompts must split evenly
+    with pytest.raises(ValueError, match="batch_size=3 must be a multiple of the world size 2"):
+        make(tmp_path, "grpo", name="uneven", **{"train.batch_size": "3"})
 
 
 def test_old_logprobs_in_eval_mode_and_mode_restored(tmp_path):

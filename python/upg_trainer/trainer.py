@@ -148,6 +148,12 @@ class Trainer:
             what = "samples" if cfg.command == "sft" else "prompts"
             raise ValueError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size {ws}: every "
                              f"rank needs at least one of the step's {what}; use --train.batch_size >= {ws}")
+        if (cfg.command in ("grpo", "hpt") and ws > 1 and cfg.rollout.engine == "hf"
+                and cfg.train.batch_size % ws):
+            # the hf engine generates in lock-step across ranks (FSDP2 gathers per forward): equal prompt
+            # counts per rank keep the number of generate calls equal, so no rank waits forever
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the world size "
+                             f"{ws} with rollout.engine=hf (equal prompts per rank)")
 
         # the reference model (KL / chi2 / hellinger): built from the initial weights, before a resume
         # loads the checkpoint's weights into the policy, so a resumed run gets the same reference

@@ -27,6 +27,7 @@ from ..kernels.triton_epilogue import (KL_CODES, LIKELIHOOD_CODES, PART_DEMO_SFT
                                        STABILIZATION_CODES, EpilogueParams)
 from ..kernels import LogprobParams
 from ..logprobs import _check_target_range, _token_logprobs_backward_op
+from .aggregation import aggregation_weights
 
 N_OUT = 10   # logp, ent, lse, ell, g_lp, g_H, ratio, kl, rollout_w, flags
 
@@ -66,39 +67,14 @@ def _params(modes, scalars) -> EpilogueParams:
 
 
 # ----------------------------------------------------------------------------- per-token weights
-def _row_weights(tok, rows, mode, n_items, max_len, part):
-    """The aggregation weight of each token of ``rows`` (``_aggregate``'s d L / d l_t), [B, T]."""
-    dt = torch.float32
-    n_rows = rows.sum().clamp(min=1).to(dt)
-    B, T = tok.shape
-    if mode == "token_mean":
-        if n_items is not None:
-            denom = torch.as_tensor(n_items, dtype=dt, device=tok.device).clamp(min=1.0)
-        else:
-            denom = tok.sum().to(dt).clamp(min=1.0)
-        w = (1.0 / denom).expand(B, T)
-    elif mode == "seq_mean_token_mean":
-        w = ((1.0 / n_rows) / tok.sum(-1).to(dt).clamp(min=1.0))[:, None].expand(B, T)
-    elif mode == "seq_mean_token_sum":
-        w = (1.0 / n_rows).expand(B, T)
-    elif mode == "seq_mean_token_sum_norm":
-        if max_len is None:
-            raise ValueError(f"aggregation 'seq_mean_token_sum_norm' ({part} part) needs "
-                             "config.max_completion_length (Dr.GRPO's L_max)")
-        w = (1.0 / (n_rows * max_len)).expand(B, T)
-    else:
-        raise ValueError(f"unknown aggregation {mode!r}")
-    return torch.where(tok, w, torch.zeros_like(w))
-
-
 def token_weights_and_codes(cfg, main_tok, demo_tok, main_rows, demo_rows, num_items):
     """``(w [B, T] float32, code [B, T] int8)``: aggregation weights (0 outside the valid tokens;
     rl_coef / demo_coef are applied in the kernel) and part codes."""
-    w = _row_weights(main_tok, main_rows, cfg.aggregation, num_items, cfg.max_completion_length, "main")
+    w = aggregation_weights(main_tok, main_rows, cfg.aggregation, num_items, cfg.max_completion_length, "main")
     code = torch.where(main_tok, PART_MAIN, 0)
     if cfg.demo_part is not None:
         agg = cfg.demo_aggregation if cfg.demo_part == "sft" else cfg.aggregation
-        wd = _row_weights(demo_tok, demo_rows, agg, None, cfg.max_completion_length, "demo")
+        wd = aggregation_weights(demo_tok, demo_rows, agg, None, cfg.max_completion_length, "demo")
         w = torch.where(demo_tok, wd, w)
         code = torch.where(demo_tok, PART_DEMO_SFT if cfg.demo_part == "sft" else PART_DEMO_SHAPED,
                            code)

@@ -38,6 +38,7 @@ import torch
 from .._backend import resolve_backend
 from ..logprobs import token_logprobs
 from .advantages import group_advantages
+from .aggregation import aggregation_weights
 from .config import GROUP_ADVANTAGES, LossConfig
 from .fused import (fused_enabled, fused_policy_epilogue, fused_supported,
                     token_weights_and_codes)
@@ -112,24 +113,8 @@ def _advantages_bt(advantages, B, T, flat, device, dtype):
 
 def _aggregate(loss_bt, tok, rows, mode, n_items, max_len, part):
     """Aggregate per-token losses (already 0 outside ``tok``) over the rows ``rows`` [B] bool."""
-    n_rows = rows.sum().clamp(min=1).to(loss_bt.dtype)
-    if mode == "token_mean":
-        if n_items is not None:
-            denom = torch.as_tensor(n_items, dtype=loss_bt.dtype, device=loss_bt.device).clamp(min=1.0)
-        else:
-            denom = tok.sum().to(loss_bt.dtype).clamp(min=1.0)
-        return loss_bt.sum() / denom
-    if mode == "seq_mean_token_mean":
-        per_seq = loss_bt.sum(-1) / tok.sum(-1).to(loss_bt.dtype).clamp(min=1.0)
-        return per_seq.sum() / n_rows
-    if mode == "seq_mean_token_sum":
-        return loss_bt.sum() / n_rows
-    if mode == "seq_mean_token_sum_norm":
-        if max_len is None:
-            raise ValueError(f"aggregation 'seq_mean_token_sum_norm' ({part} part) needs "
-                             "config.max_completion_length (Dr.GRPO's L_max)")
-        return loss_bt.sum() / (n_rows * max_len)
-    raise ValueError(f"unknown aggregation {mode!r}")
+    w = aggregation_weights(tok, rows, mode, n_items, max_len, part, dtype=loss_bt.dtype)
+    return (w * loss_bt).sum()
 
 
 def _kl(d, kind):

@@ -12,11 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backend import interpreter_on as interpreting   # one definition of "under the interpreter"
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)

@@ -20,52 +20,56 @@ def _series(rows, kind, key):
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> str:
+def _pyplot():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
 
+
+def _draw(ax, x, y, kind, label):
+    if x:
+        ax.plot(x, y, marker="o" if kind == "eval" else None, ms=3, label=label)
+
+
+def _finish(ax, title):
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    if ax.lines:
+        ax.legend(fontsize=7)
+
+
+def _save(plt, fig, title, png_path):
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=90)
+    plt.close(fig)
+    return png_path
+
+
+def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> str:
+    plt = _pyplot()
     rows = read_metrics(metrics_path)
     fig, axes = plt.subplots(2, 4, figsize=(16, 7))
     for ax, (name, series) in zip(axes.flat, PANELS):
         for kind, key, label in series:
-            x, y = _series(rows, kind, key)
-            if x:
-                ax.plot(x, y, marker="o" if kind == "eval" else None, ms=3, label=label)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=7)
-        else:
+            _draw(ax, *_series(rows, kind, key), kind, label)
+        _finish(ax, name)
+        if not ax.lines:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
-    plt.close(fig)
-    return png_path
+    return _save(plt, fig, title, png_path)
 
 
 def plot_comparison(runs: dict, png_path: str, title: str = "") -> str:
     """One figure comparing several runs: {name: metrics.jsonl path}."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     keys = [("eval", "eval/accuracy", "held-out accuracy (greedy)"), ("train", "reward", "train reward"),
             ("train", "loss", "loss"), ("train", "entropy_mean", "entropy"),
             ("train", "sft_share", "SFT share"), ("train", "clip_frac", "clip fraction")]
+    rows = {name: read_metrics(path) for name, path in runs.items()}   # each file read once
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     for ax, (kind, key, label) in zip(axes.flat, keys):
-        for name, path in runs.items():
-            x, y = _series(read_metrics(path), kind, key)
-            if x:
-                ax.plot(x, y, marker="o" if kind == "eval" else None, ms=3, label=name)
-        ax.set_title(label)
-        ax.set_xlabel("step")
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=90)
-    plt.close(fig)
-    return png_path
+        for name, r in rows.items():
+            _draw(ax, *_series(r, kind, key), kind, name)
+        _finish(ax, label)
+    return _save(plt, fig, title, png_path)

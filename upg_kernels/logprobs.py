@@ -156,6 +156,20 @@ def _common_dtype(hidden, weight, bias):
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
+def prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps):
+    """Validate, then flatten to ``[N, H]`` / ``[N]`` and cast to the compute dtype (autocast's, else the
+    promoted one), contiguous: ``(hidden2d, weight, bias, targets int64)``. Shared by every op entry."""
+    _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
+    dt = _common_dtype(hidden, weight, bias)
+    h2 = hidden.reshape(-1, hidden.shape[-1])
+    h2 = (h2 if h2.dtype == dt else h2.to(dt)).contiguous()
+    w = (weight if weight.dtype == dt else weight.to(dt)).contiguous()
+    b = None if bias is None else (bias if bias.dtype == dt else bias.to(dt)).contiguous()
+    t = targets.reshape(-1)
+    t = (t if t.dtype == torch.int64 else t.long()).contiguous()
+    return h2, w, b, t
+
+
 # ----------------------------------------------------------------------------- public API
 def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                    return_entropy=False, backend="auto", softcap=None, filter_eps=0.0):
@@ -181,30 +195,17 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         ``logp`` float32 ``[...]``, and with ``return_entropy`` the tuple ``(logp, entropy)``.
         Differentiable with respect to ``hidden``, ``weight`` and ``bias`` through both outputs.
     """
-    _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
+    h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
     lead = tuple(hidden.shape[:-1])
-    H = hidden.shape[-1]
-    dt = _common_dtype(hidden, weight, bias)
-    name = resolve_backend(backend, hidden.device, dt)
-    h2 = hidden.reshape(-1, H)
-    if h2.dtype != dt:
-        h2 = h2.to(dt)
-    w = weight if weight.dtype == dt else weight.to(dt)
-    b = bias if (bias is None or bias.dtype == dt) else bias.to(dt)
-    t = targets.reshape(-1)
-    if t.dtype != torch.int64:
-        t = t.long()
-    out_dt = torch.float64 if dt == torch.float64 else torch.float32
-
+    name = resolve_backend(backend, hidden.device, h2.dtype)
     if h2.shape[0] == 0:
+        out_dt = torch.float64 if h2.dtype == torch.float64 else torch.float32
         logp = (h2.sum(-1) * 0).to(out_dt).reshape(lead)  # keeps the graph for empty inputs
         return (logp, logp.clone()) if return_entropy else logp
-    h2 = h2.contiguous()
-    w = w.contiguous()
     with torch.autocast(hidden.device.type, enabled=False):
         logp, ent, _lse = _token_logprobs_op(
-            h2, w, None if b is None else b.contiguous(), t.contiguous(), float(temperature),
-            int(ignore_index), float(softcap or 0.0), float(filter_eps), name)
+            h2, w, b, t, float(temperature), int(ignore_index), float(softcap or 0.0),
+            float(filter_eps), name)
     logp = logp.reshape(lead)
     if return_entropy:
         return logp, ent.reshape(lead)

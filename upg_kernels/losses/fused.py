@@ -26,7 +26,7 @@ from ..kernels.triton_epilogue import (KL_CODES, LIKELIHOOD_CODES, PART_DEMO_SFT
                                        PART_MAIN, REFERENCE_CODES, ROLLOUT_CODES,
                                        STABILIZATION_CODES, EpilogueParams)
 from ..kernels import LogprobParams
-from ..logprobs import _check_target_range, _token_logprobs_backward_op
+from ..logprobs import _check_target_range, _token_logprobs_backward_op, prepare_inputs
 from .aggregation import aggregation_weights
 
 N_OUT = 10   # logp, ent, lse, ell, g_lp, g_H, ratio, kl, rollout_w, flags
@@ -134,16 +134,7 @@ def fused_policy_epilogue(cfg, hidden, weight, targets, *, bias, temperature, ig
                           filter_eps, old, ref, rol, adv, isr, w, code):
     """Flatten / cast like ``token_logprobs`` and run the fused op. Per-token inputs are ``[B, T]``
     (or None); returns the op's ten ``[N]`` outputs (``logp`` and ``ent`` differentiable)."""
-    from ..logprobs import _check_inputs, _common_dtype
-    _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
-    H = hidden.shape[-1]
-    dt = _common_dtype(hidden, weight, bias)
-    h2 = hidden.reshape(-1, H)
-    h2 = (h2 if h2.dtype == dt else h2.to(dt)).contiguous()
-    wt = (weight if weight.dtype == dt else weight.to(dt)).contiguous()
-    b = None if bias is None else (bias if bias.dtype == dt else bias.to(dt)).contiguous()
-    t = targets.reshape(-1)
-    t = (t if t.dtype == torch.int64 else t.long()).contiguous()
+    h2, wt, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
 
     def flat(x):
         return None if x is None else x.reshape(-1).to(torch.float32).contiguous()

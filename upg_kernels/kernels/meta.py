@@ -1,0 +1,39 @@
+"""Running the host code at real shapes without computing: the ``meta`` device.
+
+The memory model (``python -m bench --memory-model``) runs every path's host code on ``meta`` tensors
+under an allocation tracer: torch ops allocate (shape-only) tensors as they would on the GPU, and
+kernel launches are skipped. Launchers go through these helpers so that this works:
+
+- :func:`launch` runs ``kernel[grid](*args, **kw)`` unless a tensor argument is on ``meta``;
+- :func:`nonzero_rows` is ``mask.nonzero().squeeze(1)``, except on ``meta`` (where data-dependent
+  ops cannot run) it returns every row: the worst case for memory;
+- :func:`any_true` is ``bool(mask.any())``, and ``True`` on ``meta``.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def is_meta(*tensors) -> bool:
+    return any(isinstance(t, torch.Tensor) and t.device.type == "meta" for t in tensors)
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``, skipped when a tensor argument lives on ``meta``."""
+    if is_meta(*args, *kwargs.values()):
+        return None
+    return kernel[grid](*args, **kwargs)
+
+
+def nonzero_rows(mask: torch.Tensor) -> torch.Tensor:
+    """int64 indices of the true entries of a 1-D ``mask`` (every index on ``meta``)."""
+    if mask.device.type == "meta":
+        return torch.arange(mask.numel(), device=mask.device)
+    return mask.nonzero().squeeze(1)
+
+
+def any_true(mask: torch.Tensor) -> bool:
+    """``bool(mask.any())``; ``True`` on ``meta`` (assume the work is needed)."""
+    if mask.device.type == "meta":
+        return True
+    return bool(mask.any())

@@ -18,7 +18,7 @@ and stored it as ``trainer.liger_grpo_loss``, the same call also replaces that m
 :class:`upg_kernels.FusedLinearGRPOLoss` with the same settings.
 
 With ``loss=True`` the trainer's ``_compute_loss`` is also replaced: the policy loss of the supported
-``loss_type``\ s (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo; token or sequence level; beta, with or
+loss types (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo; token or sequence level; beta, with or
 without ``use_bias_correction_kl``; delta; vLLM IS correction) is then computed by :func:`upg_kernels.unified_policy_loss` from the backbone's last hidden
 states and the lm_head (one fused pass; the backward skips rows whose gradient coefficient is 0), with TRL's
 normalizers (gradient accumulation, ``num_items_in_batch``) and TRL's logged metrics. Options this mode

@@ -248,19 +248,38 @@ def test_liger_from_liger_copies_settings():
         assert getattr(ours, k) == getattr(src, k)
 
 
-@pytest.mark.parametrize("ctor,exc,match", [
-    (dict(loss_type="vespo", importance_sampling_level="sequence"), ValueError, "Sequence-level"),
-    (dict(loss_type="vespo", vespo_k_pos=-1.0), ValueError, "vespo_k_pos"),
-    (dict(loss_type="nope"), ValueError, "Unknown loss type"),
-    (dict(loss_type="cispo", importance_sampling_level="sequence"), ValueError, "Sequence-level"),
-    (dict(importance_sampling_level="group"), ValueError, "importance sampling level"),
-    (dict(loss_type="dr_grpo"), ValueError, "max_completion_length"),
-    (dict(sapo_temperature_neg=0.0), ValueError, "sapo_temperature_neg"),
-    (dict(delta=-1.0), ValueError, "delta"),
+@pytest.mark.parametrize("ctor,exc,match,at", [
+    (dict(loss_type="vespo", importance_sampling_level="sequence"), ValueError, "Sequence-level", "forward"),
+    (dict(loss_type="vespo", vespo_k_pos=-1.0), ValueError, "vespo_k_pos", "forward"),
+    (dict(loss_type="nope"), ValueError, "Unknown loss type", "forward"),
+    (dict(loss_type="cispo", importance_sampling_level="sequence"), ValueError, "Sequence-level", "forward"),
+    (dict(importance_sampling_level="group"), ValueError, "importance sampling level", "forward"),
+    (dict(loss_type="dr_grpo"), ValueError, "max_completion_length", "forward"),
+    (dict(sapo_temperature_neg=0.0), ValueError, "sapo_temperature_neg", "init"),
+    (dict(delta=-1.0), ValueError, "delta", "init"),
 ])
-def test_liger_bad_settings(ctor, exc, match):
+def test_liger_bad_settings(ctor, exc, match, at):
+    """Raised where Liger 0.8.5 raises them: the sapo temperatures and delta in __init__, the rest in forward."""
+    if at == "init":
+        with pytest.raises(exc, match=match):
+            FusedLinearGRPOLoss(**ctor)
+        return
+    mod = FusedLinearGRPOLoss(beta=0.0, use_ref_model=False, **ctor)
+    case = _grpo_case(5)
     with pytest.raises(exc, match=match):
-        FusedLinearGRPOLoss(**ctor)
+        mod(case["hidden"], case["weight"], case["ids"], case["mask"], case["adv"])
+
+
+def test_liger_signature_is_ligers():
+    import inspect
+
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    ours = list(inspect.signature(FusedLinearGRPOLoss).parameters.items())
+    theirs = list(inspect.signature(LigerFusedLinearGRPOLoss).parameters.items())
+    assert [(n, p.default) for n, p in ours[:-1]] == [(n, p.default) for n, p in theirs]
+    assert ours[-1][0] == "backend" and ours[-1][1].kind is inspect.Parameter.KEYWORD_ONLY
+    assert FusedLinearGRPOLoss(0.1, False, False, 1, 0.3).epsilon_low == 0.3   # positional, Liger's order
 
 
 def test_liger_bad_inputs():

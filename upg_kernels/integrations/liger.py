@@ -40,69 +40,126 @@ never materializes logits and needs neither).
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import warnings
 
 import torch
 
 from ..logprobs import token_logprobs
 
-__all__ = ["FusedLinearGRPOLoss", "LIGER_LOSS_TYPES", "liger_loss_config"]
+__all__ = ["FusedLinearGRPOLoss", "LIGER_LOSS_TYPES", "LigerSettings", "liger_loss_config"]
 
+# Liger 0.8.5's loss types; each is the preset of the same name in upg_kernels' PRESETS (losses/config.py),
+# whose stabilization and aggregation the adapter takes. The IS level is Liger's own setting, so the
+# presets' sequence clip (luspo) is the token clip here, applied at importance_sampling_level.
 LIGER_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 _IS_LEVELS = ("token", "sequence")
-
-# loss_type -> (stabilization, aggregation)
-_LOSS_TYPE_PARTS = {
-    "grpo": ("clip", "seq_mean_token_mean"),
-    "bnpo": ("clip", "token_mean"),
-    "dr_grpo": ("clip", "seq_mean_token_sum_norm"),
-    "dapo": ("clip", "token_mean"),
-    "cispo": ("cispo", "token_mean"),
-    "sapo": ("sapo", "seq_mean_token_mean"),
-    "luspo": ("clip", "seq_mean_token_sum"),
-    "vespo": ("vespo", "token_mean"),
-}
 # the loss types whose token_mean is over num_items_in_batch (Liger's _compute_dapo_normalizer)
 _DAPO_NORMALIZED = ("dapo", "cispo", "vespo")
 
 
-def liger_loss_config(loss_type="dapo", *, beta=0.04, epsilon_low=0.2, epsilon_high=0.2,
-                      max_completion_length=None, importance_sampling_level="token",
-                      sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, delta=None,
-                      use_bias_correction_kl=False, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
-                      vespo_lambda_neg=2.0):
-    """The :class:`upg_kernels.LossConfig` equal to Liger's GRPO loss with these settings.
+def _loss_type_parts(loss_type):
+    """``(stabilization, aggregation)`` of a Liger loss type, read from the preset table."""
+    from ..losses.config import PRESETS
 
-    ``beta`` becomes ``kl_coef`` with ``kl_type="k3"``, ``use_bias_correction_kl`` becomes
-    ``kl_bias_correction``; the advantages are always the caller's (``advantage="given"``). The ``vespo_*``
-    rates are floored at 1e-4 as Liger/TRL do.
-    """
-    from ..losses import LossConfig
+    row = PRESETS[loss_type]
+    stab = "clip" if row["stabilization"] == "seq_clip" else row["stabilization"]
+    return stab, row["aggregation"]
 
-    if loss_type not in _LOSS_TYPE_PARTS:
-        raise ValueError(f"Unknown loss type: {loss_type!r}; supported: {LIGER_LOSS_TYPES}")
-    if importance_sampling_level not in _IS_LEVELS:
-        raise ValueError(f"Unknown importance sampling level: {importance_sampling_level!r}. Possible values "
-                         "are 'token' and 'sequence'.")
-    if importance_sampling_level == "sequence" and loss_type in ("cispo", "sapo", "vespo"):
-        raise ValueError(f"Sequence-level importance sampling is not supported for loss_type='{loss_type}'. "
-                         "Use importance_sampling_level='token' instead.")
-    if loss_type == "dr_grpo" and max_completion_length is None:
-        raise ValueError("max_completion_length must be provided for loss_type 'dr_grpo'")
-    stab, agg = _LOSS_TYPE_PARTS[loss_type]
-    kw = dict(stabilization=stab, reference="old", advantage="given", likelihood="logp", aggregation=agg,
-              ratio_level=importance_sampling_level, eps_low=float(epsilon_low), eps_high=float(epsilon_high),
-              kl_type="k3", kl_coef=float(beta), kl_bias_correction=bool(use_bias_correction_kl),
-              entropy_coef=0.0, tau_pos=float(sapo_temperature_pos), tau_neg=float(sapo_temperature_neg))
-    if stab == "vespo":
-        kw.update(vespo_k_pos=float(vespo_k_pos), vespo_k_neg=float(vespo_k_neg),
-                  vespo_lambda_pos=max(float(vespo_lambda_pos), 1e-4),
-                  vespo_lambda_neg=max(float(vespo_lambda_neg), 1e-4))
-    if stab == "clip":
-        kw["delta"] = None if delta is None else float(delta)
-    if loss_type == "dr_grpo":
-        kw["max_completion_length"] = int(max_completion_length)
-    return LossConfig(**kw)
+
+@dataclasses.dataclass
+class LigerSettings:
+    """``LigerFusedLinearGRPOLoss``'s constructor arguments (liger-kernel 0.8.5), in Liger's order and with
+    Liger's defaults: the one list of them (the adapter, ``from_liger`` and TRL's ``loss=True`` read it).
+    TRL 1.16's ``GRPOConfig``/``GRPOTrainer`` use the same names."""
+
+    beta: float = 0.04
+    compiled: bool = True
+    use_ref_model: bool = True
+    chunk_size: int = 1
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    loss_type: str = "dapo"
+    max_completion_length: int | None = None
+    importance_sampling_level: str = "token"
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
+    temperature: float = 1.0
+    delta: float | None = None
+    use_bias_correction_kl: bool = False
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+
+    @classmethod
+    def names(cls):
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def read(cls, *sources, **overrides):
+        """Settings from the first of ``sources`` (objects) that has each attribute, then ``overrides``."""
+        kw = {}
+        for name in cls.names():
+            for src in sources:
+                if hasattr(src, name):
+                    kw[name] = getattr(src, name)
+                    break
+        kw.update(overrides)
+        return cls(**kw)
+
+    def check_init(self):
+        """What Liger's ``__init__`` refuses (everything else is refused at ``forward``, as Liger does)."""
+        if self.sapo_temperature_pos <= 0:
+            raise ValueError(f"sapo_temperature_pos must be positive, got {self.sapo_temperature_pos}")
+        if self.sapo_temperature_neg <= 0:
+            raise ValueError(f"sapo_temperature_neg must be positive, got {self.sapo_temperature_neg}")
+        if self.delta is not None and self.delta <= 0:
+            raise ValueError(f"delta must be positive, got {self.delta}")
+
+    def loss_config(self):
+        """The :class:`upg_kernels.LossConfig` equal to Liger's GRPO loss with these settings.
+
+        ``beta`` becomes ``kl_coef`` with ``kl_type="k3"``, ``use_bias_correction_kl`` becomes
+        ``kl_bias_correction``; the advantages are always the caller's (``advantage="given"``). The ``vespo_*``
+        rates are floored at 1e-4 as Liger/TRL do.
+        """
+        from ..losses import LossConfig
+
+        lt, level = self.loss_type, self.importance_sampling_level
+        if lt not in LIGER_LOSS_TYPES:
+            raise ValueError(f"Unknown loss type: {lt!r}; supported: {LIGER_LOSS_TYPES}")
+        if level not in _IS_LEVELS:
+            raise ValueError(f"Unknown importance sampling level: {level!r}. Possible values "
+                             "are 'token' and 'sequence'.")
+        if level == "sequence" and lt in ("cispo", "sapo", "vespo"):
+            raise ValueError(f"Sequence-level importance sampling is not supported for loss_type='{lt}'. "
+                             "Use importance_sampling_level='token' instead.")
+        if lt == "dr_grpo" and self.max_completion_length is None:
+            raise ValueError("max_completion_length must be provided for loss_type 'dr_grpo'")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"temperature must be a positive number, got {self.temperature!r}")
+        stab, agg = _loss_type_parts(lt)
+        kw = dict(stabilization=stab, reference="old", advantage="given", likelihood="logp", aggregation=agg,
+                  ratio_level=level, eps_low=float(self.epsilon_low), eps_high=float(self.epsilon_high),
+                  kl_type="k3", kl_coef=float(self.beta), kl_bias_correction=bool(self.use_bias_correction_kl),
+                  entropy_coef=0.0, tau_pos=float(self.sapo_temperature_pos),
+                  tau_neg=float(self.sapo_temperature_neg))
+        if stab == "vespo":
+            kw.update(vespo_k_pos=float(self.vespo_k_pos), vespo_k_neg=float(self.vespo_k_neg),
+                      vespo_lambda_pos=max(float(self.vespo_lambda_pos), 1e-4),
+                      vespo_lambda_neg=max(float(self.vespo_lambda_neg), 1e-4))
+        if stab == "clip":
+            kw["delta"] = None if self.delta is None else float(self.delta)
+        if lt == "dr_grpo":
+            kw["max_completion_length"] = int(self.max_completion_length)
+        return LossConfig(**kw)
+
+
+def liger_loss_config(loss_type="dapo", **settings):
+    """The :class:`upg_kernels.LossConfig` of Liger's GRPO loss: ``LigerSettings(loss_type, **settings)``."""
+    return LigerSettings(loss_type=loss_type, **settings).loss_config()
 
 
 def _world_size():
@@ -124,63 +181,28 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     exact semantics.
     """
 
-    def __init__(self, beta: float = 0.04, compiled: bool = True, use_ref_model: bool = True,
-                 chunk_size: int = 1, epsilon_low: float = 0.2, epsilon_high: float = 0.2,
-                 loss_type: str = "dapo", max_completion_length: int | None = None,
-                 importance_sampling_level: str = "token", sapo_temperature_pos: float = 1.0,
-                 sapo_temperature_neg: float = 1.05, temperature: float = 1.0, delta: float | None = None,
-                 use_bias_correction_kl: bool = False, vespo_k_pos: float = 2.0, vespo_lambda_pos: float = 3.0,
-                 vespo_k_neg: float = 3.0, vespo_lambda_neg: float = 2.0, *, backend: str = "auto"):
+    def __init__(self, *args, backend: str = "auto", **kwargs):
         super().__init__()
-        if sapo_temperature_pos <= 0:
-            raise ValueError(f"sapo_temperature_pos must be positive, got {sapo_temperature_pos}")
-        if sapo_temperature_neg <= 0:
-            raise ValueError(f"sapo_temperature_neg must be positive, got {sapo_temperature_neg}")
-        if delta is not None and delta <= 0:
-            raise ValueError(f"delta must be positive, got {delta}")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
-        self.beta = beta
-        self.compiled = compiled  # no-op
-        self.use_ref_model = use_ref_model
-        self.chunk_size = chunk_size  # no-op
-        self.epsilon_low = epsilon_low
-        self.epsilon_high = epsilon_high
-        self.loss_type = loss_type
-        self.max_completion_length = max_completion_length
-        self.importance_sampling_level = importance_sampling_level
-        self.sapo_temperature_pos = sapo_temperature_pos
-        self.sapo_temperature_neg = sapo_temperature_neg
-        self.temperature = temperature
-        self.delta = delta
-        self.use_bias_correction_kl = use_bias_correction_kl
-        self.vespo_k_pos = vespo_k_pos
-        self.vespo_lambda_pos = vespo_lambda_pos
-        self.vespo_k_neg = vespo_k_neg
-        self.vespo_lambda_neg = vespo_lambda_neg
+        settings = LigerSettings(*args, **kwargs)
+        settings.check_init()
+        for name in LigerSettings.names():   # plain attributes, as in Liger (re-read at every forward)
+            setattr(self, name, getattr(settings, name))
         self.backend = backend
-        self.config = self._build_config()  # validates the loss settings now
 
     # ------------------------------------------------------------------ helpers
     @classmethod
     def from_liger(cls, liger_module, *, backend: str = "auto") -> "FusedLinearGRPOLoss":
         """Build from a ``LigerFusedLinearGRPOLoss`` instance, copying its settings."""
-        names = ("beta", "compiled", "use_ref_model", "chunk_size", "epsilon_low", "epsilon_high", "loss_type",
-                 "max_completion_length", "importance_sampling_level", "sapo_temperature_pos",
-                 "sapo_temperature_neg", "temperature", "delta", "use_bias_correction_kl", "vespo_k_pos",
-                 "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
-        kw = {n: getattr(liger_module, n) for n in names if hasattr(liger_module, n)}
-        return cls(**kw, backend=backend)
+        return cls(**dataclasses.asdict(LigerSettings.read(liger_module)), backend=backend)
 
-    def _build_config(self):
-        return liger_loss_config(
-            self.loss_type, beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
-            max_completion_length=self.max_completion_length,
-            importance_sampling_level=self.importance_sampling_level,
-            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
-            delta=self.delta, use_bias_correction_kl=self.use_bias_correction_kl, vespo_k_pos=self.vespo_k_pos,
-            vespo_lambda_pos=self.vespo_lambda_pos, vespo_k_neg=self.vespo_k_neg,
-            vespo_lambda_neg=self.vespo_lambda_neg)
+    @property
+    def settings(self) -> LigerSettings:
+        return LigerSettings.read(self)
+
+    @property
+    def config(self):
+        """The :class:`upg_kernels.LossConfig` of the current settings (raises on settings Liger refuses)."""
+        return self.settings.loss_config()
 
     def extra_repr(self) -> str:
         return (f"loss_type={self.loss_type!r}, beta={self.beta}, epsilon_low={self.epsilon_low}, "
@@ -194,7 +216,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         from ..losses import unified_policy_loss
 
         # the settings are plain attributes (as in Liger): re-read them on every call
-        config = self._build_config()
+        config = self.config
         if not isinstance(selected_token_ids, torch.Tensor) or selected_token_ids.dim() != 2:
             raise ValueError("selected_token_ids must be a [B, T] tensor of token ids")
         B, T = selected_token_ids.shape
@@ -275,3 +297,11 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         metrics.append(m["clip_frac"])
         dev = out.loss.device
         return out.loss, tuple(torch.tensor(v, dtype=torch.float32, device=dev) for v in metrics)
+
+
+# the constructor's signature is LigerSettings' (Liger's order and defaults) plus our keyword-only backend
+FusedLinearGRPOLoss.__init__.__signature__ = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    + [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+       for p in inspect.signature(LigerSettings).parameters.values()]
+    + [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation=str)])

@@ -225,7 +225,7 @@ def _hidden_states(unwrapped, input_ids, attention_mask, C):
 def _upg_compute_loss(trainer, model, inputs, *, backend="auto"):
     """``GRPOTrainer._compute_loss`` with the policy loss from :func:`upg_kernels.unified_policy_loss`."""
     from ..losses import unified_policy_loss
-    from .liger import liger_loss_config
+    from .liger import LigerSettings
 
     bad = [k for k in _MM_KEYS if inputs.get(k) is not None]
     if bad:
@@ -241,14 +241,7 @@ def _upg_compute_loss(trainer, model, inputs, *, backend="auto"):
     mode = "train" if trainer.model.training else "eval"
     gas = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
 
-    cfg = liger_loss_config(
-        trainer.loss_type, beta=trainer.beta, epsilon_low=trainer.epsilon_low, epsilon_high=trainer.epsilon_high,
-        max_completion_length=trainer.max_completion_length,
-        importance_sampling_level=trainer.importance_sampling_level,
-        sapo_temperature_pos=args.sapo_temperature_pos, sapo_temperature_neg=args.sapo_temperature_neg,
-        delta=args.delta, use_bias_correction_kl=getattr(args, "use_bias_correction_kl", False),
-        vespo_k_pos=getattr(args, "vespo_k_pos", 2.0), vespo_lambda_pos=getattr(args, "vespo_lambda_pos", 3.0),
-        vespo_k_neg=getattr(args, "vespo_k_neg", 3.0), vespo_lambda_neg=getattr(args, "vespo_lambda_neg", 2.0))
+    cfg = LigerSettings.read(trainer, args).loss_config()   # TRL's settings carry Liger's names
     # TRL's normalizers: every type is divided by the accumulation steps, except dapo/cispo/vespo whose token
     # count spans the generation batch
     if trainer.loss_type in ("dapo", "cispo", "vespo"):

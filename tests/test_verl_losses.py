@@ -28,7 +28,7 @@ PAIRS = [("vanilla", "upg_ppo"), ("vanilla", "upg_grpo"), ("vanilla", "upg_dapo"
 
 def _config(verl_mode, info):
     kw = dict(strategy="fsdp", ppo_micro_batch_size_per_gpu=2, ppo_mini_batch_size=4, rollout_n=1,
-              clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28, clip_ratio_c=2.5)
+              clip_ratio=0.2, clip_ratio_low=0.15, clip_ratio_high=0.28, clip_ratio_c=1.5)
     if verl_mode == "gspo":
         kw.update(clip_ratio_low=3e-3, clip_ratio_high=4e-3)
     cfg = FSDPActorConfig(**kw)
@@ -42,6 +42,8 @@ def _batch(seed, B=5, T=7, spread=0.4):
     old = logp + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
     adv = torch.randn(B, 1, generator=g, dtype=torch.float64).expand(B, T).clone()
     adv[2] = 0.0   # a zero-advantage row
+    adv[1] = -1.0  # a negative row whose first ratios pass the dual clip c
+    old[1, :3] = logp[1, :3].double() - 1.0
     mask = torch.rand(B, T, generator=g) > 0.3
     mask[0] = True
     mask[3] = False    # a fully masked row
@@ -78,6 +80,17 @@ def test_same_loss_grad_metrics_as_verl(pair, agg, info, with_is):
         results.append((loss.detach(), lp.grad, metrics))
     (l0, g0, m0), (l1, g1, m1) = results
     torch.testing.assert_close(l1, l0, rtol=2e-5, atol=1e-6)
+    if verl_mode == "gspo" and with_is:
+        # verl's GSPO-token gradient gives token t its own IS weight, ours (the sequence ratio's exact
+        # gradient) the row's mean weight: equal when the weights are constant along each row
+        _, _, _, _, isw_rows = _batch(7 + info)
+        isw_rows = isw_rows[:, :1].expand_as(isw_rows)
+        grads = []
+        for mode in (verl_mode, upg_mode):
+            lp = logp.clone().requires_grad_(True)
+            get_policy_loss_fn(mode)(old, lp, adv, mask, agg, cfg, isw_rows)[0].backward()
+            grads.append(lp.grad)
+        g0, g1 = grads
     torch.testing.assert_close(g1, g0, rtol=2e-5, atol=1e-7)
     assert g1[~mask].abs().max() == 0   # masked positions get exactly no gradient
     assert set(m0) == set(m1)

@@ -41,9 +41,11 @@ import torch
 
 from ..logprobs import token_logprobs
 
-__all__ = ["patch_grpo_trainer", "unpatch_grpo_trainer", "UPGChunkedLogProbFunction", "is_patched"]
+__all__ = ["patch_grpo_trainer", "unpatch_grpo_trainer", "patch_dpo_trainer", "unpatch_dpo_trainer",
+           "UPGChunkedLogProbFunction", "is_patched"]
 
-_SUPPORTED_OUTPUTS = frozenset({"log_probs", "entropy"})
+_SUPPORTED_OUTPUTS = frozenset({"log_probs", "entropy", "mean_logits", "is_top1"})
+_METRIC_CHUNK = 1 << 22   # logits elements per chunk of the (no-grad) metric outputs
 _DEFAULT_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's OPTIONAL_OUTPUTS
 _lock = threading.RLock()
 
@@ -55,8 +57,9 @@ class UPGChunkedLogProbFunction:
     logit_scale, outputs)`` returns ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)``; TRL's
     logits transform is ``softcap(logit_scale * (h @ W.T + b)) / temperature``. ``log_probs`` and ``entropy``
     come from :func:`upg_kernels.token_logprobs` (``logit_scale`` is folded into ``h`` and ``b``, which is
-    exact). When a caller asks for one of the other outputs (TRL's GRPOTrainer never does), the call goes to
-    ``fallback`` (TRL's own function).
+    exact); the detached metric outputs ``mean_logits`` and ``is_top1`` (DPOTrainer's ``logits/*`` and
+    ``mean_token_accuracy``) from :func:`_logit_metrics`. When a caller asks for ``log_sum_sq_probs`` (DPO's WPO
+    weighting), the call goes to ``fallback`` (TRL's own function).
     """
 
     fallback = None  # set to TRL's ChunkedLogProbFunction when patching
@@ -82,7 +85,36 @@ class UPGChunkedLogProbFunction:
         res = token_logprobs(hidden, weight, targets, bias=bias, temperature=float(temperature),
                              softcap=softcap, return_entropy=want_entropy, backend=cls.backend)
         logp, ent = res if want_entropy else (res, None)
-        return logp, ent, None, None, None
+        mean_logits = is_top1 = None
+        if "mean_logits" in outputs or "is_top1" in outputs:
+            mean_logits, is_top1 = _logit_metrics(hidden, weight, bias, targets, float(temperature), softcap)
+            mean_logits = mean_logits if "mean_logits" in outputs else None
+            is_top1 = is_top1 if "is_top1" in outputs else None
+        return logp, ent, None, mean_logits, is_top1
+
+
+@torch.no_grad()
+def _logit_metrics(hidden, weight, bias, targets, temperature, softcap):
+    """TRL's metric outputs, detached: ``mean_logits`` (the vocabulary mean of the transformed logits) and
+    ``is_top1`` (the target is the first arg-max, TRL's tie rule), over row chunks of at most 4M logits, without
+    gradient; the kernel's log-probs do not give a row's arg-max, so this is a second (forward-only) pass."""
+    h = hidden.detach().float()
+    w = weight.detach().float()
+    b = None if bias is None else bias.detach().float()
+    n = h.shape[0]
+    top1 = torch.empty(n, dtype=torch.bool, device=h.device)
+    mean = torch.empty(n, dtype=torch.float32, device=h.device)
+    step = max(1, _METRIC_CHUNK // max(w.shape[0], 1))
+    for i in range(0, n, step):
+        z = h[i:i + step] @ w.T
+        if b is not None:
+            z = z + b
+        if softcap is not None:
+            z = softcap * torch.tanh(z / softcap)
+        z = z / temperature
+        top1[i:i + step] = z.argmax(-1) == targets[i:i + step]
+        mean[i:i + step] = z.mean(-1)
+    return mean, top1
 
 
 def _make_kernel_class(backend: str, fallback):
@@ -123,22 +155,8 @@ def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bo
     state = {}
     original_kernel = getattr(trl_utils, "_ChunkedLogProbFunction", None)
     if hasattr(trainer, "_get_per_token_logps_and_entropies") and original_kernel is not None:
-        kernel = _make_kernel_class(backend, original_kernel)
-        original_method = trainer._get_per_token_logps_and_entropies  # bound method
-
-        @functools.wraps(original_method)
-        def _patched(*args, **kwargs):
-            with _lock:
-                saved = trl_utils._ChunkedLogProbFunction
-                trl_utils._ChunkedLogProbFunction = kernel
-                try:
-                    return original_method(*args, **kwargs)
-                finally:
-                    trl_utils._ChunkedLogProbFunction = saved
-
-        trainer._get_per_token_logps_and_entropies = _patched
+        state["methods"] = _swap_kernel_in(trainer, ("_get_per_token_logps_and_entropies",), backend, trl_utils)
         state["method"] = True
-        state["kernel"] = kernel
     elif hasattr(trainer, "_get_per_token_logps_and_entropies"):
         # a TRL without the fused LM head: nothing to swap on the log-prob path
         state["method"] = False
@@ -166,14 +184,70 @@ def unpatch_grpo_trainer(trainer):
     state = getattr(trainer, "_upg_kernels_patch", None)
     if state is None:
         return trainer
-    if state.get("method"):
-        del trainer._get_per_token_logps_and_entropies  # the class method shows through again
+    for name in state.get("methods", ()):
+        delattr(trainer, name)  # the class method shows through again
     if "liger_grpo_loss" in state:
         trainer.liger_grpo_loss = state["liger_grpo_loss"]
     if "compute_loss" in state:
         del trainer._compute_loss
     trainer._upg_kernels_patch = None
     return trainer
+
+
+def _swap_kernel_in(trainer, names, backend, trl_utils):
+    """Wrap the trainer's methods ``names`` so that, during their calls, TRL's fused-LM-head kernel
+    (``trl.trainer.utils._ChunkedLogProbFunction``, read at call time) is ours; returns the names."""
+    kernel = _make_kernel_class(backend, trl_utils._ChunkedLogProbFunction)
+    for name in names:
+        original_method = getattr(trainer, name)  # bound method
+
+        @functools.wraps(original_method)
+        def _patched(*args, _original=original_method, **kwargs):
+            with _lock:
+                saved = trl_utils._ChunkedLogProbFunction
+                trl_utils._ChunkedLogProbFunction = kernel
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    trl_utils._ChunkedLogProbFunction = saved
+
+        setattr(trainer, name, _patched)
+    return tuple(names)
+
+
+_DPO_METHODS = ("_compute_loss", "compute_ref_log_probs")
+
+
+def patch_dpo_trainer(trainer, *, backend: str = "auto"):
+    """Make ``trainer`` (a ``trl.DPOTrainer``, TRL 1.16) compute its per-token log-probs with upg-kernels.
+
+    TRL 1.16's DPOTrainer, like its GRPOTrainer, patches the policy and the reference model with
+    ``add_fused_lm_head`` and calls ``model(..., labels=labels, fused_lm_head=True)`` in ``_compute_loss``
+    (policy and reference forward) and ``compute_ref_log_probs`` (precomputed reference log-probs). During
+    those calls TRL's kernel is :class:`UPGChunkedLogProbFunction`: log-probs and entropy (forward and
+    backward) from :func:`upg_kernels.token_logprobs`, the ``mean_logits``/``is_top1`` metrics from a
+    forward-only pass. TRL's DPO loss math (every ``loss_type``, ``beta``, label smoothing, ``ld_alpha``, RPO,
+    its metrics) is untouched. With ``use_weighting=True`` (WPO) TRL asks for ``log_sum_sq_probs``, which we
+    do not compute: those calls stay on TRL's kernel. Idempotent; returns the trainer.
+    """
+    if is_patched(trainer):
+        return trainer
+    try:
+        import trl.trainer.utils as trl_utils
+    except ImportError as exc:  # pragma: no cover - exercised only without TRL
+        raise ImportError("patch_dpo_trainer needs TRL installed (pip install trl)") from exc
+    if getattr(trl_utils, "_ChunkedLogProbFunction", None) is None:
+        raise RuntimeError("this TRL has no fused LM head (trl.trainer.utils._ChunkedLogProbFunction)")
+    missing = [n for n in _DPO_METHODS if not hasattr(trainer, n)]
+    if missing:
+        raise TypeError(f"{type(trainer).__name__} does not look like a TRL 1.16 DPOTrainer: no {missing}")
+    trainer._upg_kernels_patch = {"methods": _swap_kernel_in(trainer, _DPO_METHODS, backend, trl_utils)}
+    return trainer
+
+
+def unpatch_dpo_trainer(trainer):
+    """Undo :func:`patch_dpo_trainer`; returns the trainer."""
+    return unpatch_grpo_trainer(trainer)
 
 
 # ------------------------------------------------------------------------------------------- loss=True

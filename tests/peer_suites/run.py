@@ -84,7 +84,7 @@ def prepare(suite, native=False):
     with tarfile.open(archive) as tar:
         for rel in suite.files:
             member = tar.getmember(f"{stem}/{rel}")
-            text = tar.extractfile(member).read().decode("utf-8")
+            text = tar.extractfile(member).read().decode("utf-8").replace("\r\n", "\n")  # CCE ships CRLF
             swaps = suite.swaps if not native else [(f, o, n) for f, o, n in suite.swaps
                                                      if (o, n) in NATIVE_SWAPS.get(suite.name, ())]
             for f, old, new in swaps:

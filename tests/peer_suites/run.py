@@ -32,7 +32,20 @@ class Suite:
     def __init__(self, name, dist, version, files, swaps, small_k, tests, expected=()):
         self.name, self.dist, self.version = name, dist, version
         self.files, self.swaps, self.small_k, self.tests = files, swaps, small_k, tests
-        self.expected = frozenset(expected)
+        self.expected = tuple((re.compile(pattern), why) for pattern, why in expected)
+
+    def why_expected(self, test_id):
+        return next((why for pattern, why in self.expected if pattern.search(test_id)), None)
+
+
+# failures with a known cause (docs/integrations.md, "Peer test suites"); any other failure fails the run
+LIGER_EXPECTED = (
+    (r"^test_triton_grpo_loss_matches_reference\[",
+     "Liger's own Triton GRPO kernel (not our drop-in) needs a GPU driver: fails natively on CPU too"),
+    (r"^test_correctness\[[^-]+-sequence-luspo-(True|False)-(True|False)-(True|False)-0\.1-",
+     "luspo with beta > 0: Liger weights all [B, T] positions, padding included, by len_i / T; we mask "
+     "padding as TRL 1.16 does (Liger's semantics need per-row loss weights in the core loss: not built)"),
+)
 
 
 SUITES = {
@@ -46,6 +59,7 @@ SUITES = {
                 "from upg_kernels import FusedLinearGRPOLoss as LigerFusedLinearGRPOLoss\n"),),
         small_k="not 8-128-1024-4096 and not 1-4096-256-5000 and not large_seq",
         tests=("test/chunked_loss/test_grpo_loss.py",),
+        expected=LIGER_EXPECTED,
     ),
     "cce": Suite(
         "cce", "cut-cross-entropy", "25.1.1",
@@ -122,9 +136,13 @@ def run(suite, *, full=False, native=False, extra=()):
             counts["skipped"] += 1
         else:
             counts["passed"] += 1
-    unexpected = sorted(failed - suite.expected) if not native else []
+    unexpected = sorted(t for t in failed if suite.why_expected(t) is None) if not native else []
+    reasons = sorted({suite.why_expected(t) for t in failed} - {None})
     print(f"[peer-suite] {suite.name}: {counts['passed']} passed, {counts['failed']} failed, "
           f"{counts['skipped']} skipped; unexpected failures: {len(unexpected)}")
+    for why in reasons:
+        n = sum(suite.why_expected(t) == why for t in failed)
+        print(f"[peer-suite]   expected ({n}): {why}")
     for t in unexpected:
         print(f"[peer-suite]   FAILED {t}")
     return counts, unexpected

@@ -160,3 +160,24 @@ def test_workspace_env_is_validated(monkeypatch):
     monkeypatch.setenv("UPG_KERNELS_WORKSPACE_BYTES", "lots")
     with pytest.raises(ValueError, match="UPG_KERNELS_WORKSPACE_BYTES"):
         gemm_backward.workspace_bytes()
+
+
+@pytest.mark.parametrize("N,H,V,bias,softcap,temperature", [(1, 16, 37, False, None, 1.0),
+                                                            (41, 48, 203, True, None, 0.7),
+                                                            (20, 32, 130, True, 2.0, 1.0)])
+def test_gemm_tiled_forward(monkeypatch, budget, N, H, V, bias, softcap, temperature):
+    """UPG_KERNELS_TRITON_FORWARD=gemm: logits slabs + the Triton row-stats kernel, several token
+    groups and slabs, vs float64 (values and, through the backward, gradients)."""
+    monkeypatch.setenv("UPG_KERNELS_TRITON_FORWARD", "gemm")
+    budget(4 * 16 * 64)                          # 16-row groups x 64-column slabs
+    h, w, b, t = _inputs(N, H, V, bias=bias, ignore_every=6, seed=N + 1)
+    g = torch.Generator().manual_seed(5)
+    gl, ge = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    kw = dict(softcap=softcap, temperature=temperature)
+    ours = _grads("triton", h, w, b, t, gl, ge, **kw)
+    ref = _grads("ref", h.double(), w.double(), None if b is None else b.double(), t, gl, ge, **kw)
+    for a, r in zip(ours, ref):
+        assert _rel(a, r) <= 2e-6, (_rel(a, r), a.shape)
+    monkeypatch.setenv("UPG_KERNELS_TRITON_FORWARD", "fastest")
+    with pytest.raises(ValueError, match="UPG_KERNELS_TRITON_FORWARD"):
+        token_logprobs(h, w, t, backend="triton")

@@ -172,3 +172,24 @@ def dz_tile(z, t, cols, tgt, v0, lse, gl, gp, ge, ent, mask_m, mask_v, temperatu
     if HAS_SOFTCAP:
         dz = dz * (1.0 - t * t)
     return tl.where(mask_m[:, None] & mask_v[None, :], dz, 0.0)
+
+
+@triton.jit
+def online_update(m_i, s_i, t_i, zt_i, z, cols, mask_v, tgt_off):
+    """Fold a ``[R, C]`` logits tile ``z`` (columns ``cols``, valid where ``mask_v``; the target's
+    column offset ``tgt_off`` per row) into the running per-row statistics, all relative to the
+    running max ``m``: ``s = sum exp(z - m)``, ``t = sum exp(z - m) (z - m)``, ``zt = z[target]``
+    (docs/kernels.md, "Forward"). The one owner of the update in both forward kernels."""
+    zt_i += tl.sum(tl.where(cols[None, :] == tgt_off.to(tl.int32)[:, None], z, 0.0), 1)
+    z = tl.where(mask_v[None, :], z, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(z, 1))
+    # rows whose logits so far are all -inf (masked columns, a -inf bias): shift by 0 instead
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_use)                       # 0 while m_i = -inf
+    shift = tl.where(s_i > 0, m_i - m_use, 0.0)       # avoids -inf * 0
+    zc = z - m_use[:, None]
+    e = tl.exp(zc)                                    # 0 for -inf logits
+    zc = tl.where(e > 0, zc, 0.0)                     # no 0 * -inf
+    t_i = alpha * (t_i + shift * s_i) + tl.sum(e * zc, 1)
+    s_i = alpha * s_i + tl.sum(e, 1)
+    return m_new, s_i, t_i, zt_i

@@ -29,44 +29,20 @@ times from HBM, dW read and written ``ceil(M/G)`` times.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 
 from . import active_rows
+from .gemm import mm_acc
+from .workspace import set_workspace_bytes, workspace_bytes  # noqa: F401 (re-export)
 from .triton_dz import dz_block, dz_config
 from .triton_logprobs_common import check_inputs, interpreting
 from .triton_logprobs_fwd import forward  # noqa: F401  (the backend's forward)
 
-WORKSPACE_BYTES = 64 * 2**20
 _SLAB_COLS = 4096          # vocabulary columns per slab (the K of the dh GEMM)
 _SLAB_COLS_INTERP = 64     # under the interpreter: several slabs at test sizes
-_override = None
-
-
-def set_workspace_bytes(n: int | None) -> None:
-    """Set the backward's workspace budget in bytes (None: back to the environment / default)."""
-    global _override
-    if n is not None and (not isinstance(n, int) or n <= 0):
-        raise ValueError(f"workspace bytes must be a positive int or None, got {n!r}")
-    _override = n
-
-
-def workspace_bytes() -> int:
-    if _override is not None:
-        return _override
-    v = os.environ.get("UPG_KERNELS_WORKSPACE_BYTES", "").strip()
-    if not v:
-        return WORKSPACE_BYTES
-    try:
-        n = int(v)
-    except ValueError:
-        n = -1
-    if n <= 0:
-        raise ValueError(f"UPG_KERNELS_WORKSPACE_BYTES must be a positive integer, got {v!r}")
-    return n
 
 
 @dataclass(frozen=True)
@@ -105,44 +81,6 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
             S = max(S, min(v_pad, (left - G * per_row_h) // (G * e) // bv * bv))
     used = G * S * e + G * per_row_h + (dw32 if use32 else 0)
     return GemmPlan(int(G), int(S), bool(use32), int(used))
-
-
-# ------------------------------------------------------------------------------ fp32-accumulating GEMMs
-_OUT_DTYPE_OK = {}
-
-
-def _addmm_f32(c, a, b):
-    """``c += a @ b`` for a float32 ``c`` and bf16/fp16 ``a``, ``b``, accumulating in fp32.
-
-    CUDA (and meta): cuBLAS with a float32 output (``torch.addmm(..., out_dtype=float32)``, torch >= 2.8),
-    else the product rounded to the operand dtype and added (one rounding per slab; noted in
-    docs/kernels.md). CPU: the operands upcast (exactly) and multiplied in float32, which is what the
-    tensor cores compute up to the summation order."""
-    dev = c.device.type
-    if dev == "cpu":
-        c.addmm_(a.float(), b.float())
-        return
-    ok = _OUT_DTYPE_OK.get(dev)
-    if ok is None or ok:
-        try:
-            torch.addmm(c, a, b, out_dtype=torch.float32, out=c)
-            _OUT_DTYPE_OK[dev] = True
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_OK[dev] = False
-    c.add_(a @ b)
-
-
-def _mm_acc(c, a, b):
-    """``c += a @ b`` with fp32 accumulation; ``c`` in float32 or in the operands' dtype (then one
-    rounding per call: cuBLAS computes ``a @ b + c`` in fp32 and rounds once)."""
-    if c.dtype == a.dtype:
-        if c.device.type == "cpu" and c.dtype != torch.float32 and c.dtype != torch.float64:
-            c.copy_(c.float().addmm_(a.float(), b.float()))   # CPU: the same single rounding
-        else:
-            c.addmm_(a, b)
-    else:
-        _addmm_f32(c, a, b)
 
 
 # ------------------------------------------------------------------------------ backward
@@ -196,9 +134,9 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
             dz = dz_buf[:g1 - g0, :v1 - v0]
             dz_block(dz, hidden, weight, bias, targets, idx, lse, ent, g_logp, g_ent, g_lse, v0, v1, p)
             if need_hidden:
-                _mm_acc(acc, dz, weight[v0:v1])
+                mm_acc(acc, dz, weight[v0:v1])
             if need_weight:
-                _mm_acc(dw_acc[v0:v1], dz.t(), h_g)
+                mm_acc(dw_acc[v0:v1], dz.t(), h_g)
             if need_bias:
                 db_acc[v0:v1] += dz.sum(0, dtype=torch.float32)
         if need_hidden:

@@ -26,14 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemm import mm_f32
 from .meta import launch, nonzero_rows
+from .workspace import workspace_bytes
 from .triton_logprobs_common import _tanh, check_inputs, interpreting, online_update
 
 _BLOCK_R, _BLOCK_C = 8, 1024    # rows x columns per step of the row kernel (GPU)
 _INTERP_BLOCKS = (4, 32)        # under the interpreter: several steps at test sizes
 _SLAB_COLS = 8192
 _SLAB_COLS_INTERP = 64
-_OUT_DTYPE_OK = {}
 
 
 def forward_impl() -> str:
@@ -77,22 +78,6 @@ def _stats_kernel(z_ptr, b_ptr, tgt_ptr, rows_ptr, st_ptr, G, S, v_lo, stride_z,
     tl.store(st_ptr + 3 * G + offs_r, zt_i, mask=mask_r)
 
 
-def _logits_f32(out, h, w):
-    """``out = h @ w.T`` in float32 (see the module docstring for the devices)."""
-    if h.dtype == torch.float32 or out.device.type == "cpu":
-        torch.mm(h.float(), w.float().t(), out=out)
-        return
-    dev = out.device.type
-    if _OUT_DTYPE_OK.get(dev, True):
-        try:
-            torch.mm(h, w.t(), out_dtype=torch.float32, out=out)
-            _OUT_DTYPE_OK[dev] = True
-            return
-        except (TypeError, RuntimeError, NotImplementedError):
-            _OUT_DTYPE_OK[dev] = False
-    out.copy_(h @ w.t())
-
-
 def plan(M: int, V: int, budget: int) -> tuple[int, int]:
     """``(G, S)``: rows per token group and columns per slab of the float32 logits workspace."""
     S = min(V, _SLAB_COLS_INTERP if interpreting() else _SLAB_COLS)
@@ -101,7 +86,6 @@ def plan(M: int, V: int, budget: int) -> tuple[int, int]:
 
 
 def forward(hidden, weight, bias, targets, p):
-    from .gemm_backward import workspace_bytes
     check_inputs(hidden, weight, bias)
     N, H = hidden.shape
     V = weight.shape[0]
@@ -129,7 +113,7 @@ def forward(hidden, weight, bias, targets, p):
             for v0 in range(0, V, S):
                 v1 = min(V, v0 + S)
                 z = z_buf[:n, :v1 - v0]
-                _logits_f32(z, h_g, weight[v0:v1])
+                mm_f32(h_g, weight[v0:v1].t(), out=z)
                 launch(_stats_kernel, (triton.cdiv(n, br),), z, bias if bias is not None else z,
                        targets, idx, stg, n, v1 - v0, v0, z.stride(0), float(p.temperature),
                        float(p.softcap or 1.0), HAS_BIAS=bias is not None,

@@ -66,17 +66,17 @@ def reference_preference_loss(h, w, b, t, m, ref_c, ref_r, cfg):
         c, r = c - ref_c.double() / k[:B], r - ref_r.double() / k[B:]
     beta, eps, gam = cfg.beta, cfg.label_smoothing, cfg.gamma
     sig = lambda x: 1.0 / (1.0 + torch.exp(-x))  # noqa: E731
-    if cfg.loss_type == "sigmoid":      # DPO / cDPO (Mitchell 2023) / SimPO (Meng et al. 2024, Eq. 6)
+    if cfg.loss_type == "sigmoid":      # DPO / cDPO (Mitchell 2023) / SimPO (Meng et al. 2024)
         zz = beta * (c - r) - gam
         per = -(1 - eps) * torch.log(sig(zz)) - eps * torch.log(sig(-zz))
-    elif cfg.loss_type == "robust":     # Chowdhury et al. 2024, Eq. 6
+    elif cfg.loss_type == "robust":     # Chowdhury et al. 2024
         zz = beta * (c - r) - gam
         per = ((1 - eps) * -torch.log(sig(zz)) - eps * -torch.log(sig(-zz))) / (1 - 2 * eps)
     elif cfg.loss_type == "hinge":      # SLiC-HF
         per = torch.clamp(1 - (beta * (c - r) - gam), min=0)
     elif cfg.loss_type == "ipo":        # Azar et al. 2023, Eq. 17
         per = (c - r - 1 / (2 * beta)) ** 2
-    else:                               # ORPO (Hong et al. 2024), Eqs. 4-7
+    else:                               # ORPO (Hong et al. 2024), Eqs. 4 and 7
         odds = lambda s: torch.exp(s) / (1 - torch.exp(s))  # noqa: E731
         per = -beta * torch.log(sig(torch.log(odds(c) / odds(r))))
     nll = -lp[:B].sum() / valid[:B].sum()
@@ -423,9 +423,17 @@ def test_bad_input_errors():
 
 def test_docs_table_matches_presets():
     text = (ROOT / "docs" / "losses.md").read_text()
-    section = text.split("### Preference presets", 1)[1].split("\n\n", 2)[1]
+    lines = text.split("### Preference presets", 1)[1].splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("|"))
+    table = []
+    for ln in lines[start:]:
+        if not ln.startswith("|"):
+            break
+        table.append(ln)
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[1:1 + len(PREFERENCE_COLUMNS)] == list(PREFERENCE_COLUMNS)
     rows = {}
-    for line in section.strip().splitlines()[2:]:
+    for line in table[2:]:
         cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
         rows[cells[0]] = cells[1:1 + len(PREFERENCE_COLUMNS)]
     assert set(rows) == set(PREFERENCE_PRESETS)

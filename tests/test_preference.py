@@ -43,11 +43,12 @@ def make_batch(seed=0, dtype=torch.float64, *, bias=True, loss_mask=False):
     return cast(h), cast(w), cast(b), t, m, ref_h, ref_w
 
 
-def ref_token_logps(h, w, b, t, m=None):
-    """float64, materialized logits: log softmax(h W^T + b)[target], and the valid mask."""
+def ref_token_logps(h, w, b, t, m=None, temperature=1.0):
+    """float64, materialized logits: log softmax((h W^T + b) / temperature)[target], and the valid mask."""
     z = h.double() @ w.double().T
     if b is not None:
         z = z + b.double()
+    z = z / temperature
     valid = t != -100
     if m is not None:
         valid = valid & m
@@ -123,6 +124,36 @@ def test_preset_vs_float64_reference(name):
     acc = float((out.chosen_rewards > out.rejected_rewards).float().mean())
     assert out.metrics["reward_accuracy"] == acc
     torch.testing.assert_close(out.metrics["nll"], float(-lp[:B].sum().detach() / valid[:B].sum()), rtol=1e-5, atol=1e-6)
+
+
+def test_temperature_and_graph_goes_through_the_fused_op():
+    """temperature divides the logits of the policy; the autograd graph reaches hidden / weight only
+    through the fused token_logprobs op (no matmul node: logits are never materialized)."""
+    h, w, b, t, m, ref_h, ref_w = make_batch(12, torch.float64)
+    rc, rr = ref_sums(ref_h, ref_w, b, t)
+    h1, w1 = leaf(h, w)
+    out = preference_loss(h1, w1, t, config="rpo", ref_chosen_logps=rc, ref_rejected_logps=rr, bias=b,
+                          temperature=0.7, backend="torch")
+    cfg = PreferenceConfig.preset("rpo")
+    h2, w2 = leaf(h, w)
+    lp, valid = ref_token_logps(h2, w2, b, t, temperature=0.7)
+    s = lp.sum(-1)
+    z = cfg.beta * ((s[:B] - rc) - (s[B:] - rr))
+    want = -F.logsigmoid(z).mean() - lp[:B].sum() / valid[:B].sum()
+    torch.testing.assert_close(out.loss, want)
+    for g, g_ref in zip(grads(out.loss, h1, w1), grads(want, h2, w2)):
+        torch.testing.assert_close(g, g_ref)
+    names, seen, stack = [], set(), [out.loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        names.append(fn.name())
+        stack += [nxt for nxt, _ in fn.next_functions]
+    assert any("upg_kernels_token_logprobs" in n for n in names)
+    assert not any(n.startswith(("MmBackward", "AddmmBackward", "BmmBackward", "LogSoftmaxBackward"))
+                   for n in names)
 
 
 def test_bf16_inputs_vs_float64_reference():
@@ -305,8 +336,8 @@ def test_orpo_vs_trl_orpo_trainer():
     torch.testing.assert_close(out.loss.double(), trl_loss.double(), rtol=1e-6, atol=1e-7)  # TRL: .float()
     for g, g_trl in zip(grads(out.loss, h1, w1), grads(trl_loss, h2, w2)):
         torch.testing.assert_close(g, g_trl.double(), rtol=1e-5, atol=1e-7)
-    assert out.metrics["log_odds_ratio"] == pytest.approx(float(log_odds_ratio), rel=1e-6)
-    assert out.metrics["log_odds_chosen"] == pytest.approx(float(log_odds_chosen), rel=1e-6)
+    assert out.metrics["log_odds_ratio"] == pytest.approx(float(log_odds_ratio.detach()), rel=1e-6)
+    assert out.metrics["log_odds_chosen"] == pytest.approx(float(log_odds_chosen.detach()), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- Liger
@@ -446,4 +477,3 @@ def test_public_api():
               "pairwise_reward_loss", "gae", "value_loss", "kl_penalty_rewards", "AdaptiveKLController",
               "FixedKLController", "whiten", "PreferenceOutput"):
         assert n in upg_kernels.__all__ and hasattr(upg_kernels, n)
-    _ = F  # noqa

@@ -273,3 +273,49 @@ def test_pairwise_reward_loss_bad_input():
         pairwise_reward_loss(torch.zeros(3), torch.zeros(3), margin=torch.zeros(4))
     with pytest.raises(TypeError, match="chosen"):
         pairwise_reward_loss([1.0], torch.zeros(1))
+
+
+# ---------------------------------------------------------------------------------------------- verl's code
+# verl is no test dependency (it pulls ray); `bash scripts/setup_verl_oracle.sh` builds .venv-verl on top
+# of .venv, then `.venv-verl/bin/python -m pytest tests/test_ppo_value.py -k verl` runs these.
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9)])
+def test_gae_whiten_vs_verl(gamma, lam):
+    core = pytest.importorskip("verl.trainer.ppo.core_algos")
+    g = torch.Generator().manual_seed(6)
+    B, T = 8, 14
+    m = random_masks(B, T, g)
+    m[2, 0] = True                                  # verl's masked_whiten needs no all-masked batch
+    r = torch.where(m, torch.randn(B, T, generator=g, dtype=torch.float64), 0.0)
+    v = torch.where(m, torch.randn(B, T, generator=g, dtype=torch.float64), 0.0)
+    adv, ret = gae(r, v, m, gamma=gamma, lam=lam)
+    verl_adv, verl_ret = core.compute_gae_advantage_return(r, v, m.double(), gamma, lam)
+    torch.testing.assert_close(ret[m], verl_ret[m], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(whiten(adv, m)[m], verl_adv[m], rtol=1e-10, atol=1e-10)   # verl whitens
+
+
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"])
+def test_value_loss_kl_controller_vs_verl(aggregation):
+    core = pytest.importorskip("verl.trainer.ppo.core_algos")
+    g = torch.Generator().manual_seed(7)
+    B, T = 6, 9
+    m = random_masks(B, T, g)
+    v = torch.randn(B, T, generator=g, dtype=torch.float64, requires_grad=True)
+    old = v.detach() + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    R = torch.randn(B, T, generator=g, dtype=torch.float64)
+    ours, metrics = value_loss(v, old, R, m, clip_range=0.2, aggregation=aggregation)
+    theirs, clipfrac = core.compute_value_loss(v, R, old, m.double(), 0.2,
+                                               loss_agg_mode=aggregation.replace("_", "-"))
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-9)
+    for a, b in zip(torch.autograd.grad(ours, v), torch.autograd.grad(theirs, v)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert metrics["vf_clipfrac"] == pytest.approx(float(clipfrac))
+    lp = -torch.rand(B, T, generator=g, dtype=torch.float64)
+    ref = lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    for ours_kl, verl_kl in (("k1", "kl"), ("k2", "mse"), ("k3", "low_var_kl")):
+        rw = kl_penalty_rewards(torch.zeros(B, dtype=torch.float64), lp, ref, m, 1.0, kl_type=ours_kl)
+        torch.testing.assert_close(-rw[m], core.kl_penalty(lp, ref, verl_kl)[m])
+    a, b = AdaptiveKLController(0.1, 6.0, 1000), core.AdaptiveKLController(0.1, 6.0, 1000)
+    for kl, n in [(3.0, 64), (9.0, 128), (6.5, 32)]:
+        a.update(kl, n)
+        b.update(kl, n)
+        assert a.value == pytest.approx(float(b.value), rel=1e-15)

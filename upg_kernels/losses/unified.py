@@ -170,7 +170,7 @@ class _PolicyLoss(torch.autograd.Function):
         g_ent = (grad * g_H).to(lse.dtype) if ctx.use_ent else None
         kp = ctx.plan.kp
         dh, dw, db = _logprobs._token_logprobs_backward_op(
-            h2, w, b, t, lse, ent, g_logp, g_ent, kp.temperature, kp.ignore_index, kp.softcap,
+            h2, w, b, t, lse, ent, g_logp, g_ent, None, kp.temperature, kp.ignore_index, kp.softcap,
             kp.filter_eps, ctx.plan.backend, need_h, need_w, need_b)
         return (dh if need_h else None, dw if need_w else None, db if need_b else None, None, None)
 

@@ -11,7 +11,6 @@ the largest of them. These are estimates: only a GPU run (bench/gpu_run.sh) meas
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 
 # assumed H100 SXM rates (datasheet / common measurements), NOT measured in this project
@@ -40,16 +39,14 @@ class Cost:
 
 
 def _cfgs():
-    os.environ.pop("TRITON_INTERPRET", None)
     from upg_kernels.kernels import triton_logprobs_common as c
     from upg_kernels.kernels import triton_dz
     import torch
-    return c._FWD_GPU, c._BWD_GPU, triton_dz._DZ_GPU, torch.bfloat16
+    return c._FWD_GPU, c._BWD_GPU, triton_dz.dz_config(torch.bfloat16, gpu=True), torch.bfloat16
 
 
 def costs(N: int, H: int, V: int, budget: int | None = None) -> list[Cost]:
     """The per-path costs at one shape (bf16, all rows active)."""
-    import torch
     from upg_kernels.kernels import gemm_backward, triton_gemm_fwd, workspace
     fwd, bwd, dzc, bf16 = _cfgs()
     e = 2
@@ -63,7 +60,7 @@ def costs(N: int, H: int, V: int, budget: int | None = None) -> list[Cost]:
     w_passes = max(1.0, (N / fwd.block_n) / resident)
     out.append(Cost("forward, fused kernel", 2 * N * H * V, V * H * e * w_passes + N * H * e, l2, 0))
     # GEMM-tiled forward: cuBLAS logits slabs in float32 + the row-stats kernel reading them back
-    G, S = triton_gemm_fwd.plan(N, V, budget)
+    G, S = triton_gemm_fwd.plan(N, V, budget, gpu=True)
     groups = -(-N // G)
     out.append(Cost(f"forward, GEMM-tiled (G={G}, S={S})", 2 * N * H * V,
                     groups * V * H * e + N * H * e + 2 * 4 * N * V, 0, 0))
@@ -75,7 +72,7 @@ def costs(N: int, H: int, V: int, budget: int | None = None) -> list[Cost]:
                     l2, atom))
     # GEMM backward: per token group: dz kernel (reads W_s, writes dz), dh GEMM (reads dz, W_s,
     # dh_acc fp32 in/out), dW GEMM (reads dz, h_g, dW_s in/out); no reuse across kernels assumed
-    pl = gemm_backward.plan(N, H, V, bf16, budget)
+    pl = gemm_backward.plan(N, H, V, bf16, budget, gpu=True)
     G, S = pl.group_rows, pl.slab_cols
     ng = pl.n_groups(N)
     dz = N * V * e

@@ -29,8 +29,9 @@ _DZ_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_
 _DZ_INTERP = BlockConfig(block_n=16, block_v=32, block_h=32, num_warps=4, num_stages=1, group_n=2)
 
 
-def dz_config(dtype: torch.dtype) -> BlockConfig:
-    if interpreting():
+def dz_config(dtype: torch.dtype, gpu: bool = False) -> BlockConfig:
+    """The dz kernel's blocks (``gpu=True``: the CUDA config even under the interpreter)."""
+    if interpreting() and not gpu:
         return _DZ_INTERP
     return env_config("UPG_KERNELS_TRITON_DZ_CONFIG") or (_DZ_GPU_F32 if dtype == torch.float32 else _DZ_GPU)
 

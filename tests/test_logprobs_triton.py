@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from upg_kernels import token_logprobs, token_logprobs_reference
 from upg_kernels.kernels import LogprobParams, get_backend
 
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "triton_atomic", "torch"]
 TOL = 1e-5
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -152,7 +152,7 @@ def test_weight_gradient_slabs(monkeypatch):
     """The backward's vocabulary slabs (float32: views of the output; see the bf16 test for the
     float32 buffer path): several slabs, the last one partial."""
     monkeypatch.setenv("UPG_KERNELS_TRITON_DW_SLAB_BYTES", str(4 * 48 * 128))
-    _assert_close(_compare(21, 48, 1003, "triton", bias=True, ignore_every=4))
+    _assert_close(_compare(21, 48, 1003, "triton_atomic", bias=True, ignore_every=4))
 
 
 def test_split_heuristic(monkeypatch):
@@ -248,7 +248,7 @@ def test_skipping_launches_only_active_rows(monkeypatch):
     class Spy:
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                seen["M"] = args[12]
+                seen["M"] = args[13]
                 return real[grid](*args, **kw)
             return launch
 
@@ -256,14 +256,14 @@ def test_skipping_launches_only_active_rows(monkeypatch):
     N, H, V = 20, 16, 40
     h, w, _, t = _inputs(N, H, V)
     t[0] = -100
-    fwd = get_backend("triton").forward
+    fwd = get_backend("triton_atomic").forward
     p = LogprobParams()
     lp, en, lse = fwd(h, w, None, t, p)
     gl = torch.zeros(N)
     gl[[0, 3, 5]] = 1.0                # row 0 is ignored: 2 active rows
     ge = torch.zeros(N)
     ge[7] = 1.0
-    get_backend("triton").backward(h, w, None, t, lse, en, gl, ge, p, True, True, False)
+    get_backend("triton_atomic").backward(h, w, None, t, lse, en, gl, ge, p, True, True, False)
     assert seen["M"] == 3
 
 
@@ -350,6 +350,8 @@ def test_no_vocab_sized_tensor(backend, monkeypatch):
     N, H, V = 64, 16, 500
     # torch backend: chunks of 8 rows (< N)
     monkeypatch.setenv("UPG_KERNELS_TORCH_CHUNK_BYTES", str(4 * V * 8))
+    # triton (GEMM backward): a workspace of 16 x 64 float32 dz plus 16 rows of dh / h
+    monkeypatch.setenv("UPG_KERNELS_WORKSPACE_BYTES", str(4 * 16 * 64 + 16 * 8 * H))
     h, w, b, t = _inputs(N, H, V, bias=True, ignore_every=9)
     be = get_backend(backend)
     p = LogprobParams()
@@ -361,7 +363,7 @@ def test_no_vocab_sized_tensor(backend, monkeypatch):
         dh, dw, db = be.backward(h, w, b, t, lse, en, gl, ge, p, True, True, True)
     assert rec.max_numel > 0
     assert rec.max_numel < N * V
-    if backend == "triton":   # nothing bigger than an input or a gradient
+    if backend.startswith("triton"):   # nothing bigger than an input or a gradient
         assert rec.max_numel <= max(N * H, V * H)
     else:
         assert rec.max_numel <= max(N * H, V * H, 8 * V)
@@ -435,8 +437,13 @@ def _materialized(h, w, t, return_entropy=True):
     return lp, en
 
 
+GPU_PATHS = [("triton", "fused"), ("triton", "gemm"), ("triton_atomic", "fused")]
+
+
 @pytest.mark.gpu
-def test_gpu_bf16_error_not_worse_than_materialized():
+@pytest.mark.parametrize("backend,fwd", GPU_PATHS)
+def test_gpu_bf16_error_not_worse_than_materialized(backend, fwd, monkeypatch):
+    monkeypatch.setenv("UPG_KERNELS_TRITON_FORWARD", fwd)
     torch.manual_seed(0)
     N, H, V = 4096, 4096, 128256
     h = torch.randn(N, H, device="cuda").bfloat16()
@@ -452,7 +459,7 @@ def test_gpu_bf16_error_not_worse_than_materialized():
         (lp * gl + en * ge).sum().backward()
         return [x.detach().double() for x in (lp, en, hh.grad, ww.grad)]
 
-    ours = grads(token_logprobs, return_entropy=True, backend="triton")
+    ours = grads(token_logprobs, return_entropy=True, backend=backend)
     mat = grads(_materialized)
     # float64 reference in row chunks (N x V float64 is 1 GB per 1k rows)
     hd = h.double().requires_grad_()
@@ -471,7 +478,9 @@ def test_gpu_bf16_error_not_worse_than_materialized():
 
 
 @pytest.mark.gpu
-def test_gpu_peak_memory_one_percent():
+@pytest.mark.parametrize("backend,fwd", GPU_PATHS)
+def test_gpu_peak_memory_one_percent(backend, fwd, monkeypatch):
+    monkeypatch.setenv("UPG_KERNELS_TRITON_FORWARD", fwd)
     N, H, V = 8192, 4096, 128256
     h = torch.randn(N, H, device="cuda").bfloat16()
     w = (torch.randn(V, H, device="cuda") * H ** -0.5).bfloat16()
@@ -492,13 +501,33 @@ def test_gpu_peak_memory_one_percent():
         del hh, ww, lp, en
         return peak
 
-    ours = peak_above(lambda a, b: token_logprobs(a, b, t, return_entropy=True, backend="triton"))
+    ours = peak_above(lambda a, b: token_logprobs(a, b, t, return_entropy=True, backend=backend))
     mat = peak_above(lambda a, b: _materialized(a, b, t))
     assert ours <= 0.01 * mat, (ours, mat)
 
 
 @pytest.mark.gpu
-def test_gpu_64bit_offsets():
+def test_gpu_gemm_backward_bitwise_deterministic():
+    """The GEMM backward (no atomics): two runs give bitwise-equal gradients."""
+    N, H, V = 4096, 4096, 128256
+    g = torch.Generator(device="cuda").manual_seed(1)
+    h = torch.randn(N, H, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(V, H, device="cuda", generator=g) * H ** -0.5).bfloat16()
+    t = torch.randint(0, V, (N,), device="cuda", generator=g)
+    gl = torch.randn(N, device="cuda", generator=g)
+    outs = []
+    for _ in range(2):
+        hh = h.clone().requires_grad_()
+        ww = w.clone().requires_grad_()
+        lp, en = token_logprobs(hh, ww, t, return_entropy=True, backend="triton")
+        (lp * gl + 0.1 * en).sum().backward()
+        outs.append((hh.grad, ww.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "triton_atomic"])
+def test_gpu_64bit_offsets(backend):
     """N*H and V*H both past 2^31 elements: rows and vocabulary entries beyond the int32 range."""
     H = 4096
     N = 2**31 // H + 64
@@ -513,7 +542,7 @@ def test_gpu_64bit_offsets():
     gl[active] = torch.randn(active.numel(), device="cuda", generator=g)
     hh = h.requires_grad_()
     ww = w.requires_grad_()
-    lp, en = token_logprobs(hh, ww, t, return_entropy=True, backend="triton")
+    lp, en = token_logprobs(hh, ww, t, return_entropy=True, backend=backend)
     (lp * gl).sum().backward()
 
     # reference on the active rows: float32 products in vocabulary chunks, float64 softmax

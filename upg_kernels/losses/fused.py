@@ -121,7 +121,7 @@ def _backward(ctx, g_logp, g_ent, *_rest):
         g_logp = torch.zeros_like(lse)
     dh, dw, db = _token_logprobs_backward_op(
         hidden, weight, bias, targets, lse, ent, g_logp.float(),
-        None if g_ent is None else g_ent.float(), *ctx.args, "triton",
+        None if g_ent is None else g_ent.float(), None, *ctx.args, "triton",
         need_h, need_w, need_b and bias is not None)
     return (dh if need_h else None, dw if need_w else None,
             db if (need_b and bias is not None) else None) + (None,) * 14

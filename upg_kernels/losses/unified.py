@@ -37,6 +37,7 @@ import torch
 
 from .._backend import resolve_backend
 from ..kernels import LogprobParams
+from ..kernels.workspace import workspace_bytes
 from .. import logprobs as _logprobs   # the ops via the module (tests spy on them)
 from ..logprobs import prepare_inputs
 from .epilogue import loss_metrics, pytorch_coefficients, vespo_gamma_weight  # noqa: F401 (re-export)
@@ -81,6 +82,8 @@ class _Plan:
     kp: LogprobParams
     backend: str
     fused: bool
+    grad_in_forward: bool = False
+    workspace: int = 0
 
     def aux_keys(self) -> tuple:
         """The per-token auxiliaries the epilogue produces for this config (fixed order)."""
@@ -139,6 +142,9 @@ class _PolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h2, w, b, t, plan: _Plan):
+        ctx.grads = None
+        if plan.grad_in_forward:
+            return _PolicyLoss._forward_with_grads(ctx, h2, w, b, t, plan)
         if plan.fused:
             total, side, aux, lse = _fused_forward(plan, h2, w, b, t)
         else:
@@ -157,7 +163,34 @@ class _PolicyLoss(torch.autograd.Function):
         return outs
 
     @staticmethod
+    def _forward_with_grads(ctx, h2, w, b, t, plan: _Plan):
+        """Token-local configs with ``grad_in_forward``: one pass computes values and gradients
+        (kernels/grad_in_forward.py); the backward scales them by ``grad_output``."""
+        from ..kernels.grad_in_forward import forward_with_grads
+        cfg, B, T = plan.cfg, plan.inp.B, plan.inp.T
+
+        def coef_fn(logp, ent, done):   # token-local: the rows of ``done`` are final
+            inp = plan.inp.to_dtype(logp.dtype)
+            out = pytorch_coefficients(cfg, inp, logp.reshape(B, T), ent.reshape(B, T))
+            return out[3].reshape(-1), out[4].reshape(-1)
+
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        logp, ent, _lse, dh, dw, db = forward_with_grads(
+            h2, w, b, t, plan.kp, coef_fn, plan.workspace, need_hidden=need_h, need_weight=need_w,
+            need_bias=need_b and b is not None)
+        logp_bt, ent_bt = logp.reshape(B, T), ent.reshape(B, T)
+        inp = plan.inp.to_dtype(logp.dtype)
+        total, parts, aux, g_lp, g_H, ent_d = pytorch_coefficients(cfg, inp, logp_bt, ent_bt)
+        side = (logp_bt, ent_bt, ent_d, g_lp, g_H, *parts)
+        ctx.grads = (dh, dw, db)
+        outs = (total.clone(),) + tuple(x.clone() for x in _side_outputs(plan, side, aux))
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
+
+    @staticmethod
     def backward(ctx, grad, *_side_grads):
+        if ctx.grads is not None:   # computed in the forward: scale by grad_output
+            return tuple(None if x is None else (grad.to(x.dtype) * x) for x in ctx.grads) + (None, None)
         h2, w, b, t, lse, ent, g_lp, g_H = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and b is not None
@@ -170,7 +203,7 @@ class _PolicyLoss(torch.autograd.Function):
         g_ent = (grad * g_H).to(lse.dtype) if ctx.use_ent else None
         kp = ctx.plan.kp
         dh, dw, db = _logprobs._token_logprobs_backward_op(
-            h2, w, b, t, lse, ent, g_logp, g_ent, kp.temperature, kp.ignore_index, kp.softcap,
+            h2, w, b, t, lse, ent, g_logp, g_ent, None, kp.temperature, kp.ignore_index, kp.softcap,
             kp.filter_eps, ctx.plan.backend, need_h, need_w, need_b)
         return (dh if need_h else None, dw if need_w else None, db if need_b else None, None, None)
 
@@ -202,7 +235,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
                         ref_logprobs=None, rollout_logprobs=None, is_demo=None, bias=None,
                         temperature=1.0, num_items_in_batch=None, backend="auto",
                         is_ratio=None, ignore_index=-100, softcap=None,
-                        filter_eps=0.0, fused_epilogue=None) -> LossOutput:
+                        filter_eps=0.0, fused_epilogue=None, grad_in_forward=None) -> LossOutput:
     """The loss of ``config`` (a :class:`LossConfig` or a preset name) from hidden states and the lm_head.
 
     Args:
@@ -231,6 +264,11 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
         fused_epilogue: with a Triton backend and a token-local config, run the loss epilogue
             inside a Triton kernel (docs/losses.md "Fused epilogue"). ``None`` (default): on unless
             ``UPG_KERNELS_FUSED_EPILOGUE=0``; ``False`` forces the PyTorch epilogue.
+        grad_in_forward: token-local configs only: compute the gradients in the forward pass (one
+            logits pass, 6NHV instead of 8NHV flops; the backward scales them by ``grad_output``),
+            in chunks of the whole vocabulary within the workspace budget
+            (``UPG_KERNELS_WORKSPACE_BYTES``, which must be granted: hundreds of MiB at V ~ 128k).
+            ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off).
 
     Returns:
         :class:`LossOutput`.
@@ -266,10 +304,23 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     kp = LogprobParams(float(temperature), int(ignore_index), float(softcap or 0.0), float(filter_eps))
     use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)
                  and name.startswith("triton") and h2.shape[0] > 0)
-    plan = _Plan(cfg, inp, kp, name, use_fused)
+    gif = _grad_in_forward(grad_in_forward, cfg)
+    plan = _Plan(cfg, inp, kp, name, use_fused and not gif, gif, workspace_bytes() if gif else 0)
     with torch.autocast(hidden.device.type, enabled=False):
         outs = _PolicyLoss.apply(h2, w, b, t, plan)
     return _output(outs, plan, tuple(targets.shape))
+
+
+def _grad_in_forward(flag, cfg) -> bool:
+    import os
+    if flag is None:
+        flag = os.environ.get("UPG_KERNELS_GRAD_IN_FORWARD", "0").strip().lower() in ("1", "true", "on", "yes")
+        if flag and not fused_supported(cfg):
+            return False          # the environment asks for it where it applies
+    if flag and not fused_supported(cfg):
+        raise ValueError("grad_in_forward needs a token-local config (token-level ratio, no sequence-"
+                         f"level IS or VESPO); this config is not: {cfg!r}")
+    return bool(flag)
 
 
 def policy_loss_from_logprobs(logprobs, *, config, entropy=None, loss_mask=None, advantages=None,

@@ -277,8 +277,9 @@ def test_liger_signature_is_ligers():
 
     ours = list(inspect.signature(FusedLinearGRPOLoss).parameters.items())
     theirs = list(inspect.signature(LigerFusedLinearGRPOLoss).parameters.items())
-    assert [(n, p.default) for n, p in ours[:-1]] == [(n, p.default) for n, p in theirs]
-    assert ours[-1][0] == "backend" and ours[-1][1].kind is inspect.Parameter.KEYWORD_ONLY
+    assert [(n, p.default) for n, p in ours[:-2]] == [(n, p.default) for n, p in theirs]
+    assert [n for n, _ in ours[-2:]] == ["backend", "padded_luspo"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for _, p in ours[-2:])
     assert FusedLinearGRPOLoss(0.1, False, False, 1, 0.3).epsilon_low == 0.3   # positional, Liger's order
 
 

@@ -28,12 +28,12 @@ for ``importance_sampling_level="sequence"`` ``r_i = exp(sum_t m (logp - old) / 
   vespo: always 0). Each metric is a detached float32 0-dim tensor; they come back as a tuple. They are
   ``unified_policy_loss``'s ``kl_mean`` and ``clip_frac`` metrics.
 
-Two places where Liger 0.8.5 itself counts padded positions (``attention_mask == 0``) and this adapter does
-not (it follows TRL 1.16, which masks them): luspo when Liger's per-token loss is ``[B, T]``-shaped (token
-level, or ``beta != 0``, or a ``[B, T]`` ``vllm_is_ratio``) -- Liger then computes
-``sum_{i,t} l_it len_i / (B T)`` over *all* positions, padding included; and vespo with a ``[B, T]``
-``vllm_is_ratio``, whose logs Liger sums over all positions. Without padding (or with the IS ratio equal to 1
-at padded positions, as TRL produces it) both agree exactly.
+Padded positions (``attention_mask == 0``): Liger 0.8.5 counts them in luspo when its per-token loss is
+``[B, T]``-shaped (token level, or ``beta != 0``, or a ``[B, T]`` ``vllm_is_ratio``): ``sum_{i,t} l_it len_i / (B T)``
+over *all* positions. The adapter does the same (``padded_luspo=True``, default; ``FusedLinearGRPOLoss._liger_luspo``)
+or, with ``padded_luspo=False``, TRL 1.16's masked ``sum_i sum_t m l_it / B``. vespo with a ``[B, T]``
+``vllm_is_ratio``: Liger sums its logs over all positions, we over the valid tokens (equal when the ratio is 1
+at padded positions, as TRL produces it).
 
 Accepted and ignored: ``compiled`` and ``chunk_size`` (Liger's torch.compile / batch chunking; our kernel
 never materializes logits and needs neither).
@@ -181,13 +181,16 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     exact semantics.
     """
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
+    def __init__(self, *args, backend: str = "auto", padded_luspo: bool = True, **kwargs):
         super().__init__()
         settings = LigerSettings(*args, **kwargs)
         settings.check_init()
         for name in LigerSettings.names():   # plain attributes, as in Liger (re-read at every forward)
             setattr(self, name, getattr(settings, name))
         self.backend = backend
+        # luspo with a [B, T]-shaped Liger loss: Liger's weighting of every position, padding included (True,
+        # the drop-in's default) or TRL 1.16's masked sum (False)
+        self.padded_luspo = bool(padded_luspo)
 
     # ------------------------------------------------------------------ helpers
     @classmethod
@@ -284,6 +287,12 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         elif config.aggregation == "token_mean":  # bnpo: local batch token count, at least 1
             n_items = torch.clamp(mask.sum(), min=1.0)
 
+        old = None if old_per_token_logps is None else old_per_token_logps.float()
+        if self.loss_type == "luspo" and self.padded_luspo and not self.use_bias_correction_kl and (
+                config.ratio_level == "token" or use_kl
+                or (vllm_is_ratio is not None and vllm_is_ratio.dim() == 2 and vllm_is_ratio.shape[1] == T > 1)):
+            return self._liger_luspo(_input, lin_weight, selected_token_ids, mask, advantages.float(), bias, old,
+                                     ref if use_kl else None, vllm_is_ratio, config)
         out = unified_policy_loss(
             _input, lin_weight, selected_token_ids, config=config, loss_mask=mask,
             advantages=advantages.float(), old_logprobs=None if old_per_token_logps is None
@@ -298,10 +307,49 @@ class FusedLinearGRPOLoss(torch.nn.Module):
         dev = out.loss.device
         return out.loss, tuple(torch.tensor(v, dtype=torch.float32, device=dev) for v in metrics)
 
+    def _liger_luspo(self, x, w, ids, mask, adv, bias, old, ref, isr, config):
+        """Liger 0.8.5's luspo when its per-token loss is ``[B, T]``-shaped: ``sum_{i,t} l_it len_i / (B T)`` over
+        every position, padding included (``len_i = sum_t m``). One kernel pass gives the log-probs at every
+        position; the policy part and the KL part are two epilogues on them (the KL weighted per row)."""
+        from ..losses import LossConfig, policy_loss_from_logprobs
+
+        B, T = ids.shape
+        lp = token_logprobs(x, w, ids, bias=bias, temperature=self.temperature, backend=self.backend)
+        lens = mask.sum(-1)
+        ones = torch.ones_like(mask)
+        pol_cfg = config.replace(kl_coef=0.0)
+        if config.ratio_level == "sequence":   # l_i per row: sum_t l_i isr_it len_i / (B T) = len_i l_i mean_t(isr) / B
+            if isr is not None and isr.dim() == 2 and isr.shape[1] == T:
+                isr = isr.mean(-1)
+            pol = policy_loss_from_logprobs(lp, config=pol_cfg, loss_mask=mask, advantages=adv, old_logprobs=old,
+                                            is_ratio=isr)
+            clip = pol.metrics["clip_frac"]
+        else:   # token level: every position, weight 1/(B T) times len_i (in the advantage: len_i >= 0)
+            pol = policy_loss_from_logprobs(lp, config=pol_cfg.replace(aggregation="seq_mean_token_mean"),
+                                            loss_mask=ones, advantages=adv * lens, old_logprobs=old, is_ratio=isr)
+            clipped = (pol.clip_low | pol.clip_high).float()
+            clip = float((clipped * mask).sum() / mask.sum().clamp(min=1.0))
+        loss, metrics = pol.loss, []
+        if ref is not None:
+            kl_cfg = LossConfig(stabilization="none", reference="old", advantage="given", likelihood="logp",
+                                aggregation="seq_mean_token_mean", kl_type="k3", kl_coef=float(self.beta))
+            kl = policy_loss_from_logprobs(lp, config=kl_cfg, loss_mask=ones, advantages=torch.zeros_like(adv),
+                                           old_logprobs=lp.detach(), ref_logprobs=ref)
+            row = lens[:, None] / (B * T)
+            value = (float(self.beta) * kl.kl * row).sum()
+            loss = loss + value.detach() + ((-kl.coef_logp) * lens[:, None] * (lp - lp.detach())).sum()
+            metrics.append(float((kl.kl * mask).sum() / mask.sum().clamp(min=1.0)))
+        elif self.beta != 0.0:
+            metrics.append(0.0)
+        metrics.append(clip)
+        dev = loss.device
+        return loss, tuple(torch.tensor(v, dtype=torch.float32, device=dev) for v in metrics)
+
 
 # the constructor's signature is LigerSettings' (Liger's order and defaults) plus our keyword-only backend
 FusedLinearGRPOLoss.__init__.__signature__ = inspect.Signature(
     [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
     + [p.replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
        for p in inspect.signature(LigerSettings).parameters.values()]
-    + [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation=str)])
+    + [inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation=str),
+       inspect.Parameter("padded_luspo", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=bool)])

@@ -1,17 +1,34 @@
 """Backend selection: ``"triton"``, ``"torch"`` or ``"auto"``.
 
-``"auto"`` means Triton on CUDA tensors and the chunked PyTorch path everywhere else.
+``"auto"`` means Triton on CUDA tensors and the chunked PyTorch path everywhere else (also on CUDA
+when the triton package is not installed; ``"triton"`` then raises an ImportError).
 The environment variable ``UPG_KERNELS_BACKEND`` sets the default that ``backend="auto"``
 (or ``None``) resolves to. On CPU the Triton backend runs only under ``TRITON_INTERPRET=1``
 (slow; this is how the kernels are tested without a GPU).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+
+
+def triton_available() -> bool:
+    """Whether the triton package can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_triton() -> None:
+    """Raise a clear ImportError when ``backend='triton'`` is asked for without triton installed."""
+    if not triton_available():
+        raise ImportError("backend='triton' needs the triton package (pip install triton; Linux "
+                          "with CUDA); use backend='torch' (or 'auto') on machines without it")
 
 
 def interpreter_on() -> bool:
@@ -33,8 +50,12 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
                 f"UPG_KERNELS_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env
     if backend == "auto":
-        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
-    if backend == "triton" and device.type != "cuda" and not interpreter_on():
+        use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
+        return "triton" if use_triton else "torch"
+    if backend == "triton":
+        require_triton()
+    # meta: shape-only host runs (the memory model); kernel launches are skipped (kernels/meta.py)
+    if backend == "triton" and device.type not in ("cuda", "meta") and not interpreter_on():
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
             f"triton is imported to run the kernels on the CPU (tensors are on {device})")

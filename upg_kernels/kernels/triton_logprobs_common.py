@@ -71,7 +71,7 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:
     if hidden.dtype != weight.dtype:
         raise TypeError(f"backend='triton' needs hidden and weight in one dtype, got "
                         f"{hidden.dtype} and {weight.dtype}")
-    if hidden.device.type != "cuda" and not interpreting():
+    if hidden.device.type not in ("cuda", "meta") and not interpreting():   # meta: kernels/meta.py
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
                          f"got tensors on {hidden.device}")
     if hidden.stride(-1) != 1 or weight.stride(-1) != 1:
@@ -88,7 +88,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if interpreting() else "tf32x3"
 
 
+META_SMS = 132   # the meta device (memory model) plans grids for an H100 SXM
+
+
 def num_sms(device: torch.device) -> int:
+    if device.type == "meta":
+        return META_SMS
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count

@@ -37,3 +37,13 @@ def get_backend(name: str):
         from . import triton_logprobs
         return triton_logprobs
     raise ValueError(f"unknown backend {name!r}")
+
+
+# Every module holding @triton.jit kernels, each with an ``aot_variants()`` (kernels/aot.py): the
+# ahead-of-time compile check (python -m upg_kernels.aot_check) builds all of them. A module listed
+# here that fails to import, or lacks aot_variants(), is an error of the check, never skipped.
+TRITON_KERNEL_MODULES = (
+    "triton_logprobs_fwd",
+    "triton_logprobs_bwd",
+    "triton_epilogue",
+)

@@ -12,6 +12,7 @@ import os
 import torch
 
 from . import LogprobParams
+from .meta import nonzero_rows
 
 
 def chunk_rows(V: int) -> int:
@@ -43,7 +44,7 @@ def forward(hidden, weight, bias, targets, p: LogprobParams):
     ent = torch.zeros(N, dtype=cd, device=hidden.device)
     lse = torch.zeros(N, dtype=cd, device=hidden.device)
     valid = targets != p.ignore_index
-    rows = valid.nonzero().squeeze(1)
+    rows = nonzero_rows(valid)
     step = chunk_rows(weight.shape[0])
     for s in range(0, rows.numel(), step):
         idx = rows[s:s + step]
@@ -68,7 +69,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p: LogprobP
     active = (targets != p.ignore_index) & (g_logp != 0)
     if g_ent is not None:
         active |= (targets != p.ignore_index) & (g_ent != 0)
-    rows = active.nonzero().squeeze(1)
+    rows = nonzero_rows(active)
     dh = torch.zeros_like(hidden) if need_hidden else None
     dw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_weight else None
     db = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) \

@@ -27,14 +27,21 @@ class BlockConfig:
     group_n: int = 8  # backward: token blocks per L2 group of the tile swizzle
 
 
-# H100 defaults (see docs/kernels.md "Block sizes"; register use and spills checked with an sm_90
-# ahead-of-time compile); small blocks under the CPU interpreter so the tests stay fast and still
-# cover several token blocks, vocabulary tiles and H chunks.
+# H100 defaults (see docs/kernels.md "Block sizes"); register use and spills are checked for sm_80
+# and sm_90 with triton 3.6 and 3.9 by ``python -m upg_kernels.aot_check`` (0 bytes of spills);
+# small blocks under the CPU interpreter so the tests stay fast and still cover several token
+# blocks, vocabulary tiles and H chunks.
 _FWD_GPU = BlockConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
 _BWD_GPU = BlockConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
 # float32 inputs run their products as 3xTF32 (two extra MMAs per step): smaller tiles fit
-_FWD_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=2)
-_BWD_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=2)
+# (BLOCK_H 32 spilled 100s of bytes on sm_80 in the compile check; 16 spills nothing)
+_FWD_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=16, num_warps=8, num_stages=2)
+_BWD_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=16, num_warps=8, num_stages=2)
+# H not a multiple of BLOCK_H: the masked H chunks need more registers (about 1 KB of spills at
+# the configs above); half the vocabulary tile and the H chunk fit
+_FWD_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3)
+_BWD_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3)
+_BWD_GPU_F32_ODD_H = BlockConfig(block_n=128, block_v=32, block_h=16, num_warps=8, num_stages=2)
 _FWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1)
 _BWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1, group_n=2)
 
@@ -46,18 +53,26 @@ def _env_config(name: str):
     return BlockConfig(*map(int, v.split(","))) if v else None
 
 
-def fwd_config(dtype: torch.dtype) -> BlockConfig:
+def _pick(dtype, H, default, odd_h, f32, f32_odd_h) -> BlockConfig:
+    """The config for ``dtype``; its "odd H" variant when ``H`` is not a multiple of its BLOCK_H."""
+    cfg, odd = (f32, f32_odd_h) if dtype == torch.float32 else (default, odd_h)
+    return odd if H is not None and H % cfg.block_h else cfg
+
+
+def fwd_config(dtype: torch.dtype, H: int | None = None) -> BlockConfig:
+    """The forward's block config for ``dtype`` and hidden size ``H`` (None: a multiple of 64)."""
     if interpreting():
         return _FWD_INTERP
     return (_env_config("UPG_KERNELS_TRITON_FWD_CONFIG")
-            or (_FWD_GPU_F32 if dtype == torch.float32 else _FWD_GPU))
+            or _pick(dtype, H, _FWD_GPU, _FWD_GPU_ODD_H, _FWD_GPU_F32, _FWD_GPU_F32))
 
 
-def bwd_config(dtype: torch.dtype) -> BlockConfig:
+def bwd_config(dtype: torch.dtype, H: int | None = None) -> BlockConfig:
+    """The backward's block config for ``dtype`` and hidden size ``H`` (None: a multiple of 64)."""
     if interpreting():
         return _BWD_INTERP
     return (_env_config("UPG_KERNELS_TRITON_BWD_CONFIG")
-            or (_BWD_GPU_F32 if dtype == torch.float32 else _BWD_GPU))
+            or _pick(dtype, H, _BWD_GPU, _BWD_GPU_ODD_H, _BWD_GPU_F32, _BWD_GPU_F32_ODD_H))
 
 
 def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:

@@ -26,6 +26,7 @@ from ..kernels.epilogue_codes import (KL_CODES, LIKELIHOOD_CODES, PART_DEMO_SFT,
                                        PART_MAIN, REFERENCE_CODES, ROLLOUT_CODES,
                                        STABILIZATION_CODES, EpilogueParams)
 from ..kernels import LogprobParams
+from ..kernels.meta import autocast_off
 from ..logprobs import _check_target_range, _token_logprobs_backward_op, prepare_inputs
 from .aggregation import aggregation_weights
 
@@ -140,7 +141,7 @@ def fused_policy_epilogue(cfg, hidden, weight, targets, *, bias, temperature, ig
         return None if x is None else x.reshape(-1).to(torch.float32).contiguous()
 
     modes, scalars = _params_lists(cfg)
-    with torch.autocast(hidden.device.type, enabled=False):
+    with autocast_off(hidden.device.type):
         return _fused_op(h2, wt, b, t, flat(old), flat(ref), flat(rol), flat(adv), flat(isr),
                          flat(w), code.reshape(-1).contiguous(), float(temperature),
                          int(ignore_index), float(softcap or 0.0), float(filter_eps), modes, scalars)

@@ -1,7 +1,9 @@
-"""Backend selection: ``"triton"``, ``"torch"`` or ``"auto"``.
+"""Backend selection: ``"triton"``, ``"triton_atomic"``, ``"torch"`` or ``"auto"``.
 
-``"auto"`` means Triton on CUDA tensors and the chunked PyTorch path everywhere else (also on CUDA
-when the triton package is not installed; ``"triton"`` then raises an ImportError).
+``"auto"`` means ``"triton"`` (Triton forward, GEMM backward) on CUDA tensors and the chunked PyTorch
+path everywhere else (also on CUDA when the triton package is not installed; the Triton backends
+then raise an ImportError); ``"triton_atomic"`` is the single-kernel atomic backward
+(kernels/__init__.py).
 The environment variable ``UPG_KERNELS_BACKEND`` sets the default that ``backend="auto"``
 (or ``None``) resolves to. On CPU the Triton backend runs only under ``TRITON_INTERPRET=1``
 (slow; this is how the kernels are tested without a GPU).
@@ -13,7 +15,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "triton_atomic", "torch")
 
 
 def triton_available() -> bool:
@@ -24,11 +26,11 @@ def triton_available() -> bool:
         return False
 
 
-def require_triton() -> None:
-    """Raise a clear ImportError when ``backend='triton'`` is asked for without triton installed."""
+def require_triton(backend: str = "triton") -> None:
+    """Raise a clear ImportError when a Triton backend is asked for without triton installed."""
     if not triton_available():
-        raise ImportError("backend='triton' needs the triton package (pip install triton; Linux "
-                          "with CUDA); use backend='torch' (or 'auto') on machines without it")
+        raise ImportError(f"backend={backend!r} needs the triton package (pip install triton; "
+                          "Linux with CUDA); use backend='torch' (or 'auto') on machines without it")
 
 
 def interpreter_on() -> bool:
@@ -52,11 +54,11 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
     if backend == "auto":
         use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
         return "triton" if use_triton else "torch"
-    if backend == "triton":
-        require_triton()
+    if backend.startswith("triton"):
+        require_triton(backend)
     # meta: shape-only host runs (the memory model); kernel launches are skipped (kernels/meta.py)
-    if backend == "triton" and device.type not in ("cuda", "meta") and not interpreter_on():
+    if backend.startswith("triton") and device.type not in ("cuda", "meta") and not interpreter_on():
         raise ValueError(
-            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+            f"backend={backend!r} needs CUDA tensors, or TRITON_INTERPRET=1 set before "
             f"triton is imported to run the kernels on the CPU (tensors are on {device})")
     return backend

@@ -1,7 +1,8 @@
 """Backward: recompute each logits tile, form dz on chip, accumulate dhidden / dweight / dbias.
 
-Only the active rows run: ``targets != ignore_index`` and ``g_logp != 0 or g_ent != 0`` (exact; the
-host compacts them into an index list). Grid: one program per (token block, vocabulary tile) of a
+Backend ``"triton_atomic"`` (the CUDA default is ``gemm_backward``). Only the active rows run:
+``targets != ignore_index`` and a non-zero ``g_logp``, ``g_ent`` or ``g_lse`` (exact;
+``kernels.active_rows`` compacts them into an index list). Grid: one program per (token block, vocabulary tile) of a
 vocabulary slab, in a grouped (swizzled) order for L2 reuse. Each program
 
 1. recomputes ``z`` for its tile (``tl.dot`` over H, fp32 accumulation) and forms
@@ -26,22 +27,23 @@ import torch
 import triton
 import triton.language as tl
 
+from . import active_rows
 from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant,
                   flag_cover, label, ptr)
-from .meta import any_true, launch, nonzero_rows
-from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, logits_tile,
-                                     num_sms, upcast_dot)
+from .meta import launch
+from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, dz_tile,
+                                     logits_tile, num_sms, upcast_dot)
 
 # float32 dweight accumulation buffer per launch (bf16/fp16 weights); see docs/kernels.md
 DW_SLAB_BYTES = 16 * 2**20
 
 
 @triton.jit
-def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr,
+def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr,
                 dh_ptr, dw_ptr, db_ptr,
                 M, H, stride_h, stride_w, v_lo, v_hi, temperature, softcap, filter_eps,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr,
-                EVEN_H: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                HAS_GLSE: tl.constexpr, EVEN_H: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                 DH_DIRECT: tl.constexpr, NEED_H: tl.constexpr,
                 NEED_W: tl.constexpr, NEED_B: tl.constexpr, FILTER: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -69,25 +71,24 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
     z, t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h, stride_w,
                        temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC, UPCAST,
                        BLOCK_N, BLOCK_V, BLOCK_H)
-    logp = z - lse[:, None]
-    prob = tl.exp(logp)
-    dz = tl.where(cols[None, :] == (tgt - v0).to(tl.int32)[:, None], gl[:, None], 0.0) \
-        - gl[:, None] * prob
+    ge = gl
+    ent = lse
     if HAS_GENT:
         ge = tl.load(ge_ptr + rows, mask=mask_m, other=0.0)
         ent = tl.load(ent_ptr + rows, mask=mask_m, other=0.0)
-        dz -= ge[:, None] * tl.where(prob > 0, prob * (logp + ent[:, None]), 0.0)   # -inf logits: 0
-    dz = dz / temperature
-    if HAS_SOFTCAP:
-        dz = dz * (1.0 - t * t)
-    # padded rows / columns contribute nothing (where, not a product: 0 * NaN = NaN)
-    dz = tl.where(mask_m[:, None] & mask_v[None, :], dz, 0.0)
+    gp = gl
+    if HAS_GLSE:
+        gp = gl - tl.load(gs_ptr + rows, mask=mask_m, other=0.0)
+    dz = dz_tile(z, t, cols, tgt, v0, lse, gl, gp, ge, ent, mask_m, mask_v, temperature,
+                 HAS_GENT, HAS_SOFTCAP)
 
     keep = True
     if FILTER:   # relative to the row's coefficient: |dz| <= eps * (|g_logp| + |g_ent|) / T is skipped
         coef = tl.abs(gl)
         if HAS_GENT:
             coef += tl.abs(ge)
+        if HAS_GLSE:
+            coef += tl.abs(gl - gp)
         thr = filter_eps * coef / temperature
         keep = tl.max(tl.max(tl.abs(dz) - thr[:, None], 1), 0) > 0.0
     if keep:
@@ -143,11 +144,12 @@ def _slab_rows(V: int, H: int, block_v: int, n_blocks: int = 1 << 30, sms: int =
     return min(rows, triton.cdiv(V, block_v) * block_v)
 
 
-def bwd_constexprs(cfg, dtype, *, has_bias, has_softcap, has_gent, even_h, need_h, need_w, need_b,
-                   filter) -> dict:
+def bwd_constexprs(cfg, dtype, *, has_bias, has_softcap, has_gent, has_glse, even_h, need_h, need_w,
+                   need_b, filter) -> dict:
     """The constexpr arguments of ``_bwd_kernel`` for a launch (the launcher and
     :func:`aot_variants` both call this)."""
-    return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, HAS_GENT=has_gent, EVEN_H=even_h,
+    return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, HAS_GENT=has_gent, HAS_GLSE=has_glse,
+                EVEN_H=even_h,
                 PREC=dot_precision(dtype), UPCAST=upcast_dot(), DH_DIRECT=dtype == torch.float32,
                 NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, FILTER=filter,
                 BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP_N=cfg.group_n)
@@ -157,7 +159,7 @@ def bwd_constexprs(cfg, dtype, *, has_bias, has_softcap, has_gent, even_h, need_
 _NEEDS = {"hw": (True, True, False), "h": (True, False, False), "w": (False, True, False),
           "hwb": (True, True, True), "b": (False, False, True)}
 POINTERS = ("h_ptr", "w_ptr", "b_ptr", "tgt_ptr", "rows_ptr", "lse_ptr", "ent_ptr", "gl_ptr",
-            "ge_ptr", "dh_ptr", "dw_ptr", "db_ptr")
+            "ge_ptr", "gs_ptr", "dh_ptr", "dw_ptr", "db_ptr")
 
 
 def aot_variants() -> list[KernelVariant]:
@@ -166,16 +168,17 @@ def aot_variants() -> list[KernelVariant]:
     dweight), each flag flipped alone, and all flags on (``aot.flag_cover``); fp16 (the bf16 code
     with another element type) the common case and all on. ``bwd_config(dtype, H)``'s GPU block
     config."""
-    base = dict(bias=False, softcap=False, gent=True, even_h=True, filter=False, need="hw")
+    base = dict(bias=False, softcap=False, gent=True, glse=False, even_h=True, filter=False,
+                need="hw")
     cover = flag_cover(dict(bias=(False, True), softcap=(False, True), gent=(True, False),
-                            even_h=(True, False), filter=(False, True),
+                            glse=(False, True), even_h=(True, False), filter=(False, True),
                             need=("hw", "h", "w", "b", "hwb")), base)
     out = []
     for dt in GPU_DTYPES:
         acc = "*fp32"   # dh / dw / db accumulate in float32 buffers (or the fp32 outputs)
         types = dict(h_ptr=ptr(dt), w_ptr=ptr(dt), b_ptr=None, tgt_ptr="*i64",
                      rows_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32", gl_ptr="*fp32",
-                     ge_ptr="*fp32", dh_ptr=acc, dw_ptr=acc, db_ptr=acc, M="i32", H="i32",
+                     ge_ptr="*fp32", gs_ptr="*fp32", dh_ptr=acc, dw_ptr=acc, db_ptr=acc, M="i32", H="i32",
                      stride_h="i32", stride_w="i32", v_lo="i32", v_hi="i32", temperature="fp32",
                      softcap="fp32", filter_eps="fp32")
         for c in (cover if dt != torch.float16 else (cover[0], cover[-1])):
@@ -184,9 +187,10 @@ def aot_variants() -> list[KernelVariant]:
             bias = c["bias"] or need_b
             types["b_ptr"] = ptr(dt) if bias else "*fp32"     # no bias: the launcher passes lse
             flags = dict(has_bias=bias, has_softcap=c["softcap"], has_gent=c["gent"],
-                         even_h=c["even_h"], need_h=need_h, need_w=need_w, need_b=need_b,
+                         has_glse=c["glse"], even_h=c["even_h"], need_h=need_h, need_w=need_w, need_b=need_b,
                          filter=c["filter"])
             name = label({"bias": bias, "softcap": c["softcap"], "no_gent": not c["gent"],
+                          "glse": c["glse"],
                           "odd_h": not c["even_h"], "filter": c["filter"],
                           "need": c["need"]}, DTYPE_NAMES[dt])
             out.append(KernelVariant(
@@ -197,7 +201,7 @@ def aot_variants() -> list[KernelVariant]:
 
 
 def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
-             need_hidden=True, need_weight=True, need_bias=True):
+             need_hidden=True, need_weight=True, need_bias=True, g_lse=None):
     check_inputs(hidden, weight, bias)
     N, H = hidden.shape
     V = weight.shape[0]
@@ -211,17 +215,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     if not (need_hidden or need_weight or need_bias):
         return dh, dw, db
 
-    g_logp = g_logp.to(torch.float32).contiguous()
-    active = g_logp != 0
-    if g_ent is not None:
-        g_ent = g_ent.to(torch.float32).contiguous()
-        ent_active = g_ent != 0
-        if any_true(ent_active):
-            active |= ent_active
-        else:
-            g_ent = None          # entropy unused (autograd hands zeros): drop its terms
-    active &= targets != p.ignore_index
-    rows = nonzero_rows(active)
+    rows, g_logp, g_ent, g_lse = active_rows(targets, g_logp, g_ent, g_lse, p.ignore_index)
     M = rows.numel()
     if M == 0:
         return dh, dw, db
@@ -244,8 +238,9 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     dummy = lse  # any tensor for pointers that a constexpr flag leaves unused
     flags = bwd_constexprs(cfg, hidden.dtype, has_bias=bias is not None,
                            has_softcap=bool(p.softcap), has_gent=g_ent is not None,
-                           even_h=H % cfg.block_h == 0, need_h=bool(need_hidden),
-                           need_w=bool(need_weight), need_b=need_bias, filter=p.filter_eps > 0)
+                           has_glse=g_lse is not None, even_h=H % cfg.block_h == 0,
+                           need_h=bool(need_hidden), need_w=bool(need_weight), need_b=need_bias,
+                           filter=p.filter_eps > 0)
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
         for v0 in range(0, V, slab):
             v1 = min(V, v0 + slab)
@@ -261,6 +256,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
             launch(_bwd_kernel, grid,
                    hidden, weight, bias if bias is not None else dummy, targets, rows, lse, ent,
                    g_logp, g_ent if g_ent is not None else dummy,
+                   g_lse if g_lse is not None else dummy,
                    dh_buf if need_hidden else dummy, dw_slab, db_buf if need_bias else dummy,
                    M, H, hidden.stride(0), weight.stride(0), v0, v1,
                    float(p.temperature), float(p.softcap or 1.0), float(p.filter_eps), **flags,

@@ -22,6 +22,7 @@ not control) are reported with ``peak_extra_bytes: null`` and the reason; none i
 """
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from contextlib import contextmanager, nullcontext
@@ -43,19 +44,22 @@ DEFAULT_N = "table"
 @dataclass(frozen=True)
 class OursPath:
     """One of our code paths: the memory-model name (``ours-...``), the backend names to try (the
-    first one ``resolve_backend`` accepts), and whether it is a default path of ``backend="auto"``
-    on CUDA (the memory test asserts the 1% goal for those)."""
+    first one ``resolve_backend`` accepts), whether it is a default path (``backend="auto"`` on CUDA;
+    the memory test asserts the 1% goal for those), and environment settings it runs under."""
     name: str
     backends: tuple[str, ...]
     default: bool
+    env: tuple[tuple[str, str], ...] = ()
 
 
-# Our paths. Register a new backend here (name "ours-<backend>"); the memory test covers every
-# row with default=True.
+# Our paths. Register a new one here (name "ours-<what>"); the memory test covers every row with
+# default=True.
 OURS_PATHS = (
-    OursPath("ours-torch", ("torch",), default=False),
-    # today's atomic backward; it is the backend "triton" until the GEMM backward takes that name
-    OursPath("ours-triton_atomic", ("triton_atomic", "triton"), default=True),
+    OursPath("ours-torch", ("torch",), default=False),                  # the CPU default
+    OursPath("ours-triton", ("triton",), default=True),                 # fused fwd + GEMM bwd
+    OursPath("ours-triton-gemmfwd", ("triton",), default=False,         # GEMM-tiled forward
+             env=(("UPG_KERNELS_TRITON_FORWARD", "gemm"),)),
+    OursPath("ours-triton_atomic", ("triton_atomic",), default=False),  # the atomic backward
 )
 
 
@@ -68,7 +72,23 @@ def _ours_impl(path: OursPath, backend: str) -> Impl:
     impl = Ours()
     impl.name = path.name
     impl.backend = backend
+    impl.env = dict(path.env)
     return impl
+
+
+@contextmanager
+def environ(settings: dict):
+    """Set environment variables for the duration (restored after)."""
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def meta_inputs(problem, device="meta") -> Inputs:
@@ -91,16 +111,16 @@ def meta_inputs(problem, device="meta") -> Inputs:
 @contextmanager
 def gpu_planning():
     """Our launchers plan block configs, splits and slabs as on the GPU, also when the test suite
-    has set TRITON_INTERPRET=1 (nothing is launched on meta)."""
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
+    has set TRITON_INTERPRET=1 (nothing is launched on meta). The kernel modules are imported
+    first: ``@triton.jit`` decides at import whether a kernel is interpreted, and a kernel created
+    here would stay compiled-only for the rest of the process."""
+    from upg_kernels._backend import triton_available
+    from upg_kernels.kernels import TRITON_KERNEL_MODULES
+    if triton_available():
+        for m in TRITON_KERNEL_MODULES:
+            importlib.import_module(f"upg_kernels.kernels.{m}")
+    with environ({"TRITON_INTERPRET": "0"}):
         yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
 
 
 def trace_peak(impl: Impl, problem, device="meta") -> dict:
@@ -108,7 +128,9 @@ def trace_peak(impl: Impl, problem, device="meta") -> dict:
     "peak_bytes", "grad_bytes"}``. Raises what the implementation raises."""
     x = meta_inputs(problem, device)
     impl.prepare(problem, torch.device(device))
-    with gpu_planning() if device == "meta" else nullcontext(), AllocTracer() as t:
+    with gpu_planning() if device == "meta" else nullcontext(), \
+            environ(getattr(impl, "env", {})), \
+            AllocTracer(meta_scalar=getattr(impl, "meta_scalar", None)) as t:
         out = impl.forward(problem.op, x)
         objective(problem.op, out, x).backward()
         grads = [p.grad for p in (x.hidden, x.weight)]
@@ -120,7 +142,11 @@ def trace_peak(impl: Impl, problem, device="meta") -> dict:
 
 def implementations(names=None) -> list[tuple[str, Impl | None, str]]:
     """``(name, impl or None, reason when None)`` in table order: eager, peers, ours."""
-    peers = [("eager", Eager()), ("liger", Liger()), ("cce", CCE())]
+    liger = Liger()
+    # Liger's GRPO computes its gradients in the forward; the backward then asks
+    # ``grad_output != 1.0`` as a Python bool, which is False for loss.backward(): answered so
+    liger.meta_scalar = False
+    peers = [("eager", Eager()), ("liger", liger), ("cce", CCE())]
     ours = []
     for p in OURS_PATHS:
         b = _accepted_backend(p)

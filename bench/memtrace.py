@@ -37,8 +37,11 @@ def _real_impl(func):
 class AllocTracer(TorchDispatchMode):
     """``with AllocTracer() as t: ...`` then ``t.peak`` / ``t.live`` (bytes) and ``t.events``."""
 
-    def __init__(self, record: bool = False):
+    def __init__(self, record: bool = False, meta_scalar=None):
         super().__init__()
+        # ``.item()`` / ``bool()`` of a meta tensor has no value; when set, this one is returned
+        # (a per-implementation answer the caller has checked, see bench/memory_model.py)
+        self.meta_scalar = meta_scalar
         self.live = 0
         self.peak = 0
         self._storages: dict[int, tuple[int, int]] = {}   # StorageImpl address -> (weak ref, nbytes)
@@ -77,6 +80,9 @@ class AllocTracer(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         self.sweep()
+        if (func is torch.ops.aten._local_scalar_dense.default and self.meta_scalar is not None
+                and args[0].device.type == "meta"):
+            return self.meta_scalar
         impl = _real_impl(func)
         if impl is not None:
             with self:                     # trace the ops inside the custom op's host code

@@ -54,12 +54,19 @@ def _launched_constexprs(monkeypatch, module, run):
     return seen
 
 
+FIXED = ("PREC", "UPCAST", "DH_DIRECT", "EVEN_H", "BLOCK_N", "BLOCK_V", "BLOCK_H", "GROUP_N")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("H,bias,softcap", [(256, False, None), (200, True, 30.0)])
-def test_registry_covers_what_the_launchers_request(monkeypatch, dtype, H, bias, softcap):
-    """Every forward launch at these settings is a registered variant (full product); every backward
-    launch (a covering set) has a registered variant with its block config, precision and H flags,
-    and each of its flags' values is registered with that config."""
+@pytest.mark.parametrize("module,backend,full", [("triton_logprobs_fwd", "triton", True),
+                                                 ("triton_logprobs_bwd", "triton_atomic", False),
+                                                 ("triton_dz", "triton", False)])
+def test_registry_covers_what_the_launchers_request(monkeypatch, dtype, H, bias, softcap, module,
+                                                    backend, full):
+    """What the launchers request at these settings is registered: exactly (the forward registers
+    the full product), or for a covering set: a variant with the launch's block config, precision
+    and H flags, and each of its flags' values registered with that config."""
     from upg_kernels import token_logprobs
     N, V = 64, 1000
     h = torch.empty(N, H, dtype=dtype, device="meta", requires_grad=True)
@@ -69,22 +76,20 @@ def test_registry_covers_what_the_launchers_request(monkeypatch, dtype, H, bias,
 
     def run():
         lp, ent = token_logprobs(h, w, t, bias=b, softcap=softcap, return_entropy=True,
-                                 backend="triton")
+                                 backend=backend)
         (lp.sum() + ent.sum()).backward()
 
-    launched = _launched_constexprs(monkeypatch, "triton_logprobs_fwd", run)
-    registered = [v.constexprs for v in _variants("triton_logprobs_fwd")]
+    launched = _launched_constexprs(monkeypatch, module, run)
+    registered = [v.constexprs for v in _variants(module)]
     for cx in launched:
-        assert cx in registered, f"the forward launches an unregistered variant {cx}"
-
-    launched = _launched_constexprs(monkeypatch, "triton_logprobs_bwd", run)
-    registered = [v.constexprs for v in _variants("triton_logprobs_bwd")]
-    fixed = ("PREC", "UPCAST", "DH_DIRECT", "EVEN_H", "BLOCK_N", "BLOCK_V", "BLOCK_H", "GROUP_N")
-    for cx in launched:
+        if full:
+            assert cx in registered, f"{module} launches an unregistered variant {cx}"
+            continue
+        fixed = [k for k in FIXED if k in cx]
         same = [r for r in registered if all(r[k] == cx[k] for k in fixed)]
-        assert same, f"the backward's config {[cx[k] for k in fixed]} is not registered"
+        assert same, f"{module}: the launch config {[cx[k] for k in fixed]} is not registered"
         for k, v in cx.items():
-            assert any(r[k] == v for r in same), f"backward flag {k}={v} never registered"
+            assert any(r[k] == v for r in same), f"{module}: flag {k}={v} never registered"
 
 
 def _aot(*args, timeout=600):

@@ -86,7 +86,9 @@ def active_rows(targets, g_logp, g_ent, g_lse, ignore_index):
 # ahead-of-time compile check (python -m upg_kernels.aot_check) builds all of them. A module listed
 # here that fails to import, or lacks aot_variants(), is an error of the check, never skipped.
 TRITON_KERNEL_MODULES = (
-    "triton_logprobs_fwd",
-    "triton_logprobs_bwd",
-    "triton_epilogue",
+    "triton_logprobs_fwd",     # the fused forward
+    "triton_logprobs_bwd",     # the atomic backward (backend "triton_atomic")
+    "triton_dz",               # the GEMM backward's dz blocks (backend "triton")
+    "triton_gemm_fwd",         # the GEMM-tiled forward's row kernel
+    "triton_epilogue",         # the fused loss epilogue
 )

@@ -65,7 +65,7 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
     one group."""
     budget = workspace_bytes() if budget is None else budget
     e = 4 if dtype == torch.float32 else 2
-    cfg = dz_config(dtype)
+    cfg = dz_config(dtype, H)
     bv, min_g = cfg.block_v, cfg.block_n
     v_pad = triton.cdiv(V, bv) * bv
     S = min(v_pad, _SLAB_COLS_INTERP if interpreting() else _SLAB_COLS)

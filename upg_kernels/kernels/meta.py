@@ -8,6 +8,8 @@ kernel launches are skipped. Launchers go through these helpers so that this wor
 - :func:`nonzero_rows` is ``mask.nonzero().squeeze(1)``, except on ``meta`` (where data-dependent
   ops cannot run) it returns every row: the worst case for memory;
 - :func:`any_true` is ``bool(mask.any())``, and ``True`` on ``meta``;
+- :func:`any_bad` is ``bool(mask.any())`` for an input check, and ``False`` on ``meta`` (there are
+  no values to check);
 - :func:`autocast_off` is ``torch.autocast(device_type, enabled=False)`` (a no-op on ``meta``, which
   has no autocast).
 """
@@ -40,6 +42,13 @@ def any_true(mask: torch.Tensor) -> bool:
     """``bool(mask.any())``; ``True`` on ``meta`` (assume the work is needed)."""
     if mask.device.type == "meta":
         return True
+    return bool(mask.any())
+
+
+def any_bad(mask: torch.Tensor) -> bool:
+    """``bool(mask.any())`` where ``mask`` flags invalid input values; ``False`` on ``meta``."""
+    if mask.device.type == "meta":
+        return False
     return bool(mask.any())
 
 

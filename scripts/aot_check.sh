@@ -4,11 +4,14 @@
 #   * triton 3.6.0 (the version on this project's GPU machines), installed once into .venv-triton36/
 #     with `pip --target` (the venv is not touched; torch keeps its own triton pin), for AOT_ARCHS_36;
 #   * the venv's triton (3.9), for AOT_ARCHS_VENV.
-# Extra arguments go to both runs (e.g. --only _fwd_kernel). Exits non-zero when either run fails.
+# Extra arguments go to both runs (e.g. --only _fwd_kernel; not --json). Exits non-zero when either
+# run fails.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# shellcheck disable=SC1091
-source "$ROOT/scripts/setup_env.sh"
+if [ -z "${VIRTUAL_ENV:-}" ]; then   # an active venv is used as it is (else the project's .venv)
+  # shellcheck disable=SC1091
+  source "$ROOT/scripts/setup_env.sh"
+fi
 cd "$ROOT"
 T36="${UPG_TRITON36_DIR:-$ROOT/.venv-triton36}"
 ARCHS_36="${AOT_ARCHS_36:-sm_80,sm_90}"

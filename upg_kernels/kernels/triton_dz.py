@@ -23,13 +23,15 @@ from .meta import launch
 from .triton_logprobs_common import (BlockConfig, dot_precision, dz_tile, env_config, interpreting,
                                      logits_tile, upcast_dot)
 
-# the dz tile kernel: like the forward's tile loop (a GEMM with an epilogue), one tile per program
-_DZ_GPU = BlockConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3, group_n=8)
-_DZ_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=2, group_n=8)
+# the dz tile kernel: like the forward's tile loop (a GEMM with an epilogue), one tile per program.
+# 128x64 tiles: 128x128 ones spilled 130-350 bytes per thread in the compile check (sm_80/sm_90,
+# triton 3.6; the [128, 128] float32 epilogue holds z, p, log p and dz at once); 128x64 spill nothing.
+_DZ_GPU = BlockConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3, group_n=8)
+_DZ_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=16, num_warps=8, num_stages=2, group_n=8)
 _DZ_INTERP = BlockConfig(block_n=16, block_v=32, block_h=32, num_warps=4, num_stages=1, group_n=2)
 
 
-# H not a multiple of BLOCK_H: the forward's odd-H sizes (spill-free in the compile check)
+# H not a multiple of BLOCK_H (masked H chunks): half the H chunk (spill-free in the compile check)
 _DZ_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3, group_n=8)
 
 
@@ -40,7 +42,7 @@ def dz_config(dtype: torch.dtype, H: int | None = None) -> BlockConfig:
     if env:
         return env
     if dtype == torch.float32:
-        return _DZ_GPU_F32
+        return _DZ_GPU_F32                      # BLOCK_H 16: spill-free for odd H as well
     return _DZ_GPU_ODD_H if H is not None and H % _DZ_GPU.block_h else _DZ_GPU
 
 

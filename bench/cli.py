@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "count DESIGN.md lists; also the custom shape's N (default 1024)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence T (default min(N, 512))")
     p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt G (grpo, hpt)")
+    p.add_argument("--zero-adv-frac", type=float, default=0.0,
+                   help="fraction of the groups given advantage 0 (equal rewards; grpo, hpt): the "
+                        "backward of 'ours' skips their rows")
     p.add_argument("--dtype", default="bf16", help=f"comma list of {', '.join(DTYPES)}")
     p.add_argument("--impls", default=",".join(DEFAULT_IMPLS),
                    help=f"comma list of {', '.join(REGISTRY)} (or 'all'); default {','.join(DEFAULT_IMPLS)}")
@@ -182,6 +185,7 @@ def _row_base(problem, mode, impl_name, nbytes):
     s = problem.shape
     return {"op": problem.op, "mode": mode, "shape": s.name, "H": s.H, "V": s.V, "N": problem.N,
             "B": problem.B, "T": problem.T, "group_size": problem.G, "dtype": problem.dtype,
+            "zero_adv_frac": problem.zero_adv_frac,
             "impl": impl_name, "detail": "", "status": "ok", "inputs_bytes": nbytes,
             "useful_flops": useful_flops(mode, problem.N, s.H, s.V)}
 
@@ -250,7 +254,8 @@ def run(args, argv) -> dict:
         for shape in shapes:
             for dt in dtypes:
                 try:
-                    problem = make_problem(op, shape, dt, args.seq_len, args.group_size)
+                    problem = make_problem(op, shape, dt, args.seq_len, args.group_size,
+                                           args.zero_adv_frac)
                 except ValueError as e:
                     raise SystemExit(f"upg-bench: {e}")
                 if out_of_time():

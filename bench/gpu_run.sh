@@ -7,10 +7,12 @@
 #   1. installs the peer wheels from bench/wheels/ (Liger-Kernel, Cut Cross-Entropy) into /tmp,
 #   2. sets PYTHONPATH to this checkout (no pip install of the project needed),
 #   3. runs the GPU tests (pytest -m gpu tests/; with --full also bench/test_bench_gpu.py),
-#   4. runs python -m bench (default: sft and grpo, then logprobs and hpt, on llama3-8b, qwen2.5-7b and
-#      gemma2-2b at N=8192, bf16, fwd+bwd, against every baseline), and
-#   5. writes everything to one folder: results.json, results.md, results.png, gpu_run.log,
-#      pytest_gpu.log, pytest_benchmark.json, env.txt (7 files; no subfolders).
+#   4. runs python -m bench in three passes, most important first: paths/ (every forward/backward
+#      path of ours -- ours, ours-atomic, ours-gemmfwd, ours-ws1g, ours-gif -- beside eager, compile,
+#      Liger and CCE; grpo and logprobs, llama3-8b, N=8192, bf16, fwd / bwd / fwd+bwd), zero_adv/ (grpo
+#      with half the groups at zero advantage), shapes/ (qwen2.5-7b and gemma2-2b, every op), and
+#   5. writes everything to one folder: gpu_run.log, pytest_gpu.log, pytest_benchmark.json, env.txt
+#      and one subfolder per pass with results.json, results.md, results.png.
 #
 # Usage: bash bench/gpu_run.sh [--quick | --full] [--skip-tests] [--out DIR] [-- extra bench args]
 #   --quick       (default) few iterations per row, 2 rotating input sets: fits 10 minutes
@@ -113,27 +115,40 @@ if [ "$RUN_TESTS" = 1 ]; then
 fi
 
 # ---------------------------------------------------------------- benchmark
-BENCH=(--ops sft,grpo,logprobs,hpt --shapes llama3-8b,qwen2.5-7b,gemma2-2b --N 8192 --dtype bf16
-       --impls ours,eager,compile,liger,cce)
+# Three passes, most important first, each into its own folder (each has results.json/.md/.png):
+#   paths/     every forward/backward path of ours beside eager, compile, Liger, CCE: grpo + logprobs, llama3-8b
+#   zero_adv/  grpo with half the groups at zero advantage (the backward skips their rows), ours vs eager
+#   shapes/    the remaining DESIGN shapes and ops, default impls
+OURS_ALL=ours,ours-atomic,ours-gemmfwd,ours-ws1g,ours-gif
+PASS_PATHS=(--ops grpo,logprobs --shapes llama3-8b --N 8192 --dtype bf16 --impls $OURS_ALL,eager,compile,liger,cce)
+PASS_ZERO=(--ops grpo --shapes llama3-8b --N 8192 --dtype bf16 --impls ours,ours-ws1g,eager --zero-adv-frac 0.5 --no-peak)
+PASS_SHAPES=(--ops sft,grpo,logprobs,hpt --shapes qwen2.5-7b,gemma2-2b --N 8192 --dtype bf16 --impls ours,eager,compile,liger,cce --no-peak)
 if [ "$MODE" = quick ]; then
-    BENCH+=(--modes fwd+bwd --quick)
+    PASS_PATHS+=(--modes fwd+bwd,fwd,bwd --quick); PASS_ZERO+=(--modes fwd+bwd,bwd --quick)
+    PASS_SHAPES+=(--modes fwd+bwd --quick)
 else
-    BENCH+=(--modes fwd+bwd,fwd,bwd)
+    PASS_PATHS+=(--modes fwd+bwd,fwd,bwd); PASS_ZERO+=(--modes fwd+bwd,bwd); PASS_SHAPES+=(--modes fwd+bwd,fwd,bwd)
 fi
-REMAIN=$(left)
-DEADLINE=$(( REMAIN - 75 ))       # no new row after this; leaves time for the last row and the report
-[ $DEADLINE -lt 30 ] && DEADLINE=30
-HARD=$(( REMAIN - 10 ))
-[ $HARD -lt 40 ] && HARD=40
-log "bench: python -m bench ${BENCH[*]} ${EXTRA[*]:-} --deadline $DEADLINE (hard stop ${HARD}s)"
-timeout --kill-after=5 "$HARD" $PY -m bench "${BENCH[@]}" ${EXTRA[@]+"${EXTRA[@]}"} --deadline "$DEADLINE" --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
-RC=${PIPESTATUS[0]}
-log "bench exit code $RC"
-if [ "$RC" != 0 ] && [ -f "$OUT_DIR/results.json" ]; then
-    log "re-making results.md / results.png from the rows written so far"
-    $PY -m bench --render "$OUT_DIR/results.json" --out "$OUT_DIR" 2>&1 | tee -a "$LOG"
-fi
-rm -f "$OUT_DIR"/*.tmp
+
+bench_pass() {   # name, share of the time left (percent), args...
+    local name="$1" share="$2"; shift 2
+    local remain; remain=$(left)
+    local budget=$(( remain * share / 100 ))
+    local deadline=$(( budget - 60 )); [ $deadline -lt 20 ] && deadline=20
+    local hard=$(( budget - 5 )); [ $hard -lt 30 ] && hard=30
+    mkdir -p "$OUT_DIR/$name"
+    log "bench [$name]: python -m bench $* ${EXTRA[*]:-} --deadline $deadline (hard stop ${hard}s)"
+    timeout --kill-after=5 "$hard" $PY -m bench "$@" ${EXTRA[@]+"${EXTRA[@]}"} --deadline "$deadline" --out "$OUT_DIR/$name" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    log "bench [$name] exit code $rc"
+    if [ "$rc" != 0 ] && [ -f "$OUT_DIR/$name/results.json" ]; then
+        $PY -m bench --render "$OUT_DIR/$name/results.json" --out "$OUT_DIR/$name" 2>&1 | tee -a "$LOG"
+    fi
+}
+bench_pass paths 60 "${PASS_PATHS[@]}"
+bench_pass zero_adv 45 "${PASS_ZERO[@]}"
+bench_pass shapes 95 "${PASS_SHAPES[@]}"
+rm -f "$OUT_DIR"/*.tmp "$OUT_DIR"/*/*.tmp
 log "done in $(( $(date +%s) - T0 ))s; files: $(cd "$OUT_DIR" && ls | tr '\n' ' ')"
-[ -f "$OUT_DIR/results.md" ] && cat "$OUT_DIR/results.md"
+for d in paths zero_adv shapes; do [ -f "$OUT_DIR/$d/results.md" ] && cat "$OUT_DIR/$d/results.md"; done
 exit 0

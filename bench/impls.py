@@ -144,7 +144,7 @@ class Ours(Impl):
             return f"missing: upg_kernels.{need} is not in this checkout"
         if op != "logprobs" and not hasattr(m, "LossConfig"):
             return "missing: upg_kernels.LossConfig is not in this checkout"
-        if self.backend == "triton" and device.type != "cuda" and not _interp():
+        if self.backend.startswith("triton") and device.type != "cuda" and not _interp():
             return "n/a: the Triton backend needs CUDA (or TRITON_INTERPRET=1)"
         return None
 
@@ -167,10 +167,13 @@ class Ours(Impl):
                        f", backend={be})")
 
     def forward(self, op, x):
+        return self.forward_kw(op, x)
+
+    def forward_kw(self, op, x, **extra):
         m = _upg()
         if op == "logprobs":
             return m.token_logprobs(x.hidden, x.weight, x.targets, backend=self.backend)
-        kw = dict(config=self.cfg, loss_mask=x.mask, backend=self.backend)
+        kw = dict(config=self.cfg, loss_mask=x.mask, backend=self.backend, **extra)
         if op == "sft":
             kw["targets"] = x.targets
         else:
@@ -186,6 +189,53 @@ class OursTorch(Ours):
     name = "ours-torch"
     description = "upg_kernels with backend='torch' (the chunked PyTorch path)"
     backend = "torch"
+
+
+class OursAtomic(Ours):
+    name = "ours-atomic"
+    description = "upg_kernels with backend='triton_atomic' (fp32 atomic backward, one kernel)"
+    backend = "triton_atomic"
+
+
+class _OursEnv(Ours):
+    """``Ours`` with environment settings applied for the duration of each call."""
+    backend = "triton"
+    ENV: dict = {}
+    KW: dict = {}
+
+    def forward(self, op, x):
+        old = {k: os.environ.get(k) for k in self.ENV}
+        os.environ.update(self.ENV)
+        try:
+            if self.KW and op != "logprobs":
+                return super().forward_kw(op, x, **self.KW)
+            return super().forward(op, x)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+class OursGemmForward(_OursEnv):
+    name = "ours-gemmfwd"
+    description = "backend='triton' with UPG_KERNELS_TRITON_FORWARD=gemm (cuBLAS logits slabs + row kernel)"
+    ENV = {"UPG_KERNELS_TRITON_FORWARD": "gemm"}
+
+
+class OursBigWorkspace(_OursEnv):
+    name = "ours-ws1g"
+    description = "backend='triton' with a 1 GiB workspace (bigger token groups, fp32 dW when it fits)"
+    ENV = {"UPG_KERNELS_WORKSPACE_BYTES": str(2**30)}
+
+
+class OursGradInForward(_OursEnv):
+    name = "ours-gif"
+    description = "unified_policy_loss(grad_in_forward=True), 1 GiB workspace (token-local losses, 6NHV)"
+    ops = ("sft", "grpo", "hpt")
+    ENV = {"UPG_KERNELS_WORKSPACE_BYTES": str(2**30)}
+    KW = {"grad_in_forward": True}
 
 
 class OursLogprobsEpilogue(Impl):
@@ -371,7 +421,8 @@ class CCEExact(CCE):
 
 
 REGISTRY: dict[str, type[Impl]] = {c.name: c for c in (
-    Ours, OursTorch, OursLogprobsEpilogue, OursDropIn, Eager, Compiled, Liger, CCE, CCEExact)}
+    Ours, OursTorch, OursAtomic, OursGemmForward, OursBigWorkspace, OursGradInForward,
+    OursLogprobsEpilogue, OursDropIn, Eager, Compiled, Liger, CCE, CCEExact)}
 DEFAULT_IMPLS = ("ours", "eager", "compile", "liger", "cce")
 
 

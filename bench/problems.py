@@ -67,6 +67,7 @@ class Problem:
     B: int
     T: int
     G: int
+    zero_adv_frac: float = 0.0   # fraction of the groups whose advantages are exactly 0 (equal rewards)
 
     @property
     def N(self) -> int:
@@ -74,13 +75,15 @@ class Problem:
 
 
 def make_problem(op: str, shape: Shape, dtype: str, seq_len: int | None = None,
-                 group_size: int = 8) -> Problem:
+                 group_size: int = 8, zero_adv_frac: float = 0.0) -> Problem:
     if op not in OPS:
         raise ValueError(f"unknown op {op!r}; known: {', '.join(OPS)}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    if not 0.0 <= zero_adv_frac <= 1.0:
+        raise ValueError(f"zero_adv_frac must be in [0, 1], got {zero_adv_frac}")
     B, T, G = layout(shape.N, seq_len, group_size)
-    return Problem(op, shape, dtype, B, T, G)
+    return Problem(op, shape, dtype, B, T, G, zero_adv_frac)
 
 
 @torch.no_grad()
@@ -128,6 +131,8 @@ def make_inputs(p: Problem, device: torch.device | str, seed: int = 0) -> Inputs
     rewards = (torch.rand(B, generator=gen, device=dev) < 0.5).float().view(-1, G)
     adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)
            if G > 1 else rewards - 0.5)
+    n_zero = int(round(p.zero_adv_frac * adv.shape[0]))   # groups with equal rewards: advantage 0
+    adv[:n_zero] = 0.0
     advantages = adv.reshape(B).contiguous()
     cur = chunked_logprobs(hidden.detach().reshape(-1, H), weight.detach(), targets.reshape(-1))
     old = (cur + randn(B * T, std=OLD_LOGP_NOISE)).reshape(B, T)

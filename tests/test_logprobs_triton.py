@@ -437,8 +437,13 @@ def _materialized(h, w, t, return_entropy=True):
     return lp, en
 
 
+GPU_PATHS = [("triton", "fused"), ("triton", "gemm"), ("triton_atomic", "fused")]
+
+
 @pytest.mark.gpu
-def test_gpu_bf16_error_not_worse_than_materialized():
+@pytest.mark.parametrize("backend,fwd", GPU_PATHS)
+def test_gpu_bf16_error_not_worse_than_materialized(backend, fwd, monkeypatch):
+    monkeypatch.setenv("UPG_KERNELS_TRITON_FORWARD", fwd)
     torch.manual_seed(0)
     N, H, V = 4096, 4096, 128256
     h = torch.randn(N, H, device="cuda").bfloat16()
@@ -454,7 +459,7 @@ def test_gpu_bf16_error_not_worse_than_materialized():
         (lp * gl + en * ge).sum().backward()
         return [x.detach().double() for x in (lp, en, hh.grad, ww.grad)]
 
-    ours = grads(token_logprobs, return_entropy=True, backend="triton")
+    ours = grads(token_logprobs, return_entropy=True, backend=backend)
     mat = grads(_materialized)
     # float64 reference in row chunks (N x V float64 is 1 GB per 1k rows)
     hd = h.double().requires_grad_()
@@ -473,7 +478,9 @@ def test_gpu_bf16_error_not_worse_than_materialized():
 
 
 @pytest.mark.gpu
-def test_gpu_peak_memory_one_percent():
+@pytest.mark.parametrize("backend,fwd", GPU_PATHS)
+def test_gpu_peak_memory_one_percent(backend, fwd, monkeypatch):
+    monkeypatch.setenv("UPG_KERNELS_TRITON_FORWARD", fwd)
     N, H, V = 8192, 4096, 128256
     h = torch.randn(N, H, device="cuda").bfloat16()
     w = (torch.randn(V, H, device="cuda") * H ** -0.5).bfloat16()
@@ -494,13 +501,33 @@ def test_gpu_peak_memory_one_percent():
         del hh, ww, lp, en
         return peak
 
-    ours = peak_above(lambda a, b: token_logprobs(a, b, t, return_entropy=True, backend="triton"))
+    ours = peak_above(lambda a, b: token_logprobs(a, b, t, return_entropy=True, backend=backend))
     mat = peak_above(lambda a, b: _materialized(a, b, t))
     assert ours <= 0.01 * mat, (ours, mat)
 
 
 @pytest.mark.gpu
-def test_gpu_64bit_offsets():
+def test_gpu_gemm_backward_bitwise_deterministic():
+    """The GEMM backward (no atomics): two runs give bitwise-equal gradients."""
+    N, H, V = 4096, 4096, 128256
+    g = torch.Generator(device="cuda").manual_seed(1)
+    h = torch.randn(N, H, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(V, H, device="cuda", generator=g) * H ** -0.5).bfloat16()
+    t = torch.randint(0, V, (N,), device="cuda", generator=g)
+    gl = torch.randn(N, device="cuda", generator=g)
+    outs = []
+    for _ in range(2):
+        hh = h.clone().requires_grad_()
+        ww = w.clone().requires_grad_()
+        lp, en = token_logprobs(hh, ww, t, return_entropy=True, backend="triton")
+        (lp * gl + 0.1 * en).sum().backward()
+        outs.append((hh.grad, ww.grad))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "triton_atomic"])
+def test_gpu_64bit_offsets(backend):
     """N*H and V*H both past 2^31 elements: rows and vocabulary entries beyond the int32 range."""
     H = 4096
     N = 2**31 // H + 64
@@ -515,7 +542,7 @@ def test_gpu_64bit_offsets():
     gl[active] = torch.randn(active.numel(), device="cuda", generator=g)
     hh = h.requires_grad_()
     ww = w.requires_grad_()
-    lp, en = token_logprobs(hh, ww, t, return_entropy=True, backend="triton")
+    lp, en = token_logprobs(hh, ww, t, return_entropy=True, backend=backend)
     (lp * gl).sum().backward()
 
     # reference on the active rows: float32 products in vocabulary chunks, float64 softmax

@@ -314,28 +314,25 @@ def _log_trl_metrics(trainer, mode, out, mask, advantages, old, ref, cfg, is_rat
             totals = trainer.accelerator.reduce(torch.stack([local_sum, local_count]), reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
 
-        log_ratio = logp - (logp if old is None else old.to(logp.dtype))
+        # the loss's own per-token values (LossOutput): KL (times the ratio with the bias correction)
+        # and clip flags (sequence-level ones broadcast over the row) -- no formula written twice
+        clip_low, clip_high = out.clip_low, out.clip_high
         if trainer.importance_sampling_level == "sequence":
-            log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-        coef_1 = torch.exp(log_ratio)
+            # TRL keeps one ratio per row ([B, 1]) and averages its flags over rows
+            clip_low, clip_high = clip_low[:, :1], clip_high[:, :1]
         m = trainer._metrics[mode]
         if trainer.beta != 0.0:
-            d = ref.to(logp.dtype) - logp
-            kl = torch.exp(d) - d - 1
-            if cfg.kl_bias_correction:
-                kl = kl * coef_1
-            m["kl"].append(global_masked_mean(kl))
+            m["kl"].append(global_masked_mean(out.kl.to(logp.dtype)))
         m["entropy"].append(global_masked_mean(out.entropy))
         if trainer.loss_type in ("grpo", "bnpo", "dr_grpo", "dapo", "luspo"):
-            low = (coef_1 < 1 - trainer.epsilon_low) & (adv < 0)
-            high = (coef_1 > 1 + trainer.epsilon_high) & (adv > 0)
+            low, high = clip_low, clip_high
             m["clip_ratio/low_mean"].append(global_masked_mean(low.float()))
             m["clip_ratio/high_mean"].append(global_masked_mean(high.float()))
             m["clip_ratio/region_mean"].append(global_masked_mean((low | high).float()))
             m["clip_ratio/low_min"].append(nanmin(trainer.accelerator.gather(masked_seq_mean(low.float()))).item())
             m["clip_ratio/high_max"].append(nanmax(trainer.accelerator.gather(masked_seq_mean(high.float()))).item())
         elif trainer.loss_type == "cispo":
-            m["cispo_clip_ratio"].append(global_masked_mean(((coef_1 > trainer.epsilon_high) & (adv > 0)).float()))
+            m["cispo_clip_ratio"].append(global_masked_mean(clip_high.float()))
         elif trainer.loss_type == "vespo":
             # TRL logs the per-sequence weight (its get_gamma_weights: the IS logs summed over every position)
             lr = logp - (logp if old is None else old.to(logp.dtype))

@@ -57,18 +57,20 @@ class GemmPlan:
 
 
 def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, *,
-         need_hidden: bool = True, need_weight: bool = True, gather: bool = True) -> GemmPlan:
+         need_hidden: bool = True, need_weight: bool = True, gather: bool = True,
+         gpu: bool = False) -> GemmPlan:
     """Token-group and slab sizes for ``M`` active rows within ``budget`` bytes of workspace.
 
     The largest group that fits (fewer dW roundings, fewer passes over W), at least ``_MIN_GROUP``
     rows (the dz kernel's BLOCK_N); the slab grows past ``_SLAB_COLS`` only when every row fits in
-    one group."""
+    one group. ``gpu=True``: the CUDA plan even under the interpreter (bench/roofline.py)."""
     budget = workspace_bytes() if budget is None else budget
     e = 4 if dtype == torch.float32 else 2
-    cfg = dz_config(dtype, H)
+    interp = interpreting() and not gpu
+    cfg = dz_config(dtype, H, gpu=gpu)
     bv, min_g = cfg.block_v, cfg.block_n
     v_pad = triton.cdiv(V, bv) * bv
-    S = min(v_pad, _SLAB_COLS_INTERP if interpreting() else _SLAB_COLS)
+    S = min(v_pad, _SLAB_COLS_INTERP if interp else _SLAB_COLS)
     per_row_h = (4 * H if need_hidden else 0) + (e * H if (need_weight and gather) else 0)
     dw32 = 4 * V * H if (need_weight and dtype != torch.float32) else 0
     use32 = dw32 > 0 and budget >= dw32 + min_g * (S * e + per_row_h)
@@ -77,7 +79,7 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
     m_pad = max(16, triton.cdiv(max(M, 1), 16) * 16)
     if G >= m_pad:
         G = m_pad
-        if not interpreting():
+        if not interp:
             S = max(S, min(v_pad, (left - G * per_row_h) // (G * e) // bv * bv))
     used = G * S * e + G * per_row_h + (dw32 if use32 else 0)
     return GemmPlan(int(G), int(S), bool(use32), int(used))

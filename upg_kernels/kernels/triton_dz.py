@@ -35,8 +35,10 @@ _DZ_INTERP = BlockConfig(block_n=16, block_v=32, block_h=32, num_warps=4, num_st
 _DZ_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3, group_n=8)
 
 
-def dz_config(dtype: torch.dtype, H: int | None = None) -> BlockConfig:
-    if interpreting():
+def dz_config(dtype: torch.dtype, H: int | None = None, gpu: bool = False) -> BlockConfig:
+    """The dz kernel's blocks for ``dtype`` and hidden size ``H`` (None: a multiple of 64;
+    ``gpu=True``: the CUDA config even under the interpreter)."""
+    if interpreting() and not gpu:
         return _DZ_INTERP
     env = env_config("UPG_KERNELS_TRITON_DZ_CONFIG")
     if env:

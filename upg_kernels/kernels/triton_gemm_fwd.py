@@ -79,9 +79,10 @@ def _stats_kernel(z_ptr, b_ptr, tgt_ptr, rows_ptr, st_ptr, G, S, v_lo, stride_z,
     tl.store(st_ptr + 3 * G + offs_r, zt_i, mask=mask_r)
 
 
-def plan(M: int, V: int, budget: int) -> tuple[int, int]:
-    """``(G, S)``: rows per token group and columns per slab of the float32 logits workspace."""
-    S = min(V, _SLAB_COLS_INTERP if interpreting() else _SLAB_COLS)
+def plan(M: int, V: int, budget: int, gpu: bool = False) -> tuple[int, int]:
+    """``(G, S)``: rows per token group and columns per slab of the float32 logits workspace
+    (``gpu=True``: the CUDA plan even under the interpreter)."""
+    S = min(V, _SLAB_COLS_INTERP if (interpreting() and not gpu) else _SLAB_COLS)
     G = max(16, budget // (4 * S) // 16 * 16)
     return min(G, max(M, 1)), S
 

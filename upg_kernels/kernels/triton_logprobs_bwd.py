@@ -163,11 +163,11 @@ POINTERS = ("h_ptr", "w_ptr", "b_ptr", "tgt_ptr", "rows_ptr", "lse_ptr", "ent_pt
 
 
 def aot_variants() -> list[KernelVariant]:
-    """A covering set of what ``backward`` can launch (the full product is 320 per dtype): for bf16,
-    the common case (no bias / softcap / filter, entropy gradient on, even H, dhidden + dweight),
-    each flag flipped alone, and all flags on (``aot.flag_cover``); fp16 and fp32 the common case and
-    all on (this kernel is the non-default ``triton_atomic`` backend: its compile time is kept
-    small). ``bwd_config(dtype, H)``'s GPU block config."""
+    """A covering set of what ``backward`` can launch (the full product is 320 per dtype): for bf16
+    and fp32, the common case (no bias / softcap / filter, entropy gradient on, even H, dhidden +
+    dweight), each flag flipped alone, and all flags on (``aot.flag_cover``); fp16 (the bf16 code
+    with another element type) the common case and all on. ``bwd_config(dtype, H)``'s GPU block
+    config."""
     base = dict(bias=False, softcap=False, gent=True, glse=False, even_h=True, filter=False,
                 need="hw")
     cover = flag_cover(dict(bias=(False, True), softcap=(False, True), gent=(True, False),
@@ -181,7 +181,7 @@ def aot_variants() -> list[KernelVariant]:
                      ge_ptr="*fp32", gs_ptr="*fp32", dh_ptr=acc, dw_ptr=acc, db_ptr=acc, M="i32", H="i32",
                      stride_h="i32", stride_w="i32", v_lo="i32", v_hi="i32", temperature="fp32",
                      softcap="fp32", filter_eps="fp32")
-        for c in (cover if dt == torch.bfloat16 else (cover[0], cover[-1])):
+        for c in (cover if dt != torch.float16 else (cover[0], cover[-1])):
             need_h, need_w, need_b = _NEEDS[c["need"]]
             cfg = bwd_config(dt, EVEN_H_EXAMPLE if c["even_h"] else ODD_H_EXAMPLE)
             bias = c["bias"] or need_b

@@ -1,0 +1,118 @@
+"""Roofline model of every kernel path at the DESIGN shapes, from the code's own tiling.
+
+    python -m bench.roofline [--N 8192] [--shapes llama3-8b,qwen2.5-7b,gemma2-2b] [--budget BYTES]
+
+For each path it counts, for bf16 inputs with every row active: tensor-core flops, HBM bytes, L2
+bytes of re-read tiles, and fp32 atomic bytes, using the block configs and plans the launchers use
+(``triton_logprobs_common``, ``triton_dz``, ``gemm_backward.plan``, ``triton_gemm_fwd.plan``). Times
+are lower bounds at assumed H100 SXM rates (``RATES``, not measured here) and the binding resource is
+the largest of them. These are estimates: only a GPU run (bench/gpu_run.sh) measures.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+# assumed H100 SXM rates (datasheet / common measurements), NOT measured in this project
+RATES = {"tc_flops": 790e12,      # dense bf16 tensor-core rate reached by cuBLAS (of 989 peak)
+         "hbm": 3.35e12,          # HBM3 bytes/s
+         "l2": 10e12,             # L2 read bytes/s (order of magnitude)
+         "atomic": 3e12}          # L2 fp32 reduction bytes/s (order of magnitude; unknown)
+
+
+@dataclass
+class Cost:
+    path: str
+    flops: float
+    hbm: float
+    l2: float
+    atomics: float
+
+    def times(self):
+        return {"tensor cores": self.flops / RATES["tc_flops"], "HBM": self.hbm / RATES["hbm"],
+                "L2": self.l2 / RATES["l2"], "atomics": self.atomics / RATES["atomic"]}
+
+    def bound(self):
+        t = self.times()
+        k = max(t, key=t.get)
+        return k, t[k]
+
+
+def _cfgs():
+    from upg_kernels.kernels import triton_logprobs_common as c
+    from upg_kernels.kernels import triton_dz
+    import torch
+    return c._FWD_GPU, c._BWD_GPU, triton_dz.dz_config(torch.bfloat16, gpu=True), torch.bfloat16
+
+
+def costs(N: int, H: int, V: int, budget: int | None = None) -> list[Cost]:
+    """The per-path costs at one shape (bf16, all rows active)."""
+    from upg_kernels.kernels import gemm_backward, triton_gemm_fwd, workspace
+    fwd, bwd, dzc, bf16 = _cfgs()
+    e = 2
+    budget = budget or workspace.workspace_bytes()
+    out = []
+    # fused forward: one program per (token block, split) loops over its vocabulary tiles; each tile
+    # loads the block's hidden rows and the tile's W rows (from L2 when another program read them)
+    tiles = (N / fwd.block_n) * (V / fwd.block_v)
+    l2 = tiles * (fwd.block_n + fwd.block_v) * H * e
+    resident = 132 / 8                     # token blocks resident at once (132 SMs, ~8 splits)
+    w_passes = max(1.0, (N / fwd.block_n) / resident)
+    out.append(Cost("forward, fused kernel", 2 * N * H * V, V * H * e * w_passes + N * H * e, l2, 0))
+    # GEMM-tiled forward: cuBLAS logits slabs in float32 + the row-stats kernel reading them back
+    G, S = triton_gemm_fwd.plan(N, V, budget, gpu=True)
+    groups = -(-N // G)
+    out.append(Cost(f"forward, GEMM-tiled (G={G}, S={S})", 2 * N * H * V,
+                    groups * V * H * e + N * H * e + 2 * 4 * N * V, 0, 0))
+    # atomic backward: recompute + two products per (token block, tile), fp32 atomics of dh and dW
+    tiles = (N / bwd.block_n) * (V / bwd.block_v)
+    atom = tiles * (bwd.block_n + bwd.block_v) * H * 4
+    l2 = tiles * 3 * (bwd.block_n + bwd.block_v) * H * e
+    out.append(Cost("backward, atomic kernel", 6 * N * H * V, V * H * e * w_passes + N * H * e + 4 * V * H,
+                    l2, atom))
+    # GEMM backward: per token group: dz kernel (reads W_s, writes dz), dh GEMM (reads dz, W_s,
+    # dh_acc fp32 in/out), dW GEMM (reads dz, h_g, dW_s in/out); no reuse across kernels assumed
+    pl = gemm_backward.plan(N, H, V, bf16, budget, gpu=True)
+    G, S = pl.group_rows, pl.slab_cols
+    ng = pl.n_groups(N)
+    dz = N * V * e
+    hbm = (ng * V * H * e            # dz kernel: W
+           + dz                      # dz written
+           + dz + ng * V * H * e     # dh GEMM: dz, W
+           + (V / S) * N * H * 4 * 2  # dh_acc read + written per slab
+           + dz + (V / S) * N * H * e  # dW GEMM: dz, h_g
+           + ng * V * H * (4 if pl.dw_fp32 else e) * 2)   # dW read + written per group
+    l2 = (N / dzc.block_n) * (V / dzc.block_v) * (dzc.block_n + dzc.block_v) * H * e
+    out.append(Cost(f"backward, GEMM (G={G}, S={S}, {ng} group(s), dW {'fp32' if pl.dw_fp32 else 'bf16'})",
+                    6 * N * H * V, hbm, l2, 0))
+    return out
+
+
+SHAPES = {"llama3-8b": (4096, 128256), "qwen2.5-7b": (3584, 152064), "gemma2-2b": (2304, 256000)}
+
+
+def table(N: int, shapes, budget: int | None = None) -> str:
+    rows = ["| shape | N | path | TFLOP | HBM GB | L2 GB | atomics GB | ms at tensor-core rate | "
+            "bound (estimate) |", "|---|---|---|---|---|---|---|---|---|"]
+    for name in shapes:
+        H, V = SHAPES[name]
+        for c in costs(N, H, V, budget):
+            k, t = c.bound()
+            rows.append(f"| {name} | {N} | {c.path} | {c.flops / 1e12:.1f} | {c.hbm / 1e9:.1f} | "
+                        f"{c.l2 / 1e9:.0f} | {c.atomics / 1e9:.0f} | {c.flops / RATES['tc_flops'] * 1e3:.1f} | "
+                        f"{k} ({t * 1e3:.1f} ms) |")
+    return "\n".join(rows)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--N", type=int, default=8192)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--budget", type=int, default=None, help="workspace bytes (default: the library's)")
+    a = ap.parse_args(argv)
+    print(table(a.N, [s for s in a.shapes.split(",") if s], a.budget))
+    print(f"\nassumed rates (not measured): {RATES}")
+
+
+if __name__ == "__main__":
+    main()

@@ -92,3 +92,14 @@ TRITON_KERNEL_MODULES = (
     "triton_gemm_fwd",         # the GEMM-tiled forward's row kernel
     "triton_epilogue",         # the fused loss epilogue
 )
+
+
+def zero_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
+    """``(dh, dw, db, need_bias)``: zero-filled outputs for what is asked (None otherwise) in the
+    inputs' dtypes; ``need_bias`` is False without a bias."""
+    dev = hidden.device
+    need_bias = bool(need_bias) and bias is not None
+    dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_hidden else None
+    dw = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_weight else None
+    db = torch.zeros(weight.shape[0], dtype=bias.dtype, device=dev) if need_bias else None
+    return dh, dw, db, need_bias

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from . import active_rows
+from . import active_rows, zero_grads
 from .gemm import mm_acc
 from .workspace import set_workspace_bytes, workspace_bytes  # noqa: F401 (re-export)
 from .triton_dz import dz_block, dz_config
@@ -96,10 +96,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    need_bias = bool(need_bias) and bias is not None
-    dh = torch.zeros(N, H, dtype=hidden.dtype, device=dev) if need_hidden else None
-    dw = torch.zeros(V, H, dtype=weight.dtype, device=dev) if need_weight else None
-    db = torch.zeros(V, dtype=bias.dtype, device=dev) if need_bias else None
+    dh, dw, db, need_bias = zero_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
     if not (need_hidden or need_weight or need_bias):
         return dh, dw, db
     bias = None if bias is None else bias.contiguous()

@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 
 from .meta import launch
-from .triton_logprobs_common import (BlockConfig, dot_precision, dz_tile, env_config, interpreting,
-                                     logits_tile, upcast_dot)
+from .triton_logprobs_common import (BlockConfig, dot_precision, env_config, grad_tile, interpreting,
+                                     upcast_dot)
 
 # the dz tile kernel: like the forward's tile loop (a GEMM with an epilogue), one tile per program.
 # 128x64 tiles: 128x128 ones spilled 130-350 bytes per thread in the compile check (sm_80/sm_90,
@@ -62,38 +62,10 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr,
                HAS_GLSE: tl.constexpr, EVEN_H: tl.constexpr, PREC: tl.constexpr,
                UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr):
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(G, BLOCK_N)
-    v_tiles = tl.cdiv(v_hi - v_lo, BLOCK_V)
-    in_group = GROUP_N * v_tiles
-    first_n = (pid // in_group) * GROUP_N
-    group_size = tl.minimum(n_blocks - first_n, GROUP_N)
-    pid_n = first_n + (pid % in_group) % group_size
-    pid_v = (pid % in_group) // group_size
-
-    offs_m = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)   # position in the group
-    mask_m = offs_m < G
-    rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)          # int64 row ids
-    tgt = tl.load(tgt_ptr + rows, mask=mask_m, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=mask_m, other=0.0)
-    gl = tl.load(gl_ptr + rows, mask=mask_m, other=0.0)
-    ge = gl
-    ent = lse
-    if HAS_GENT:
-        ge = tl.load(ge_ptr + rows, mask=mask_m, other=0.0)
-        ent = tl.load(ent_ptr + rows, mask=mask_m, other=0.0)
-    gp = gl
-    if HAS_GLSE:
-        gp = gl - tl.load(gs_ptr + rows, mask=mask_m, other=0.0)
-    v0 = v_lo + pid_v.to(tl.int64) * BLOCK_V
-    cols = tl.arange(0, BLOCK_V)                                     # int32 inside the tile
-    mask_v = cols < v_hi - v0
-
-    z, t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h, stride_w,
-                       temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC, UPCAST,
-                       BLOCK_N, BLOCK_V, BLOCK_H)
-    dz = dz_tile(z, t, cols, tgt, v0, lse, gl, gp, ge, ent, mask_m, mask_v, temperature,
-                 HAS_GENT, HAS_SOFTCAP)
+    dz, offs_m, mask_m, _rows, v0, cols, mask_v, _gl, _gp, _ge = grad_tile(
+        tl.program_id(0), G, v_lo, v_hi, h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr,
+        gl_ptr, ge_ptr, gs_ptr, H, stride_h, stride_w, temperature, softcap, HAS_BIAS, HAS_SOFTCAP,
+        HAS_GENT, HAS_GLSE, EVEN_H, PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H, GROUP_N)
     ptrs = dz_ptr + offs_m[:, None] * stride_dz + ((v0 - v_lo) + cols)[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_v[None, :])
 

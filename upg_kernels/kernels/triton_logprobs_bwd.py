@@ -27,12 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import active_rows
+from . import active_rows, zero_grads
 from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant,
                   flag_cover, label, ptr)
 from .meta import launch
-from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, dz_tile,
-                                     logits_tile, num_sms, upcast_dot)
+from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, grad_tile,
+                                     num_sms, upcast_dot)
 
 # float32 dweight accumulation buffer per launch (bf16/fp16 weights); see docs/kernels.md
 DW_SLAB_BYTES = 16 * 2**20
@@ -48,39 +48,10 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
                 NEED_W: tl.constexpr, NEED_B: tl.constexpr, FILTER: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                 GROUP_N: tl.constexpr):
-    # grouped order: GROUP_N token blocks x all vocabulary tiles of the slab, token block fastest
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(M, BLOCK_N)
-    v_tiles = tl.cdiv(v_hi - v_lo, BLOCK_V)
-    in_group = GROUP_N * v_tiles
-    first_n = (pid // in_group) * GROUP_N
-    group_size = tl.minimum(n_blocks - first_n, GROUP_N)
-    pid_n = first_n + (pid % in_group) % group_size
-    pid_v = (pid % in_group) // group_size
-
-    offs_m = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)          # int64 row ids
-    tgt = tl.load(tgt_ptr + rows, mask=mask_m, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=mask_m, other=0.0)
-    gl = tl.load(gl_ptr + rows, mask=mask_m, other=0.0)
-    v0 = v_lo + pid_v.to(tl.int64) * BLOCK_V
-    cols = tl.arange(0, BLOCK_V)                          # int32 inside the tile
-    mask_v = cols < v_hi - v0
-
-    z, t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h, stride_w,
-                       temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC, UPCAST,
-                       BLOCK_N, BLOCK_V, BLOCK_H)
-    ge = gl
-    ent = lse
-    if HAS_GENT:
-        ge = tl.load(ge_ptr + rows, mask=mask_m, other=0.0)
-        ent = tl.load(ent_ptr + rows, mask=mask_m, other=0.0)
-    gp = gl
-    if HAS_GLSE:
-        gp = gl - tl.load(gs_ptr + rows, mask=mask_m, other=0.0)
-    dz = dz_tile(z, t, cols, tgt, v0, lse, gl, gp, ge, ent, mask_m, mask_v, temperature,
-                 HAS_GENT, HAS_SOFTCAP)
+    dz, offs_m, mask_m, rows, v0, cols, mask_v, gl, gp, ge = grad_tile(
+        tl.program_id(0), M, v_lo, v_hi, h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr,
+        gl_ptr, ge_ptr, gs_ptr, H, stride_h, stride_w, temperature, softcap, HAS_BIAS, HAS_SOFTCAP,
+        HAS_GENT, HAS_GLSE, EVEN_H, PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H, GROUP_N)
 
     keep = True
     if FILTER:   # relative to the row's coefficient: |dz| <= eps * (|g_logp| + |g_ent|) / T is skipped
@@ -206,10 +177,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    need_bias = bool(need_bias) and bias is not None
-    dh = torch.zeros(N, H, dtype=hidden.dtype, device=dev) if need_hidden else None
-    dw = torch.zeros(V, H, dtype=weight.dtype, device=dev) if need_weight else None
-    db = torch.zeros(V, dtype=bias.dtype, device=dev) if need_bias else None
+    dh, dw, db, need_bias = zero_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
     bias = None if bias is None else bias.contiguous()
     targets = targets.contiguous()
     if not (need_hidden or need_weight or need_bias):

@@ -213,3 +213,49 @@ def online_update(m_i, s_i, t_i, zt_i, z, cols, mask_v, tgt_off):
     t_i = alpha * (t_i + shift * s_i) + tl.sum(e * zc, 1)
     s_i = alpha * s_i + tl.sum(e, 1)
     return m_new, s_i, t_i, zt_i
+
+
+@triton.jit
+def grad_tile(pid, M, v_lo, v_hi, h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr,
+              ge_ptr, gs_ptr, H, stride_h, stride_w, temperature, softcap,
+              HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr,
+              HAS_GLSE: tl.constexpr, EVEN_H: tl.constexpr, PREC: tl.constexpr,
+              UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+              BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr):
+    """Program ``pid``'s logit-gradient tile of the rows ``rows_ptr[0:M]`` x columns ``[v_lo, v_hi)``,
+    in the grouped order (GROUP_N token blocks x every tile of the range, token block fastest, for L2
+    reuse): recompute the logits (``logits_tile``), load the row coefficients, form ``dz`` (``dz_tile``).
+    Shared by both backward kernels. Returns ``(dz, offs_m, mask_m, rows, v0, cols, mask_v, gl, gp, ge)``
+    (``gp = gl - g_lse``; ``ge = gl`` / ``gp = gl`` when their flag is off)."""
+    n_blocks = tl.cdiv(M, BLOCK_N)
+    v_tiles = tl.cdiv(v_hi - v_lo, BLOCK_V)
+    in_group = GROUP_N * v_tiles
+    first_n = (pid // in_group) * GROUP_N
+    group_size = tl.minimum(n_blocks - first_n, GROUP_N)
+    pid_n = first_n + (pid % in_group) % group_size
+    pid_v = (pid % in_group) // group_size
+
+    offs_m = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)          # int64 row ids
+    tgt = tl.load(tgt_ptr + rows, mask=mask_m, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=mask_m, other=0.0)
+    gl = tl.load(gl_ptr + rows, mask=mask_m, other=0.0)
+    ge = gl
+    ent = lse
+    if HAS_GENT:
+        ge = tl.load(ge_ptr + rows, mask=mask_m, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=mask_m, other=0.0)
+    gp = gl
+    if HAS_GLSE:
+        gp = gl - tl.load(gs_ptr + rows, mask=mask_m, other=0.0)
+    v0 = v_lo + pid_v.to(tl.int64) * BLOCK_V
+    cols = tl.arange(0, BLOCK_V)                                     # int32 inside the tile
+    mask_v = cols < v_hi - v0
+
+    z, t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h, stride_w,
+                       temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC, UPCAST,
+                       BLOCK_N, BLOCK_V, BLOCK_H)
+    dz = dz_tile(z, t, cols, tgt, v0, lse, gl, gp, ge, ent, mask_m, mask_v, temperature,
+                 HAS_GENT, HAS_SOFTCAP)
+    return dz, offs_m, mask_m, rows, v0, cols, mask_v, gl, gp, ge

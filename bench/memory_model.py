@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .impls import CCE, Eager, Impl, Liger, Ours, objective
+from .impls import CCE, Eager, Impl, Liger, Ours, environ, objective
 from .memtrace import AllocTracer
 from .problems import DTYPES, Inputs, make_problem
 from .shapes import resolve_shapes
@@ -74,21 +74,6 @@ def _ours_impl(path: OursPath, backend: str) -> Impl:
     impl.backend = backend
     impl.env = dict(path.env)
     return impl
-
-
-@contextmanager
-def environ(settings: dict):
-    """Set environment variables for the duration (restored after)."""
-    old = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def meta_inputs(problem, device="meta") -> Inputs:

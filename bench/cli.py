@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--render", default=None, metavar="RESULTS_JSON",
                    help="only re-make results.md and results.png from a results.json, then exit")
     p.add_argument("--list", action="store_true", help="list shapes and implementations, then exit")
+    p.add_argument("--memory-model", action="store_true",
+                   help="trace each implementation's allocations at the shapes on the meta device "
+                        "(no GPU, nothing computed): peak extra bytes to DIR/memory.json and "
+                        "memory.md (default shapes: all, N: table, ops: logprobs,grpo,sft)")
     return p
 
 
@@ -398,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:12s} {cls.description}{'  [default]' if name in DEFAULT_IMPLS else ''}")
         print(f"ops: {', '.join(OPS)}\nmodes: {', '.join(MODES)}\ndtypes: {', '.join(DTYPES)}")
         return 0
+    if args.memory_model:
+        from . import memory_model
+        return memory_model.main(args, argv)
     if args.render:
         files = report.render(args.render, args.out)
         print(f"wrote: {', '.join(files.values())}")

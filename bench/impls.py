@@ -9,10 +9,26 @@ from __future__ import annotations
 
 import importlib
 import os
+from contextlib import contextmanager
 
 import torch
 
 from .problems import IGNORE_INDEX, EPS_HIGH, EPS_LOW, Inputs, Problem, loss_from_logp
+
+
+@contextmanager
+def environ(settings: dict):
+    """Set environment variables for the duration (restored after)."""
+    old = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _interp() -> bool:
@@ -204,18 +220,10 @@ class _OursEnv(Ours):
     KW: dict = {}
 
     def forward(self, op, x):
-        old = {k: os.environ.get(k) for k in self.ENV}
-        os.environ.update(self.ENV)
-        try:
+        with environ(self.ENV):
             if self.KW and op != "logprobs":
                 return super().forward_kw(op, x, **self.KW)
             return super().forward(op, x)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
 
 class OursGemmForward(_OursEnv):

@@ -181,16 +181,16 @@ def test_nan_old_ref_rollout_at_masked_tokens_do_not_leak():
 
 
 def test_equal_reward_groups_exact_zero_and_skipped(monkeypatch):
-    """The equal-reward group's rows reach the Triton backward with exactly-zero coefficients."""
-    from upg_kernels.kernels import triton_logprobs
+    """The equal-reward group's rows reach the Triton (GEMM) backward with exactly-zero coefficients."""
+    from upg_kernels.kernels import gemm_backward
     seen = {}
-    orig = triton_logprobs.backward
+    orig = gemm_backward.backward
 
     def spy(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, *a, **k):
         seen["g"] = g_logp.clone()
         return orig(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, *a, **k)
 
-    monkeypatch.setattr(triton_logprobs, "backward", spy)
+    monkeypatch.setattr(gemm_backward, "backward", spy)
     cfg, hid, w, b, tgt, kw = make_case("bnpo", 4, dtype=torch.float32)
     of, _ = _run(cfg, hid, w, b, tgt, kw, fused=True)
     g = seen["g"].reshape(B, T)

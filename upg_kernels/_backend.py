@@ -1,18 +1,36 @@
 """Backend selection: ``"triton"``, ``"triton_atomic"``, ``"torch"`` or ``"auto"``.
 
 ``"auto"`` means ``"triton"`` (Triton forward, GEMM backward) on CUDA tensors and the chunked PyTorch
-path everywhere else; ``"triton_atomic"`` is the single-kernel atomic backward (kernels/__init__.py).
+path everywhere else (also on CUDA when the triton package is not installed; the Triton backends
+then raise an ImportError); ``"triton_atomic"`` is the single-kernel atomic backward
+(kernels/__init__.py).
 The environment variable ``UPG_KERNELS_BACKEND`` sets the default that ``backend="auto"``
 (or ``None``) resolves to. On CPU the Triton backend runs only under ``TRITON_INTERPRET=1``
 (slow; this is how the kernels are tested without a GPU).
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
 BACKENDS = ("auto", "triton", "triton_atomic", "torch")
+
+
+def triton_available() -> bool:
+    """Whether the triton package can be imported (checked without importing it)."""
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_triton(backend: str = "triton") -> None:
+    """Raise a clear ImportError when a Triton backend is asked for without triton installed."""
+    if not triton_available():
+        raise ImportError(f"backend={backend!r} needs the triton package (pip install triton; "
+                          "Linux with CUDA); use backend='torch' (or 'auto') on machines without it")
 
 
 def interpreter_on() -> bool:
@@ -34,7 +52,11 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
                 f"UPG_KERNELS_BACKEND must be one of {BACKENDS}, got {env!r}")
         backend = env
     if backend == "auto":
-        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+        use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
+        return "triton" if use_triton else "torch"
+    if backend.startswith("triton"):
+        require_triton(backend)
+    # meta: shape-only host runs (the memory model); kernel launches are skipped (kernels/meta.py)
     if backend.startswith("triton") and device.type not in ("cuda", "meta") and not interpreter_on():
         raise ValueError(
             f"backend={backend!r} needs CUDA tensors, or TRITON_INTERPRET=1 set before "

@@ -13,6 +13,7 @@ import torch
 
 from ._backend import resolve_backend
 from .kernels import LogprobParams, get_backend
+from .kernels.meta import autocast_enabled, autocast_off
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -140,7 +141,7 @@ def _is_number(x) -> bool:
 
 
 def _check_target_range(flat_targets, V, ignore_index):
-    if flat_targets.numel() == 0:
+    if flat_targets.numel() == 0 or flat_targets.device.type == "meta":   # meta: no values to check
         return
     valid = flat_targets != ignore_index
     bad = valid & ((flat_targets < 0) | (flat_targets >= V))
@@ -153,7 +154,7 @@ def _check_target_range(flat_targets, V, ignore_index):
 def _common_dtype(hidden, weight, bias):
     """The compute dtype: autocast's when it is on for this device, else the promoted input dtype."""
     dev = hidden.device.type
-    if torch.is_autocast_enabled(dev):
+    if autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return torch.promote_types(hidden.dtype, weight.dtype)
 
@@ -211,7 +212,7 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         logp = (h2.sum(-1) * 0).to(out_dt).reshape(lead)  # keeps the graph for empty inputs
         ent = lse = logp.clone()
     else:
-        with torch.autocast(hidden.device.type, enabled=False):
+        with autocast_off(hidden.device.type):
             logp, ent, lse = _token_logprobs_op(
                 h2, w, b, t, float(temperature), int(ignore_index), float(softcap or 0.0),
                 float(filter_eps), name)

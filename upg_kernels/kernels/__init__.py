@@ -80,3 +80,26 @@ def active_rows(targets, g_logp, g_ent, g_lse, ignore_index):
         extra.append(g)
     active &= targets != ignore_index
     return nonzero_rows(active), g_logp, extra[0], extra[1]
+
+
+# Every module holding @triton.jit kernels, each with an ``aot_variants()`` (kernels/aot.py): the
+# ahead-of-time compile check (python -m upg_kernels.aot_check) builds all of them. A module listed
+# here that fails to import, or lacks aot_variants(), is an error of the check, never skipped.
+TRITON_KERNEL_MODULES = (
+    "triton_logprobs_fwd",     # the fused forward
+    "triton_logprobs_bwd",     # the atomic backward (backend "triton_atomic")
+    "triton_dz",               # the GEMM backward's dz blocks (backend "triton")
+    "triton_gemm_fwd",         # the GEMM-tiled forward's row kernel
+    "triton_epilogue",         # the fused loss epilogue
+)
+
+
+def zero_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
+    """``(dh, dw, db, need_bias)``: zero-filled outputs for what is asked (None otherwise) in the
+    inputs' dtypes; ``need_bias`` is False without a bias."""
+    dev = hidden.device
+    need_bias = bool(need_bias) and bias is not None
+    dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_hidden else None
+    dw = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_weight else None
+    db = torch.zeros(weight.shape[0], dtype=bias.dtype, device=dev) if need_bias else None
+    return dh, dw, db, need_bias

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from . import active_rows
+from . import active_rows, zero_grads
 from .gemm import mm_acc
 from .workspace import set_workspace_bytes, workspace_bytes  # noqa: F401 (re-export)
 from .triton_dz import dz_block, dz_config
@@ -67,7 +67,7 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
     budget = workspace_bytes() if budget is None else budget
     e = 4 if dtype == torch.float32 else 2
     interp = interpreting() and not gpu
-    cfg = dz_config(dtype, gpu=gpu)
+    cfg = dz_config(dtype, H, gpu=gpu)
     bv, min_g = cfg.block_v, cfg.block_n
     v_pad = triton.cdiv(V, bv) * bv
     S = min(v_pad, _SLAB_COLS_INTERP if interp else _SLAB_COLS)
@@ -96,10 +96,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    need_bias = bool(need_bias) and bias is not None
-    dh = torch.zeros(N, H, dtype=hidden.dtype, device=dev) if need_hidden else None
-    dw = torch.zeros(V, H, dtype=weight.dtype, device=dev) if need_weight else None
-    db = torch.zeros(V, dtype=bias.dtype, device=dev) if need_bias else None
+    dh, dw, db, need_bias = zero_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
     if not (need_hidden or need_weight or need_bias):
         return dh, dw, db
     bias = None if bias is None else bias.contiguous()

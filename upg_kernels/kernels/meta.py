@@ -7,9 +7,15 @@ kernel launches are skipped. Launchers go through these helpers so that this wor
 - :func:`launch` runs ``kernel[grid](*args, **kw)`` unless a tensor argument is on ``meta``;
 - :func:`nonzero_rows` is ``mask.nonzero().squeeze(1)``, except on ``meta`` (where data-dependent
   ops cannot run) it returns every row: the worst case for memory;
-- :func:`any_true` is ``bool(mask.any())``, and ``True`` on ``meta``.
+- :func:`any_true` is ``bool(mask.any())``, and ``True`` on ``meta``;
+- :func:`any_bad` is ``bool(mask.any())`` for an input check, and ``False`` on ``meta`` (there are
+  no values to check);
+- :func:`autocast_off` is ``torch.autocast(device_type, enabled=False)`` (a no-op on ``meta``, which
+  has no autocast).
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -37,3 +43,22 @@ def any_true(mask: torch.Tensor) -> bool:
     if mask.device.type == "meta":
         return True
     return bool(mask.any())
+
+
+def any_bad(mask: torch.Tensor) -> bool:
+    """``bool(mask.any())`` where ``mask`` flags invalid input values; ``False`` on ``meta``."""
+    if mask.device.type == "meta":
+        return False
+    return bool(mask.any())
+
+
+def autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``; nothing on ``meta`` (no autocast there)."""
+    if device_type == "meta":
+        return nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``; False on ``meta``."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)

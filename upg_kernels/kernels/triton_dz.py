@@ -20,20 +20,39 @@ import triton
 import triton.language as tl
 
 from .meta import launch
-from .triton_logprobs_common import (BlockConfig, dot_precision, dz_tile, env_config, interpreting,
-                                     logits_tile, upcast_dot)
+from .triton_logprobs_common import (BlockConfig, dot_precision, env_config, grad_tile, interpreting,
+                                     upcast_dot)
 
-# the dz tile kernel: like the forward's tile loop (a GEMM with an epilogue), one tile per program
-_DZ_GPU = BlockConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3, group_n=8)
-_DZ_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=2, group_n=8)
+# the dz tile kernel: like the forward's tile loop (a GEMM with an epilogue), one tile per program.
+# 128x64 tiles: 128x128 ones spilled 130-350 bytes per thread in the compile check (sm_80/sm_90,
+# triton 3.6; the [128, 128] float32 epilogue holds z, p, log p and dz at once); 128x64 spill nothing.
+_DZ_GPU = BlockConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3, group_n=8)
+_DZ_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=16, num_warps=8, num_stages=2, group_n=8)
 _DZ_INTERP = BlockConfig(block_n=16, block_v=32, block_h=32, num_warps=4, num_stages=1, group_n=2)
 
 
-def dz_config(dtype: torch.dtype, gpu: bool = False) -> BlockConfig:
-    """The dz kernel's blocks (``gpu=True``: the CUDA config even under the interpreter)."""
+# H not a multiple of BLOCK_H (masked H chunks): half the H chunk (spill-free in the compile check)
+_DZ_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3, group_n=8)
+
+
+def dz_config(dtype: torch.dtype, H: int | None = None, gpu: bool = False) -> BlockConfig:
+    """The dz kernel's blocks for ``dtype`` and hidden size ``H`` (None: a multiple of 64;
+    ``gpu=True``: the CUDA config even under the interpreter)."""
     if interpreting() and not gpu:
         return _DZ_INTERP
-    return env_config("UPG_KERNELS_TRITON_DZ_CONFIG") or (_DZ_GPU_F32 if dtype == torch.float32 else _DZ_GPU)
+    env = env_config("UPG_KERNELS_TRITON_DZ_CONFIG")
+    if env:
+        return env
+    if dtype == torch.float32:
+        return _DZ_GPU_F32                      # BLOCK_H 16: spill-free for odd H as well
+    return _DZ_GPU_ODD_H if H is not None and H % _DZ_GPU.block_h else _DZ_GPU
+
+
+def dz_constexprs(cfg, dtype, *, has_bias, has_softcap, has_gent, has_glse, even_h) -> dict:
+    """The constexpr arguments of ``_dz_kernel`` (the launcher and :func:`aot_variants`)."""
+    return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, HAS_GENT=has_gent, HAS_GLSE=has_glse,
+                EVEN_H=even_h, PREC=dot_precision(dtype), UPCAST=upcast_dot(), BLOCK_N=cfg.block_n,
+                BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP_N=cfg.group_n)
 
 
 @triton.jit
@@ -43,38 +62,10 @@ def _dz_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr,
                HAS_GLSE: tl.constexpr, EVEN_H: tl.constexpr, PREC: tl.constexpr,
                UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr):
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(G, BLOCK_N)
-    v_tiles = tl.cdiv(v_hi - v_lo, BLOCK_V)
-    in_group = GROUP_N * v_tiles
-    first_n = (pid // in_group) * GROUP_N
-    group_size = tl.minimum(n_blocks - first_n, GROUP_N)
-    pid_n = first_n + (pid % in_group) % group_size
-    pid_v = (pid % in_group) // group_size
-
-    offs_m = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)   # position in the group
-    mask_m = offs_m < G
-    rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)          # int64 row ids
-    tgt = tl.load(tgt_ptr + rows, mask=mask_m, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=mask_m, other=0.0)
-    gl = tl.load(gl_ptr + rows, mask=mask_m, other=0.0)
-    ge = gl
-    ent = lse
-    if HAS_GENT:
-        ge = tl.load(ge_ptr + rows, mask=mask_m, other=0.0)
-        ent = tl.load(ent_ptr + rows, mask=mask_m, other=0.0)
-    gp = gl
-    if HAS_GLSE:
-        gp = gl - tl.load(gs_ptr + rows, mask=mask_m, other=0.0)
-    v0 = v_lo + pid_v.to(tl.int64) * BLOCK_V
-    cols = tl.arange(0, BLOCK_V)                                     # int32 inside the tile
-    mask_v = cols < v_hi - v0
-
-    z, t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h, stride_w,
-                       temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC, UPCAST,
-                       BLOCK_N, BLOCK_V, BLOCK_H)
-    dz = dz_tile(z, t, cols, tgt, v0, lse, gl, gp, ge, ent, mask_m, mask_v, temperature,
-                 HAS_GENT, HAS_SOFTCAP)
+    dz, offs_m, mask_m, _rows, v0, cols, mask_v, _gl, _gp, _ge = grad_tile(
+        tl.program_id(0), G, v_lo, v_hi, h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr,
+        gl_ptr, ge_ptr, gs_ptr, H, stride_h, stride_w, temperature, softcap, HAS_BIAS, HAS_SOFTCAP,
+        HAS_GENT, HAS_GLSE, EVEN_H, PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H, GROUP_N)
     ptrs = dz_ptr + offs_m[:, None] * stride_dz + ((v0 - v_lo) + cols)[None, :]
     tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_v[None, :])
 
@@ -84,7 +75,7 @@ def dz_block(dz, hidden, weight, bias, targets, rows, lse, ent, g_logp, g_ent, g
     ``rows [G]`` and the vocabulary columns ``[v_lo, v_hi)``."""
     G = rows.numel()
     H = hidden.shape[1]
-    cfg = dz_config(hidden.dtype)
+    cfg = dz_config(hidden.dtype, H)
     dummy = lse
     grid = (triton.cdiv(G, cfg.block_n) * triton.cdiv(v_hi - v_lo, cfg.block_v),)
     dev = hidden.device
@@ -94,8 +85,33 @@ def dz_block(dz, hidden, weight, bias, targets, rows, lse, ent, g_logp, g_ent, g
                g_logp, g_ent if g_ent is not None else dummy, g_lse if g_lse is not None else dummy,
                dz, G, v_lo, v_hi, H, hidden.stride(0), weight.stride(0), dz.stride(0),
                float(p.temperature), float(p.softcap or 1.0),
-               HAS_BIAS=bias is not None, HAS_SOFTCAP=bool(p.softcap), HAS_GENT=g_ent is not None,
-               HAS_GLSE=g_lse is not None, EVEN_H=H % cfg.block_h == 0,
-               PREC=dot_precision(hidden.dtype), UPCAST=upcast_dot(), BLOCK_N=cfg.block_n,
-               BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP_N=cfg.group_n,
+               **dz_constexprs(cfg, hidden.dtype, has_bias=bias is not None,
+                               has_softcap=bool(p.softcap), has_gent=g_ent is not None,
+                               has_glse=g_lse is not None, even_h=H % cfg.block_h == 0),
                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def aot_variants():
+    """For bf16 and fp32: all flags off (the GRPO/SFT case), each of bias / softcap / entropy
+    gradient / lse gradient / odd H alone, all on; fp16: all off and all on
+    (``aot.flag_cover``). ``dz_config(dtype, H)``'s GPU block config."""
+    from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant,
+                      flag_cover, label, ptr)
+    base = dict(bias=False, softcap=False, gent=False, glse=False, odd_h=False)
+    cover = flag_cover({k: (False, True) for k in base}, base)
+    out = []
+    for dt in GPU_DTYPES:
+        for c in (cover if dt != torch.float16 else (cover[0], cover[-1])):
+            cfg = dz_config(dt, ODD_H_EXAMPLE if c["odd_h"] else EVEN_H_EXAMPLE)
+            types = dict(h_ptr=ptr(dt), w_ptr=ptr(dt), b_ptr=ptr(dt) if c["bias"] else "*fp32",
+                         tgt_ptr="*i64", rows_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32",
+                         gl_ptr="*fp32", ge_ptr="*fp32", gs_ptr="*fp32", dz_ptr=ptr(dt), G="i32",
+                         v_lo="i32", v_hi="i32", H="i32", stride_h="i32", stride_w="i32",
+                         stride_dz="i32", temperature="fp32", softcap="fp32")
+            cx = dz_constexprs(cfg, dt, has_bias=c["bias"], has_softcap=c["softcap"],
+                               has_gent=c["gent"], has_glse=c["glse"], even_h=not c["odd_h"])
+            div = tuple(a for a in types if a.endswith("_ptr")) + (
+                () if c["odd_h"] else ("H", "stride_h", "stride_w", "stride_dz"))
+            out.append(KernelVariant(_dz_kernel, label(c, DTYPE_NAMES[dt]), types, cx,
+                                     cfg.num_warps, cfg.num_stages, divisible=div))
+    return out

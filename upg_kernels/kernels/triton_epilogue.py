@@ -28,47 +28,17 @@ need a per-sequence reduction of ``logp`` and stay on the PyTorch epilogue.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .epilogue_codes import (EpilogueParams, FLAG_DUAL, FLAG_HIGH, FLAG_LOW,  # noqa: F401 (re-export)
+                             KL_CODES, LIKELIHOOD_CODES, PART_DEMO_SFT, PART_DEMO_SHAPED, PART_MAIN,
+                             PART_NONE, REFERENCE_CODES, ROLLOUT_CODES, STABILIZATION_CODES)
+from .aot import KernelVariant, flag_cover
+from .meta import launch
 from .triton_logprobs_common import interpreting
-
-STABILIZATION_CODES = {"none": 0, "clip": 1, "cispo": 2, "sapo": 3}
-REFERENCE_CODES = {"current": 0, "old": 1, "one": 2, "shaped": 3}
-LIKELIHOOD_CODES = {"logp": 0, "dft": 1, "chi2": 2, "hellinger": 3}
-KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
-ROLLOUT_CODES = {None: 0, "token_truncate": 1, "token_mask": 2}
-# per-token part codes (int8)
-PART_NONE, PART_MAIN, PART_DEMO_SFT, PART_DEMO_SHAPED = 0, 1, 2, 3
-FLAG_LOW, FLAG_HIGH, FLAG_DUAL = 1, 2, 4
-
-
-@dataclass(frozen=True)
-class EpilogueParams:
-    """The token-local part of a :class:`upg_kernels.LossConfig`, as kernel codes and scalars."""
-    stabilization: int = 0
-    reference: int = 0
-    likelihood: int = 0
-    kl_type: int = 3
-    rollout_is: int = 0
-    kl_bias_correction: bool = False
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    delta: float = 0.0           # 0 = no delta
-    dual_clip: float = 0.0       # 0 = no dual clip
-    tau_pos: float = 1.0
-    tau_neg: float = 1.05
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0
-    log_cap: float = 0.0         # log(rollout_is_cap)
-    fdiv_beta: float = 0.1
-    shaping_gamma: float = 0.1
-    rl_coef: float = 1.0
-    demo_coef: float = 1.0
-
 
 @triton.jit
 def _epilogue_kernel(part_ptr, rows_ptr, M, n_splits,
@@ -260,6 +230,56 @@ def _epilogue_kernel(part_ptr, rows_ptr, M, n_splits,
     tl.store(flags_ptr + row, tl.where(is_main, flags, 0).to(tl.int8), mask=mk)
 
 
+EPILOGUE_WARPS, EPILOGUE_STAGES = 4, 3
+
+
+def epilogue_constexprs(prm: EpilogueParams, *, has_old, has_ref, has_rol, has_isr) -> dict:
+    """The constexpr arguments of ``_epilogue_kernel`` (the launcher and :func:`aot_variants`)."""
+    return dict(STAB=prm.stabilization, REF=prm.reference, LIK=prm.likelihood,
+                KL_TYPE=prm.kl_type, KL_ON=prm.kl_coef > 0, KL_BC=bool(prm.kl_bias_correction),
+                ROLL=prm.rollout_is, HAS_DELTA=bool(prm.delta), HAS_DUAL=bool(prm.dual_clip),
+                HAS_OLD=has_old, HAS_REF=has_ref, HAS_ROL=has_rol, HAS_ISR=has_isr,
+                ENT_ON=prm.entropy_coef > 0, BLOCK=16 if interpreting() else 256)
+
+
+def aot_variants() -> list[KernelVariant]:
+    """A covering set (the full product is in the tens of thousands): the GRPO case (PPO clip on
+    the ratio to old), each mode / flag changed alone, all flags on, and ``reference="current"``
+    with each likelihood transform (LIK only matters there)."""
+    grpo = dict(stabilization=1, reference=1, likelihood=0, kl_type=3, rollout_is=0,
+                kl_bias_correction=False, delta=False, dual_clip=False, kl=False, entropy=False,
+                old=True, ref=False, rol=False, isr=False)
+    values = dict(stabilization=(1, 0, 2, 3), reference=(1, 0, 2, 3), kl_type=(3, 1, 2),
+                  rollout_is=(0, 1, 2), **{k: (False, True) for k in (
+                      "kl_bias_correction", "delta", "dual_clip", "kl", "entropy", "old", "ref",
+                      "rol", "isr")})
+    cover = flag_cover(values, grpo)
+    cover += [{**grpo, "reference": 0, "likelihood": lk, "old": False} for lk in (1, 2, 3)]
+    types = {a: "*fp32" for a in ("old_ptr", "ref_ptr", "rol_ptr", "adv_ptr", "isr_ptr", "w_ptr",
+                                  "logp_ptr", "ent_ptr", "lse_ptr", "ell_ptr", "glp_ptr", "gh_ptr",
+                                  "ratio_ptr", "kl_ptr", "rollw_ptr", "part_ptr")}
+    types.update(rows_ptr="*i64", code_ptr="*i8", flags_ptr="*i8", M="i32", n_splits="i32")
+    types.update({a: "fp32" for a in ("eps_low", "eps_high", "delta", "dual_clip", "tau_pos",
+                                      "tau_neg", "kl_coef", "entropy_coef", "log_cap",
+                                      "fdiv_beta", "shaping_gamma", "rl_coef", "demo_coef")})
+    out = []
+    for c in cover:
+        prm = EpilogueParams(c["stabilization"], c["reference"], c["likelihood"], c["kl_type"],
+                             c["rollout_is"], c["kl_bias_correction"],
+                             delta=1.5 if c["delta"] else 0.0,
+                             dual_clip=3.0 if c["dual_clip"] else 0.0,
+                             kl_coef=0.1 if c["kl"] else 0.0,
+                             entropy_coef=0.01 if c["entropy"] else 0.0)
+        cx = epilogue_constexprs(prm, has_old=c["old"], has_ref=c["ref"], has_rol=c["rol"],
+                                 has_isr=c["isr"])
+        changed = {k: v for k, v in c.items() if v != grpo[k]}
+        name = " ".join(["grpo"] + [k if v is True else f"no_{k}" if v is False else f"{k}={v}"
+                                    for k, v in changed.items()])
+        out.append(KernelVariant(_epilogue_kernel, name, types, cx, EPILOGUE_WARPS, EPILOGUE_STAGES,
+                                 divisible=tuple(a for a in types if a.endswith("_ptr"))))
+    return out
+
+
 def epilogue(part, rows, N, *, old, ref, rol, adv, isr, w, code, params: EpilogueParams):
     """Combine the forward partials and apply the loss epilogue.
 
@@ -282,21 +302,18 @@ def epilogue(part, rows, N, *, old, ref, rol, adv, isr, w, code, params: Epilogu
 
     old, ref, rol, isr, adv, w = map(f32, (old, ref, rol, isr, adv, w))
     dummy = adv
-    block = 16 if interpreting() else 256
+    flags_cx = epilogue_constexprs(prm, has_old=old is not None, has_ref=ref is not None,
+                                   has_rol=rol is not None, has_isr=isr is not None)
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
-        _epilogue_kernel[(triton.cdiv(M, block),)](
-            part, rows, M, splits,
-            old if old is not None else dummy, ref if ref is not None else dummy,
-            rol if rol is not None else dummy, adv, isr if isr is not None else dummy, w,
-            code.contiguous(), *outs, flags,
-            float(prm.eps_low), float(prm.eps_high), float(prm.delta or 1.0),
-            float(prm.dual_clip or 1.0), float(prm.tau_pos), float(prm.tau_neg),
-            float(prm.kl_coef), float(prm.entropy_coef), float(prm.log_cap),
-            float(prm.fdiv_beta), float(prm.shaping_gamma), float(prm.rl_coef),
-            float(prm.demo_coef),
-            STAB=prm.stabilization, REF=prm.reference, LIK=prm.likelihood, KL_TYPE=prm.kl_type,
-            KL_ON=prm.kl_coef > 0, KL_BC=bool(prm.kl_bias_correction), ROLL=prm.rollout_is,
-            HAS_DELTA=bool(prm.delta), HAS_DUAL=bool(prm.dual_clip), HAS_OLD=old is not None,
-            HAS_REF=ref is not None, HAS_ROL=rol is not None, HAS_ISR=isr is not None,
-            ENT_ON=prm.entropy_coef > 0, BLOCK=block, num_warps=4)
+        launch(_epilogue_kernel, (triton.cdiv(M, flags_cx["BLOCK"]),),
+               part, rows, M, splits,
+               old if old is not None else dummy, ref if ref is not None else dummy,
+               rol if rol is not None else dummy, adv, isr if isr is not None else dummy, w,
+               code.contiguous(), *outs, flags,
+               float(prm.eps_low), float(prm.eps_high), float(prm.delta or 1.0),
+               float(prm.dual_clip or 1.0), float(prm.tau_pos), float(prm.tau_neg),
+               float(prm.kl_coef), float(prm.entropy_coef), float(prm.log_cap),
+               float(prm.fdiv_beta), float(prm.shaping_gamma), float(prm.rl_coef),
+               float(prm.demo_coef), **flags_cx, num_warps=EPILOGUE_WARPS,
+               num_stages=EPILOGUE_STAGES)
     return (*outs, flags)

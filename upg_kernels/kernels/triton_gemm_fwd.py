@@ -32,6 +32,7 @@ from .workspace import workspace_bytes
 from .triton_logprobs_common import _tanh, check_inputs, interpreting, online_update
 
 _BLOCK_R, _BLOCK_C = 8, 1024    # rows x columns per step of the row kernel (GPU)
+STATS_WARPS = 4
 _INTERP_BLOCKS = (4, 32)        # under the interpreter: several steps at test sizes
 _SLAB_COLS = 8192
 _SLAB_COLS_INTERP = 64
@@ -118,7 +119,7 @@ def forward(hidden, weight, bias, targets, p):
                 launch(_stats_kernel, (triton.cdiv(n, br),), z, bias if bias is not None else z,
                        targets, idx, stg, n, v1 - v0, v0, z.stride(0), float(p.temperature),
                        float(p.softcap or 1.0), HAS_BIAS=bias is not None,
-                       HAS_SOFTCAP=bool(p.softcap), BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+                       HAS_SOFTCAP=bool(p.softcap), BLOCK_R=br, BLOCK_C=bc, num_warps=STATS_WARPS)
             m, s, t, zt = stg.unbind(0)
             log_s = torch.log(s)
             l = m + log_s
@@ -126,3 +127,21 @@ def forward(hidden, weight, bias, targets, p):
             ent[idx] = log_s - t / s
             logp[idx] = zt - l
     return logp, ent, lse
+
+
+def aot_variants():
+    """``_stats_kernel`` as the GPU launches it: no bias, a bf16 / fp16 / fp32 bias, each with and
+    without softcap (the full product)."""
+    from .aot import KernelVariant, ptr
+    out = []
+    for bias in (None, torch.bfloat16, torch.float16, torch.float32):
+        for cap in (False, True):
+            types = dict(z_ptr="*fp32", b_ptr=ptr(bias) if bias else "*fp32", tgt_ptr="*i64",
+                         rows_ptr="*i64", st_ptr="*fp32", G="i32", S="i32", v_lo="i32",
+                         stride_z="i32", temperature="fp32", softcap="fp32")
+            name = " ".join(["bias=" + ptr(bias)[1:] if bias else "no_bias"] + (["softcap"] if cap else []))
+            out.append(KernelVariant(
+                _stats_kernel, name, types,
+                dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=cap, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C),
+                STATS_WARPS, 3, divisible=("z_ptr", "b_ptr", "tgt_ptr", "rows_ptr", "st_ptr", "stride_z")))
+    return out

@@ -27,9 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import active_rows
-from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, dz_tile,
-                                     logits_tile, num_sms, upcast_dot)
+from . import active_rows, zero_grads
+from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant,
+                  flag_cover, label, ptr)
+from .meta import launch
+from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, grad_tile,
+                                     num_sms, upcast_dot)
 
 # float32 dweight accumulation buffer per launch (bf16/fp16 weights); see docs/kernels.md
 DW_SLAB_BYTES = 16 * 2**20
@@ -45,39 +48,10 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
                 NEED_W: tl.constexpr, NEED_B: tl.constexpr, FILTER: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                 GROUP_N: tl.constexpr):
-    # grouped order: GROUP_N token blocks x all vocabulary tiles of the slab, token block fastest
-    pid = tl.program_id(0)
-    n_blocks = tl.cdiv(M, BLOCK_N)
-    v_tiles = tl.cdiv(v_hi - v_lo, BLOCK_V)
-    in_group = GROUP_N * v_tiles
-    first_n = (pid // in_group) * GROUP_N
-    group_size = tl.minimum(n_blocks - first_n, GROUP_N)
-    pid_n = first_n + (pid % in_group) % group_size
-    pid_v = (pid % in_group) // group_size
-
-    offs_m = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)          # int64 row ids
-    tgt = tl.load(tgt_ptr + rows, mask=mask_m, other=-1)
-    lse = tl.load(lse_ptr + rows, mask=mask_m, other=0.0)
-    gl = tl.load(gl_ptr + rows, mask=mask_m, other=0.0)
-    v0 = v_lo + pid_v.to(tl.int64) * BLOCK_V
-    cols = tl.arange(0, BLOCK_V)                          # int32 inside the tile
-    mask_v = cols < v_hi - v0
-
-    z, t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h, stride_w,
-                       temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC, UPCAST,
-                       BLOCK_N, BLOCK_V, BLOCK_H)
-    ge = gl
-    ent = lse
-    if HAS_GENT:
-        ge = tl.load(ge_ptr + rows, mask=mask_m, other=0.0)
-        ent = tl.load(ent_ptr + rows, mask=mask_m, other=0.0)
-    gp = gl
-    if HAS_GLSE:
-        gp = gl - tl.load(gs_ptr + rows, mask=mask_m, other=0.0)
-    dz = dz_tile(z, t, cols, tgt, v0, lse, gl, gp, ge, ent, mask_m, mask_v, temperature,
-                 HAS_GENT, HAS_SOFTCAP)
+    dz, offs_m, mask_m, rows, v0, cols, mask_v, gl, gp, ge = grad_tile(
+        tl.program_id(0), M, v_lo, v_hi, h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr,
+        gl_ptr, ge_ptr, gs_ptr, H, stride_h, stride_w, temperature, softcap, HAS_BIAS, HAS_SOFTCAP,
+        HAS_GENT, HAS_GLSE, EVEN_H, PREC, UPCAST, BLOCK_N, BLOCK_V, BLOCK_H, GROUP_N)
 
     keep = True
     if FILTER:   # relative to the row's coefficient: |dz| <= eps * (|g_logp| + |g_ent|) / T is skipped
@@ -141,16 +115,69 @@ def _slab_rows(V: int, H: int, block_v: int, n_blocks: int = 1 << 30, sms: int =
     return min(rows, triton.cdiv(V, block_v) * block_v)
 
 
+def bwd_constexprs(cfg, dtype, *, has_bias, has_softcap, has_gent, has_glse, even_h, need_h, need_w,
+                   need_b, filter) -> dict:
+    """The constexpr arguments of ``_bwd_kernel`` for a launch (the launcher and
+    :func:`aot_variants` both call this)."""
+    return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, HAS_GENT=has_gent, HAS_GLSE=has_glse,
+                EVEN_H=even_h,
+                PREC=dot_precision(dtype), UPCAST=upcast_dot(), DH_DIRECT=dtype == torch.float32,
+                NEED_H=need_h, NEED_W=need_w, NEED_B=need_b, FILTER=filter,
+                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP_N=cfg.group_n)
+
+
+# which gradients a launch computes (bias ones need HAS_BIAS)
+_NEEDS = {"hw": (True, True, False), "h": (True, False, False), "w": (False, True, False),
+          "hwb": (True, True, True), "b": (False, False, True)}
+POINTERS = ("h_ptr", "w_ptr", "b_ptr", "tgt_ptr", "rows_ptr", "lse_ptr", "ent_ptr", "gl_ptr",
+            "ge_ptr", "gs_ptr", "dh_ptr", "dw_ptr", "db_ptr")
+
+
+def aot_variants() -> list[KernelVariant]:
+    """A covering set of what ``backward`` can launch (the full product is 320 per dtype): for bf16
+    and fp32, the common case (no bias / softcap / filter, entropy gradient on, even H, dhidden +
+    dweight), each flag flipped alone, and all flags on (``aot.flag_cover``); fp16 (the bf16 code
+    with another element type) the common case and all on. ``bwd_config(dtype, H)``'s GPU block
+    config."""
+    base = dict(bias=False, softcap=False, gent=True, glse=False, even_h=True, filter=False,
+                need="hw")
+    cover = flag_cover(dict(bias=(False, True), softcap=(False, True), gent=(True, False),
+                            glse=(False, True), even_h=(True, False), filter=(False, True),
+                            need=("hw", "h", "w", "b", "hwb")), base)
+    out = []
+    for dt in GPU_DTYPES:
+        acc = "*fp32"   # dh / dw / db accumulate in float32 buffers (or the fp32 outputs)
+        types = dict(h_ptr=ptr(dt), w_ptr=ptr(dt), b_ptr=None, tgt_ptr="*i64",
+                     rows_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32", gl_ptr="*fp32",
+                     ge_ptr="*fp32", gs_ptr="*fp32", dh_ptr=acc, dw_ptr=acc, db_ptr=acc, M="i32", H="i32",
+                     stride_h="i32", stride_w="i32", v_lo="i32", v_hi="i32", temperature="fp32",
+                     softcap="fp32", filter_eps="fp32")
+        for c in (cover if dt != torch.float16 else (cover[0], cover[-1])):
+            need_h, need_w, need_b = _NEEDS[c["need"]]
+            cfg = bwd_config(dt, EVEN_H_EXAMPLE if c["even_h"] else ODD_H_EXAMPLE)
+            bias = c["bias"] or need_b
+            types["b_ptr"] = ptr(dt) if bias else "*fp32"     # no bias: the launcher passes lse
+            flags = dict(has_bias=bias, has_softcap=c["softcap"], has_gent=c["gent"],
+                         has_glse=c["glse"], even_h=c["even_h"], need_h=need_h, need_w=need_w, need_b=need_b,
+                         filter=c["filter"])
+            name = label({"bias": bias, "softcap": c["softcap"], "no_gent": not c["gent"],
+                          "glse": c["glse"],
+                          "odd_h": not c["even_h"], "filter": c["filter"],
+                          "need": c["need"]}, DTYPE_NAMES[dt])
+            out.append(KernelVariant(
+                _bwd_kernel, name, dict(types), bwd_constexprs(cfg, dt, **flags), cfg.num_warps,
+                cfg.num_stages,
+                divisible=POINTERS + (("H", "stride_h", "stride_w") if c["even_h"] else ())))
+    return out
+
+
 def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
              need_hidden=True, need_weight=True, need_bias=True, g_lse=None):
     check_inputs(hidden, weight, bias)
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
-    need_bias = bool(need_bias) and bias is not None
-    dh = torch.zeros(N, H, dtype=hidden.dtype, device=dev) if need_hidden else None
-    dw = torch.zeros(V, H, dtype=weight.dtype, device=dev) if need_weight else None
-    db = torch.zeros(V, dtype=bias.dtype, device=dev) if need_bias else None
+    dh, dw, db, need_bias = zero_grads(hidden, weight, bias, need_hidden, need_weight, need_bias)
     bias = None if bias is None else bias.contiguous()
     targets = targets.contiguous()
     if not (need_hidden or need_weight or need_bias):
@@ -161,7 +188,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     if M == 0:
         return dh, dw, db
 
-    cfg = bwd_config(hidden.dtype)
+    cfg = bwd_config(hidden.dtype, H)
     lse = lse.to(torch.float32).contiguous()
     ent = ent.to(torch.float32).contiguous()
     h_fp32 = hidden.dtype == torch.float32
@@ -177,6 +204,11 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     if need_weight and not w_fp32:
         dw_buf = torch.empty(min(slab, V), H, dtype=torch.float32, device=dev)
     dummy = lse  # any tensor for pointers that a constexpr flag leaves unused
+    flags = bwd_constexprs(cfg, hidden.dtype, has_bias=bias is not None,
+                           has_softcap=bool(p.softcap), has_gent=g_ent is not None,
+                           has_glse=g_lse is not None, even_h=H % cfg.block_h == 0,
+                           need_h=bool(need_hidden), need_w=bool(need_weight), need_b=need_bias,
+                           filter=p.filter_eps > 0)
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
         for v0 in range(0, V, slab):
             v1 = min(V, v0 + slab)
@@ -189,19 +221,14 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
             else:
                 dw_slab = dummy
             grid = (n_blocks * triton.cdiv(v1 - v0, cfg.block_v),)
-            _bwd_kernel[grid](
-                hidden, weight, bias if bias is not None else dummy, targets, rows, lse, ent,
-                g_logp, g_ent if g_ent is not None else dummy, g_lse if g_lse is not None else dummy,
-                dh_buf if need_hidden else dummy, dw_slab, db_buf if need_bias else dummy,
-                M, H, hidden.stride(0), weight.stride(0), v0, v1,
-                float(p.temperature), float(p.softcap or 1.0), float(p.filter_eps),
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=bool(p.softcap),
-                HAS_GENT=g_ent is not None, HAS_GLSE=g_lse is not None, EVEN_H=H % cfg.block_h == 0,
-                PREC=dot_precision(hidden.dtype), UPCAST=upcast_dot(), DH_DIRECT=h_fp32,
-                NEED_H=bool(need_hidden), NEED_W=bool(need_weight), NEED_B=need_bias,
-                FILTER=p.filter_eps > 0,
-                BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h,
-                GROUP_N=cfg.group_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            launch(_bwd_kernel, grid,
+                   hidden, weight, bias if bias is not None else dummy, targets, rows, lse, ent,
+                   g_logp, g_ent if g_ent is not None else dummy,
+                   g_lse if g_lse is not None else dummy,
+                   dh_buf if need_hidden else dummy, dw_slab, db_buf if need_bias else dummy,
+                   M, H, hidden.stride(0), weight.stride(0), v0, v1,
+                   float(p.temperature), float(p.softcap or 1.0), float(p.filter_eps), **flags,
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             if need_weight and not w_fp32:
                 dw[v0:v1].copy_(dw_slab)
     if need_hidden and not h_fp32:   # cast in row chunks: no second [M, H] temporary

@@ -27,14 +27,21 @@ class BlockConfig:
     group_n: int = 8  # backward: token blocks per L2 group of the tile swizzle
 
 
-# H100 defaults (see docs/kernels.md "Block sizes"; register use and spills checked with an sm_90
-# ahead-of-time compile); small blocks under the CPU interpreter so the tests stay fast and still
-# cover several token blocks, vocabulary tiles and H chunks.
+# H100 defaults (see docs/kernels.md "Block sizes"); register use and spills are checked for sm_80
+# and sm_90 with triton 3.6 and 3.9 by ``python -m upg_kernels.aot_check`` (0 bytes of spills);
+# small blocks under the CPU interpreter so the tests stay fast and still cover several token
+# blocks, vocabulary tiles and H chunks.
 _FWD_GPU = BlockConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
 _BWD_GPU = BlockConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
 # float32 inputs run their products as 3xTF32 (two extra MMAs per step): smaller tiles fit
-_FWD_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=2)
-_BWD_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=2)
+# (BLOCK_H 32 spilled 100s of bytes on sm_80 in the compile check; 16 spills nothing)
+_FWD_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=16, num_warps=8, num_stages=2)
+_BWD_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=16, num_warps=8, num_stages=2)
+# H not a multiple of BLOCK_H: the masked H chunks need more registers (about 1 KB of spills at
+# the configs above); half the vocabulary tile and the H chunk fit
+_FWD_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3)
+_BWD_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3)
+_BWD_GPU_F32_ODD_H = BlockConfig(block_n=128, block_v=32, block_h=16, num_warps=8, num_stages=2)
 _FWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1)
 _BWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1, group_n=2)
 
@@ -46,18 +53,26 @@ def env_config(name: str):
     return BlockConfig(*map(int, v.split(","))) if v else None
 
 
-def fwd_config(dtype: torch.dtype) -> BlockConfig:
+def _pick(dtype, H, default, odd_h, f32, f32_odd_h) -> BlockConfig:
+    """The config for ``dtype``; its "odd H" variant when ``H`` is not a multiple of its BLOCK_H."""
+    cfg, odd = (f32, f32_odd_h) if dtype == torch.float32 else (default, odd_h)
+    return odd if H is not None and H % cfg.block_h else cfg
+
+
+def fwd_config(dtype: torch.dtype, H: int | None = None) -> BlockConfig:
+    """The forward's block config for ``dtype`` and hidden size ``H`` (None: a multiple of 64)."""
     if interpreting():
         return _FWD_INTERP
     return (env_config("UPG_KERNELS_TRITON_FWD_CONFIG")
-            or (_FWD_GPU_F32 if dtype == torch.float32 else _FWD_GPU))
+            or _pick(dtype, H, _FWD_GPU, _FWD_GPU_ODD_H, _FWD_GPU_F32, _FWD_GPU_F32))
 
 
-def bwd_config(dtype: torch.dtype) -> BlockConfig:
+def bwd_config(dtype: torch.dtype, H: int | None = None) -> BlockConfig:
+    """The backward's block config for ``dtype`` and hidden size ``H`` (None: a multiple of 64)."""
     if interpreting():
         return _BWD_INTERP
     return (env_config("UPG_KERNELS_TRITON_BWD_CONFIG")
-            or (_BWD_GPU_F32 if dtype == torch.float32 else _BWD_GPU))
+            or _pick(dtype, H, _BWD_GPU, _BWD_GPU_ODD_H, _BWD_GPU_F32, _BWD_GPU_F32_ODD_H))
 
 
 def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:
@@ -71,7 +86,7 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:
     if hidden.dtype != weight.dtype:
         raise TypeError(f"backend='triton' needs hidden and weight in one dtype, got "
                         f"{hidden.dtype} and {weight.dtype}")
-    if hidden.device.type != "cuda" and not interpreting():
+    if hidden.device.type not in ("cuda", "meta") and not interpreting():   # meta: kernels/meta.py
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
                          f"got tensors on {hidden.device}")
     if hidden.stride(-1) != 1 or weight.stride(-1) != 1:
@@ -88,7 +103,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if interpreting() else "tf32x3"
 
 
+META_SMS = 132   # the meta device (memory model) plans grids for an H100 SXM
+
+
 def num_sms(device: torch.device) -> int:
+    if device.type == "meta":
+        return META_SMS
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -193,3 +213,49 @@ def online_update(m_i, s_i, t_i, zt_i, z, cols, mask_v, tgt_off):
     t_i = alpha * (t_i + shift * s_i) + tl.sum(e * zc, 1)
     s_i = alpha * s_i + tl.sum(e, 1)
     return m_new, s_i, t_i, zt_i
+
+
+@triton.jit
+def grad_tile(pid, M, v_lo, v_hi, h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr,
+              ge_ptr, gs_ptr, H, stride_h, stride_w, temperature, softcap,
+              HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr,
+              HAS_GLSE: tl.constexpr, EVEN_H: tl.constexpr, PREC: tl.constexpr,
+              UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+              BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr):
+    """Program ``pid``'s logit-gradient tile of the rows ``rows_ptr[0:M]`` x columns ``[v_lo, v_hi)``,
+    in the grouped order (GROUP_N token blocks x every tile of the range, token block fastest, for L2
+    reuse): recompute the logits (``logits_tile``), load the row coefficients, form ``dz`` (``dz_tile``).
+    Shared by both backward kernels. Returns ``(dz, offs_m, mask_m, rows, v0, cols, mask_v, gl, gp, ge)``
+    (``gp = gl - g_lse``; ``ge = gl`` / ``gp = gl`` when their flag is off)."""
+    n_blocks = tl.cdiv(M, BLOCK_N)
+    v_tiles = tl.cdiv(v_hi - v_lo, BLOCK_V)
+    in_group = GROUP_N * v_tiles
+    first_n = (pid // in_group) * GROUP_N
+    group_size = tl.minimum(n_blocks - first_n, GROUP_N)
+    pid_n = first_n + (pid % in_group) % group_size
+    pid_v = (pid % in_group) // group_size
+
+    offs_m = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    rows = tl.load(rows_ptr + offs_m, mask=mask_m, other=0)          # int64 row ids
+    tgt = tl.load(tgt_ptr + rows, mask=mask_m, other=-1)
+    lse = tl.load(lse_ptr + rows, mask=mask_m, other=0.0)
+    gl = tl.load(gl_ptr + rows, mask=mask_m, other=0.0)
+    ge = gl
+    ent = lse
+    if HAS_GENT:
+        ge = tl.load(ge_ptr + rows, mask=mask_m, other=0.0)
+        ent = tl.load(ent_ptr + rows, mask=mask_m, other=0.0)
+    gp = gl
+    if HAS_GLSE:
+        gp = gl - tl.load(gs_ptr + rows, mask=mask_m, other=0.0)
+    v0 = v_lo + pid_v.to(tl.int64) * BLOCK_V
+    cols = tl.arange(0, BLOCK_V)                                     # int32 inside the tile
+    mask_v = cols < v_hi - v0
+
+    z, t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h, stride_w,
+                       temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC, UPCAST,
+                       BLOCK_N, BLOCK_V, BLOCK_H)
+    dz = dz_tile(z, t, cols, tgt, v0, lse, gl, gp, ge, ent, mask_m, mask_v, temperature,
+                 HAS_GENT, HAS_SOFTCAP)
+    return dz, offs_m, mask_m, rows, v0, cols, mask_v, gl, gp, ge

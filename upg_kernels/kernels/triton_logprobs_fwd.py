@@ -20,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant, label,
+                  ptr)
+from .meta import launch, nonzero_rows
 from .triton_logprobs_common import (check_inputs, dot_precision, fwd_config, interpreting,
                                      logits_tile, num_sms, online_update, upcast_dot)
 
@@ -95,6 +98,41 @@ def combine(part: torch.Tensor):
     return mx + log_s, log_s - t_tot / s_tot, zt.sum(0)
 
 
+def fwd_constexprs(cfg, dtype, *, has_bias: bool, has_softcap: bool, even_h: bool) -> dict:
+    """The constexpr arguments of ``_fwd_kernel`` for a launch (the launcher and
+    :func:`aot_variants` both call this)."""
+    return dict(HAS_BIAS=has_bias, HAS_SOFTCAP=has_softcap, EVEN_H=even_h,
+                PREC=dot_precision(dtype), UPCAST=upcast_dot(), BLOCK_N=cfg.block_n,
+                BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h)
+
+
+POINTERS = ("h_ptr", "w_ptr", "b_ptr", "tgt_ptr", "rows_ptr", "part_ptr")
+
+
+def aot_variants() -> list[KernelVariant]:
+    """What ``forward_partials`` can launch: bias x softcap x even H, the full product for bf16 and
+    fp32 (8 each); fp16 (the bf16 code with another element type) with all flags off and all on.
+    The block config is ``fwd_config(dtype, H)``'s GPU one."""
+    out = []
+    for dt in GPU_DTYPES:
+        types = dict(h_ptr=ptr(dt), w_ptr=ptr(dt), b_ptr=ptr(dt), tgt_ptr="*i64", rows_ptr="*i64",
+                     part_ptr="*fp32", M="i32", V="i32", H="i32", stride_h="i32", stride_w="i32",
+                     n_splits="i32", v_per_split="i32", temperature="fp32", softcap="fp32")
+        for bias in (False, True):
+            for cap in (False, True):
+                for even in (True, False):
+                    cfg = fwd_config(dt, EVEN_H_EXAMPLE if even else ODD_H_EXAMPLE)
+                    flags = dict(has_bias=bias, has_softcap=cap, even_h=even)
+                    if dt == torch.float16 and len({bias, cap, not even}) > 1:
+                        continue          # fp16: all off / all on only
+                    out.append(KernelVariant(
+                        _fwd_kernel, label({"bias": bias, "softcap": cap, "odd_h": not even},
+                                           DTYPE_NAMES[dt]),
+                        types, fwd_constexprs(cfg, dt, **flags), cfg.num_warps, cfg.num_stages,
+                        divisible=POINTERS + (("H", "stride_h", "stride_w") if even else ())))
+    return out
+
+
 def forward_partials(hidden, weight, bias, targets, p):
     """Launch the forward kernel. Returns ``(part, rows)``: the ``[4, splits, M]`` float32
     partials of the ``M`` non-ignored rows and their int64 row ids ``rows [M]``; ``part`` is None
@@ -106,26 +144,25 @@ def forward_partials(hidden, weight, bias, targets, p):
     dev = hidden.device
     bias = None if bias is None else bias.contiguous()
     targets = targets.contiguous()
-    rows = (targets != p.ignore_index).nonzero().squeeze(1)
+    rows = nonzero_rows(targets != p.ignore_index)
     M = rows.numel()
     if M == 0:
         return None, rows
-    cfg = fwd_config(hidden.dtype)
+    cfg = fwd_config(hidden.dtype, H)
     n_blocks = triton.cdiv(M, cfg.block_n)
     v_tiles = triton.cdiv(V, cfg.block_v)
     splits = _num_splits(n_blocks, v_tiles, num_sms(dev))
     v_per_split = triton.cdiv(v_tiles, splits) * cfg.block_v
     splits = triton.cdiv(V, v_per_split)                  # no empty split
     part = torch.empty(4, splits, M, dtype=torch.float32, device=dev)
+    flags = fwd_constexprs(cfg, hidden.dtype, has_bias=bias is not None,
+                           has_softcap=bool(p.softcap), even_h=H % cfg.block_h == 0)
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
-        _fwd_kernel[(n_blocks * splits,)](
-            hidden, weight, bias if bias is not None else hidden, targets, rows, part,
-            M, V, H, hidden.stride(0), weight.stride(0), splits, v_per_split,
-            float(p.temperature), float(p.softcap or 1.0),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=bool(p.softcap), EVEN_H=H % cfg.block_h == 0,
-            PREC=dot_precision(hidden.dtype), UPCAST=upcast_dot(), BLOCK_N=cfg.block_n,
-            BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages)
+        launch(_fwd_kernel, (n_blocks * splits,),
+               hidden, weight, bias if bias is not None else hidden, targets, rows, part,
+               M, V, H, hidden.stride(0), weight.stride(0), splits, v_per_split,
+               float(p.temperature), float(p.softcap or 1.0), **flags,
+               num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return part, rows
 
 

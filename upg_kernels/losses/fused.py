@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from ..kernels.triton_epilogue import (KL_CODES, LIKELIHOOD_CODES, PART_DEMO_SFT, PART_DEMO_SHAPED,
+from ..kernels.epilogue_codes import (KL_CODES, LIKELIHOOD_CODES, PART_DEMO_SFT, PART_DEMO_SHAPED,
                                        PART_MAIN, REFERENCE_CODES, ROLLOUT_CODES,
                                        STABILIZATION_CODES, EpilogueParams)
 from ..kernels import LogprobParams

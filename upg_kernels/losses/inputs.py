@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..kernels.meta import any_bad, any_true
 from .advantages import group_advantages
 from .config import GROUP_ADVANTAGES, LossConfig
 
@@ -118,17 +119,17 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
         demo_rows = torch.zeros(B, dtype=torch.bool, device=dev)
     else:
         if demo_rows.dtype != torch.bool:
-            if demo_rows.dtype.is_floating_point or not bool(((demo_rows == 0) | (demo_rows == 1)).all()):
+            if demo_rows.dtype.is_floating_point or any_bad((demo_rows != 0) & (demo_rows != 1)):
                 raise ValueError("is_demo must be a bool tensor (or 0/1 integers) of shape [B]")
             demo_rows = demo_rows.bool()
-        if cfg.demo_part is None and bool(demo_rows.any()):
+        if cfg.demo_part is None and any_bad(demo_rows):
             raise ValueError("is_demo marks demonstration rows but config.demo_part is None; use a "
                              "preset with demonstrations (hpt, hpt_release, luffy) or set demo_part")
     main_rows = ~demo_rows
     main_tok = valid & main_rows[:, None]
     demo_tok = valid & demo_rows[:, None]
-    has_main = bool(main_rows.any())
-    has_demo = bool(demo_rows.any())
+    has_main = any_true(main_rows)          # meta (memory model): True, the worst case
+    has_demo = any_true(demo_rows)
 
     # ---------------------------------------------------------------- per-token inputs (checked)
     old = _per_token("old_logprobs", old_logprobs, B, T, flat, dev, cd)
@@ -183,7 +184,7 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
         gid = _per_row("group_ids", group_ids, B, dev)
         in_groups = main_rows if cfg.demo_part == "sft" else torch.ones_like(main_rows)
         a_rows = torch.zeros(B, dtype=cd, device=dev)
-        if bool(in_groups.any()):
+        if any_true(in_groups):
             a_sel = group_advantages(rw[in_groups], group_size=group_size,
                                      group_ids=None if gid is None else gid[in_groups],
                                      mode=cfg.advantage, eps=cfg.adv_eps)

@@ -37,6 +37,7 @@ import torch
 
 from .._backend import resolve_backend
 from ..kernels import LogprobParams
+from ..kernels.meta import autocast_off
 from ..kernels.workspace import workspace_bytes
 from .. import logprobs as _logprobs   # the ops via the module (tests spy on them)
 from ..logprobs import prepare_inputs
@@ -306,7 +307,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
                  and name.startswith("triton") and h2.shape[0] > 0)
     gif = _grad_in_forward(grad_in_forward, cfg)
     plan = _Plan(cfg, inp, kp, name, use_fused and not gif, gif, workspace_bytes() if gif else 0)
-    with torch.autocast(hidden.device.type, enabled=False):
+    with autocast_off(hidden.device.type):
         outs = _PolicyLoss.apply(h2, w, b, t, plan)
     return _output(outs, plan, tuple(targets.shape))
 

@@ -1,0 +1,95 @@
+"""The registry of Triton kernel variants for the ahead-of-time compile check (``upg_kernels.aot_check``).
+
+Every Triton kernel module listed in :data:`upg_kernels.kernels.TRITON_KERNEL_MODULES` defines
+
+    def aot_variants() -> list[KernelVariant]
+
+next to its launcher, built from the SAME helpers the launcher uses to pick block configs and
+constexpr flags, so that the check compiles what the GPU will run. This module does not import
+triton (the records only hold the kernel object); ``aot_check`` does the compiling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# pointer element types, in triton's signature spelling
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+               torch.int64: "i64", torch.int32: "i32", torch.int8: "i8"}
+GPU_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# hidden sizes that pick the "multiple of the H chunk" and the "odd" block configs
+EVEN_H_EXAMPLE, ODD_H_EXAMPLE = 4096, 4100
+
+
+def ptr(dtype: torch.dtype) -> str:
+    """``"*bf16"`` etc.: the signature type of a pointer to ``dtype``."""
+    return "*" + DTYPE_NAMES[dtype]
+
+
+@dataclass(frozen=True)
+class KernelVariant:
+    """One compilation of one kernel: what ``kernel[grid](...)`` would specialize to on the GPU.
+
+    ``types`` maps every runtime (non-constexpr) argument to its type string (``"*bf16"``,
+    ``"i32"``, ``"fp32"``); ``constexprs`` holds every ``tl.constexpr`` argument. ``divisible`` names
+    the arguments that the launcher's typical call makes multiples of 16 (pointers from the torch
+    allocator, ``H`` and strides of real models): triton specializes on that, so the check does too.
+    """
+    kernel: Any
+    variant: str
+    types: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int
+    num_stages: int
+    divisible: tuple[str, ...] = field(default=())
+
+    @property
+    def name(self) -> str:
+        return getattr(self.kernel, "__name__", None) or self.kernel.fn.__name__
+
+    def signature(self) -> dict[str, str]:
+        """The full signature for ``triton.compiler.ASTSource``; every argument must be typed."""
+        names = list(self.kernel.arg_names)
+        missing = [a for a in names if a not in self.types and a not in self.constexprs]
+        extra = [a for a in (*self.types, *self.constexprs) if a not in names]
+        if missing or extra:
+            raise ValueError(f"{self.name} [{self.variant}]: the registered variant does not match "
+                             f"the kernel's arguments (untyped: {missing}, unknown: {extra})")
+        return {a: ("constexpr" if a in self.constexprs else self.types[a]) for a in names}
+
+    def attrs(self) -> dict:
+        """``tt.divisibility = 16`` on the ``divisible`` arguments (ASTSource's ``attrs``)."""
+        names = list(self.kernel.arg_names)
+        return {(names.index(a),): [["tt.divisibility", 16]] for a in self.divisible}
+
+
+def flag_cover(flags: dict[str, tuple], base: dict[str, Any]) -> list[dict[str, Any]]:
+    """A covering set of flag combinations: ``base``, ``base`` with each flag set to each of its
+    other values (one at a time), and every flag at its last value ("all on"). Each value of
+    each flag is thus compiled at least once, next to the launcher's common case."""
+    out = [dict(base)]
+    for k, values in flags.items():
+        for v in values:
+            if v != base[k]:
+                out.append({**base, k: v})
+    out.append({**base, **{k: values[-1] for k, values in flags.items()}})
+    seen, uniq = set(), []
+    for c in out:
+        key = tuple(sorted(c.items()))
+        if key not in seen:
+            seen.add(key)
+            uniq.append(c)
+    return uniq
+
+
+def label(flags: dict[str, Any], prefix: str = "") -> str:
+    """A short variant name: ``prefix`` and the flags that are on / not at their default."""
+    parts = [prefix] if prefix else []
+    for k, v in flags.items():
+        if v is True:
+            parts.append(k.lower())
+        elif v not in (False, None, 0):
+            parts.append(f"{k.lower()}={v}")
+    return " ".join(parts) or "base"

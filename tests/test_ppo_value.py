@@ -276,7 +276,7 @@ def test_pairwise_reward_loss_bad_input():
 
 
 # ---------------------------------------------------------------------------------------------- verl's code
-# verl is no test dependency (it pulls ray); `bash scripts/setup_verl_oracle.sh` builds .venv-verl on top
+# verl is no test dependency (it pulls ray); `bash scripts/setup_verl_env.sh` builds .venv-verl on top
 # of .venv, then `.venv-verl/bin/python -m pytest tests/test_ppo_value.py -k verl` runs these.
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9)])
 def test_gae_whiten_vs_verl(gamma, lam):

@@ -238,3 +238,38 @@ class PromptSampler:
             random.Random(f"{self.seed}-{epoch}").shuffle(p)
             self._cache = (epoch, p)
         return self._cache[1]
+
+
+class ReplaySampler:
+    """SFT replay (pretraining-data replay against the alignment tax, seed 002): plain-text rows of
+    ``data.replay_path`` mixed into SFT batches, ``round(batch_size * replay_ratio)`` rows a step.
+
+    A replay row is trained with the all-token LM loss: its text (+ EOS) becomes a sample whose
+    "prompt" is its first token only, so every later token is a target (the first token has nothing
+    before it to be predicted from). Its order is a ``PromptSampler`` of its own (state: ``pos``).
+    """
+
+    def __init__(self, rows: list[dict], column: str, ratio: float, tokenizer, max_tokens: int, seed: int,
+                 path: str = ""):
+        check_columns(rows, [column], path, "SFT replay (data.replay_path)")
+        for i, r in enumerate(rows):
+            if not isinstance(r[column], str) or not r[column].strip():
+                raise ValueError(f"replay dataset {path!r} row {i}: column {column!r} must be a non-empty "
+                                 f"string, got {r[column]!r}")
+        self.rows, self.column, self.ratio = rows, column, float(ratio)
+        self.tok, self.max_tokens = tokenizer, max_tokens
+        self.sampler = PromptSampler(len(rows), seed + 1)
+
+    def count(self, batch_size: int) -> int:
+        """Replay rows in a batch of ``batch_size`` (at least one task row stays)."""
+        return min(batch_size - 1, int(round(batch_size * self.ratio)))
+
+    def sample(self, i: int):
+        from .samples import Sample
+        ids = list(self.tok(self.rows[i][self.column], add_special_tokens=False)["input_ids"])
+        ids = ids[:max(1, self.max_tokens - 1)] + [self.tok.eos_token_id]
+        return Sample(ids[:1], ids[1:])
+
+    def take(self, k: int) -> list:
+        from . import distributed as dist
+        return [self.sample(i) for i in dist.shard_batch(self.sampler.take(k))]

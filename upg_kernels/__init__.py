@@ -3,12 +3,19 @@
 - :func:`token_logprobs`: per-token log-probs (and entropy) from hidden states and the lm_head.
 - :func:`unified_policy_loss` / :class:`UnifiedPolicyLoss` with :class:`LossConfig` presets: SFT, RL
   and their hybrids as one estimator with four interchangeable parts.
+- :func:`preference_loss` with :class:`PreferenceConfig` presets (DPO, cDPO, RPO, IPO, hinge, robust,
+  SimPO, ORPO), :func:`sequence_logprobs`, :func:`pairwise_reward_loss` (Bradley-Terry RM).
+- PPO with a critic: :func:`gae`, :func:`value_loss`, :func:`kl_penalty_rewards`,
+  :class:`AdaptiveKLController` / :class:`FixedKLController`, :func:`whiten`.
 - Drop-ins: :class:`FusedLinearGRPOLoss` (Liger), :func:`linear_cross_entropy` (Cut Cross-Entropy);
   TRL's GRPOTrainer via :mod:`upg_kernels.integrations.trl`.
 """
 from .integrations import FusedLinearGRPOLoss, linear_cross_entropy
 from .logprobs import token_logprobs
 from .losses import LossConfig, LossOutput, UnifiedPolicyLoss, group_advantages, unified_policy_loss
+from .ppo import AdaptiveKLController, FixedKLController, gae, kl_penalty_rewards, value_loss, whiten
+from .preference import (PREFERENCE_PRESETS, PreferenceConfig, PreferenceOutput, pairwise_reward_loss,
+                         preference_loss, sequence_logprobs)
 from .reference import token_logprobs_reference
 
 __version__ = "0.1.0"
@@ -16,4 +23,7 @@ __all__ = [
     "token_logprobs", "token_logprobs_reference",
     "LossConfig", "LossOutput", "UnifiedPolicyLoss", "group_advantages", "unified_policy_loss",
     "FusedLinearGRPOLoss", "linear_cross_entropy",
+    "PreferenceConfig", "PREFERENCE_PRESETS", "PreferenceOutput", "preference_loss", "sequence_logprobs",
+    "pairwise_reward_loss",
+    "gae", "whiten", "value_loss", "kl_penalty_rewards", "AdaptiveKLController", "FixedKLController",
 ]

@@ -91,6 +91,8 @@ class RewardConfig:
                      "'math' (\\boxed{} answers, math-verify when installed), or 'module:function' / "
                      "'file.py:function' with TRL's signature f(prompts, completions, **columns)")
     weights: list = _f([], "one weight per reward function (empty = all 1.0)")
+    eval_funcs: list = _f([], "reward functions of the held-out evaluation (empty = reward.funcs), e.g. "
+                          "[task] for a ppo run trained on an rm:PATH reward model")
     correct_threshold: float = _f(0.5, "a completion counts as correct (HPT's v, accuracy) when its "
                                   "summed reward is >= this")
     overlong_buffer: int = _f(0, "DAPO soft overlong punishment: length interval L_cache before "
@@ -191,6 +193,9 @@ class DemoConfig:
     warmup_lr: float = _f(5e-3, "demo: peak learning rate of the warm-up (cosine decay to 10%)")
     lr: float = _f(3e-4, "demo: learning rate of every compared run (the same for sft, grpo and hpt)")
     max_new_tokens: int = _f(28, "demo: rollout/eval completion length")
+    suite: str = _f("main", "demo: 'main' = SFT vs GRPO vs HPT; 'preference' = SFT -> DPO and SFT -> RM -> PPO")
+    pref_steps: int = _f(100, "preference demo: steps of DPO, RM and PPO each")
+    pref_lr: float = _f(5e-4, "preference demo: learning rate of DPO and PPO (the RM uses 10x)")
 
 
 @dataclass
@@ -367,6 +372,7 @@ def validate(cfg: Config) -> None:
         (cfg.ppo.kl_type in ("k1", "k2", "k3", "abs"), "ppo.kl_type must be k1, k2, k3 or abs"),
         (0 <= cfg.ppo.lam <= 1 and 0 <= cfg.ppo.gamma <= 1, "ppo.gamma and ppo.lam must be in [0, 1]"),
     ]
+    more.append((cfg.demo.suite in ("main", "preference"), "demo.suite must be main or preference"))
     for ok, msg in more:
         if not ok:
             raise ValueError(msg)

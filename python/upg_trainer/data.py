@@ -54,6 +54,9 @@ def load_rows(path: str, *, split: str = "train", num: Optional[int] = None, see
             if path.endswith(".json"):
                 data = json.load(f)
                 rows = data if isinstance(data, list) else data.get(split, data.get("data"))
+                if rows is None and isinstance(data, dict) and data and all(isinstance(v, list)
+                                                                            for v in data.values()):
+                    rows = _columnar(data, path)
                 if not isinstance(rows, list):
                     raise ValueError(f"{path!r}: expected a JSON list of objects")
             else:
@@ -71,6 +74,16 @@ def load_rows(path: str, *, split: str = "train", num: Optional[int] = None, see
     if num is not None and num > 0:
         rows = rows[:num]
     return rows
+
+
+def _columnar(data: dict, path: str) -> list[dict]:
+    """Rows of a column-oriented JSON object ``{"prompt": [...], "chosen": [...], ...}``."""
+    lens = {k: len(v) for k, v in data.items()}
+    if len(set(lens.values())) > 1:
+        raise ValueError(f"{path!r}: column lengths differ (length mismatch): {lens}; every column needs one "
+                         "entry per row")
+    n = next(iter(lens.values()))
+    return [{k: data[k][i] for k in data} for i in range(n)]
 
 
 def check_columns(rows: list[dict], columns: list[str], path: str, purpose: str) -> None:
@@ -139,6 +152,14 @@ class RowBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum().item())
+
+    def select(self, rows) -> "RowBatch":
+        """The rows ``rows`` of an unpacked batch (same columns, so per-token tensors stay aligned)."""
+        if self.segments is not None:
+            raise ValueError("select() is for build_rows batches, not packed ones")
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return RowBatch(self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx], self.start,
+                        self.targets[idx], self.loss_mask[idx])
 
 
 def build_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> RowBatch:

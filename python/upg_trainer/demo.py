@@ -78,6 +78,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_demo(cfg: Config) -> list[dict]:
+    if cfg.demo.suite == "preference":
+        from .demo_preference import run_preference_demo
+        return run_preference_demo(cfg)
     from .plots import plot_comparison
     from .trainer import Trainer
 

@@ -34,6 +34,8 @@ from .data import (PromptSampler, RowBatch, build_rows, check_columns, encode_co
                    encode_prompt, load_rows, pack_rows, prompt_text)
 from .model import (check_fused_logprobs, freeze, get_head, hidden_states, load_model_and_tokenizer,
                     load_reference_model)
+from .ppo import PPOSteps
+from .preference import PreferenceSteps, load_preference_rows
 from .rewards import RewardSet
 from .samples import (Sample, keep_informative_groups, process_advantages, soft_overlong_punishment,
                       step_ends)
@@ -55,6 +57,9 @@ def make_loss_config(cfg: Config) -> LossConfig:
         mcl = cfg.data.max_completion_tokens if cfg.command == "sft" else cfg.rollout.max_new_tokens
         base = base.replace(max_completion_length=int(mcl))
     cmd = cfg.command
+    if cmd == "ppo" and base.advantage != "given":
+        raise ValueError(f"`upg-train ppo` trains on GAE advantages: use a preset with advantage='given' "
+                         f"(ppo), got {name!r}")
     if cmd == "sft" and base.advantage != "one":
         raise ValueError(f"loss preset {name!r} needs rewards/advantages: use it with `upg-train grpo`, "
                          "not `sft` (sft presets: sft, dft)")
@@ -102,12 +107,33 @@ def _part_weight(aggregation: str, rows: float, rows_total: float, toks: float, 
     return rows / rows_total if rows_total else 0.0
 
 
-class Trainer:
+TRAIN_COMMANDS = ("sft", "grpo", "hpt", "rm", "dpo", "ppo")
+SINGLE_PROCESS = ("rm", "dpo", "ppo")  # not yet run under torchrun (docs/trainer.md, limitations)
+
+
+class Trainer(PreferenceSteps, PPOSteps):
+    """One loop (``train``) for every command; a command is a step method (``STEPS``) that builds its
+    micro-batches and calls the shared accumulation/update ``_update`` with its loss."""
+
+    STEPS = {"sft": "sft_step", "grpo": "rl_step", "hpt": "rl_step", "rm": "rm_step", "dpo": "dpo_step",
+             "ppo": "ppo_step"}
+
     def __init__(self, cfg: Config, model=None, tokenizer=None):
         self.cfg = cfg
         dist.init_distributed()
         torch.manual_seed(cfg.train.seed)
-        if model is None:
+        if cfg.command in SINGLE_PROCESS and dist.world_size() > 1:
+            raise ValueError(f"`upg-train {cfg.command}` runs in one process for now (world size "
+                             f"{dist.world_size()}); run it without torchrun")
+        if cfg.command in SINGLE_PROCESS and cfg.train.strategy != "none":
+            raise ValueError(f"`upg-train {cfg.command}` supports train.strategy none only")
+        if cfg.command == "rm" and model is None:
+            from .value_model import load_scalar_model
+            m = cfg.model
+            model, tokenizer, self.device = load_scalar_model(
+                m.path, dtype=m.dtype, device=m.device, seed=cfg.train.seed,
+                attn_implementation=m.attn_implementation, trust_remote_code=m.trust_remote_code)
+        elif model is None:
             model, tokenizer, self.device = load_model_and_tokenizer(
                 cfg.model.path, dtype=cfg.model.dtype, device=cfg.model.device,
                 attn_implementation=cfg.model.attn_implementation, seed=cfg.train.seed,
@@ -116,20 +142,31 @@ class Trainer:
             self.device = next(model.parameters()).device
         # final-logit softcapping (Gemma-2 style) goes to every log-prob / loss call; a logit scale is
         # refused by get_head; the fused log-probs are checked once against the model's own logits
-        self.softcap = get_head(model).softcap
-        check_fused_logprobs(model, self.softcap, backend=cfg.loss.backend)
+        self.softcap = None
+        if cfg.command != "rm":  # the reward model is never asked for log-probs
+            self.softcap = get_head(model).softcap
+            check_fused_logprobs(model, self.softcap, backend=cfg.loss.backend)
+        if cfg.command == "dpo" and self.softcap is not None:
+            raise ValueError("`upg-train dpo`: preference_loss has no final-logit softcapping; this model "
+                             f"softcaps its logits (final_logit_softcapping={self.softcap})")
         self.lm, self.tok = model, tokenizer
         self.out = cfg.output.dir
         self.metrics = MetricsLog(os.path.join(self.out, "metrics.jsonl"), enabled=dist.is_main())
         self.step = 0
         self.sampler: Optional[PromptSampler] = None
         self._prompt_cache: dict = {}
+        self._extra_loss = None   # PPO shared critic: a value term added inside the policy forward
+        self.replay = None
 
         # data
         d = cfg.data
         need = {"sft": [d.prompt_column, d.demo_column], "grpo": [d.prompt_column, d.answer_column],
-                "hpt": [d.prompt_column, d.answer_column, d.demo_column]}.get(cfg.command)
+                "hpt": [d.prompt_column, d.answer_column, d.demo_column], "ppo": [d.prompt_column]}.get(cfg.command)
         self.train_rows = []
+        self.pair_eval_rows = []
+        if cfg.command in ("rm", "dpo"):
+            self.train_rows, self.pair_eval_rows = load_preference_rows(cfg)
+            self.sampler = PromptSampler(len(self.train_rows), cfg.train.seed)
         if need:
             self.train_rows = load_rows(d.path, split=d.split, num=d.num_train if d.path == "embedded" else None,
                                         seed=cfg.train.seed, levels=d.levels)
@@ -139,15 +176,31 @@ class Trainer:
         eval_path = d.eval_path
         if eval_path == "auto":
             eval_path = "embedded" if d.path == "embedded" or cfg.command == "eval" else ""
+        if cfg.command in ("rm", "dpo"):  # held-out pairs above; dpo on the embedded task: greedy accuracy too
+            eval_path = "embedded" if cfg.command == "dpo" and d.path == "embedded" and d.eval_path else ""
         if eval_path:
             self.eval_rows = load_rows(eval_path, split=d.eval_split, num=d.num_eval, seed=cfg.train.seed,
                                        levels=d.eval_levels, eval_set=True)
             check_columns(self.eval_rows, [d.prompt_column, d.answer_column], eval_path, "evaluation")
-        needs_reward = cfg.command in ("grpo", "hpt") or bool(self.eval_rows)
+        if cfg.command == "sft" and d.replay_path:
+            from .data import ReplaySampler
+            self.replay = ReplaySampler(load_rows(d.replay_path, split=d.split), d.replay_column, d.replay_ratio,
+                                        self.tok, d.max_completion_tokens, cfg.train.seed, d.replay_path)
+        needs_reward = cfg.command in ("grpo", "hpt", "ppo") or bool(self.eval_rows)
         self.rewards = RewardSet(cfg.reward.funcs, cfg.reward.weights) if needs_reward else None
-        self.loss_cfg = make_loss_config(cfg) if cfg.command in ("sft", "grpo", "hpt") else None
+        self.eval_rewards = self.rewards
+        if cfg.reward.eval_funcs and self.eval_rows:  # e.g. ppo trained on rm:PATH, evaluated by the verifier
+            self.eval_rewards = RewardSet(cfg.reward.eval_funcs)
+        self.loss_cfg = make_loss_config(cfg) if cfg.command in ("sft", "grpo", "hpt", "ppo") else None
+        self.pref_cfg = None
+        if cfg.command == "dpo":
+            from upg_kernels import PreferenceConfig
+            self.pref_cfg = PreferenceConfig.preset(cfg.pref.preset, **dict(cfg.pref.overrides or {}))
         ws = dist.world_size()
-        if cfg.command in ("sft", "grpo", "hpt") and cfg.train.batch_size < ws:
+        if cfg.rollout.dynamic_sampling and ws > 1:
+            raise ValueError("rollout.dynamic_sampling runs in one process for now (each rank would need the "
+                             "same number of generate rounds); run without torchrun")
+        if cfg.command in TRAIN_COMMANDS and cfg.train.batch_size < ws:
             what = "samples" if cfg.command == "sft" else "prompts"
             raise ValueError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size {ws}: every "
                              f"rank needs at least one of the step's {what}; use --train.batch_size >= {ws}")
@@ -161,12 +214,15 @@ class Trainer:
         # the reference model (KL / chi2 / hellinger): built from the initial weights, before a resume
         # loads the checkpoint's weights into the policy, so a resumed run gets the same reference
         self.ref, self.ref_softcap = None, None
-        if needs_reference(self.loss_cfg):
+        if (needs_reference(self.loss_cfg) or (self.pref_cfg is not None and self.pref_cfg.use_reference)
+                or (cfg.command == "ppo" and (cfg.ppo.kl_coef > 0 or cfg.ppo.adaptive_kl))):
             self.ref = self._build_reference()
+        if cfg.command == "ppo":
+            self._setup_critic()
 
         # resume: weights go into the plain model before it is wrapped
         self.resume_state = None
-        if cfg.command in ("sft", "grpo", "hpt"):
+        if cfg.command in TRAIN_COMMANDS:
             self._prepare_output()
         if self.ref is not None:
             self._check_reference()
@@ -181,15 +237,17 @@ class Trainer:
             self.ref = dist.wrap_model(self.ref, "fsdp2", param_dtype=torch.bfloat16 if bf16 else None,
                                        reduce_dtype=torch.float32 if bf16 else None)
         r = cfg.rollout
-        self.engine = make_engine(r.engine, self.model, self.tok, batch_size=r.batch_size,
+        self.engine = None if cfg.command == "rm" else make_engine(r.engine, self.model, self.tok, batch_size=r.batch_size,
                                   gpu_memory_utilization=r.gpu_memory_utilization,
                                   max_model_len=r.max_model_len or cfg.data.max_prompt_tokens + r.max_new_tokens,
                                   sleep_level=r.sleep_level, seed=cfg.train.seed,
                                   dtype="bfloat16" if bf16 else None,
                                   return_logprobs=getattr(self.loss_cfg, "rollout_is", None) is not None)
         t = cfg.train
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=t.lr,
-                                     betas=tuple(t.betas), weight_decay=t.weight_decay)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if getattr(self, "value_head", None) is not None:
+            params += list(self.value_head.parameters())
+        self.opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.sched = make_scheduler(self.opt, t.schedule, t.max_steps * t.mini_batches, t.warmup_steps,
                                     t.min_lr_ratio)
         if self.resume_state is not None:
@@ -197,6 +255,10 @@ class Trainer:
             dist.load_full_optimizer_state_dict(self.model, self.opt, opt_state)
             self.sched.load_state_dict(st["scheduler"])
             self.sampler.pos = st["data_pos"]
+            if self.replay is not None:
+                self.replay.sampler.pos = st["replay_pos"]
+            if cfg.command == "ppo":
+                self.load_critic_state(st["ppo"])
             self.step = st["step"]
             set_rng_state(st["rng"])
 
@@ -214,8 +276,9 @@ class Trainer:
                 ref = freeze(copy.deepcopy(self.lm))
         except Exception as e:
             src = f"model.ref_path={m.ref_path!r}" if m.ref_path else "a copy of the initial policy"
-            raise RuntimeError(f"could not build the reference model ({src}) that loss kl_coef="
-                               f"{self.loss_cfg.kl_coef} / likelihood={self.loss_cfg.likelihood!r} needs: "
+            why = (f"loss kl_coef={self.loss_cfg.kl_coef} / likelihood={self.loss_cfg.likelihood!r}"
+                   if self.cfg.command not in ("dpo", "ppo") else f"`upg-train {self.cfg.command}`")
+            raise RuntimeError(f"could not build the reference model ({src}) that {why} needs: "
                                f"{type(e).__name__}: {e}") from e
         w_ref, w_pol = get_head(ref).weight, get_head(self.lm).weight
         if w_ref.shape[0] != w_pol.shape[0]:
@@ -255,7 +318,11 @@ class Trainer:
         if cfg.output.resume and ckpts:
             step, path = ckpts[-1]
             sd, opt_state, st = load_checkpoint(path)
-            load_model_weights(self.lm, sd, path)
+            if cfg.command == "rm":  # value_head.safetensors holds the head's weight/bias
+                self.lm.head.load_state_dict({k: sd.pop(k) for k in ("weight", "bias")})
+                load_model_weights(self.lm.lm, sd, path)
+            else:
+                load_model_weights(self.lm, sd, path)
             self.resume_state = (opt_state, st)
             self.metrics.truncate_after(step)  # drop rows of steps after the checkpoint (they are redone)
             print(f"[upg-train] resuming from {path} (step {step})") if dist.is_main() else None
@@ -293,7 +360,7 @@ class Trainer:
     # ------------------------------------------------------------------------------- loss
     def _temperature(self) -> float:
         """The temperature of the loss (and of the old / reference log-probs): 1 for sft, the sampler's otherwise."""
-        return 1.0 if self.cfg.command == "sft" else self.cfg.rollout.temperature
+        return 1.0 if self.cfg.command in ("sft", "dpo", "rm") else self.cfg.rollout.temperature
 
     def _micro_loss(self, mb: RowBatch, cfg: LossConfig, extra: dict, box: list):
         def fn(lm):
@@ -303,6 +370,8 @@ class Trainer:
                                       temperature=self._temperature(), softcap=self.softcap,
                                       backend=self.cfg.loss.backend, **extra)
             box.append(out)
+            if self._extra_loss is not None:  # PPO shared critic: the value loss on the same hidden states
+                return out.loss + self._extra_loss(h)
             return out.loss
         return dist.forward_call(self.model, fn)
 
@@ -366,7 +435,7 @@ class Trainer:
         opt.step()
         if sched is not None:
             sched.step()
-        if model is self.model:
+        if model is self.model and self.engine is not None:
             self.engine.sync_weights(self.model)
         if dist.is_distributed():
             # token-weighted over every rank's micro-batches, so kl_mean, entropy, ... describe the whole
@@ -657,8 +726,9 @@ class Trainer:
     def evaluate(self) -> dict:
         """Greedy accuracy on the held-out rows (and per level when the rows have a 'level' column)."""
         c = self.cfg
+        pair_m = self.evaluate_pairs() if c.command in ("rm", "dpo") else {}
         if not self.eval_rows:
-            return {}
+            return pair_m
         rows = self.eval_rows
         prompts = [self._prompt_ids(r) for r in rows]
         self.engine.wake()
@@ -666,7 +736,7 @@ class Trainer:
         self.engine.sleep()
         texts = self.tok.batch_decode([r.completion_ids for r in ro], skip_special_tokens=True)
         cols = self._columns(rows)
-        reward, _ = self.rewards([prompt_text(r[c.data.prompt_column]) for r in rows], texts, cols)
+        reward, _ = self.eval_rewards([prompt_text(r[c.data.prompt_column]) for r in rows], texts, cols)
         ok = [float(x >= c.reward.correct_threshold) for x in reward]
         m = {"eval/accuracy": sum(ok) / len(ok), "eval/reward": sum(reward) / len(reward)}
         if "level" in rows[0]:
@@ -674,41 +744,54 @@ class Trainer:
                 sel = [o for o, r in zip(ok, rows) if r["level"] == lv]
                 m[f"eval/acc_level{lv}"] = sum(sel) / len(sel)
         self.last_eval_samples = list(zip([prompt_text(r[c.data.prompt_column]) for r in rows[:3]], texts[:3]))
-        return m
+        return dict(m, **pair_m)
 
     # ------------------------------------------------------------------------------- checkpoints
     def save(self):
         sd = dist.full_state_dict(self.model)
         opt = dist.full_optimizer_state_dict(self.model, self.opt)
         if dist.is_main():
-            def save_model(path):
-                self.lm.save_pretrained(path, state_dict=sd)
-                self.tok.save_pretrained(path)
-            save_checkpoint(self.out, self.step, model_state=sd, save_model_fn=save_model, optimizer_state=opt,
-                            trainer_state={"scheduler": self.sched.state_dict(), "data_pos": self.sampler.pos,
-                                           "command": self.cfg.command},
-                            keep_last=self.cfg.output.keep_last)
+            st = {"scheduler": self.sched.state_dict(), "data_pos": self.sampler.pos, "command": self.cfg.command}
+            if self.replay is not None:
+                st["replay_pos"] = self.replay.sampler.pos
+            if self.cfg.command == "ppo":
+                st["ppo"] = self.critic_state()
+            save_checkpoint(self.out, self.step, model_state=sd, save_model_fn=lambda p: self._save_model(p, sd),
+                            optimizer_state=opt, trainer_state=st, keep_last=self.cfg.output.keep_last)
         dist.barrier()
+
+    def _save_model(self, path: str, sd: dict) -> None:
+        """The policy (or the reward model) as a from_pretrained directory with its tokenizer."""
+        from .value_model import ScalarHeadModel
+        if isinstance(self.lm, ScalarHeadModel):
+            self.lm.save(path, self.tok, sd)
+        else:
+            self.lm.save_pretrained(path, state_dict=sd)
+            self.tok.save_pretrained(path)
 
     def save_final(self, path: str):
         sd = dist.full_state_dict(self.model)
         if dist.is_main():
             tmp = path + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            self.lm.save_pretrained(tmp, state_dict=sd)
-            self.tok.save_pretrained(tmp)
+            self._save_model(tmp, sd)
+            if getattr(self, "critic", None) is not None:  # ppo: final/critic, an rm-format checkpoint
+                self.critic.save(os.path.join(tmp, "critic"), self.tok)
             shutil.rmtree(path, ignore_errors=True)
             os.rename(tmp, path)
         dist.barrier()
 
     # ------------------------------------------------------------------------------- loop
+    def _has_eval(self) -> bool:
+        return bool(self.eval_rows) or bool(self.pair_eval_rows)
+
     def train(self) -> dict:
         from tqdm.auto import tqdm
 
         c = self.cfg
         t = c.train
-        step_fn = self.sft_step if c.command == "sft" else self.rl_step
-        if self.step == 0 and self.eval_rows:
+        step_fn = getattr(self, self.STEPS[c.command])
+        if self.step == 0 and self._has_eval():
             self.metrics.write({"step": 0, "kind": "eval", **self.evaluate()})
         bar = tqdm(total=t.max_steps, initial=self.step, desc=f"{c.command}", dynamic_ncols=True,
                    disable=not (c.output.progress and dist.is_main()))
@@ -727,13 +810,15 @@ class Trainer:
             self.metrics.write(row)
             post = {"loss": f"{row['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"}
             if "reward" in row:
-                post.update(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}",
-                            sft=f"{row['sft_share']:.2f}")
+                post.update(reward=f"{row['reward']:.2f}", acc=f"{row['accuracy']:.2f}")
+                if "sft_share" in row:
+                    post["sft"] = f"{row['sft_share']:.2f}"
             last = self.step == t.max_steps
-            if self.eval_rows and (last or (c.output.eval_every and self.step % c.output.eval_every == 0)):
+            if self._has_eval() and (last or (c.output.eval_every and self.step % c.output.eval_every == 0)):
                 ev = self.evaluate()
                 self.metrics.write({"step": self.step, "kind": "eval", **ev})
-                post["eval_acc"] = f"{ev['eval/accuracy']:.2f}"
+                key = "eval/accuracy" if "eval/accuracy" in ev else "eval/pair_accuracy"
+                post["eval_acc"] = f"{ev[key]:.2f}"
             bar.set_postfix(post, refresh=False)
             bar.update(1)
             if last or (c.output.save_every and self.step % c.output.save_every == 0):

@@ -17,7 +17,7 @@ import time
 
 from .checkpoint import read_metrics
 from .config import Config
-from .demo import _derive
+from .demo import _derive, run_environment
 
 PANELS = [("eval", "eval/accuracy", "held-out accuracy (greedy, verifier)"),
           ("eval", "eval/pair_accuracy", "held-out pair accuracy"),
@@ -108,7 +108,7 @@ def run_preference_demo(cfg: Config) -> list[dict]:
     png = plot_comparison(runs, os.path.join(root, "demo.png"), panels=PANELS,
                           title=f"embedded task: SFT -> DPO and SFT -> RM -> PPO ({total:.0f} s in all)")
     with open(os.path.join(root, "demo.json"), "w") as f:
-        json.dump({"runs": rows, "total_seconds": total}, f, indent=2)
+        json.dump({"runs": rows, "total_seconds": total, "environment": run_environment()}, f, indent=2)
     with open(os.path.join(root, "demo.md"), "w") as f:
         f.write(table + f"\n\ntotal wall time: {total:.0f} s\n")
     print("\n" + table)

@@ -30,8 +30,8 @@ def _derive(cfg: Config, command: str, out: str, **sections) -> Config:
     for sec, vals in sections.items():
         for k, v in vals.items():
             setattr(getattr(c, sec), k, v)
-    if command == "sft":
-        c.train.mini_batches = 1  # sft makes one update per step (train.mini_batches is grpo/hpt's)
+    if command in ("sft", "rm", "dpo"):
+        c.train.mini_batches = 1  # one update per step (train.mini_batches is grpo/hpt/ppo's)
     validate(c)
     return c
 

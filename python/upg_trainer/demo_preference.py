@@ -69,6 +69,8 @@ def run_preference_demo(cfg: Config) -> list[dict]:
     from .trainer import Trainer
 
     root = cfg.output.dir
+    if root == "runs/demo":  # the default: keep the main demo's directory for the main demo
+        root = "runs/demo-preference"
     os.makedirs(root, exist_ok=True)
     d = cfg.demo
     t_all = time.time()

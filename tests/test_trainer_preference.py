@@ -73,18 +73,22 @@ def test_ppo_with_critic_raises_return(tmp_path):
     rw = tmp_path / "digits.py"
     rw.write_text("def digits(prompts, completions, **kw):\n"
                   "    return [sum(ch.isdigit() for ch in c) / 6 for c in completions]\n")
-    common = {"reward.funcs": f"[{rw}:digits]", "data.eval_path": "", "train.max_steps": 12,
-              "train.batch_size": 4, "rollout.n": 4, "rollout.max_new_tokens": 6, "train.lr": 1e-2,
-              "ppo.kl_coef": 0.01, "data.num_train": 64}
-    for critic in ("separate", "shared"):
-        tr, rows = run("ppo", tmp_path / critic, **common, **{"ppo.critic": critic})
-        tr_rows = [r for r in rows if r["kind"] == "train"]
-        first = sum(r["reward"] for r in tr_rows[:3]) / 3
-        last = sum(r["reward"] for r in tr_rows[-3:]) / 3
-        assert last > first + 0.1, (critic, first, last)
-        assert all("vf_loss" in r and "kl_coef" in r for r in tr_rows)
-        assert (tr.critic is None) == (critic == "shared")
+    common = {"reward.funcs": f"[{rw}:digits]", "data.eval_path": "", "train.batch_size": 4, "rollout.n": 4,
+              "rollout.max_new_tokens": 6, "train.lr": 1e-2, "ppo.kl_coef": 0.01, "data.num_train": 64}
+    tr, rows = run("ppo", tmp_path / "separate", **common, **{"train.max_steps": 12})
+    tr_rows = [r for r in rows if r["kind"] == "train"]
+    first = sum(r["reward"] for r in tr_rows[:3]) / 3
+    last = sum(r["reward"] for r in tr_rows[-3:]) / 3
+    assert last > first + 0.1, (first, last)
+    assert all("vf_loss" in r and "kl_coef" in r and "critic/loss" in r for r in tr_rows)
     assert (tmp_path / "separate" / "final" / "critic" / "value_head.safetensors").exists()
+    # the value head on the policy trunk: trained with the policy (its loss in the same backward)
+    tr, rows = run("ppo", tmp_path / "shared", **common, **{"train.max_steps": 2, "ppo.critic": "shared"})
+    assert tr.critic is None and float(tr.value_head.weight.abs().sum()) > 0   # moved from its zero init
+    assert all("vf_loss" in r for r in rows if r["kind"] == "train")
+    final = load_file(str(tmp_path / "shared" / "final" / "model.safetensors"))
+    assert not any(k.startswith("upg_value_head") for k in final)
+    assert (tmp_path / "shared" / "final" / "value_head.safetensors").exists()
 
 
 def _rows(out):
@@ -92,13 +96,19 @@ def _rows(out):
 
 
 def _assert_same_run(a, b):
+    # every train row, and the final eval (the interrupted run also evaluated at its last step, 2)
     ra, rb = _rows(a), _rows(b)
-    assert [r["step"] for r in ra] == [r["step"] for r in rb]
-    for x, y in zip(ra, rb):
+    ta, tb = [r for r in ra if r["kind"] == "train"], [r for r in rb if r["kind"] == "train"]
+    assert [r["step"] for r in ta] == [r["step"] for r in tb] == [1, 2, 3, 4]
+    for x, y in zip(ta + [ra[-1]], tb + [rb[-1]]):
         assert x.keys() == y.keys()
         for k in x:
-            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (x["step"], k)
+            if isinstance(x[k], float):
+                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (x["step"], k)
+            else:
+                assert y[k] == x[k], (x["step"], k)
     wa, wb = load_file(str(a / "final" / "model.safetensors")), load_file(str(b / "final" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5)
 

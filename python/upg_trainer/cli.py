@@ -39,7 +39,7 @@ examples:
   upg-train dpo  --model.path runs/sft/final --pref.preset dpo --pref.overrides "{beta: 0.1}"
   upg-train rm   --data.path pairs.jsonl       # prompt/chosen/rejected columns
   upg-train ppo  --model.path runs/sft/final --reward.funcs "[rm:runs/rm/final]"
-  upg-train demo --demo.suite preference       # SFT -> DPO, SFT -> RM -> PPO
+  upg-train demo --suite preference            # SFT -> DPO, SFT -> RM -> PPO
 
 data: a .jsonl/.json/.parquet file or a datasets save_to_disk directory with the columns
   data.prompt_column (default 'prompt'), data.answer_column ('answer'), data.demo_column
@@ -67,6 +67,10 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--resume", action="store_true", help="same as --output.resume true")
     p.add_argument("--overwrite", action="store_true", help="same as --output.overwrite true")
     defaults = build_config(command)
+    if command == "demo":
+        p.add_argument("--suite", dest="demo.suite", choices=["main", "preference"], default=argparse.SUPPRESS,
+                       help="same as --demo.suite: main (SFT vs GRPO vs HPT) or preference (SFT -> DPO, "
+                            "SFT -> RM -> PPO)")
     for sec in SECTIONS:
         if command in ("sft", "eval", "rm", "dpo", "ppo") and sec == "hpt":
             continue

@@ -25,6 +25,8 @@ from .data import build_rows
 from .model import hidden_states
 from .samples import Sample
 
+VALUE_HEAD = "upg_value_head"  # the shared critic's head as a submodule of the policy
+
 
 class PPOSteps:
     """``ppo_step`` and the critic's state; mixed into ``Trainer``."""
@@ -38,8 +40,11 @@ class PPOSteps:
                        else FixedKLController(p.kl_coef))
         self.critic = self.value_head = None
         if p.critic == "shared":
+            # a submodule of the policy: trained by its optimizer, saved in its checkpoints (dropped from
+            # final/, written there as value_head.safetensors)
             w = next(self.lm.parameters())
             self.value_head = new_head(int(self.lm.config.hidden_size), w.dtype, self.device, zero=True)
+            self.lm.add_module(VALUE_HEAD, self.value_head)
             return
         src = p.critic_path or next((f[3:] for f in c.reward.funcs if isinstance(f, str) and f.startswith("rm:")),
                                     c.model.path)
@@ -67,8 +72,6 @@ class PPOSteps:
         if self.critic is not None:
             st.update(critic=self.critic.state_dict(), critic_opt=self.critic_opt.state_dict(),
                       critic_sched=self.critic_sched.state_dict())
-        if self.value_head is not None:
-            st["value_head"] = self.value_head.state_dict()
         return st
 
     def load_critic_state(self, st: dict) -> None:
@@ -77,8 +80,6 @@ class PPOSteps:
             self.critic.load_state_dict(st["critic"])
             self.critic_opt.load_state_dict(st["critic_opt"])
             self.critic_sched.load_state_dict(st["critic_sched"])
-        if self.value_head is not None:
-            self.value_head.load_state_dict(st["value_head"])
 
     # --------------------------------------------------------------------------------------------
     def _values(self, mb) -> torch.Tensor:

@@ -245,8 +245,6 @@ class Trainer(PreferenceSteps, PPOSteps):
                                   return_logprobs=getattr(self.loss_cfg, "rollout_is", None) is not None)
         t = cfg.train
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if getattr(self, "value_head", None) is not None:
-            params += list(self.value_head.parameters())
         self.opt = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
         self.sched = make_scheduler(self.opt, t.schedule, t.max_steps * t.mini_batches, t.warmup_steps,
                                     t.min_lr_ratio)
@@ -760,21 +758,29 @@ class Trainer(PreferenceSteps, PPOSteps):
                             optimizer_state=opt, trainer_state=st, keep_last=self.cfg.output.keep_last)
         dist.barrier()
 
-    def _save_model(self, path: str, sd: dict) -> None:
-        """The policy (or the reward model) as a from_pretrained directory with its tokenizer."""
-        from .value_model import ScalarHeadModel
+    def _save_model(self, path: str, sd: dict, final: bool = False) -> None:
+        """The policy (or the reward model) as a from_pretrained directory with its tokenizer. ``final``:
+        a PPO shared value head leaves the policy's weights for ``value_head.safetensors`` beside them."""
+        from .ppo import VALUE_HEAD
+        from .value_model import HEAD_FILE, ScalarHeadModel
         if isinstance(self.lm, ScalarHeadModel):
             self.lm.save(path, self.tok, sd)
-        else:
-            self.lm.save_pretrained(path, state_dict=sd)
-            self.tok.save_pretrained(path)
+            return
+        head = {k[len(VALUE_HEAD) + 1:]: v for k, v in sd.items() if k.startswith(VALUE_HEAD + ".")}
+        if final and head:
+            sd = {k: v for k, v in sd.items() if not k.startswith(VALUE_HEAD + ".")}
+        self.lm.save_pretrained(path, state_dict=sd)
+        self.tok.save_pretrained(path)
+        if final and head:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous().cpu() for k, v in head.items()}, os.path.join(path, HEAD_FILE))
 
     def save_final(self, path: str):
         sd = dist.full_state_dict(self.model)
         if dist.is_main():
             tmp = path + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            self._save_model(tmp, sd)
+            self._save_model(tmp, sd, final=True)
             if getattr(self, "critic", None) is not None:  # ppo: final/critic, an rm-format checkpoint
                 self.critic.save(os.path.join(tmp, "critic"), self.tok)
             shutil.rmtree(path, ignore_errors=True)

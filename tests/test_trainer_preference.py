@@ -181,7 +181,7 @@ def test_preference_demo_smoke_and_one_colour_per_method(tmp_path, monkeypatch):
     rows = run_demo(cfg)
     assert [r["steps"] for r in rows] == [2, 2, 2, 2]
     table = (tmp_path / "d" / "demo.md").read_text()
-    assert table.count("\n| ") == 5 and (tmp_path / "d" / "demo.png").exists()
+    assert table.count("\n| ") == 4 and (tmp_path / "d" / "demo.png").exists()
     env = json.loads((tmp_path / "d" / "demo.json").read_text())["environment"]
     assert env["threads"] >= 1 and "torch" in env
     colours = {}

@@ -176,16 +176,16 @@ def test_preference_demo_smoke_and_one_colour_per_method(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "_save", keep)
     cfg = build_config("demo", None, {"output.dir": str(tmp_path / "d"), "output.progress": "false",
                                       "output.plots": "false", "demo.suite": "preference", "demo.warmup_steps": "2",
-                                      "demo.pref_steps": "2", "data.num_eval": "4", "demo.max_new_tokens": "6",
+                                      "demo.pref_steps": "2", "demo.rm_steps": "2", "data.num_eval": "4", "demo.max_new_tokens": "6",
                                       "data.num_train": "64"})
     rows = run_demo(cfg)
-    assert [r["steps"] for r in rows] == [2, 2, 2, 2]
+    assert [r["steps"] for r in rows] == [2, 2, 2, 2, 2]
     table = (tmp_path / "d" / "demo.md").read_text()
-    assert table.count("\n| ") == 4 and (tmp_path / "d" / "demo.png").exists()
+    assert table.count("\n| ") == 5 and (tmp_path / "d" / "demo.png").exists()
     env = json.loads((tmp_path / "d" / "demo.json").read_text())["environment"]
     assert env["threads"] >= 1 and "torch" in env
     colours = {}
     for _title, lines in figs[-1]:
         for label, col in lines.items():
             assert colours.setdefault(label, col) == col, (label, colours[label], col)
-    assert len(set(colours.values())) == len(colours) == 3   # dpo, rm, ppo: one colour each, all panels
+    assert len(set(colours.values())) == len(colours) == 4   # dpo, dpo+nll, rm, ppo: one colour each

@@ -194,8 +194,11 @@ class DemoConfig:
     lr: float = _f(3e-4, "demo: learning rate of every compared run (the same for sft, grpo and hpt)")
     max_new_tokens: int = _f(28, "demo: rollout/eval completion length")
     suite: str = _f("main", "demo: 'main' = SFT vs GRPO vs HPT; 'preference' = SFT -> DPO and SFT -> RM -> PPO")
-    pref_steps: int = _f(100, "preference demo: steps of DPO, RM and PPO each")
-    pref_lr: float = _f(5e-4, "preference demo: learning rate of DPO and PPO (the RM uses 10x)")
+    pref_steps: int = _f(100, "preference demo: steps of each DPO run and of PPO")
+    pref_lr: float = _f(1e-4, "preference demo: learning rate of DPO and PPO")
+    rm_steps: int = _f(200, "preference demo: reward-model steps")
+    rm_lr: float = _f(1e-3, "preference demo: reward-model learning rate")
+    dpo_nll_coef: float = _f(1.0, "preference demo: nll_coef of the second DPO run (DPO + NLL on chosen, RPO)")
 
 
 @dataclass

@@ -79,7 +79,7 @@ def run_preference_demo(cfg: Config) -> list[dict]:
     fast = {"save_every": 0, "eval_every": max(1, d.pref_steps // 4)}
 
     def run(i, name, command, out, **sections):
-        print(f"[demo:preference] {i}/4 {name}")
+        print(f"[demo:preference] {i}/5 {name}")
         c = _derive(cfg, command, out, **sections)
         t0 = time.time()
         Trainer(c).train()
@@ -98,10 +98,14 @@ def run_preference_demo(cfg: Config) -> list[dict]:
     common = {"rollout": {"max_new_tokens": d.max_new_tokens}, "output": fast}
     run(2, "dpo (from SFT)", "dpo", os.path.join(root, "dpo"), model={"path": sft}, data=data,
         train={"max_steps": d.pref_steps, "lr": d.pref_lr, "batch_size": 16}, **common)
+    run(3, f"dpo + NLL (nll_coef {d.dpo_nll_coef:g}, from SFT)", "dpo", os.path.join(root, "dpo_nll"),
+        model={"path": sft}, data=data, pref={"overrides": {"nll_coef": d.dpo_nll_coef}},
+        train={"max_steps": d.pref_steps, "lr": d.pref_lr, "batch_size": 16}, **common)
     rm_dir = os.path.join(root, "rm")
-    run(3, "rm (from SFT)", "rm", rm_dir, model={"path": sft}, data=data,
-        train={"max_steps": d.pref_steps, "lr": 10 * d.pref_lr, "batch_size": 16}, **common)
-    run(4, "ppo (SFT policy, RM reward, critic from RM)", "ppo", os.path.join(root, "ppo"), model={"path": sft},
+    run(4, "rm (from SFT)", "rm", rm_dir, model={"path": sft}, data=data,
+        train={"max_steps": d.rm_steps, "lr": d.rm_lr, "batch_size": 16},
+        rollout={"max_new_tokens": d.max_new_tokens}, output={"save_every": 0, "eval_every": max(1, d.rm_steps // 4)})
+    run(5, "ppo (SFT policy, RM reward, critic from RM)", "ppo", os.path.join(root, "ppo"), model={"path": sft},
         data=data, reward={"funcs": [f"rm:{os.path.join(rm_dir, 'final')}"], "eval_funcs": ["task"]},
         train={"max_steps": d.pref_steps, "lr": d.pref_lr, "batch_size": 8},
         rollout={"max_new_tokens": d.max_new_tokens, "n": 4}, output=fast)

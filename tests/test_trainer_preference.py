@@ -179,13 +179,13 @@ def test_preference_demo_smoke_and_one_colour_per_method(tmp_path, monkeypatch):
                                       "demo.pref_steps": "2", "demo.rm_steps": "2", "data.num_eval": "4", "demo.max_new_tokens": "6",
                                       "data.num_train": "64"})
     rows = run_demo(cfg)
-    assert [r["steps"] for r in rows] == [2, 2, 2, 2, 2]
+    assert [r["steps"] for r in rows] == [2, 2, 2, 2, 2, 2]
     table = (tmp_path / "d" / "demo.md").read_text()
-    assert table.count("\n| ") == 5 and (tmp_path / "d" / "demo.png").exists()
+    assert table.count("\n| ") == 6 and (tmp_path / "d" / "demo.png").exists()
     env = json.loads((tmp_path / "d" / "demo.json").read_text())["environment"]
     assert env["threads"] >= 1 and "torch" in env
     colours = {}
     for _title, lines in figs[-1]:
         for label, col in lines.items():
             assert colours.setdefault(label, col) == col, (label, colours[label], col)
-    assert len(set(colours.values())) == len(colours) == 4   # dpo, dpo+nll, rm, ppo: one colour each
+    assert len(set(colours.values())) == len(colours) == 5   # dpo, dpo+nll, rm, ppo, ppo control

@@ -79,7 +79,7 @@ def run_preference_demo(cfg: Config) -> list[dict]:
     fast = {"save_every": 0, "eval_every": max(1, d.pref_steps // 4)}
 
     def run(i, name, command, out, **sections):
-        print(f"[demo:preference] {i}/5 {name}")
+        print(f"[demo:preference] {i}/6 {name}")
         c = _derive(cfg, command, out, **sections)
         t0 = time.time()
         Trainer(c).train()
@@ -107,6 +107,10 @@ def run_preference_demo(cfg: Config) -> list[dict]:
         rollout={"max_new_tokens": d.max_new_tokens}, output={"save_every": 0, "eval_every": max(1, d.rm_steps // 4)})
     run(5, "ppo (SFT policy, RM reward, critic from RM)", "ppo", os.path.join(root, "ppo"), model={"path": sft},
         data=data, reward={"funcs": [f"rm:{os.path.join(rm_dir, 'final')}"], "eval_funcs": ["task"]},
+        train={"max_steps": d.pref_steps, "lr": d.pref_lr, "batch_size": 8},
+        rollout={"max_new_tokens": d.max_new_tokens, "n": 4}, output=fast)
+    run(6, "ppo control (verifier reward, critic from SFT)", "ppo", os.path.join(root, "ppo_verifier"),
+        model={"path": sft}, data=data, reward={"funcs": ["task"], "eval_funcs": []},
         train={"max_steps": d.pref_steps, "lr": d.pref_lr, "batch_size": 8},
         rollout={"max_new_tokens": d.max_new_tokens, "n": 4}, output=fast)
     total = time.time() - t_all

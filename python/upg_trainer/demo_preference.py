@@ -1,11 +1,14 @@
 """``upg-train demo --demo.suite preference``: the embedded task with preference pairs.
 
 1. SFT warm-up from a random init (the main demo's warm-up recipe, ``demo.warmup_*``).
-2. From the warm-up model: ``dpo`` on pairs chosen = the worked solution, rejected = the same with a
-   wrong result (``task.add_preference_pairs``); reference = the warm-up checkpoint.
+2. From the warm-up model: ``dpo``, and ``dpo`` + NLL on the chosen answer (``demo.dpo_nll_coef``),
+   on pairs chosen = the worked solution, rejected = the same with a wrong result
+   (``task.add_preference_pairs``); reference = the warm-up checkpoint.
 3. From the warm-up model: ``rm`` (Bradley-Terry on the same pairs), then ``ppo`` with the reward
    model as its only reward (``rm:<rm>/final``), its critic initialised from the reward model; the
-   held-out accuracy is graded by the task's verifier (``reward.eval_funcs = [task]``).
+   held-out accuracy is graded by the task's verifier (``reward.eval_funcs = [task]``); a control
+   ``ppo`` run with the verifier itself as the reward (critic from the SFT weights) separates what
+   PPO does from what the reward model gives it.
 4. A table (held-out greedy accuracy, held-out pair accuracy, train reward, time), ``demo.md`` /
    ``demo.json`` and ``demo.png`` under ``output.dir``.
 """

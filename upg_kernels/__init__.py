@@ -1,7 +1,8 @@
 """upg-kernels: fused post-training losses that never materialize vocab-sized logits.
 
 - :func:`token_logprobs`: per-token log-probs (and entropy) from hidden states and the lm_head.
-- :func:`unified_policy_loss` / :class:`UnifiedPolicyLoss` with :class:`LossConfig` presets: SFT, RL
+- :func:`unified_policy_loss` / :class:`UnifiedPolicyLoss` (and :func:`policy_loss_from_logprobs` for given
+  per-token log-probs) with :class:`LossConfig` presets: SFT, RL
   and their hybrids as one estimator with four interchangeable parts.
 - :func:`preference_loss` with :class:`PreferenceConfig` presets (DPO, cDPO, RPO, IPO, hinge, robust,
   SimPO, ORPO), :func:`sequence_logprobs`, :func:`pairwise_reward_loss` (Bradley-Terry RM).
@@ -12,7 +13,8 @@
 """
 from .integrations import FusedLinearGRPOLoss, linear_cross_entropy
 from .logprobs import token_logprobs
-from .losses import LossConfig, LossOutput, UnifiedPolicyLoss, group_advantages, unified_policy_loss
+from .losses import (LossConfig, LossOutput, UnifiedPolicyLoss, group_advantages,
+                     policy_loss_from_logprobs, unified_policy_loss)
 from .ppo import AdaptiveKLController, FixedKLController, gae, kl_penalty_rewards, value_loss, whiten
 from .preference import (PREFERENCE_PRESETS, PreferenceConfig, PreferenceOutput, pairwise_reward_loss,
                          preference_loss, sequence_logprobs)
@@ -22,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "token_logprobs", "token_logprobs_reference",
     "LossConfig", "LossOutput", "UnifiedPolicyLoss", "group_advantages", "unified_policy_loss",
+    "policy_loss_from_logprobs",
     "FusedLinearGRPOLoss", "linear_cross_entropy",
     "PreferenceConfig", "PREFERENCE_PRESETS", "PreferenceOutput", "preference_loss", "sequence_logprobs",
     "pairwise_reward_loss",

@@ -1,6 +1,7 @@
-"""Backend selection: ``"triton"``, ``"torch"`` or ``"auto"``.
+"""Backend selection: ``"triton"``, ``"triton_atomic"``, ``"torch"`` or ``"auto"``.
 
-``"auto"`` means Triton on CUDA tensors and the chunked PyTorch path everywhere else.
+``"auto"`` means ``"triton"`` (Triton forward, GEMM backward) on CUDA tensors and the chunked PyTorch
+path everywhere else; ``"triton_atomic"`` is the single-kernel atomic backward (kernels/__init__.py).
 The environment variable ``UPG_KERNELS_BACKEND`` sets the default that ``backend="auto"``
 (or ``None``) resolves to. On CPU the Triton backend runs only under ``TRITON_INTERPRET=1``
 (slow; this is how the kernels are tested without a GPU).
@@ -11,7 +12,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "triton_atomic", "torch")
 
 
 def interpreter_on() -> bool:
@@ -34,8 +35,8 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
         backend = env
     if backend == "auto":
         return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
-    if backend == "triton" and device.type != "cuda" and not interpreter_on():
+    if backend.startswith("triton") and device.type not in ("cuda", "meta") and not interpreter_on():
         raise ValueError(
-            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+            f"backend={backend!r} needs CUDA tensors, or TRITON_INTERPRET=1 set before "
             f"triton is imported to run the kernels on the CPU (tensors are on {device})")
     return backend

@@ -40,14 +40,15 @@ def _(hidden, weight, bias, targets, temperature, ignore_index, softcap, filter_
 def _token_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                 targets: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
                                 g_logp: torch.Tensor, g_ent: torch.Tensor | None,
-                                temperature: float, ignore_index: int, softcap: float,
+                                g_lse: torch.Tensor | None, temperature: float,
+                                ignore_index: int, softcap: float,
                                 filter_eps: float, backend: str, need_hidden: bool,
                                 need_weight: bool, need_bias: bool
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p = LogprobParams(temperature, ignore_index, softcap, filter_eps)
     dh, dw, db = get_backend(backend).backward(
         hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
-        need_hidden, need_weight, need_bias and bias is not None)
+        need_hidden, need_weight, need_bias and bias is not None, g_lse=g_lse)
     # custom ops cannot return None: hand back (distinct) empty tensors for what was not asked for
     return (dh if dh is not None else hidden.new_empty(0),
             dw if dw is not None else hidden.new_empty(0),
@@ -55,7 +56,7 @@ def _token_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias
 
 
 @_token_logprobs_backward_op.register_fake
-def _(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, temperature, ignore_index,
+def _(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, g_lse, temperature, ignore_index,
       softcap, filter_eps, backend, need_hidden, need_weight, need_bias):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
@@ -69,14 +70,15 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (temperature, ignore_index, softcap, filter_eps, backend)
 
 
-def _backward(ctx, g_logp, g_ent, _g_lse):
+def _backward(ctx, g_logp, g_ent, g_lse):
     hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     if g_logp is None:
         g_logp = torch.zeros_like(lse)
     dh, dw, db = _token_logprobs_backward_op(
         hidden, weight, bias, targets, lse, ent, g_logp.to(lse.dtype),
-        None if g_ent is None else g_ent.to(lse.dtype), *ctx.args,
+        None if g_ent is None else g_ent.to(lse.dtype),
+        None if g_lse is None else g_lse.to(lse.dtype), *ctx.args,
         need_h, need_w, need_b and bias is not None)
     return (dh if need_h else None, dw if need_w else None,
             db if (need_b and bias is not None) else None, None, None, None, None, None, None)
@@ -172,7 +174,8 @@ def prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_e
 
 # ----------------------------------------------------------------------------- public API
 def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
-                   return_entropy=False, backend="auto", softcap=None, filter_eps=0.0):
+                   return_entropy=False, return_lse=False, backend="auto", softcap=None,
+                   filter_eps=0.0):
     """Per-token log-probs of ``targets`` under ``softmax(softcap(hidden @ weight.T + bias) / temperature)``.
 
     Args:
@@ -183,8 +186,12 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         temperature: positive float dividing the logits (the sampler's temperature).
         ignore_index: target id that marks a row to skip (its outputs are 0, its gradient 0).
         return_entropy: also return the per-token entropy of the distribution.
-        backend: ``"auto"`` (Triton on CUDA, chunked PyTorch elsewhere; ``UPG_KERNELS_BACKEND``
-            overrides), ``"triton"`` or ``"torch"``.
+        return_lse: also return the per-token log-sum-exp of the (scaled) logits, ``lse = log sum_j
+            exp(z_j)`` (seed 001: the state value ``V(s)`` when the logits are read as ``Q(s, a)``);
+            differentiable (``d lse / dz = p``). 0 at ignored rows.
+        backend: ``"auto"`` (``"triton"`` on CUDA, chunked PyTorch elsewhere; ``UPG_KERNELS_BACKEND``
+            overrides), ``"triton"`` (Triton forward, GEMM backward), ``"triton_atomic"`` (the same
+            forward, the atomic single-kernel backward) or ``"torch"``.
         softcap: optional final-logit softcapping ``c * tanh(z / c)`` (Gemma-2 style), applied
             before the temperature.
         filter_eps: backward tile filter (Triton backend): skip logit tiles whose every element has
@@ -192,8 +199,9 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
             ``|onehot - p| <= filter_eps`` (docs/kernels.md has the error bound). 0 = exact.
 
     Returns:
-        ``logp`` float32 ``[...]``, and with ``return_entropy`` the tuple ``(logp, entropy)``.
-        Differentiable with respect to ``hidden``, ``weight`` and ``bias`` through both outputs.
+        ``logp`` float32 ``[...]``; with ``return_entropy`` and/or ``return_lse`` a tuple
+        ``(logp, entropy)``, ``(logp, lse)`` or ``(logp, entropy, lse)``. Differentiable with respect
+        to ``hidden``, ``weight`` and ``bias`` through every output.
     """
     h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
     lead = tuple(hidden.shape[:-1])
@@ -201,12 +209,12 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
     if h2.shape[0] == 0:
         out_dt = torch.float64 if h2.dtype == torch.float64 else torch.float32
         logp = (h2.sum(-1) * 0).to(out_dt).reshape(lead)  # keeps the graph for empty inputs
-        return (logp, logp.clone()) if return_entropy else logp
-    with torch.autocast(hidden.device.type, enabled=False):
-        logp, ent, _lse = _token_logprobs_op(
-            h2, w, b, t, float(temperature), int(ignore_index), float(softcap or 0.0),
-            float(filter_eps), name)
-    logp = logp.reshape(lead)
-    if return_entropy:
-        return logp, ent.reshape(lead)
-    return logp
+        ent = lse = logp.clone()
+    else:
+        with torch.autocast(hidden.device.type, enabled=False):
+            logp, ent, lse = _token_logprobs_op(
+                h2, w, b, t, float(temperature), int(ignore_index), float(softcap or 0.0),
+                float(filter_eps), name)
+        logp, ent, lse = logp.reshape(lead), ent.reshape(lead), lse.reshape(lead)
+    extra = ((ent,) if return_entropy else ()) + ((lse,) if return_lse else ())
+    return (logp, *extra) if extra else logp

@@ -6,18 +6,30 @@ Every backend implements the same two host functions over flat inputs:
     -> ``(logp [N] f32, entropy [N] f32, lse [N] f32)``
 
 ``backward(hidden, weight, bias, targets, lse, entropy, g_logp [N] f32, g_ent [N] f32|None, params,
-           need_hidden, need_weight, need_bias)``
+           need_hidden, need_weight, need_bias, g_lse=None)``
     -> ``(dhidden [N,H] | None, dweight [V,H] | None, dbias [V] | None)`` in the inputs' dtypes.
 
 with ``z = softcap(hidden @ weight.T + bias) / temperature``, ``lse = logsumexp(z)``,
 ``logp = z[target] - lse`` and ``entropy = lse - sum(p * z)``. Rows whose target is
 ``ignore_index`` give 0 for all three and get no gradient. The backward forms
-``dz = g_logp * (onehot - p) - g_ent * p * (log p + H)`` (then ``/ temperature`` and the softcap
-chain rule), and skips rows whose ``g_logp`` and ``g_ent`` are both 0 exactly.
+``dz = g_logp * onehot - (g_logp - g_lse) * p - g_ent * p * (log p + H)`` (then ``/ temperature`` and
+the softcap chain rule), and skips rows whose ``g_logp``, ``g_ent`` and ``g_lse`` are all 0 exactly
+(:func:`active_rows`).
+
+Backends (``BACKEND_NAMES``):
+
+- ``"triton"``: the Triton forward, and the GEMM backward (``gemm_backward``: a Triton kernel forms
+  ``dz`` for a token group x vocabulary slab into a bounded workspace, then ``dh += dz @ W`` and
+  ``dW += dz^T @ h`` run as cuBLAS GEMMs; no atomics, deterministic). The CUDA default.
+- ``"triton_atomic"``: the same forward; the single-kernel backward that adds every tile's products to
+  dh / dW with fp32 atomics (``triton_logprobs_bwd``).
+- ``"torch"``: chunked pure PyTorch (any device; the CPU default).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 
 @dataclass(frozen=True)
@@ -28,12 +40,43 @@ class LogprobParams:
     filter_eps: float = 0.0     # backward tile filter (Triton only); 0 = exact
 
 
+BACKEND_NAMES = ("triton", "triton_atomic", "torch")
+
+
 def get_backend(name: str):
     """The module implementing ``forward``/``backward`` for backend ``name``."""
     if name == "torch":
         from . import torch_chunked
         return torch_chunked
     if name == "triton":
+        from . import gemm_backward
+        return gemm_backward
+    if name == "triton_atomic":
         from . import triton_logprobs
         return triton_logprobs
-    raise ValueError(f"unknown backend {name!r}")
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
+
+
+def active_rows(targets, g_logp, g_ent, g_lse, ignore_index):
+    """The rows the backward must run, and the coefficient vectors it needs.
+
+    Returns ``(rows int64 [M], g_logp f32, g_ent f32 | None, g_lse f32 | None)``: rows whose target is
+    not ``ignore_index`` and whose ``g_logp``, ``g_ent`` or ``g_lse`` is non-zero (exact); ``g_ent`` /
+    ``g_lse`` come back as None when they are all zero (autograd hands zeros for unused outputs), so
+    the kernels drop their terms."""
+    from .meta import any_true, nonzero_rows
+    cd = torch.float64 if g_logp.dtype == torch.float64 else torch.float32
+    g_logp = g_logp.to(cd).contiguous()
+    active = g_logp != 0
+    extra = []
+    for g in (g_ent, g_lse):
+        if g is not None:
+            g = g.to(cd).contiguous()
+            nz = g != 0
+            if any_true(nz):
+                active |= nz
+            else:
+                g = None
+        extra.append(g)
+    active &= targets != ignore_index
+    return nonzero_rows(active), g_logp, extra[0], extra[1]

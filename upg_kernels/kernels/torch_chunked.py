@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from . import LogprobParams
+from . import LogprobParams, active_rows
+from .meta import nonzero_rows
 
 
 def chunk_rows(V: int) -> int:
@@ -43,7 +44,7 @@ def forward(hidden, weight, bias, targets, p: LogprobParams):
     ent = torch.zeros(N, dtype=cd, device=hidden.device)
     lse = torch.zeros(N, dtype=cd, device=hidden.device)
     valid = targets != p.ignore_index
-    rows = valid.nonzero().squeeze(1)
+    rows = nonzero_rows(valid)
     step = chunk_rows(weight.shape[0])
     for s in range(0, rows.numel(), step):
         idx = rows[s:s + step]
@@ -62,13 +63,10 @@ def forward(hidden, weight, bias, targets, p: LogprobParams):
 
 
 def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p: LogprobParams,
-             need_hidden=True, need_weight=True, need_bias=True):
+             need_hidden=True, need_weight=True, need_bias=True, g_lse=None):
     N, H = hidden.shape
     cd = _compute_dtype(hidden.dtype)
-    active = (targets != p.ignore_index) & (g_logp != 0)
-    if g_ent is not None:
-        active |= (targets != p.ignore_index) & (g_ent != 0)
-    rows = active.nonzero().squeeze(1)
+    rows, g_logp, g_ent, g_lse = active_rows(targets, g_logp, g_ent, g_lse, p.ignore_index)
     dh = torch.zeros_like(hidden) if need_hidden else None
     dw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_weight else None
     db = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) \
@@ -82,7 +80,8 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p: LogprobP
         logprob = z - lse[idx].to(cd).unsqueeze(1)
         prob = torch.exp(logprob)
         gl = g_logp[idx].to(cd).unsqueeze(1)
-        dz = -gl * prob
+        gp = gl if g_lse is None else gl - g_lse[idx].to(cd).unsqueeze(1)
+        dz = -gp * prob
         dz.scatter_add_(1, targets[idx].unsqueeze(1), gl)
         if g_ent is not None:
             ge = g_ent[idx].to(cd).unsqueeze(1)

@@ -1,7 +1,8 @@
 """Backward: recompute each logits tile, form dz on chip, accumulate dhidden / dweight / dbias.
 
-Only the active rows run: ``targets != ignore_index`` and ``g_logp != 0 or g_ent != 0`` (exact; the
-host compacts them into an index list). Grid: one program per (token block, vocabulary tile) of a
+Backend ``"triton_atomic"`` (the CUDA default is ``gemm_backward``). Only the active rows run:
+``targets != ignore_index`` and a non-zero ``g_logp``, ``g_ent`` or ``g_lse`` (exact;
+``kernels.active_rows`` compacts them into an index list). Grid: one program per (token block, vocabulary tile) of a
 vocabulary slab, in a grouped (swizzled) order for L2 reuse. Each program
 
 1. recomputes ``z`` for its tile (``tl.dot`` over H, fp32 accumulation) and forms
@@ -26,19 +27,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, logits_tile,
-                                     num_sms, upcast_dot)
+from . import active_rows
+from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, dz_tile,
+                                     logits_tile, num_sms, upcast_dot)
 
 # float32 dweight accumulation buffer per launch (bf16/fp16 weights); see docs/kernels.md
 DW_SLAB_BYTES = 16 * 2**20
 
 
 @triton.jit
-def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr,
+def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr, gs_ptr,
                 dh_ptr, dw_ptr, db_ptr,
                 M, H, stride_h, stride_w, v_lo, v_hi, temperature, softcap, filter_eps,
                 HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_GENT: tl.constexpr,
-                EVEN_H: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+                HAS_GLSE: tl.constexpr, EVEN_H: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
                 DH_DIRECT: tl.constexpr, NEED_H: tl.constexpr,
                 NEED_W: tl.constexpr, NEED_B: tl.constexpr, FILTER: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
@@ -66,25 +68,24 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
     z, t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h, stride_w,
                        temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC, UPCAST,
                        BLOCK_N, BLOCK_V, BLOCK_H)
-    logp = z - lse[:, None]
-    prob = tl.exp(logp)
-    dz = tl.where(cols[None, :] == (tgt - v0).to(tl.int32)[:, None], gl[:, None], 0.0) \
-        - gl[:, None] * prob
+    ge = gl
+    ent = lse
     if HAS_GENT:
         ge = tl.load(ge_ptr + rows, mask=mask_m, other=0.0)
         ent = tl.load(ent_ptr + rows, mask=mask_m, other=0.0)
-        dz -= ge[:, None] * tl.where(prob > 0, prob * (logp + ent[:, None]), 0.0)   # -inf logits: 0
-    dz = dz / temperature
-    if HAS_SOFTCAP:
-        dz = dz * (1.0 - t * t)
-    # padded rows / columns contribute nothing (where, not a product: 0 * NaN = NaN)
-    dz = tl.where(mask_m[:, None] & mask_v[None, :], dz, 0.0)
+    gp = gl
+    if HAS_GLSE:
+        gp = gl - tl.load(gs_ptr + rows, mask=mask_m, other=0.0)
+    dz = dz_tile(z, t, cols, tgt, v0, lse, gl, gp, ge, ent, mask_m, mask_v, temperature,
+                 HAS_GENT, HAS_SOFTCAP)
 
     keep = True
     if FILTER:   # relative to the row's coefficient: |dz| <= eps * (|g_logp| + |g_ent|) / T is skipped
         coef = tl.abs(gl)
         if HAS_GENT:
             coef += tl.abs(ge)
+        if HAS_GLSE:
+            coef += tl.abs(gl - gp)
         thr = filter_eps * coef / temperature
         keep = tl.max(tl.max(tl.abs(dz) - thr[:, None], 1), 0) > 0.0
     if keep:
@@ -141,7 +142,7 @@ def _slab_rows(V: int, H: int, block_v: int, n_blocks: int = 1 << 30, sms: int =
 
 
 def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
-             need_hidden=True, need_weight=True, need_bias=True):
+             need_hidden=True, need_weight=True, need_bias=True, g_lse=None):
     check_inputs(hidden, weight, bias)
     N, H = hidden.shape
     V = weight.shape[0]
@@ -155,17 +156,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     if not (need_hidden or need_weight or need_bias):
         return dh, dw, db
 
-    g_logp = g_logp.to(torch.float32).contiguous()
-    active = g_logp != 0
-    if g_ent is not None:
-        g_ent = g_ent.to(torch.float32).contiguous()
-        ent_active = g_ent != 0
-        if bool(ent_active.any()):
-            active |= ent_active
-        else:
-            g_ent = None          # entropy unused (autograd hands zeros): drop its terms
-    active &= targets != p.ignore_index
-    rows = active.nonzero().squeeze(1)
+    rows, g_logp, g_ent, g_lse = active_rows(targets, g_logp, g_ent, g_lse, p.ignore_index)
     M = rows.numel()
     if M == 0:
         return dh, dw, db
@@ -200,12 +191,12 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
             grid = (n_blocks * triton.cdiv(v1 - v0, cfg.block_v),)
             _bwd_kernel[grid](
                 hidden, weight, bias if bias is not None else dummy, targets, rows, lse, ent,
-                g_logp, g_ent if g_ent is not None else dummy,
+                g_logp, g_ent if g_ent is not None else dummy, g_lse if g_lse is not None else dummy,
                 dh_buf if need_hidden else dummy, dw_slab, db_buf if need_bias else dummy,
                 M, H, hidden.stride(0), weight.stride(0), v0, v1,
                 float(p.temperature), float(p.softcap or 1.0), float(p.filter_eps),
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=bool(p.softcap),
-                HAS_GENT=g_ent is not None, EVEN_H=H % cfg.block_h == 0,
+                HAS_GENT=g_ent is not None, HAS_GLSE=g_lse is not None, EVEN_H=H % cfg.block_h == 0,
                 PREC=dot_precision(hidden.dtype), UPCAST=upcast_dot(), DH_DIRECT=h_fp32,
                 NEED_H=bool(need_hidden), NEED_W=bool(need_weight), NEED_B=need_bias,
                 FILTER=p.filter_eps > 0,

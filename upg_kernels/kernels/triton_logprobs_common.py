@@ -39,7 +39,7 @@ _FWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_s
 _BWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1, group_n=2)
 
 
-def _env_config(name: str):
+def env_config(name: str):
     """``UPG_KERNELS_TRITON_FWD_CONFIG`` / ``..._BWD_CONFIG`` = "BN,BV,BH,warps,stages[,group]"
     overrides the defaults (for tuning on a new GPU; see ``triton_logprobs_tune``)."""
     v = os.environ.get(name, "").strip()
@@ -49,14 +49,14 @@ def _env_config(name: str):
 def fwd_config(dtype: torch.dtype) -> BlockConfig:
     if interpreting():
         return _FWD_INTERP
-    return (_env_config("UPG_KERNELS_TRITON_FWD_CONFIG")
+    return (env_config("UPG_KERNELS_TRITON_FWD_CONFIG")
             or (_FWD_GPU_F32 if dtype == torch.float32 else _FWD_GPU))
 
 
 def bwd_config(dtype: torch.dtype) -> BlockConfig:
     if interpreting():
         return _BWD_INTERP
-    return (_env_config("UPG_KERNELS_TRITON_BWD_CONFIG")
+    return (env_config("UPG_KERNELS_TRITON_BWD_CONFIG")
             or (_BWD_GPU_F32 if dtype == torch.float32 else _BWD_GPU))
 
 
@@ -151,3 +151,45 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h
         z = softcap * t
     z = z / temperature
     return z, t
+
+
+@triton.jit
+def dz_tile(z, t, cols, tgt, v0, lse, gl, gp, ge, ent, mask_m, mask_v, temperature,
+            HAS_GENT: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """The logits gradient of a tile (the one owner of the formula in the Triton kernels)::
+
+        dz = (gl * onehot - gp * p - ge * p * (log p + H)) / temperature   [* (1 - tanh^2) softcap]
+
+    with ``gl = dL/dlogp``, ``gp = gl - dL/dlse`` (``gp = gl`` without an lse gradient) and
+    ``ge = dL/dH``. Padded rows / columns give exactly 0 (``where``, not a product: 0 * NaN = NaN)."""
+    logp = z - lse[:, None]
+    prob = tl.exp(logp)
+    dz = tl.where(cols[None, :] == (tgt - v0).to(tl.int32)[:, None], gl[:, None], 0.0) \
+        - gp[:, None] * prob
+    if HAS_GENT:
+        dz -= ge[:, None] * tl.where(prob > 0, prob * (logp + ent[:, None]), 0.0)   # -inf logits: 0
+    dz = dz / temperature
+    if HAS_SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    return tl.where(mask_m[:, None] & mask_v[None, :], dz, 0.0)
+
+
+@triton.jit
+def online_update(m_i, s_i, t_i, zt_i, z, cols, mask_v, tgt_off):
+    """Fold a ``[R, C]`` logits tile ``z`` (columns ``cols``, valid where ``mask_v``; the target's
+    column offset ``tgt_off`` per row) into the running per-row statistics, all relative to the
+    running max ``m``: ``s = sum exp(z - m)``, ``t = sum exp(z - m) (z - m)``, ``zt = z[target]``
+    (docs/kernels.md, "Forward"). The one owner of the update in both forward kernels."""
+    zt_i += tl.sum(tl.where(cols[None, :] == tgt_off.to(tl.int32)[:, None], z, 0.0), 1)
+    z = tl.where(mask_v[None, :], z, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(z, 1))
+    # rows whose logits so far are all -inf (masked columns, a -inf bias): shift by 0 instead
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_use)                       # 0 while m_i = -inf
+    shift = tl.where(s_i > 0, m_i - m_use, 0.0)       # avoids -inf * 0
+    zc = z - m_use[:, None]
+    e = tl.exp(zc)                                    # 0 for -inf logits
+    zc = tl.where(e > 0, zc, 0.0)                     # no 0 * -inf
+    t_i = alpha * (t_i + shift * s_i) + tl.sum(e * zc, 1)
+    s_i = alpha * s_i + tl.sum(e, 1)
+    return m_new, s_i, t_i, zt_i

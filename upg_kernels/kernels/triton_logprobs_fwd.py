@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .triton_logprobs_common import (check_inputs, dot_precision, fwd_config, interpreting,
-                                     logits_tile, num_sms, upcast_dot)
+                                     logits_tile, num_sms, online_update, upcast_dot)
 
 
 @triton.jit
@@ -52,19 +52,7 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, part_ptr,
         z, _t = logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h,
                             stride_w, temperature, softcap, HAS_BIAS, HAS_SOFTCAP, EVEN_H, PREC,
                             UPCAST, BLOCK_N, BLOCK_V, BLOCK_H)
-        zt_i += tl.sum(tl.where(cols[None, :] == (tgt - v0).to(tl.int32)[:, None], z, 0.0), 1)
-        z = tl.where(mask_v[None, :], z, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(z, 1))
-        # rows whose logits so far are all -inf (masked columns, a -inf bias): shift by 0 instead
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_use)                       # 0 while m_i = -inf
-        shift = tl.where(s_i > 0, m_i - m_use, 0.0)       # avoids -inf * 0
-        zc = z - m_use[:, None]
-        e = tl.exp(zc)                                    # 0 for -inf logits
-        zc = tl.where(e > 0, zc, 0.0)                     # no 0 * -inf
-        t_i = alpha * (t_i + shift * s_i) + tl.sum(e * zc, 1)
-        s_i = alpha * s_i + tl.sum(e, 1)
-        m_i = m_new
+        m_i, s_i, t_i, zt_i = online_update(m_i, s_i, t_i, zt_i, z, cols, mask_v, tgt - v0)
 
     base = part_ptr + pid_s.to(tl.int64) * M + offs_m
     stride_j = (tl.full((), 0, tl.int64) + n_splits) * M   # int64 even if n_splits is specialized
@@ -142,6 +130,11 @@ def forward_partials(hidden, weight, bias, targets, p):
 
 
 def forward(hidden, weight, bias, targets, p):
+    """The backend forward: this file's fused kernel, or the GEMM-tiled one when
+    ``UPG_KERNELS_TRITON_FORWARD=gemm`` (``triton_gemm_fwd``)."""
+    from . import triton_gemm_fwd
+    if triton_gemm_fwd.forward_impl() == "gemm":
+        return triton_gemm_fwd.forward(hidden, weight, bias, targets, p)
     N = hidden.shape[0]
     dev = hidden.device
     logp = torch.zeros(N, dtype=torch.float32, device=dev)

@@ -2,7 +2,7 @@
 from .advantages import group_advantages
 from .config import PRESET_NAMES, PRESETS, LossConfig
 from .module import UnifiedPolicyLoss
-from .unified import LossOutput, unified_policy_loss
+from .unified import LossOutput, policy_loss_from_logprobs, unified_policy_loss
 
 __all__ = ["LossConfig", "PRESETS", "PRESET_NAMES", "group_advantages", "unified_policy_loss",
-           "UnifiedPolicyLoss", "LossOutput"]
+           "policy_loss_from_logprobs", "UnifiedPolicyLoss", "LossOutput"]

@@ -7,10 +7,10 @@ into ``kernels/triton_epilogue.py``, which writes ``logp, H, lse``, the weighted
 ``ell`` and the coefficients ``g_lp = dL/dlogp``, ``g_H = dL/dH`` (plus ratio / KL / IS weight / clip
 flags for the metrics) in one launch. No autograd.grad over [B, T] PyTorch ops.
 
-The op's autograd makes ``logp`` and ``H`` differentiable with the token_logprobs backward (the
-logits-recompute kernel), so the caller builds the same surrogate as the PyTorch epilogue:
-``loss = sum(ell) + sum(g_lp * (logp - sg(logp))) + sum(g_H * (H - sg(H)))``. Being a custom op (like
-``upg_kernels::token_logprobs``), torch.compile traces through it without a graph break.
+The loss op of :func:`unified_policy_loss` calls it in its forward and hands ``g_lp``, ``g_H`` (times
+the incoming gradient) to the token_logprobs backward. The op also registers an autograd formula of
+its own (``logp`` and ``H`` differentiable through the logits-recompute backward), so it is usable alone
+and torch.compile traces it as one node.
 
 ``UPG_KERNELS_FUSED_EPILOGUE=0`` (or ``unified_policy_loss(..., fused_epilogue=False)``) forces the
 PyTorch epilogue (the general path and the oracle).
@@ -26,7 +26,7 @@ from ..kernels.triton_epilogue import (KL_CODES, LIKELIHOOD_CODES, PART_DEMO_SFT
                                        PART_MAIN, REFERENCE_CODES, ROLLOUT_CODES,
                                        STABILIZATION_CODES, EpilogueParams)
 from ..kernels import LogprobParams
-from ..logprobs import _check_target_range, _token_logprobs_backward_op, prepare_inputs
+from ..logprobs import _check_target_range, _token_logprobs_backward_op
 from .aggregation import aggregation_weights
 
 N_OUT = 10   # logp, ent, lse, ell, g_lp, g_H, ratio, kl, rollout_w, flags
@@ -121,7 +121,7 @@ def _backward(ctx, g_logp, g_ent, *_rest):
         g_logp = torch.zeros_like(lse)
     dh, dw, db = _token_logprobs_backward_op(
         hidden, weight, bias, targets, lse, ent, g_logp.float(),
-        None if g_ent is None else g_ent.float(), *ctx.args, "triton",
+        None if g_ent is None else g_ent.float(), None, *ctx.args, "triton",
         need_h, need_w, need_b and bias is not None)
     return (dh if need_h else None, dw if need_w else None,
             db if (need_b and bias is not None) else None) + (None,) * 14
@@ -130,17 +130,14 @@ def _backward(ctx, g_logp, g_ent, *_rest):
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_policy_epilogue(cfg, hidden, weight, targets, *, bias, temperature, ignore_index, softcap,
-                          filter_eps, old, ref, rol, adv, isr, w, code):
-    """Flatten / cast like ``token_logprobs`` and run the fused op. Per-token inputs are ``[B, T]``
-    (or None); returns the op's ten ``[N]`` outputs (``logp`` and ``ent`` differentiable)."""
-    h2, wt, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
-
+def fused_policy_epilogue(cfg, h2, w, b, t, kp, *, old, ref, rol, adv, isr, w_tok, code):
+    """Run the fused op on prepared flat inputs (``prepare_inputs``'s ``h2, w, b, t`` and the
+    :class:`LogprobParams` ``kp``). Per-token inputs are ``[B, T]`` (or None); returns the op's ten
+    ``[N]`` outputs."""
     def flat(x):
         return None if x is None else x.reshape(-1).to(torch.float32).contiguous()
 
     modes, scalars = _params_lists(cfg)
-    with torch.autocast(hidden.device.type, enabled=False):
-        return _fused_op(h2, wt, b, t, flat(old), flat(ref), flat(rol), flat(adv), flat(isr),
-                         flat(w), code.reshape(-1).contiguous(), float(temperature),
-                         int(ignore_index), float(softcap or 0.0), float(filter_eps), modes, scalars)
+    return _fused_op(h2, w, b, t, flat(old), flat(ref), flat(rol), flat(adv), flat(isr),
+                     flat(w_tok), code.reshape(-1).contiguous(), float(kp.temperature),
+                     int(kp.ignore_index), float(kp.softcap), float(kp.filter_eps), modes, scalars)

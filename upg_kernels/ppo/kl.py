@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..losses.config import KL_TYPES
-from ..losses.unified import _kl as kl_estimate
+from ..losses.epilogue import _kl as kl_estimate
 from .gae import _check_bt, _check_mask
 
 

@@ -15,7 +15,8 @@ def value_loss(values, old_values, returns, mask, clip_range=0.2, aggregation="t
     gives the unclipped ``0.5 (v - R)^2``. ``values`` [B, T] is differentiable; ``old_values`` and
     ``returns`` are constants (masked positions ignored, may be NaN). ``metrics``: python floats
     ``vf_loss``, ``vf_clipfrac`` (share of valid tokens where the clipped term is the larger),
-    ``value_mean``, ``return_mean``, ``explained_variance`` (``1 - Var(R - v) / Var(R)``)."""
+    ``value_mean``, ``return_mean``, ``explained_variance`` (``1 - Var(R - v) / Var(R)``, NaN when
+    ``Var(R) = 0``)."""
     _check_bt("values", values)
     _check_bt("old_values", old_values, values.shape)
     _check_bt("returns", returns, values.shape)

@@ -47,7 +47,7 @@ def pair_losses(s_chosen, s_rejected, config: PreferenceConfig) -> torch.Tensor:
     eps = c.label_smoothing
     if c.loss_type == "sigmoid":
         return -(1.0 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
-    # robust (Chowdhury et al. 2024, Eq. 6)
+    # robust (Chowdhury et al. 2024): unbiased estimate of the clean loss under flip rate eps
     return (-(1.0 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1.0 - 2.0 * eps)
 
 

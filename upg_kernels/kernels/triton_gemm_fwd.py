@@ -1,0 +1,143 @@
+"""GEMM-tiled forward (``UPG_KERNELS_TRITON_FORWARD=gemm``): cuBLAS logits tiles + a Triton row kernel.
+
+The alternative to the fused forward kernel, for the first GPU run to pick the faster. The non-ignored
+rows go in token groups of ``G`` rows and the vocabulary in slabs of ``S`` columns (the sizes come from
+the same byte budget as the backward's workspace, ``UPG_KERNELS_WORKSPACE_BYTES``)::
+
+    for each token group g:
+        stats = (m=-inf, s=0, t=0, zt=0)                 # float32 [4, G]
+        for each vocabulary slab s:
+            z = h_g @ W_s^T                              # cuBLAS, float32 output [G, S] (workspace)
+            _stats_kernel(z, bias, stats)                # Triton: bias, softcap, 1/T, then the online
+                                                         # max / sum-exp / entropy update per row
+        lse, entropy, logp of g from stats
+
+``z`` is the only vocabulary-sized buffer and it is bounded (``G x S`` float32). On CUDA the logits
+GEMM writes float32 directly (``torch.mm(..., out_dtype=torch.float32)``, torch >= 2.8); without that
+it falls back to logits rounded to the input dtype (named in docs/limitations.md). On the CPU (tests)
+the operands are upcast exactly and multiplied in float32.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+
+import torch
+import triton
+import triton.language as tl
+
+from .meta import launch, nonzero_rows
+from .triton_logprobs_common import _tanh, check_inputs, interpreting, online_update
+
+_BLOCK_R, _BLOCK_C = 8, 1024    # rows x columns per step of the row kernel (GPU)
+_INTERP_BLOCKS = (4, 32)        # under the interpreter: several steps at test sizes
+_SLAB_COLS = 8192
+_SLAB_COLS_INTERP = 64
+_OUT_DTYPE_OK = {}
+
+
+def forward_impl() -> str:
+    """``UPG_KERNELS_TRITON_FORWARD``: ``"fused"`` (default: the single forward kernel) or ``"gemm"``."""
+    v = os.environ.get("UPG_KERNELS_TRITON_FORWARD", "fused").strip().lower() or "fused"
+    if v not in ("fused", "gemm"):
+        raise ValueError(f"UPG_KERNELS_TRITON_FORWARD must be 'fused' or 'gemm', got {v!r}")
+    return v
+
+
+@triton.jit
+def _stats_kernel(z_ptr, b_ptr, tgt_ptr, rows_ptr, st_ptr, G, S, v_lo, stride_z, temperature,
+                  softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Fold the ``[G, S]`` float32 logits slab ``z`` (columns ``v_lo + j``) into the running
+    statistics ``st [4, G]`` (m, s, t, zt) of its rows."""
+    pid = tl.program_id(0)
+    offs_r = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < G
+    rows = tl.load(rows_ptr + offs_r, mask=mask_r, other=0)
+    tgt = tl.load(tgt_ptr + rows, mask=mask_r, other=-1)
+    m_i = tl.load(st_ptr + offs_r, mask=mask_r, other=float("-inf"))
+    s_i = tl.load(st_ptr + G + offs_r, mask=mask_r, other=0.0)
+    t_i = tl.load(st_ptr + 2 * G + offs_r, mask=mask_r, other=0.0)
+    zt_i = tl.load(st_ptr + 3 * G + offs_r, mask=mask_r, other=0.0)
+    cols = tl.arange(0, BLOCK_C)
+    for c0 in range(0, S, BLOCK_C):
+        mask_c = cols < S - c0
+        z = tl.load(z_ptr + offs_r[:, None] * stride_z + (c0 + cols)[None, :],
+                    mask=mask_r[:, None] & mask_c[None, :], other=0.0)
+        if HAS_BIAS:
+            z += tl.load(b_ptr + v_lo + c0 + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z = z / temperature
+        m_i, s_i, t_i, zt_i = online_update(m_i, s_i, t_i, zt_i, z, cols, mask_c,
+                                            tgt - (v_lo + c0))
+    tl.store(st_ptr + offs_r, m_i, mask=mask_r)
+    tl.store(st_ptr + G + offs_r, s_i, mask=mask_r)
+    tl.store(st_ptr + 2 * G + offs_r, t_i, mask=mask_r)
+    tl.store(st_ptr + 3 * G + offs_r, zt_i, mask=mask_r)
+
+
+def _logits_f32(out, h, w):
+    """``out = h @ w.T`` in float32 (see the module docstring for the devices)."""
+    if h.dtype == torch.float32 or out.device.type == "cpu":
+        torch.mm(h.float(), w.float().t(), out=out)
+        return
+    dev = out.device.type
+    if _OUT_DTYPE_OK.get(dev, True):
+        try:
+            torch.mm(h, w.t(), out_dtype=torch.float32, out=out)
+            _OUT_DTYPE_OK[dev] = True
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE_OK[dev] = False
+    out.copy_(h @ w.t())
+
+
+def plan(M: int, V: int, budget: int) -> tuple[int, int]:
+    """``(G, S)``: rows per token group and columns per slab of the float32 logits workspace."""
+    S = min(V, _SLAB_COLS_INTERP if interpreting() else _SLAB_COLS)
+    G = max(16, budget // (4 * S) // 16 * 16)
+    return min(G, max(M, 1)), S
+
+
+def forward(hidden, weight, bias, targets, p):
+    from .gemm_backward import workspace_bytes
+    check_inputs(hidden, weight, bias)
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    logp = torch.zeros(N, dtype=torch.float32, device=dev)
+    ent = torch.zeros(N, dtype=torch.float32, device=dev)
+    lse = torch.zeros(N, dtype=torch.float32, device=dev)
+    targets = targets.contiguous()
+    rows = nonzero_rows(targets != p.ignore_index)
+    M = rows.numel()
+    if M == 0:
+        return logp, ent, lse
+    bias = None if bias is None else bias.contiguous()
+    G, S = plan(M, V, workspace_bytes())
+    z_buf = torch.empty(min(G, M), min(S, V), dtype=torch.float32, device=dev)
+    br, bc = _INTERP_BLOCKS if interpreting() else (_BLOCK_R, _BLOCK_C)
+    with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
+        for g0 in range(0, M, G):
+            g1 = min(M, g0 + G)
+            idx = rows[g0:g1]
+            n = g1 - g0
+            h_g = hidden[g0:g1] if M == N else hidden.index_select(0, idx)
+            stg = torch.zeros(4, n, dtype=torch.float32, device=dev)     # m, s, t, zt
+            stg[0].fill_(float("-inf"))
+            for v0 in range(0, V, S):
+                v1 = min(V, v0 + S)
+                z = z_buf[:n, :v1 - v0]
+                _logits_f32(z, h_g, weight[v0:v1])
+                launch(_stats_kernel, (triton.cdiv(n, br),), z, bias if bias is not None else z,
+                       targets, idx, stg, n, v1 - v0, v0, z.stride(0), float(p.temperature),
+                       float(p.softcap or 1.0), HAS_BIAS=bias is not None,
+                       HAS_SOFTCAP=bool(p.softcap), BLOCK_R=br, BLOCK_C=bc, num_warps=4)
+            m, s, t, zt = stg.unbind(0)
+            log_s = torch.log(s)
+            l = m + log_s
+            lse[idx] = l
+            ent[idx] = log_s - t / s
+            logp[idx] = zt - l
+    return logp, ent, lse

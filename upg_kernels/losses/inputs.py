@@ -1,0 +1,202 @@
+"""Validation and preparation of the per-token inputs of the unified loss (one owner for both entries).
+
+:func:`upg_kernels.unified_policy_loss` (from hidden states) and
+:func:`upg_kernels.policy_loss_from_logprobs` (from ``[B, T]`` log-probs) take the same per-token and
+per-row arguments; :func:`prepare_loss_inputs` checks them, builds the masks and the advantages and
+returns a :class:`LossInputs`. Everything here is O(B*T): nothing vocabulary-sized.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .advantages import group_advantages
+from .config import GROUP_ADVANTAGES, LossConfig
+
+
+@dataclass
+class LossInputs:
+    """Checked ``[B, T]`` inputs of one loss call (``cd`` = the epilogue's float dtype)."""
+    B: int
+    T: int
+    cd: torch.dtype
+    valid: torch.Tensor            # [B, T] bool: in the loss (target not ignored, loss_mask nonzero)
+    main_tok: torch.Tensor         # [B, T] bool: valid tokens of the main (non-demonstration) rows
+    demo_tok: torch.Tensor         # [B, T] bool: valid tokens of the demonstration rows
+    main_rows: torch.Tensor        # [B] bool
+    demo_rows: torch.Tensor        # [B] bool
+    adv: torch.Tensor              # [B, T] advantages, 0 where unused
+    adv_per_row: bool              # advantages were given (or computed) per row
+    old: Optional[torch.Tensor]
+    ref: Optional[torch.Tensor]
+    rol: Optional[torch.Tensor]
+    isr: Optional[torch.Tensor]    # [B, T] explicit IS ratio (1 outside the main tokens)
+    isr_rows: Optional[torch.Tensor]   # [B, 1] when is_ratio is per sequence
+    num_items: object = None
+
+    @property
+    def have_ref(self) -> bool:
+        return self.ref is not None
+
+    def to_dtype(self, cd: torch.dtype) -> "LossInputs":
+        """The float inputs cast to ``cd`` (the kernel's output dtype, e.g. under autocast)."""
+        if cd == self.cd:
+            return self
+        c = {n: (None if getattr(self, n) is None else getattr(self, n).to(cd))
+             for n in ("adv", "old", "ref", "rol", "isr", "isr_rows")}
+        return LossInputs(**{**self.__dict__, **c, "cd": cd})
+
+
+def as_config(config) -> LossConfig:
+    if isinstance(config, LossConfig):
+        return config
+    if isinstance(config, str):
+        return LossConfig.preset(config)
+    raise TypeError(f"config must be a LossConfig or a preset name, got {type(config).__name__}")
+
+
+def _per_token(name, x, B, T, flat, device, dtype=None):
+    """Check an optional per-token tensor and return it as [B, T]."""
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    want = (B,) if flat else (B, T)
+    if tuple(x.shape) != want:
+        raise ValueError(f"{name} must have shape {list(want)} (like targets), got {list(x.shape)}")
+    if dtype is not None and not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor of log-probs, got {x.dtype}")
+    x = x.reshape(B, T).to(device)
+    return x if dtype is None else x.to(dtype)
+
+
+def _per_row(name, x, B, device):
+    if x is None:
+        return None
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(x)
+    if tuple(x.shape) != (B,):
+        raise ValueError(f"{name} must have shape [B={B}] (one value per sequence), got {list(x.shape)}")
+    return x.to(device)
+
+
+def _advantages_bt(advantages, B, T, flat, device, dtype):
+    if not isinstance(advantages, torch.Tensor):
+        raise TypeError(f"advantages must be a torch.Tensor or None, got {type(advantages).__name__}")
+    s = tuple(advantages.shape)
+    if flat:
+        if s != (B,):
+            raise ValueError(f"advantages must have shape [N={B}] for flat input, got {list(s)}")
+        return advantages.reshape(B, 1).to(device, dtype), True
+    if s == (B,) or s == (B, 1):
+        return advantages.reshape(B, 1).to(device, dtype).expand(B, T), True
+    if s == (B, T):
+        return advantages.to(device, dtype), False
+    raise ValueError(f"advantages must have shape [B={B}], [B, 1] or [B={B}, T={T}], got {list(s)}")
+
+
+
+
+def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torch.Tensor,
+                        cd: torch.dtype, *, loss_mask=None, advantages=None, rewards=None,
+                        group_size=None, group_ids=None, old_logprobs=None, ref_logprobs=None,
+                        rollout_logprobs=None, is_demo=None, is_ratio=None,
+                        num_items_in_batch=None) -> LossInputs:
+    """Check the per-token / per-row arguments and build masks and advantages.
+
+    ``valid`` is the ``[B, T]`` bool mask of the positions the caller can score (targets not
+    ``ignore_index``); ``loss_mask`` narrows it. ``flat``: the caller's per-token tensors are ``[N]``
+    (``B = N`` sequences of length ``T = 1``)."""
+    dev = valid.device
+    lm = _per_token("loss_mask", loss_mask, B, T, flat, dev)
+    if lm is not None:
+        valid = valid & (lm != 0)
+    demo_rows = _per_row("is_demo", is_demo, B, dev)
+    if demo_rows is None:
+        demo_rows = torch.zeros(B, dtype=torch.bool, device=dev)
+    else:
+        if demo_rows.dtype != torch.bool:
+            if demo_rows.dtype.is_floating_point or not bool(((demo_rows == 0) | (demo_rows == 1)).all()):
+                raise ValueError("is_demo must be a bool tensor (or 0/1 integers) of shape [B]")
+            demo_rows = demo_rows.bool()
+        if cfg.demo_part is None and bool(demo_rows.any()):
+            raise ValueError("is_demo marks demonstration rows but config.demo_part is None; use a "
+                             "preset with demonstrations (hpt, hpt_release, luffy) or set demo_part")
+    main_rows = ~demo_rows
+    main_tok = valid & main_rows[:, None]
+    demo_tok = valid & demo_rows[:, None]
+    has_main = bool(main_rows.any())
+    has_demo = bool(demo_rows.any())
+
+    # ---------------------------------------------------------------- per-token inputs (checked)
+    old = _per_token("old_logprobs", old_logprobs, B, T, flat, dev, cd)
+    ref = _per_token("ref_logprobs", ref_logprobs, B, T, flat, dev, cd)
+    rol = _per_token("rollout_logprobs", rollout_logprobs, B, T, flat, dev, cd)
+    need_ref = cfg.likelihood in ("chi2", "hellinger")
+    if need_ref and ref is None and has_main:
+        raise ValueError(f"likelihood={cfg.likelihood!r} needs ref_logprobs (the implicit reward is "
+                         "fdiv_beta * (logp - ref))")
+    if cfg.kl_coef > 0 and ref is None and has_main:
+        raise ValueError(f"config.kl_coef={cfg.kl_coef} needs ref_logprobs (the KL is to a reference "
+                         "model's log-probs); set kl_coef=0 to train without a KL term")
+    if cfg.rollout_is is not None and rol is None and has_main:
+        raise ValueError(f"config.rollout_is={cfg.rollout_is!r} needs rollout_logprobs")
+
+    isr = None
+    isr_rows = None   # [B, 1] when is_ratio is per sequence (VESPO folds it once per sequence)
+    if is_ratio is not None:
+        if not isinstance(is_ratio, torch.Tensor):
+            raise TypeError("is_ratio must be a torch.Tensor or None")
+        s = tuple(is_ratio.shape)
+        if s in ((B,), (B, 1)):
+            isr_rows = is_ratio.reshape(B, 1).to(dev, cd)
+            isr_rows = torch.where(main_rows[:, None], isr_rows, torch.ones_like(isr_rows))
+            isr = isr_rows.expand(B, T)
+        elif not flat and s == (B, T):
+            isr = is_ratio.to(dev, cd)
+        else:
+            raise ValueError(f"is_ratio must have shape [B={B}], [B, 1] or [B, T], got {list(s)}")
+        isr = torch.where(main_tok, isr, torch.ones_like(isr))
+
+    # ---------------------------------------------------------------- advantages
+    needs_adv_main = has_main and cfg.advantage != "one"
+    needs_adv_demo = has_demo and cfg.demo_part == "shaped"
+    adv = None
+    adv_per_row = True
+    if cfg.advantage == "one":
+        if advantages is not None or rewards is not None:
+            raise ValueError("config.advantage='one' (SFT-like) takes no advantages or rewards")
+    elif advantages is not None and rewards is not None:
+        raise ValueError("pass advantages or rewards (with group_size/group_ids), not both")
+    elif advantages is not None:
+        adv, adv_per_row = _advantages_bt(advantages, B, T, flat, dev, cd)
+    elif rewards is not None:
+        if cfg.advantage not in GROUP_ADVANTAGES:
+            raise ValueError(f"config.advantage={cfg.advantage!r} takes advantages, not rewards; "
+                             f"rewards need a group mode {list(GROUP_ADVANTAGES)}")
+        rw = _per_row("rewards", rewards, B, dev)
+        if group_size is None and group_ids is None:
+            raise ValueError("rewards needs group_size or group_ids (the rollouts of one prompt form "
+                             "a group)")
+        gid = _per_row("group_ids", group_ids, B, dev)
+        in_groups = main_rows if cfg.demo_part == "sft" else torch.ones_like(main_rows)
+        a_rows = torch.zeros(B, dtype=cd, device=dev)
+        if bool(in_groups.any()):
+            a_sel = group_advantages(rw[in_groups], group_size=group_size,
+                                     group_ids=None if gid is None else gid[in_groups],
+                                     mode=cfg.advantage, eps=cfg.adv_eps)
+            a_rows = a_rows.masked_scatter(in_groups, a_sel.to(cd))
+        adv = a_rows.reshape(B, 1).expand(B, T)
+    elif needs_adv_main or needs_adv_demo:
+        raise ValueError(f"config.advantage={cfg.advantage!r} needs advantages, or rewards with "
+                         "group_size/group_ids")
+    if adv is None:
+        adv = torch.ones(B, T, dtype=cd, device=dev)
+    uses_adv = main_tok | demo_tok if cfg.demo_part == "shaped" else main_tok
+    adv = torch.where(uses_adv, adv, torch.zeros_like(adv))
+    return LossInputs(B=B, T=T, cd=cd, valid=valid, main_tok=main_tok, demo_tok=demo_tok,
+                      main_rows=main_rows, demo_rows=demo_rows, adv=adv, adv_per_row=adv_per_row,
+                      old=old, ref=ref, rol=rol, isr=isr, isr_rows=isr_rows,
+                      num_items=num_items_in_batch)

@@ -189,3 +189,34 @@ def test_preference_demo_smoke_and_one_colour_per_method(tmp_path, monkeypatch):
         for label, col in lines.items():
             assert colours.setdefault(label, col) == col, (label, colours[label], col)
     assert len(set(colours.values())) == len(colours) == 5   # dpo, dpo+nll, rm, ppo, ppo control
+
+
+def test_rm_from_a_sequence_classification_model(tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from upg_trainer.model import ASSETS
+    from upg_trainer.task import load_tokenizer
+    tok = load_tokenizer()
+    cfg = AutoConfig.for_model(**dict(json.load(open(f"{ASSETS}/tiny_qwen2.json")), num_labels=1,
+                                      pad_token_id=tok.pad_token_id))
+    cfg.architectures = ["Qwen2ForSequenceClassification"]
+    torch.manual_seed(0)
+    m = AutoModelForSequenceClassification.from_config(cfg)
+    m.save_pretrained(tmp_path / "cls")
+    tok.save_pretrained(tmp_path / "cls")
+    data = pairs_file(tmp_path / "pairs.jsonl", n=40)
+    tr, rows = run("rm", tmp_path / "rm", **{"data.path": data, "model.path": tmp_path / "cls",
+                                             "train.max_steps": 2, "train.batch_size": 4})
+    assert type(tr.lm.lm).__name__ == "Qwen2ForSequenceClassification" and tr.lm.head is tr.lm.lm.score
+    assert len([r for r in rows if r["kind"] == "train"]) == 2
+    w0 = m.score.weight.detach()
+    assert not torch.equal(tr.lm.head.weight.detach().cpu(), w0)   # its own score head was trained
+    from upg_trainer.rewards import load_reward   # its checkpoint is an rm:PATH reward too
+    fn = load_reward(f"rm:{tmp_path / 'rm' / 'final'}")
+    r = [json.loads(x) for x in open(data)][:2]
+    s = fn([x["prompt"] for x in r], [x["chosen"] for x in r])
+    ref = tr.lm.eval()
+    from upg_trainer.data import encode_completion, encode_prompt
+    from upg_trainer.value_model import sequence_scores
+    want = sequence_scores(ref, [encode_prompt(tr.tok, x["prompt"]) + encode_completion(tr.tok, x["chosen"])
+                                 for x in r], tr.tok.pad_token_id, tr.device)
+    assert s == pytest.approx(want.tolist(), abs=1e-5)

@@ -317,7 +317,7 @@ class Trainer(PreferenceSteps, PPOSteps):
             step, path = ckpts[-1]
             sd, opt_state, st = load_checkpoint(path)
             if cfg.command == "rm":  # value_head.safetensors holds the head's weight/bias
-                self.lm.head.load_state_dict({k: sd.pop(k) for k in ("weight", "bias")})
+                self.lm.head.load_state_dict({k: sd.pop(k) for k in ("weight", "bias") if k in sd})
                 load_model_weights(self.lm.lm, sd, path)
             else:
                 load_model_weights(self.lm, sd, path)

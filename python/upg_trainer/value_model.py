@@ -102,7 +102,9 @@ def load_scalar_model(path: str, *, dtype: str = "auto", device: str = "auto", s
     head = new_head(_hidden_size(lm), w.dtype, dev, seed=seed, zero=zero_head)
     if is_scalar_checkpoint(path):
         from safetensors.torch import load_file
-        head.load_state_dict(load_file(os.path.join(path, HEAD_FILE)))
+        sd = load_file(os.path.join(path, HEAD_FILE))
+        head = nn.Linear(head.in_features, 1, bias="bias" in sd)  # a sequence-classifier's score has none
+        head.load_state_dict(sd)
         head.to(device=dev, dtype=w.dtype)
     return ScalarHeadModel(lm, head), tok, dev
 

@@ -6,6 +6,7 @@ import torch
 
 import upg_trainer.trainer as trainer_mod
 from upg_trainer.config import build_config
+from upg_trainer.samples import Sample
 from upg_trainer.model import check_fused_logprobs, get_head, load_model_and_tokenizer
 from upg_trainer.task import load_tokenizer
 from upg_trainer.trainer import Trainer
@@ -89,7 +90,7 @@ def test_sampler_logprobs_match_trainer_with_softcap(tmp_path):
     prompts = [tr._prompt_ids(r) for r in tr.train_rows[:2]]
     tr.engine.return_logprobs = True   # the trainer asks for them only with loss.rollout_is
     ro = tr.engine.generate(prompts, n=2, max_new_tokens=6, temperature=0.8, seed=3)
-    mb, extra = tr._rl_micro([(r.prompt_ids, r.completion_ids, False, 0.0, r.logprobs) for r in ro])
+    mb, extra = tr._rl_micro([Sample(r.prompt_ids, r.completion_ids, logprobs=r.logprobs) for r in ro])
     tr._fill_logprobs([(mb, extra)], "old_logprobs", tr.model, tr.softcap)
     for i, r in enumerate(ro):
         torch.testing.assert_close(extra["old_logprobs"][i, :len(r.logprobs)], torch.tensor(r.logprobs),

@@ -9,6 +9,7 @@ import torch
 
 import upg_trainer.distributed as D
 from upg_trainer.config import build_config
+from upg_trainer.samples import Sample
 from upg_trainer.trainer import Trainer
 
 FAST = {"output.progress": "false", "output.plots": "false", "data.eval_path": "", "train.batch_size": "2",
@@ -50,7 +51,7 @@ def test_padding_micro_batch_adds_exactly_zero(tmp_path, command):
         micro = lambda t: [(build_rows([p], [q], t.tok.pad_token_id), {})]  # noqa: E731
         pad = lambda t: (t._pad_batch(), {})  # noqa: E731
     else:  # one RL row and one demonstration, then a padding micro-batch
-        items = [(p, q, False, 0.7, None), (p, q[:3], True, 0.0, None)]
+        items = [Sample(p, q, advantage=0.7), Sample(p, q[:3], is_demo=True)]
         micro = lambda t: [t._rl_micro(items)]  # noqa: E731
         pad = lambda t: t._rl_micro([])  # noqa: E731
     pb, _ = pad(tr)
@@ -93,12 +94,12 @@ def test_rollout_is_without_sampler_logprobs_raises(tmp_path):
     tr = make(tmp_path, "grpo", **{"loss.overrides": "{rollout_is: token_truncate}"})
     p = tr._prompt_ids(tr.train_rows[0])
     q = [5, 6, 7]
-    mb, extra = tr._rl_micro([(p, q, False, 1.0, [-0.5, -0.25, -1.0])])  # with log-probs: used as given
+    mb, extra = tr._rl_micro([Sample(p, q, advantage=1.0, logprobs=[-0.5, -0.25, -1.0])])  # with log-probs: used as given
     torch.testing.assert_close(extra["rollout_logprobs"][0, :3], torch.tensor([-0.5, -0.25, -1.0]))
     with pytest.raises(ValueError, match="needs the sampler's log-probs.*1 RL row"):
-        tr._rl_micro([(p, q, False, 1.0, [-0.5, -0.25, -1.0]), (p, q, False, 1.0, None)])
+        tr._rl_micro([Sample(p, q, advantage=1.0, logprobs=[-0.5, -0.25, -1.0]), Sample(p, q, advantage=1.0)])
     tr2 = make(tmp_path, "hpt", name="h", **{"loss.overrides": "{rollout_is: token_truncate}"})
-    tr2._rl_micro([(p, q, False, 1.0, [-0.5] * 3), (p, q, True, 0.0, None)])  # a demo row needs none
+    tr2._rl_micro([Sample(p, q, advantage=1.0, logprobs=[-0.5] * 3), Sample(p, q, is_demo=True)])  # a demo row needs none
 
 
 def test_failed_start_is_not_a_run(tmp_path):
@@ -134,7 +135,7 @@ def test_old_logprobs_in_eval_mode_and_mode_restored(tmp_path):
         if hasattr(mod, "attention_dropout"):
             mod.attention_dropout = 0.5
     p = tr._prompt_ids(tr.train_rows[0])
-    micro = [tr._rl_micro([(p, [5, 6, 7, 8], False, 1.0, None)])]
+    micro = [tr._rl_micro([Sample(p, [5, 6, 7, 8], advantage=1.0)])]
     tr.model.train()
     tr._fill_logprobs(micro, "old_logprobs", tr.model, tr.softcap)
     a = micro[0][1]["old_logprobs"].clone()

@@ -17,8 +17,15 @@ COMMANDS = {
     "grpo": "RL with verifiable rewards: n rollouts per prompt, group advantages, clipped policy loss",
     "hpt": "Hybrid Post-Training: per prompt, RL on its rollouts if their accuracy P > gamma, else SFT "
            "on its demonstration (presets: hpt = paper, hpt_release = released code)",
+    "rm": "reward model: a scalar head on a causal LM (or a sequence-classification model), Bradley-Terry "
+          "loss on prompt/chosen/rejected pairs, pairwise accuracy on held-out pairs",
+    "dpo": "preference optimisation (DPO, IPO, hinge, robust, SimPO, ORPO presets) from an SFT checkpoint; "
+           "the reference is that checkpoint",
+    "ppo": "RLHF-PPO: actor, critic (separate or a value head), frozen reference, KL-in-reward, GAE; rewards "
+           "from verifiers or an rm:PATH reward model",
     "eval": "greedy accuracy of a model (model.path) on the held-out set (data.eval_path)",
-    "demo": "the embedded task end to end on CPU: SFT warm-up, then SFT vs GRPO vs HPT, table + PNG",
+    "demo": "the embedded task end to end on CPU: SFT warm-up, then SFT vs GRPO vs HPT, table + PNG; "
+            "--demo.suite preference: SFT -> DPO and SFT -> RM -> PPO",
 }
 
 EPILOG = """\
@@ -29,6 +36,10 @@ examples:
   upg-train hpt  --config my_hpt.yaml --train.lr 5e-6 --hpt.gamma 0
   upg-train hpt  --config my_hpt.yaml --resume      # continue the run in output.dir
   upg-train eval --model.path runs/hpt/final
+  upg-train dpo  --model.path runs/sft/final --pref.preset dpo --pref.overrides "{beta: 0.1}"
+  upg-train rm   --data.path pairs.jsonl       # prompt/chosen/rejected columns
+  upg-train ppo  --model.path runs/sft/final --reward.funcs "[rm:runs/rm/final]"
+  upg-train demo --suite preference            # SFT -> DPO, SFT -> RM -> PPO
 
 data: a .jsonl/.json/.parquet file or a datasets save_to_disk directory with the columns
   data.prompt_column (default 'prompt'), data.answer_column ('answer'), data.demo_column
@@ -56,8 +67,15 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--resume", action="store_true", help="same as --output.resume true")
     p.add_argument("--overwrite", action="store_true", help="same as --output.overwrite true")
     defaults = build_config(command)
+    if command == "demo":
+        p.add_argument("--suite", dest="demo.suite", choices=["main", "preference"], default=argparse.SUPPRESS,
+                       help="same as --demo.suite: main (SFT vs GRPO vs HPT) or preference (SFT -> DPO, "
+                            "SFT -> RM -> PPO)")
     for sec in SECTIONS:
-        if command in ("sft", "eval") and sec in ("hpt",):
+        if command in ("sft", "eval", "rm", "dpo", "ppo") and sec == "hpt":
+            continue
+        if (sec == "pref" and command not in ("dpo", "demo")) or (sec == "rm" and command not in ("rm", "demo")) \
+                or (sec == "ppo" and command not in ("ppo", "demo")):
             continue
         if command != "demo" and sec == "demo":
             continue
@@ -73,7 +91,7 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="upg-train", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Reference trainer of upg-kernels: SFT, GRPO and HPT on any transformers causal LM, "
+        description="Reference trainer of upg-kernels: SFT, GRPO, HPT, RM, DPO and PPO on any transformers causal LM, "
                     "trained through upg_kernels.unified_policy_loss (decoder hidden states + lm_head "
                     "weight; the vocab-sized logits are never materialised).\n\ncommands:\n" +
                     "\n".join(f"  {k:<5} {v}" for k, v in COMMANDS.items()) +

@@ -53,6 +53,15 @@ class DataConfig:
     max_completion_tokens: int = _f(512, "SFT: demonstrations are truncated to this many tokens")
     packing: bool = _f(True, "SFT: pack samples into rows of pack_tokens tokens (attention isolated)")
     pack_tokens: int = _f(512, "SFT packing: tokens per packed row")
+    replay_path: str = _f("", "SFT replay: plain-text rows (same formats as data.path) trained with the "
+                          "all-token LM loss and mixed into SFT batches ('' = off)")
+    replay_column: str = _f("text", "SFT replay: the column with the plain text")
+    replay_ratio: float = _f(0.0, "SFT replay: share of each SFT batch's samples taken from data.replay_path "
+                             "(round(batch_size * ratio) rows a step)")
+    chosen_column: str = _f("chosen", "rm/dpo: the preferred completion (a string or assistant messages)")
+    rejected_column: str = _f("rejected", "rm/dpo: the dispreferred completion")
+    eval_fraction: float = _f(0.1, "rm/dpo with a file dataset and no data.eval_path: share of the pairs "
+                              "held out for pairwise accuracy")
 
 
 @dataclass
@@ -68,6 +77,12 @@ class RolloutConfig:
                             "(0 = data.max_prompt_tokens + rollout.max_new_tokens)")
     sleep_level: int = _f(1, "vllm engine: sleep between rollouts; 1 = weights to CPU RAM, "
                           "2 = weights dropped (re-pushed after each optimizer step anyway)")
+    dynamic_sampling: bool = _f(False, "grpo/hpt (DAPO): drop prompt groups whose rewards are all equal and "
+                                "sample more prompts until the batch is full")
+    max_sampling_rounds: int = _f(4, "DAPO dynamic sampling: generate calls per step at most (the cap); a "
+                                  "batch still short after them trains on the groups it has")
+    overlong_filter: bool = _f(False, "DAPO overlong filtering: truncated completions (no EOS within "
+                               "max_new_tokens) get a zero loss mask")
 
 
 @dataclass
@@ -76,8 +91,17 @@ class RewardConfig:
                      "'math' (\\boxed{} answers, math-verify when installed), or 'module:function' / "
                      "'file.py:function' with TRL's signature f(prompts, completions, **columns)")
     weights: list = _f([], "one weight per reward function (empty = all 1.0)")
+    eval_funcs: list = _f([], "reward functions of the held-out evaluation (empty = reward.funcs), e.g. "
+                          "[task] for a ppo run trained on an rm:PATH reward model")
     correct_threshold: float = _f(0.5, "a completion counts as correct (HPT's v, accuracy) when its "
                                   "summed reward is >= this")
+    overlong_buffer: int = _f(0, "DAPO soft overlong punishment: length interval L_cache before "
+                              "rollout.max_new_tokens where the penalty ramps from 0 to -overlong_penalty (0 = off)")
+    overlong_penalty: float = _f(1.0, "DAPO soft overlong punishment: the penalty at (and past) max_new_tokens")
+    step_delimiter: str = _f("\n", "process rewards: text that ends a reasoning step (a reward function that "
+                             "returns a list gives one score per step)")
+    step_token: str = _f("", "process rewards: a token that ends a step (exact token split; overrides "
+                         "step_delimiter when set)")
 
 
 @dataclass
@@ -86,6 +110,39 @@ class LossSection:
                      "e.g. dr_grpo, dapo, hpt_release")
     overrides: dict = _f({}, "LossConfig field overrides, e.g. \"{eps_high: 0.28, kl_coef: 0.0}\"")
     backend: str = _f("auto", "fused loss backend: auto | torch | triton")
+
+
+@dataclass
+class PreferenceSection:
+    preset: str = _f("dpo", "upg_kernels PreferenceConfig preset: dpo, ipo, hinge, robust, simpo, orpo")
+    overrides: dict = _f({}, "PreferenceConfig field overrides, e.g. \"{beta: 0.1, label_smoothing: 0.1}\"")
+
+
+@dataclass
+class RMConfig:
+    margin: float = _f(0.0, "rm: Bradley-Terry margin m in -log sigmoid(r_c - r_r - m)")
+    center_coef: float = _f(0.0, "rm: coefficient of the (r_c + r_r)^2 centering term (TRL center_rewards_coefficient)")
+
+
+@dataclass
+class PPOConfig:
+    critic: str = _f("separate", "ppo: 'separate' = a critic model of its own (default), 'shared' = a "
+                     "value head on the policy trunk")
+    critic_path: str = _f("", "ppo: the critic's initial weights: a reward-model checkpoint of `upg-train rm` "
+                          "or a causal LM ('' = the RM checkpoint when reward.funcs uses rm:PATH, else the "
+                          "policy's initial weights with a fresh value head)")
+    critic_lr: float = _f(0.0, "ppo: critic learning rate (0 = train.lr)")
+    vf_coef: float = _f(0.5, "ppo shared critic: weight of the value loss in the joint loss")
+    cliprange_value: float = _f(0.2, "ppo: clip range of the clipped value loss")
+    gamma: float = _f(1.0, "ppo: GAE discount")
+    lam: float = _f(0.95, "ppo: GAE lambda")
+    kl_coef: float = _f(0.05, "ppo: initial coefficient beta of the per-token KL penalty in the reward")
+    kl_type: str = _f("k1", "ppo: per-token KL estimator in the reward: k1 | k2 | k3 | abs")
+    adaptive_kl: bool = _f(False, "ppo: adapt beta to reach kl_target (Ziegler et al. 2019)")
+    kl_target: float = _f(0.1, "ppo adaptive KL: target KL per sequence")
+    kl_horizon: int = _f(10000, "ppo adaptive KL: horizon in samples")
+    whiten_advantages: bool = _f(True, "ppo: whiten the advantages over the batch's completion tokens")
+    whiten_rewards: bool = _f(False, "ppo: whiten the scores before adding the KL penalty")
 
 
 @dataclass
@@ -136,6 +193,12 @@ class DemoConfig:
     warmup_lr: float = _f(5e-3, "demo: peak learning rate of the warm-up (cosine decay to 10%)")
     lr: float = _f(3e-4, "demo: learning rate of every compared run (the same for sft, grpo and hpt)")
     max_new_tokens: int = _f(28, "demo: rollout/eval completion length")
+    suite: str = _f("main", "demo: 'main' = SFT vs GRPO vs HPT; 'preference' = SFT -> DPO and SFT -> RM -> PPO")
+    pref_steps: int = _f(100, "preference demo: steps of each DPO run and of PPO")
+    pref_lr: float = _f(1e-4, "preference demo: learning rate of DPO and PPO")
+    rm_steps: int = _f(200, "preference demo: reward-model steps")
+    rm_lr: float = _f(1e-3, "preference demo: reward-model learning rate")
+    dpo_nll_coef: float = _f(1.0, "preference demo: nll_coef of the second DPO run (DPO + NLL on chosen, RPO)")
 
 
 @dataclass
@@ -147,6 +210,9 @@ class Config:
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss: LossSection = field(default_factory=LossSection)
     hpt: HPTConfig = field(default_factory=HPTConfig)
+    pref: PreferenceSection = field(default_factory=PreferenceSection)
+    rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -155,7 +221,8 @@ class Config:
         return dataclasses.asdict(self)
 
     def loss_preset(self) -> str:
-        return self.loss.preset or {"sft": "sft", "grpo": "grpo", "hpt": "hpt"}.get(self.command, "grpo")
+        return self.loss.preset or {"sft": "sft", "grpo": "grpo", "hpt": "hpt", "ppo": "ppo"}.get(self.command,
+                                                                                                  "grpo")
 
 
 SECTIONS = [f.name for f in fields(Config) if f.name != "command"]
@@ -165,6 +232,9 @@ COMMAND_DEFAULTS: dict[str, dict] = {
     "sft": {"train": {"lr": 1e-3, "batch_size": 32}, "output": {"dir": "runs/sft"}},
     "grpo": {"train": {"lr": 2e-4}, "output": {"dir": "runs/grpo"}},
     "hpt": {"train": {"lr": 2e-4}, "output": {"dir": "runs/hpt"}},
+    "rm": {"train": {"lr": 1e-3, "batch_size": 16}, "output": {"dir": "runs/rm"}},
+    "dpo": {"train": {"lr": 1e-4, "batch_size": 16}, "output": {"dir": "runs/dpo"}},
+    "ppo": {"train": {"lr": 2e-4}, "rollout": {"n": 4}, "output": {"dir": "runs/ppo"}},
     "eval": {"output": {"dir": "runs/eval"}},
     "demo": {"output": {"dir": "runs/demo"}},
 }
@@ -294,8 +364,28 @@ def validate(cfg: Config) -> None:
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
+    more = [
+        (0.0 <= cfg.data.replay_ratio < 1.0, "data.replay_ratio must be in [0, 1)"),
+        (cfg.data.replay_ratio == 0 or cfg.data.replay_path, "data.replay_ratio > 0 needs data.replay_path"),
+        (0.0 <= cfg.data.eval_fraction < 1.0, "data.eval_fraction must be in [0, 1)"),
+        (r.max_sampling_rounds >= 1, "rollout.max_sampling_rounds must be >= 1"),
+        (0 <= cfg.reward.overlong_buffer < r.max_new_tokens or cfg.reward.overlong_buffer == 0,
+         "reward.overlong_buffer must be >= 0 and < rollout.max_new_tokens"),
+        (cfg.ppo.critic in ("separate", "shared"), "ppo.critic must be separate or shared"),
+        (cfg.ppo.kl_type in ("k1", "k2", "k3", "abs"), "ppo.kl_type must be k1, k2, k3 or abs"),
+        (0 <= cfg.ppo.lam <= 1 and 0 <= cfg.ppo.gamma <= 1, "ppo.gamma and ppo.lam must be in [0, 1]"),
+    ]
+    more.append((cfg.demo.suite in ("main", "preference"), "demo.suite must be main or preference"))
+    for ok, msg in more:
+        if not ok:
+            raise ValueError(msg)
+    if cfg.data.replay_path and cfg.command not in ("sft", "demo"):
+        raise ValueError(f"data.replay_path is SFT replay: it is used by `upg-train sft`, not {cfg.command!r}")
+    if cfg.command in ("sft", "rm", "dpo") and t.mini_batches != 1:
+        raise ValueError(f"train.mini_batches is for grpo/hpt/ppo (updates per rollout batch); {cfg.command} "
+                         "makes one update per step: leave it at 1 and use train.batch_size / train.grad_accum")
     if cfg.command == "sft" and t.mini_batches != 1:
         raise ValueError("train.mini_batches is for grpo/hpt (updates per rollout batch); sft makes one "
                          "update per step: leave it at 1 and use train.batch_size / train.grad_accum")
-    if cfg.command in ("grpo", "hpt") and t.batch_size * r.n % (t.grad_accum * t.mini_batches):
+    if cfg.command in ("grpo", "hpt", "ppo") and t.batch_size * r.n % (t.grad_accum * t.mini_batches):
         raise ValueError("train.batch_size * rollout.n must be divisible by train.grad_accum * train.mini_batches")

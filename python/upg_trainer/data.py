@@ -54,6 +54,9 @@ def load_rows(path: str, *, split: str = "train", num: Optional[int] = None, see
             if path.endswith(".json"):
                 data = json.load(f)
                 rows = data if isinstance(data, list) else data.get(split, data.get("data"))
+                if rows is None and isinstance(data, dict) and data and all(isinstance(v, list)
+                                                                            for v in data.values()):
+                    rows = _columnar(data, path)
                 if not isinstance(rows, list):
                     raise ValueError(f"{path!r}: expected a JSON list of objects")
             else:
@@ -71,6 +74,16 @@ def load_rows(path: str, *, split: str = "train", num: Optional[int] = None, see
     if num is not None and num > 0:
         rows = rows[:num]
     return rows
+
+
+def _columnar(data: dict, path: str) -> list[dict]:
+    """Rows of a column-oriented JSON object ``{"prompt": [...], "chosen": [...], ...}``."""
+    lens = {k: len(v) for k, v in data.items()}
+    if len(set(lens.values())) > 1:
+        raise ValueError(f"{path!r}: column lengths differ (length mismatch): {lens}; every column needs one "
+                         "entry per row")
+    n = next(iter(lens.values()))
+    return [{k: data[k][i] for k in data} for i in range(n)]
 
 
 def check_columns(rows: list[dict], columns: list[str], path: str, purpose: str) -> None:
@@ -139,6 +152,14 @@ class RowBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.loss_mask.sum().item())
+
+    def select(self, rows) -> "RowBatch":
+        """The rows ``rows`` of an unpacked batch (same columns, so per-token tensors stay aligned)."""
+        if self.segments is not None:
+            raise ValueError("select() is for build_rows batches, not packed ones")
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return RowBatch(self.input_ids[idx], self.attention_mask[idx], self.position_ids[idx], self.start,
+                        self.targets[idx], self.loss_mask[idx])
 
 
 def build_rows(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> RowBatch:
@@ -238,3 +259,38 @@ class PromptSampler:
             random.Random(f"{self.seed}-{epoch}").shuffle(p)
             self._cache = (epoch, p)
         return self._cache[1]
+
+
+class ReplaySampler:
+    """SFT replay (pretraining-data replay against the alignment tax, seed 002): plain-text rows of
+    ``data.replay_path`` mixed into SFT batches, ``round(batch_size * replay_ratio)`` rows a step.
+
+    A replay row is trained with the all-token LM loss: its text (+ EOS) becomes a sample whose
+    "prompt" is its first token only, so every later token is a target (the first token has nothing
+    before it to be predicted from). Its order is a ``PromptSampler`` of its own (state: ``pos``).
+    """
+
+    def __init__(self, rows: list[dict], column: str, ratio: float, tokenizer, max_tokens: int, seed: int,
+                 path: str = ""):
+        check_columns(rows, [column], path, "SFT replay (data.replay_path)")
+        for i, r in enumerate(rows):
+            if not isinstance(r[column], str) or not r[column].strip():
+                raise ValueError(f"replay dataset {path!r} row {i}: column {column!r} must be a non-empty "
+                                 f"string, got {r[column]!r}")
+        self.rows, self.column, self.ratio = rows, column, float(ratio)
+        self.tok, self.max_tokens = tokenizer, max_tokens
+        self.sampler = PromptSampler(len(rows), seed + 1)
+
+    def count(self, batch_size: int) -> int:
+        """Replay rows in a batch of ``batch_size`` (at least one task row stays)."""
+        return min(batch_size - 1, int(round(batch_size * self.ratio)))
+
+    def sample(self, i: int):
+        from .samples import Sample
+        ids = list(self.tok(self.rows[i][self.column], add_special_tokens=False)["input_ids"])
+        ids = ids[:max(1, self.max_tokens - 1)] + [self.tok.eos_token_id]
+        return Sample(ids[:1], ids[1:])
+
+    def take(self, k: int) -> list:
+        from . import distributed as dist
+        return [self.sample(i) for i in dist.shard_batch(self.sampler.take(k))]

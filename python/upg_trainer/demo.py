@@ -30,10 +30,32 @@ def _derive(cfg: Config, command: str, out: str, **sections) -> Config:
     for sec, vals in sections.items():
         for k, v in vals.items():
             setattr(getattr(c, sec), k, v)
-    if command == "sft":
-        c.train.mini_batches = 1  # sft makes one update per step (train.mini_batches is grpo/hpt's)
+    if command in ("sft", "rm", "dpo"):
+        c.train.mini_batches = 1  # one update per step (train.mini_batches is grpo/hpt/ppo's)
     validate(c)
     return c
+
+
+def run_environment() -> dict:
+    """What the demo's numbers depend on beyond the seed (README: what is reproducible): library versions,
+    torch threads, the CPU kernels' instruction set and BLAS. Written into demo.json."""
+    import platform
+
+    import torch
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+           "python": platform.python_version()}
+    try:
+        import transformers
+        env["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # pragma: no cover
+        pass
+    cfg = torch.__config__.show()
+    env["blas"] = "mkl" if "BLAS_INFO=mkl" in cfg else ("openblas" if "openblas" in cfg.lower() else "other")
+    return env
 
 
 def _summary(name: str, out: str, seconds: float) -> dict:
@@ -78,6 +100,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def run_demo(cfg: Config) -> list[dict]:
+    if cfg.demo.suite == "preference":
+        from .demo_preference import run_preference_demo
+        return run_preference_demo(cfg)
     from .plots import plot_comparison
     from .trainer import Trainer
 
@@ -120,7 +145,7 @@ def run_demo(cfg: Config) -> list[dict]:
     png = plot_comparison(runs, os.path.join(root, "demo.png"),
                           title=f"embedded task: SFT vs GRPO vs HPT after an SFT warm-up ({total:.0f} s in all)")
     with open(os.path.join(root, "demo.json"), "w") as f:
-        json.dump({"runs": summaries, "total_seconds": total}, f, indent=2)
+        json.dump({"runs": summaries, "total_seconds": total, "environment": run_environment()}, f, indent=2)
     with open(os.path.join(root, "demo.md"), "w") as f:
         f.write(table + f"\n\ntotal wall time: {total:.0f} s\n")
     print("\n" + table)

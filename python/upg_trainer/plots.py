@@ -27,9 +27,9 @@ def _pyplot():
     return plt
 
 
-def _draw(ax, x, y, kind, label):
+def _draw(ax, x, y, kind, label, color=None):
     if x:
-        ax.plot(x, y, marker="o" if kind == "eval" else None, ms=3, label=label)
+        ax.plot(x, y, marker="o" if kind == "eval" else None, ms=3, label=label, color=color)
 
 
 def _finish(ax, title):
@@ -60,16 +60,21 @@ def plot_metrics(metrics_path: str, png_path: str, title: str = "") -> str:
     return _save(plt, fig, title, png_path)
 
 
-def plot_comparison(runs: dict, png_path: str, title: str = "") -> str:
-    """One figure comparing several runs: {name: metrics.jsonl path}."""
+COMPARISON_PANELS = [("eval", "eval/accuracy", "held-out accuracy (greedy)"), ("train", "reward", "train reward"),
+                     ("train", "loss", "loss"), ("train", "entropy_mean", "entropy"),
+                     ("train", "sft_share", "SFT share"), ("train", "clip_frac", "clip fraction")]
+
+
+def plot_comparison(runs: dict, png_path: str, title: str = "", panels=None) -> str:
+    """One figure comparing several runs: {name: metrics.jsonl path}. A run keeps one colour in every
+    panel (its position in ``runs``), also in panels where earlier runs logged nothing."""
     plt = _pyplot()
-    keys = [("eval", "eval/accuracy", "held-out accuracy (greedy)"), ("train", "reward", "train reward"),
-            ("train", "loss", "loss"), ("train", "entropy_mean", "entropy"),
-            ("train", "sft_share", "SFT share"), ("train", "clip_frac", "clip fraction")]
+    keys = panels or COMPARISON_PANELS
     rows = {name: read_metrics(path) for name, path in runs.items()}   # each file read once
-    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(rows)}
+    fig, axes = plt.subplots(2, (len(keys) + 1) // 2, figsize=(14, 7))
     for ax, (kind, key, label) in zip(axes.flat, keys):
         for name, r in rows.items():
-            _draw(ax, *_series(r, kind, key), kind, name)
+            _draw(ax, *_series(r, kind, key), kind, name, color=colors[name])
         _finish(ax, label)
     return _save(plt, fig, title, png_path)

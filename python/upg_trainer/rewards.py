@@ -5,7 +5,16 @@ Every reward function has TRL's signature::
     reward_func(prompts: list, completions: list[str], **columns) -> list[float | None]
 
 ``columns`` holds the dataset's other columns (``answer``, ``demonstration``, ...), one entry per
-completion. ``None`` means "not applicable" and counts as 0 in the sum.
+completion, and during RL also ``completion_ids`` (token ids), ``completion_length`` (tokens) and
+``truncated`` (True when the completion hit ``rollout.max_new_tokens`` without an EOS). ``None``
+means "not applicable" and counts as 0 in the sum.
+
+Process rewards: a function may return, for a completion, a list of per-step scores instead of one
+float (one score per reasoning step, see ``samples.step_ends``); ``grpo`` then trains on per-token
+advantages (``samples.process_advantages``). The scalar of such a completion (logs, accuracy,
+dynamic sampling, eval) is the mean of its step scores.
+
+``rm:PATH`` loads a reward model written by ``upg-train rm`` (``value_model.RMReward``).
 """
 from __future__ import annotations
 
@@ -74,6 +83,9 @@ def load_reward(spec: str) -> Callable:
     """``'math'``, ``'task'``, ``'package.module:function'`` or ``'path/to/file.py:function'``."""
     if spec in BUILTIN:
         return BUILTIN[spec]
+    if spec.startswith("rm:"):
+        from .value_model import RMReward
+        return RMReward(spec[3:])
     mod_name, sep, fn_name = spec.rpartition(":")
     if not sep or not mod_name or not fn_name:
         raise ValueError(f"reward function {spec!r}: use 'math', 'task', 'module:function' or 'file.py:function'")
@@ -128,14 +140,40 @@ class RewardSet:
                 if v is None:
                     vals.append(None)
                     continue
-                try:
-                    fv = float(v)
-                except (TypeError, ValueError):
-                    raise ValueError(f"reward function {name!r} returned {v!r} at index {i}: "
-                                     "not a number or None") from None
-                if not math.isfinite(fv):
-                    raise ValueError(f"reward function {name!r} returned non-finite {fv} at index {i}")
+                if isinstance(v, (list, tuple)):  # process reward: one score per step
+                    steps = [_number(name, x, i) for x in v]
+                    if not steps:
+                        raise ValueError(f"reward function {name!r} returned an empty step list at index {i}")
+                    vals.append(steps)
+                    total[i] += w * sum(steps) / len(steps)
+                    continue
+                fv = _number(name, v, i)
                 vals.append(fv)
                 total[i] += w * fv
             per[name] = vals
         return total, per
+
+    def step_scores(self, per: dict, n: int) -> Optional[list[list[tuple[float, bool]]]]:
+        """Process mode: per completion, the weighted scores ``(w * score, is_step_list)`` of every function
+        (a scalar counts as one step ending at the last token); None when no function returned a list."""
+        if not any(isinstance(v, list) for vals in per.values() for v in vals):
+            return None
+        out = [[] for _ in range(n)]
+        for name, w in zip(self.names, self.weights):
+            for i, v in enumerate(per[name]):
+                if isinstance(v, list):
+                    out[i].append(([w * x for x in v], True))
+                elif v is not None:
+                    out[i].append(([w * v], False))
+        return out
+
+
+def _number(name: str, v, i: int) -> float:
+    try:
+        fv = float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"reward function {name!r} returned {v!r} at index {i}: "
+                         "not a number, a list of step scores or None") from None
+    if not math.isfinite(fv):
+        raise ValueError(f"reward function {name!r} returned non-finite {fv} at index {i}")
+    return fv

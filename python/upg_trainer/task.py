@@ -166,3 +166,24 @@ def load_tokenizer(assets_dir: Optional[str] = None):
     tok.chat_template = CHAT_TEMPLATE
     tok.padding_side = "left"
     return tok
+
+
+# ---------------------------------------------------------------- preference pairs (rm / dpo / demo)
+def wrong_demonstration(row: dict, rng: random.Random) -> str:
+    """The row's worked solution with a wrong final result (its last '=c.' and the boxed answer)."""
+    c = int(row["answer"])
+    w = c
+    while w == c or w < 0:
+        w = c + rng.choice([-3, -2, -1, 1, 2, 3])
+    demo = row["demonstration"]
+    head, sep, _tail = demo.rpartition(f"={c}.")
+    if not sep:
+        raise ValueError(f"demonstration {demo!r} has no final '={c}.'")
+    return f"{head}={w}. \\boxed{{{w}}}"
+
+
+def add_preference_pairs(rows: list[dict], seed: int = 0) -> list[dict]:
+    """Rows + ``chosen`` (the correct worked solution) and ``rejected`` (the same with a wrong result):
+    the embedded task as TRL-style ``prompt/chosen/rejected`` preference data; deterministic in ``seed``."""
+    rng = random.Random(f"upg-pairs-{seed}")
+    return [dict(r, chosen=r["demonstration"], rejected=wrong_demonstration(r, rng)) for r in rows]

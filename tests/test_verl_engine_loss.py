@@ -189,6 +189,30 @@ def test_zero_advantage_rows_get_exactly_zero_gradient():
     assert (hidden.grad[live].abs().sum(-1) > 0).all()
 
 
+def test_without_entropy_output():
+    """calculate_entropy=False: no entropy in the model output, so no entropy term or metric (as verl)."""
+    data, seq_lp, _ = _data(4, INFOS[1])
+    results = []
+    for mode in ("vanilla", "upg_fused_grpo"):
+        lp = seq_lp.clone().requires_grad_(True)
+        loss, m = verl_losses.ppo_loss(_config(mode, "token-mean"),
+                                       dict(log_probs=torch.nested.nested_tensor_from_jagged(lp, _offsets())), data)
+        loss.backward()
+        results.append((loss.detach(), lp.grad, m))
+    (l0, g0, m0), (l1, g1, m1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+    assert set(m1) == set(m0) and "actor/entropy_loss" not in m1
+    assert m1["actor/pg_loss"].aggregate() == pytest.approx(m0["actor/pg_loss"].aggregate(), rel=1e-5, abs=1e-7)
+
+
 def test_plugin_routes_only_fused_modes():
-    assert hasattr(verl_losses.ppo_loss, "_upg_original")
+    """verl's modes reach verl's own ppo_loss (the original function), upg_fused_<preset> ours."""
     assert upg_verl.FUSED_PREFIX == "upg_fused_"
+    data, seq_lp, seq_ent = _data(6, INFOS[0])
+    direct = _run(verl_losses.ppo_loss._upg_original, "vanilla", "token-mean", data, seq_lp, seq_ent)
+    routed = _run(verl_losses.ppo_loss, "vanilla", "token-mean", data, seq_lp, seq_ent)
+    assert torch.equal(direct[0], routed[0]) and torch.equal(direct[1], routed[1])
+    ours = _run(upg_ppo_loss, "upg_fused_ppo", "token-mean", data, seq_lp, seq_ent)
+    routed = _run(verl_losses.ppo_loss, "upg_fused_ppo", "token-mean", data, seq_lp, seq_ent)
+    assert torch.equal(ours[0], routed[0]) and torch.equal(ours[1], routed[1])

@@ -23,8 +23,10 @@ import verl
 from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY
 import verl.models.transformers.monkey_patch as mp
 import verl.utils.kernel.linear_cross_entropy as lce
+import verl.workers.utils.losses as losses
 print(sorted(k for k in POLICY_LOSS_REGISTRY if k.startswith("upg_")))
-print(hasattr(mp.patch_forward_with_backends, "_upg_original"), hasattr(lce.linear_cross_entropy, "_upg_original"))
+print(hasattr(mp.patch_forward_with_backends, "_upg_original"), hasattr(lce.linear_cross_entropy, "_upg_original"),
+      hasattr(losses.ppo_loss, "_upg_original"))
 """
 
 
@@ -46,9 +48,9 @@ def test_plugin_loads(env):
 
     names, flags = _probe(**env)
     assert names == sorted(f"upg_{p}" for p in VERL_PRESETS)
-    assert flags == "True True"
+    assert flags == "True True True"   # kernel backend, its dispatcher, the engine-loss (ppo_loss) router
 
 
 def test_nothing_without_the_plugin():
     names, flags = _probe(VERL_USE_EXTERNAL_PLUGINS="none")
-    assert names == [] and flags == "False False"
+    assert names == [] and flags == "False False False"

@@ -36,7 +36,7 @@ import torch
 
 from ...losses import PRESETS, LossConfig
 
-__all__ = ["VERL_PRESETS", "verl_loss_config", "verl_policy_loss", "install_losses", "VERL_AGG_MODES"]
+__all__ = ["VERL_PRESETS", "verl_loss_config", "verl_policy_loss", "verl_loss", "install_losses", "VERL_AGG_MODES"]
 
 VERL_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean")
 
@@ -111,18 +111,38 @@ def _verl_scale(mode, mask, info):
     raise ValueError(f"loss_agg_mode must be one of {list(VERL_AGG_MODES)}, got {mode!r}")
 
 
+def sapo_agg_mode(preset):
+    """``"seq-mean-token-mean"`` for a sapo preset (verl's ``sapo`` ignores ``loss_agg_mode``), else None."""
+    row = PRESETS.get(preset)
+    return "seq-mean-token-mean" if row is not None and row["stabilization"] == "sapo" else None
+
+
 def verl_policy_loss(preset, old_log_prob, log_prob, advantages, response_mask, loss_agg_mode="token-mean",
                      config=None, rollout_is_weights=None):
     """verl's ``PolicyLossFn`` for ``upg_<preset>``: ``(pg_loss, {"actor/pg_clipfrac": ..., ...})``."""
+    if sapo_agg_mode(preset):
+        loss_agg_mode = sapo_agg_mode(preset)   # verl's sapo ignores loss_agg_mode
+    loss, out, cfg = verl_loss(preset, log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config,
+                               rollout_is_weights)
+    low, high = _clip_range(config)
+    return loss, _verl_metrics(cfg, out, log_prob, old_log_prob.detach(), response_mask.to(torch.bool), low, high)
+
+
+def verl_loss(preset, log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config,
+              rollout_is_weights=None, *, entropy=None, ref_log_prob=None, **overrides):
+    """``(loss, LossOutput, LossConfig)``: one :func:`upg_kernels.policy_loss_from_logprobs` call for
+    ``upg_<preset>`` under verl's ``config``, aggregated as verl's ``agg_loss(loss_agg_mode, **global_batch_info)``.
+
+    ``overrides`` replace fields of :func:`verl_loss_config`'s config (the engine loss sets ``entropy_coef``,
+    ``kl_coef`` and ``kl_type`` here, so the entropy bonus and the KL loss share the policy term's epilogue,
+    aggregation and backward)."""
     from ... import policy_loss_from_logprobs
 
     cfg = verl_loss_config(preset, config)
-    if cfg.stabilization == "sapo":
-        loss_agg_mode = "seq-mean-token-mean"   # verl's sapo ignores loss_agg_mode
     mask = response_mask.to(torch.bool)
     info = dict(_get(config, "global_batch_info", None) or {})
     agg, n_items, factor = _verl_scale(loss_agg_mode, mask, info)
-    cfg = cfg.replace(aggregation=agg)
+    cfg = cfg.replace(aggregation=agg, **overrides)
     old = old_log_prob.detach()
     is_ratio = None if rollout_is_weights is None else rollout_is_weights.detach().to(torch.float32)
     low, high = _clip_range(config)
@@ -133,10 +153,11 @@ def verl_policy_loss(preset, old_log_prob, log_prob, advantages, response_mask, 
             r = torch.exp(log_prob.detach().float() - old.float())
             floor = torch.clamp((1.0 - low) / r, min=1.0)
         is_ratio = floor if is_ratio is None else is_ratio * floor
-    out = policy_loss_from_logprobs(log_prob, config=cfg, loss_mask=mask, advantages=advantages,
-                                    old_logprobs=old, is_ratio=is_ratio, num_items_in_batch=n_items)
-    loss = out.loss * factor
-    return loss, _verl_metrics(cfg, out, log_prob, old, mask, low, high)
+    ref = None if ref_log_prob is None else ref_log_prob.detach()
+    out = policy_loss_from_logprobs(log_prob, config=cfg, entropy=entropy, loss_mask=mask, advantages=advantages,
+                                    old_logprobs=old, ref_logprobs=ref, is_ratio=is_ratio,
+                                    num_items_in_batch=n_items)
+    return out.loss * factor, out, cfg
 
 
 def _verl_metrics(cfg, out, log_prob, old, mask, low, high):

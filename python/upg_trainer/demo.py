@@ -144,11 +144,17 @@ def run_demo(cfg: Config) -> list[dict]:
     table = format_table(summaries)
     png = plot_comparison(runs, os.path.join(root, "demo.png"),
                           title=f"embedded task: SFT vs GRPO vs HPT after an SFT warm-up ({total:.0f} s in all)")
-    with open(os.path.join(root, "demo.json"), "w") as f:
-        json.dump({"runs": summaries, "total_seconds": total, "environment": run_environment()}, f, indent=2)
-    with open(os.path.join(root, "demo.md"), "w") as f:
-        f.write(table + f"\n\ntotal wall time: {total:.0f} s\n")
-    print("\n" + table)
+    save_report(root, summaries, table, total)
     print(f"\nheld-out: {cfg.data.num_eval} problems, greedy decoding; train reward = mean of the last 10 steps; "
           f"total {total:.0f} s\ncurves: {png}\nruns: {root}/<method>/metrics.jsonl, plots.png, final/")
     return summaries
+
+
+def save_report(root, rows, table, total):
+    """``demo.json`` (rows, wall time, environment) and ``demo.md`` (the table) under ``root``; prints
+    the table. Shared by both demo suites."""
+    with open(os.path.join(root, "demo.json"), "w") as f:
+        json.dump({"runs": rows, "total_seconds": total, "environment": run_environment()}, f, indent=2)
+    with open(os.path.join(root, "demo.md"), "w") as f:
+        f.write(table + f"\n\ntotal wall time: {total:.0f} s\n")
+    print("\n" + table)

@@ -14,13 +14,12 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 from .checkpoint import read_metrics
 from .config import Config
-from .demo import _derive, run_environment
+from .demo import _derive, save_report
 
 PANELS = [("eval", "eval/accuracy", "held-out accuracy (greedy, verifier)"),
           ("eval", "eval/pair_accuracy", "held-out pair accuracy"),
@@ -120,11 +119,7 @@ def run_preference_demo(cfg: Config) -> list[dict]:
     table = format_table(rows)
     png = plot_comparison(runs, os.path.join(root, "demo.png"), panels=PANELS,
                           title=f"embedded task: SFT -> DPO and SFT -> RM -> PPO ({total:.0f} s in all)")
-    with open(os.path.join(root, "demo.json"), "w") as f:
-        json.dump({"runs": rows, "total_seconds": total, "environment": run_environment()}, f, indent=2)
-    with open(os.path.join(root, "demo.md"), "w") as f:
-        f.write(table + f"\n\ntotal wall time: {total:.0f} s\n")
-    print("\n" + table)
+    save_report(root, rows, table, total)
     print(f"\nheld-out: {cfg.data.num_eval} problems (greedy, graded by the verifier) and their pairs; train "
           f"reward = mean RM score of the last 10 PPO steps; total {total:.0f} s\ncurves: {png}")
     return rows

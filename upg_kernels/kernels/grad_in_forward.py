@@ -26,6 +26,7 @@ import torch
 from . import LogprobParams
 from .gemm import mm_acc, mm_f32
 from .meta import nonzero_rows
+from .torch_chunked import scale_logits
 
 def chunk_plan(V: int, H: int, dtype: torch.dtype, budget: int, need_weight: bool = True):
     """``(rows per chunk, float32 dW accumulator?)`` within ``budget`` bytes: a chunk costs
@@ -66,14 +67,8 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
     for s in range(0, rows.numel(), G):
         idx = rows[s:s + G]
         h = hidden.index_select(0, idx)
-        z = h @ weight.t() if hidden.dtype == torch.float64 else mm_f32(h, weight.t())
-        if bias is not None:
-            z += bias.to(cd)
-        tanh = None
-        if p.softcap:
-            tanh = torch.tanh(z / p.softcap)
-            z = p.softcap * tanh
-        z /= p.temperature
+        z, tanh = scale_logits(h @ weight.t() if hidden.dtype == torch.float64 else mm_f32(h, weight.t()),
+                               bias, p)
         l = torch.logsumexp(z, -1)
         z -= l[:, None]                                 # z is now log p
         prob = torch.exp(z)

@@ -26,10 +26,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _logits(h, weight, bias, p: LogprobParams):
     """Scaled logits of a chunk, in float32 (float64 for float64 inputs), and tanh for the softcap."""
-    cd = _compute_dtype(h.dtype)
-    z = (h @ weight.T).to(cd)
+    return scale_logits((h @ weight.T).to(_compute_dtype(h.dtype)), bias, p)
+
+
+def scale_logits(z, bias, p: LogprobParams):
+    """``(softcap(z + bias) / temperature, tanh)`` of raw logits ``z`` (tanh = None without a softcap;
+    the backward's chain-rule factor is ``1 - tanh^2``). Shared with ``grad_in_forward``."""
     if bias is not None:
-        z = z + bias.to(cd)
+        z = z + bias.to(z.dtype)
     t = None
     if p.softcap:
         t = torch.tanh(z / p.softcap)

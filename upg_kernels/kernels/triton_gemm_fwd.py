@@ -30,6 +30,7 @@ from .gemm import mm_f32
 from .meta import launch, nonzero_rows
 from .workspace import workspace_bytes
 from .triton_logprobs_common import _tanh, check_inputs, interpreting, online_update
+from .triton_logprobs_fwd import combine
 
 _BLOCK_R, _BLOCK_C = 8, 1024    # rows x columns per step of the row kernel (GPU)
 STATS_WARPS = 4
@@ -120,11 +121,9 @@ def forward(hidden, weight, bias, targets, p):
                        targets, idx, stg, n, v1 - v0, v0, z.stride(0), float(p.temperature),
                        float(p.softcap or 1.0), HAS_BIAS=bias is not None,
                        HAS_SOFTCAP=bool(p.softcap), BLOCK_R=br, BLOCK_C=bc, num_warps=STATS_WARPS)
-            m, s, t, zt = stg.unbind(0)
-            log_s = torch.log(s)
-            l = m + log_s
+            l, e, zt = combine(stg[:, None, :])   # one "split": the fused forward's combine
             lse[idx] = l
-            ent[idx] = log_s - t / s
+            ent[idx] = e
             logp[idx] = zt - l
     return logp, ent, lse
 

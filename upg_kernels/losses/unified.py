@@ -132,8 +132,13 @@ def _fused_forward(plan: _Plan, h2, w, b, t):
     return total, (logp, ent, ent_d, g_lp, g_H, L_main, L_demo), aux, lse.reshape(-1)
 
 
-def _side_outputs(plan, side, aux):
-    return tuple(side) + tuple(aux[k] for k in plan.aux_keys())
+def _outputs(ctx, plan, total, side, aux):
+    """``(loss, *side outputs)`` of a loss function's forward: the ``_SIDE`` values, then the aux of
+    ``plan.aux_keys()``, as fresh tensors (no aliasing of saved ones) marked non-differentiable."""
+    outs = (total.clone(),) + tuple(x.detach().clone()
+                                    for x in tuple(side) + tuple(aux[k] for k in plan.aux_keys()))
+    ctx.mark_non_differentiable(*outs[1:])
+    return outs
 
 
 class _PolicyLoss(torch.autograd.Function):
@@ -159,9 +164,7 @@ class _PolicyLoss(torch.autograd.Function):
         ctx.save_for_backward(h2, w, b, t, lse, side[1].reshape(-1), g_lp.reshape(-1), g_H.reshape(-1))
         ctx.plan = plan
         ctx.use_ent = plan.cfg.entropy_coef != 0     # H enters the loss only through the bonus
-        outs = (total.clone(),) + tuple(x.clone() for x in _side_outputs(plan, side, aux))
-        ctx.mark_non_differentiable(*outs[1:])
-        return outs
+        return _outputs(ctx, plan, total, side, aux)
 
     @staticmethod
     def _forward_with_grads(ctx, h2, w, b, t, plan: _Plan):
@@ -184,9 +187,7 @@ class _PolicyLoss(torch.autograd.Function):
         total, parts, aux, g_lp, g_H, ent_d = pytorch_coefficients(cfg, inp, logp_bt, ent_bt)
         side = (logp_bt, ent_bt, ent_d, g_lp, g_H, *parts)
         ctx.grads = (dh, dw, db)
-        outs = (total.clone(),) + tuple(x.clone() for x in _side_outputs(plan, side, aux))
-        ctx.mark_non_differentiable(*outs[1:])
-        return outs
+        return _outputs(ctx, plan, total, side, aux)
 
     @staticmethod
     def backward(ctx, grad, *_side_grads):
@@ -220,9 +221,7 @@ class _PolicyLossFromLogprobs(torch.autograd.Function):
         ctx.save_for_backward(g_lp, g_H)
         ctx.has_ent = ent_bt is not None
         side = (logp_bt, ent_in, ent_d, g_lp, g_H, *parts)
-        outs = (total.clone(),) + tuple(x.detach().clone() for x in _side_outputs(plan, side, aux))
-        ctx.mark_non_differentiable(*outs[1:])
-        return outs
+        return _outputs(ctx, plan, total, side, aux)
 
     @staticmethod
     def backward(ctx, grad, *_side_grads):

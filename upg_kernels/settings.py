@@ -6,8 +6,7 @@ at the next call. One parser per kind: booleans accept ``1/true/yes/on`` and ``0
 (any case; unset or empty = the default), byte sizes are positive integers, choices are matched
 lower-cased. A value that does not parse raises a ValueError naming the variable and what it expects.
 
-The table in docs/settings.md is this table (``python -m upg_kernels.settings`` prints it; a test
-keeps the two equal). This module imports nothing from the library.
+The table in docs/settings.md is :func:`markdown_table` (tests/test_settings.py keeps the two equal). This module imports nothing from the library.
 """
 from __future__ import annotations
 
@@ -161,6 +160,3 @@ def markdown_table() -> str:
         rows.append(f"| `{s.name}` | {kind} | {_default_text(s)} | {s.scope} | {s.meaning} |")
     return "\n".join(rows) + "\n"
 
-
-if __name__ == "__main__":
-    print(markdown_table(), end="")

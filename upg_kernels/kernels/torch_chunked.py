@@ -7,16 +7,16 @@ keeps a float32 ``[V, H]`` dweight accumulator (plus a float32 copy of a bf16/fp
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ..settings import TORCH_CHUNK_BYTES
 
 from .contract import LogprobParams, active_rows
 from .meta import nonzero_rows
 
 
 def chunk_rows(V: int) -> int:
-    budget = int(os.environ.get("UPG_KERNELS_TORCH_CHUNK_BYTES", 64 * 2**20))
+    budget = TORCH_CHUNK_BYTES.get()
     return max(1, budget // (4 * max(V, 1)))
 
 

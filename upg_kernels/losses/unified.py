@@ -39,6 +39,7 @@ from .._backend import resolve_backend
 from ..kernels import LogprobParams, get_backend
 from ..kernels.meta import autocast_off
 from ..kernels.workspace import workspace_bytes
+from ..settings import GRAD_IN_FORWARD
 from .. import logprobs as _logprobs   # the ops via the module (tests spy on them)
 from ..logprobs import prepare_inputs
 from .epilogue import loss_metrics, pytorch_coefficients, vespo_gamma_weight  # noqa: F401 (re-export)
@@ -313,9 +314,8 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
 
 
 def _grad_in_forward(flag, cfg) -> bool:
-    import os
     if flag is None:
-        flag = os.environ.get("UPG_KERNELS_GRAD_IN_FORWARD", "0").strip().lower() in ("1", "true", "on", "yes")
+        flag = GRAD_IN_FORWARD.get()
         if flag and not fused_supported(cfg):
             return False          # the environment asks for it where it applies
     if flag and not fused_supported(cfg):

@@ -40,7 +40,7 @@ from ..kernels import LogprobParams, get_backend
 from ..kernels.meta import autocast_off
 from ..kernels.workspace import workspace_bytes
 from ..settings import GRAD_IN_FORWARD
-from .. import logprobs as _logprobs   # the ops via the module (tests spy on them)
+from .. import ops   # the custom ops via the module (tests spy on them)
 from ..logprobs import prepare_inputs
 from .epilogue import loss_metrics, pytorch_coefficients, vespo_gamma_weight  # noqa: F401 (re-export)
 from .fused import fused_enabled, fused_policy_epilogue, fused_supported, token_weights_and_codes
@@ -110,7 +110,7 @@ def _kernel_forward(plan: _Plan, h2, w, b, t):
     if h2.shape[0] == 0:
         z = h2.new_zeros(0, dtype=plan.inp.cd)
         return z, z, z
-    return _logprobs._token_logprobs_op(h2, w, b, t, kp.temperature, kp.ignore_index, kp.softcap,
+    return ops.token_logprobs_op(h2, w, b, t, kp.temperature, kp.ignore_index, kp.softcap,
                               kp.filter_eps, plan.backend)
 
 
@@ -206,7 +206,7 @@ class _PolicyLoss(torch.autograd.Function):
         g_logp = (grad * g_lp).to(lse.dtype)
         g_ent = (grad * g_H).to(lse.dtype) if ctx.use_ent else None
         kp = ctx.plan.kp
-        dh, dw, db = _logprobs._token_logprobs_backward_op(
+        dh, dw, db = ops.token_logprobs_backward_op(
             h2, w, b, t, lse, ent, g_logp, g_ent, None, kp.temperature, kp.ignore_index, kp.softcap,
             kp.filter_eps, ctx.plan.backend, need_h, need_w, need_b)
         return (dh if need_h else None, dw if need_w else None, db if need_b else None, None, None)

@@ -26,7 +26,7 @@ import torch
 from .contract import LogprobParams
 from .gemm import mm_acc, mm_f32
 from .meta import nonzero_rows
-from .torch_chunked import scale_logits
+from .torch_chunked import logits_grad_, scale_logits
 
 def chunk_plan(V: int, H: int, dtype: torch.dtype, budget: int, need_weight: bool = True):
     """``(rows per chunk, float32 dW accumulator?)`` within ``budget`` bytes: a chunk costs
@@ -80,20 +80,10 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
         done.zero_()
         done[idx] = True
         g_lp, g_H = coef_fn(logp, ent, done)
-        gl, ge = g_lp[idx].to(cd)[:, None], g_H[idx].to(cd)[:, None]
-        # dz = gl * onehot - gl * p - ge * p * (log p + H), in place in ``prob``
-        z += e[:, None]
-        z *= prob
-        z *= ge
-        prob *= gl
-        prob += z
-        prob.neg_()
-        prob.scatter_add_(1, tgt[:, None], gl)
-        del z
-        prob /= p.temperature
-        if tanh is not None:
-            prob *= 1.0 - tanh * tanh
-            del tanh
+        gl = g_lp[idx].to(cd)
+        # dz in place in ``prob`` (z, log p, is scratch): torch_chunked.logits_grad_
+        prob = logits_grad_(z, tgt, gl, gl, g_H[idx].to(cd), e, p.temperature, tanh, prob=prob)
+        del z, tanh
         dz = prob.to(hidden.dtype)
         del prob
         if need_hidden:

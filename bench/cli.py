@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from upg_kernels import settings
+
 from . import report
 from .impls import DEFAULT_IMPLS, REGISTRY, make_impls
 from .measure import (FLOP_MODEL, MODES, free, is_oom, matmul_peak, peak_memory, sync, time_impl,
@@ -109,7 +111,7 @@ def _git() -> tuple[str | None, bool | None]:
             return commit, dirty
     except Exception:
         pass
-    return os.environ.get("UPG_BENCH_GIT_COMMIT") or None, None
+    return settings.BENCH_GIT_COMMIT.get(), None
 
 
 def _driver() -> str | None:
@@ -161,7 +163,7 @@ def collect_meta(device: torch.device, args, argv) -> dict:
         "git_dirty": dirty,
         "date": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": "python -m bench " + " ".join(shlex.quote(a) for a in argv),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "triton_interpret": settings.TRITON_INTERPRET.raw() or "0",
         "flop_model": FLOP_MODEL,
         "timing": ("CUDA events around each timed call, after warm-up, inputs rotating over "
                    f"{args.rotate} input sets; median and p10/p90 of the per-call times"

@@ -1,4 +1,4 @@
-"""``python -m bench`` / ``upg-bench``: side-by-side benchmark of our fused losses against the peers.
+"""``python -m bench``: side-by-side benchmark of our fused losses against the peers.
 
 Example (GPU)::
 
@@ -39,20 +39,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="upg-bench",
+        prog="python -m bench",
         description="Benchmark upg-kernels against PyTorch eager, torch.compile, Liger-Kernel and "
                     "Cut Cross-Entropy: time (median, p10/p90), peak memory above the inputs, "
                     "TFLOP/s against a matmul ceiling measured in the same run, error against float64.")
     p.add_argument("--ops", default="sft,grpo", help=f"comma list of {', '.join(OPS)} (or 'all')")
     p.add_argument("--modes", default="fwd+bwd", help=f"comma list of {', '.join(MODES)} (or 'all')")
     p.add_argument("--shapes", default=None,
-                   help=f"comma list of named shapes ({', '.join(NAMED)}) or 'all' (the DESIGN.md table); "
+                   help=f"comma list of named shapes ({', '.join(NAMED)}) or 'all' (the yardsticks, docs/design.md §3); "
                         "default: llama3-8b,qwen2.5-7b,gemma2-2b on CUDA, tiny on CPU")
     p.add_argument("--H", type=int, default=None, help="custom shape: hidden size (with --V)")
     p.add_argument("--V", type=int, default=None, help="custom shape: vocabulary size (with --H)")
     p.add_argument("--N", default=None,
                    help="token counts, comma list: overrides each named shape's default; 'table' = every "
-                        "count DESIGN.md lists; also the custom shape's N (default 1024)")
+                        "count the yardstick table lists; also the custom shape's N (default 1024)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence T (default min(N, 512))")
     p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt G (grpo, hpt)")
     p.add_argument("--zero-adv-frac", type=float, default=0.0,
@@ -94,7 +94,7 @@ def _split(text: str, allowed, what: str) -> list[str]:
         return list(allowed)
     bad = [s for s in items if s not in allowed]
     if bad:
-        raise SystemExit(f"upg-bench: unknown {what} {bad}; known: {', '.join(allowed)}")
+        raise SystemExit(f"bench: unknown {what} {bad}; known: {', '.join(allowed)}")
     return items
 
 
@@ -224,7 +224,7 @@ def run(args, argv) -> dict:
         shapes = resolve_shapes(args.shapes, args.H, args.V, args.N)
         impls = make_impls(args.impls)
     except ValueError as e:
-        raise SystemExit(f"upg-bench: {e}")
+        raise SystemExit(f"bench: {e}")
 
     meta = collect_meta(device, args, argv)
     if args.out:
@@ -232,7 +232,7 @@ def run(args, argv) -> dict:
     else:
         out_dir = REPO / "bench" / "results" / f"{_dt.date.today().isoformat()}-{device_slug(device)}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    print("\n".join(["upg-bench"] + [f"  {ln}" for ln in report.header_lines(meta)[:2]]), flush=True)
+    print("\n".join(["python -m bench"] + [f"  {ln}" for ln in report.header_lines(meta)[:2]]), flush=True)
 
     if not args.no_peak:
         meta["matmul_peak"] = matmul_peak(device)
@@ -259,7 +259,7 @@ def run(args, argv) -> dict:
                     problem = make_problem(op, shape, dt, args.seq_len, args.group_size,
                                            args.zero_adv_frac)
                 except ValueError as e:
-                    raise SystemExit(f"upg-bench: {e}")
+                    raise SystemExit(f"bench: {e}")
                 if out_of_time():
                     for mode in modes:
                         for impl in impls:
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.list:
-        print("shapes (H, V, N from DESIGN.md section 4; the first N is the default):")
+        print("shapes (H, V, N: the yardsticks of docs/design.md §3; the first N is the default):")
         for name, (H, V, Ns) in NAMED.items():
             print(f"  {name:14s} H={H:<6d} V={V:<7d} N={','.join(map(str, Ns))}")
         print("implementations:")

@@ -91,6 +91,7 @@ TRITON_KERNEL_MODULES = (
     "triton_dz",               # the GEMM backward's dz blocks (backend "triton")
     "triton_gemm_fwd",         # the GEMM-tiled forward's row kernel
     "triton_epilogue",         # the fused loss epilogue
+    "triton_onepass",          # the one-pass path's row kernels (stats, dz in place)
 )
 
 

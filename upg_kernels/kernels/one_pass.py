@@ -124,7 +124,7 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
             "two-pass path (grad_in_forward=False)")
     n = -(-max(M, 1) // cmax)
     c = -(-max(M, 1) // n)
-    if c > 16:
+    if n > 1 and c > 16:
         c = min(cmax, -(-c // 16) * 16)
     dw32 = need_weight and dtype in (torch.bfloat16, torch.float16)
     return OnePassPlan(int(c), int(cmax), int(-(-M // c)) if M else 0, bool(dw32), int(c * per),

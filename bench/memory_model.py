@@ -60,6 +60,8 @@ OURS_PATHS = (
     OursPath("ours-triton-gemmfwd", ("triton",), default=False,         # GEMM-tiled forward
              env=(("UPG_KERNELS_TRITON_FORWARD", "gemm"),)),
     OursPath("ours-triton_atomic", ("triton_atomic",), default=False),  # the atomic backward
+    OursPath("ours-one-pass", ("triton",), default=False,               # grad_in_forward (losses)
+             env=(("UPG_KERNELS_GRAD_IN_FORWARD", "1"),)),
 )
 
 

@@ -333,3 +333,29 @@ def test_meta_trace_sees_pytorch_passes():
     """The trace's check can fail: the PyTorch row steps (the CPU form) make passes over the chunk."""
     st = _trace_llama3_8b("torch")
     assert st["big"] and any(op == "exp" for op, _ in st["big"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias,softcap,entropy", [(False, None, 0.0), (True, 30.0, 0.01)])
+def test_launches_are_registered(monkeypatch, dtype, bias, softcap, entropy):
+    """Every row-kernel launch of the one-pass path (captured on meta) is a registered variant of
+    the compile check (the full flag product is registered)."""
+    from test_aot_check import _launched_constexprs, _variants
+    N, Hh, Vv = 64, 256, 1000
+    dev = "meta"
+    h = torch.empty(N, Hh, dtype=dtype, device=dev, requires_grad=True)
+    w = torch.empty(Vv, Hh, dtype=dtype, device=dev, requires_grad=True)
+    b = torch.empty(Vv, dtype=dtype, device=dev, requires_grad=True) if bias else None
+    t = torch.empty(N, dtype=torch.int64, device=dev)
+    cfg = LossConfig.preset("grpo", entropy_coef=entropy)
+
+    def run():
+        out = unified_policy_loss(h, w, t, config=cfg, bias=b, softcap=softcap, backend="triton",
+                                  advantages=torch.empty(N, device=dev), grad_in_forward=True)
+        out.loss.backward()
+
+    launched = _launched_constexprs(monkeypatch, "triton_onepass", run)
+    registered = [v.constexprs for v in _variants("triton_onepass")]
+    assert len(launched) >= 2
+    for cx in launched:
+        assert cx in registered, f"unregistered one-pass launch {cx}"

@@ -41,17 +41,17 @@ per chunk costs more than its math) is refused with a ``ValueError`` naming the 
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from . import LogprobParams
+from .. import settings
+from .contract import LogprobParams
 from .gemm import mm_acc, mm_f32
 from .meta import is_meta, nonzero_rows
 
 PATH_NAME = "one_pass"
-ONE_PASS_BYTES = 2**30          # default chunk workspace: ~2000 rows at llama3-8b (V = 128256)
+ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 1 GiB: ~2000 rows at llama3-8b (V = 128256)
 MIN_CHUNK_ROWS = 256            # CUDA: smaller chunks make the per-chunk dW update memory-bound
 _override = None
 
@@ -65,18 +65,10 @@ def set_one_pass_bytes(n: int | None) -> None:
 
 
 def one_pass_bytes() -> int:
+    """The chunk budget: :func:`set_one_pass_bytes`, else ``UPG_KERNELS_ONE_PASS_BYTES`` (1 GiB)."""
     if _override is not None:
         return _override
-    v = os.environ.get("UPG_KERNELS_ONE_PASS_BYTES", "").strip()
-    if not v:
-        return ONE_PASS_BYTES
-    try:
-        n = int(v)
-    except ValueError:
-        n = -1
-    if n <= 0:
-        raise ValueError(f"UPG_KERNELS_ONE_PASS_BYTES must be a positive integer, got {v!r}")
-    return n
+    return settings.ONE_PASS_BYTES.get()
 
 
 class SequenceTooLong(ValueError):

@@ -184,7 +184,7 @@ class _PolicyLoss(torch.autograd.Function):
             return out[3].reshape(-1), out[4].reshape(-1)
 
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        triton_rows = plan.backend.startswith("triton") and h2.dtype != torch.float64
+        triton_rows = get_backend(plan.backend).triton and h2.dtype != torch.float64
         try:
             logp, ent, _lse, dh, dw, db = forward_with_grads(
                 h2, w, b, t, plan.kp, coef_fn, budget=plan.workspace,

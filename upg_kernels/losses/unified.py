@@ -280,11 +280,13 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
         fused_epilogue: with a Triton backend and a token-local config, run the loss epilogue
             inside a Triton kernel (docs/losses.md "Fused epilogue"). ``None`` (default): on unless
             ``UPG_KERNELS_FUSED_EPILOGUE=0``; ``False`` forces the PyTorch epilogue.
-        grad_in_forward: token-local configs only: compute the gradients in the forward pass (one
-            logits pass, 6NHV instead of 8NHV flops; the backward scales them by ``grad_output``),
-            in chunks of the whole vocabulary within the workspace budget
-            (``UPG_KERNELS_WORKSPACE_BYTES``, which must be granted: hundreds of MiB at V ~ 128k).
-            ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off).
+        grad_in_forward: run the one-pass path (docs/kernels.md section 1c): the gradients in the
+            forward pass (one logits pass, 6NHV instead of 8NHV flops; the backward scales them by
+            ``grad_output``), in float32 chunks of rows x the vocabulary within
+            ``UPG_KERNELS_ONE_PASS_BYTES`` (default 1 GiB), plus a float32 dW accumulator for
+            bf16/fp16 weights. Sequence-level configs chunk whole sequences (a longer sequence is a
+            ValueError). ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off; then
+            a sequence that does not fit runs the two-pass path).
 
     Returns:
         :class:`LossOutput`.

@@ -48,7 +48,7 @@ import torch
 from .. import settings
 from .contract import LogprobParams
 from .gemm import mm_acc, mm_f32
-from .meta import is_meta, nonzero_rows
+from .meta import any_true, is_meta, nonzero_rows
 
 PATH_NAME = "one_pass"
 ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 1 GiB: ~2000 rows at llama3-8b (V = 128256)
@@ -173,7 +173,8 @@ class TorchRows:
             t.square_()
             z.addcmul_(z, t, value=-1.0)
         dead = (gl == 0) if ge is None else ((gl == 0) & (ge == 0))
-        z.masked_fill_(dead.unsqueeze(1), 0.0)        # exact zeros (NaN rows included)
+        if any_true(dead):                            # exact zeros (NaN rows included)
+            z.index_fill_(0, nonzero_rows(dead), 0.0)
         self.e = self.t = None
         return z if dtype == z.dtype else z.to(dtype)
 
@@ -323,7 +324,6 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
 
 
 def _any(x: torch.Tensor) -> bool:
-    from .meta import any_true
     return any_true(x != 0)
 
 

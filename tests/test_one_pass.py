@@ -11,7 +11,7 @@ from upg_kernels.kernels import LogprobParams, one_pass
 from upg_kernels.losses import PRESETS
 from upg_kernels.losses.fused import fused_supported
 
-from test_losses import B, T, H, V, make_case
+from test_losses import T, H, V, make_case
 
 ALL = sorted(PRESETS)
 SEQUENCE_LEVEL = [n for n in ALL if not fused_supported(LossConfig.preset(n, max_completion_length=16))]

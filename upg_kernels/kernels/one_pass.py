@@ -179,7 +179,7 @@ class TorchRows:
         return z if dtype == z.dtype else z.to(dtype)
 
 
-def _rows_impl(kind: str, device):
+def _rows_impl(kind: str):
     if kind == "triton":
         from .triton_onepass import TritonRows
         return TritonRows()
@@ -284,7 +284,7 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
     dhbuf = torch.empty(C, H, dtype=hidden.dtype, device=dev) if need_hidden else None
     ones = torch.ones(1, C, dtype=op_dt, device=dev) if need_bias else None
     done = torch.zeros(N, dtype=torch.bool, device=dev)
-    ops = _rows_impl(rows_impl, dev)
+    ops = _rows_impl(rows_impl)
     wt = weight.t()
     for a, b in spans:
         g = b - a
@@ -303,7 +303,7 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
         done.zero_()
         done.index_fill_(0, idx, True)
         g_lp, g_H = coef_fn(logp, ent, done)
-        gl = g_lp.index_select(0, idx).to(torch.float32 if cd == torch.float32 else cd).contiguous()
+        gl = g_lp.index_select(0, idx).to(cd).contiguous()
         ge = g_H.index_select(0, idx).to(gl.dtype).contiguous()
         act = (gl != 0) | (ge != 0)
         K = _last_true(act)

@@ -31,7 +31,7 @@ def _logits(h, weight, bias, p: LogprobParams):
 
 def scale_logits(z, bias, p: LogprobParams):
     """``(softcap(z + bias) / temperature, tanh)`` of raw logits ``z`` (tanh = None without a softcap;
-    the backward's chain-rule factor is ``1 - tanh^2``). Shared with ``grad_in_forward``."""
+    the backward's chain-rule factor is ``1 - tanh^2``). Shared with the two-pass chunked paths."""
     if bias is not None:
         z = z + bias.to(z.dtype)
     t = None

@@ -96,7 +96,7 @@ def prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_e
 # ----------------------------------------------------------------------------- public API
 def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                    return_entropy=False, return_lse=False, backend="auto", softcap=None,
-                   filter_eps=0.0):
+                   filter_eps=0.0, path=None):
     """Per-token log-probs of ``targets`` under ``softmax(softcap(hidden @ weight.T + bias) / temperature)``.
 
     Args:
@@ -118,6 +118,10 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         filter_eps: backward tile filter (Triton backend): skip logit tiles whose every element has
             ``|dz| <= filter_eps * (|g_logp| + |g_ent|) / temperature`` of its row, i.e. CCE's
             ``|onehot - p| <= filter_eps`` (docs/kernels.md has the error bound). 0 = exact.
+        path: ``None`` (pinned by ``UPG_KERNELS_PATH`` / ``UPG_KERNELS_DETERMINISTIC``, else
+            selected: docs/kernels.md "Path selection"), ``"two_pass"`` or
+            ``"two_pass_gemm_forward"`` (Triton backends). There is no ``"one_pass"`` here: without
+            a loss there are no coefficients to apply in the forward.
 
     Returns:
         ``logp`` float32 ``[...]``; with ``return_entropy`` and/or ``return_lse`` a tuple
@@ -127,6 +131,8 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
     h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
     lead = tuple(hidden.shape[:-1])
     name = resolve_backend(backend, hidden.device, h2.dtype)
+    name = _with_path(path, name, h2, w, b, t, float(temperature), int(ignore_index),
+                      float(softcap or 0.0), float(filter_eps), return_entropy)
     if h2.shape[0] == 0:
         out_dt = torch.float64 if h2.dtype == torch.float64 else torch.float32
         logp = (h2.sum(-1) * 0).to(out_dt).reshape(lead)  # keeps the graph for empty inputs
@@ -139,3 +145,17 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         logp, ent, lse = logp.reshape(lead), ent.reshape(lead), lse.reshape(lead)
     extra = ((ent,) if return_entropy else ()) + ((lse,) if return_lse else ())
     return (logp, *extra) if extra else logp
+
+
+def _with_path(path, name, h2, w, b, t, temperature, ignore_index, softcap, filter_eps, entropy):
+    """The backend string of the call's path (kernels/paths.py, kernels/select.py)."""
+    from .kernels import paths, select
+    from .kernels.backends import with_forward
+    from .kernels.contract import LogprobParams
+    paths.check_path(path)
+    grads = "".join(c for c, x in zip("hwb", (h2, w, b))
+                    if torch.is_grad_enabled() and x is not None and x.requires_grad)
+    chosen = select.resolve(path, backend=name, hidden=h2, weight=w, bias=b, targets=t,
+                            p=LogprobParams(temperature, ignore_index, softcap, filter_eps),
+                            loss=False, grads=grads, entropy=entropy)
+    return with_forward(name, paths.PATHS[chosen].forward)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import LogprobParams, get_backend
+from .kernels.backends import split_backend
 from .kernels.epilogue_codes import EpilogueParams
 
 N_EPILOGUE_OUT = 10   # fused_policy_epilogue_op: logp, ent, lse, ell, g_lp, g_H, ratio, kl, rollout_w, flags
@@ -50,7 +51,8 @@ def token_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     # checked here, on real data, so that torch.compile traces the caller without a data-dependent branch
     check_target_range(targets, weight.shape[0], ignore_index)
     p = LogprobParams(temperature, ignore_index, softcap, filter_eps)
-    return get_backend(backend).forward(hidden, weight, bias, targets, p)
+    be, fwd = split_backend(backend)   # "name" or "name:forward" (the path two_pass_gemm_forward)
+    return be.forward(hidden, weight, bias, targets, p, path=fwd)
 
 
 @token_logprobs_op.register_fake

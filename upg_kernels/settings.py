@@ -129,6 +129,27 @@ ONE_PASS_BYTES = Setting(
     "UPG_KERNELS_ONE_PASS_BYTES", "bytes", 1024 * MiB,
     "chunk workspace of the one-pass path (float32 logits chunks; `one_pass.set_one_pass_bytes` "
     "overrides it); bf16/fp16 weights also get a float32 [V, H] dW accumulator beside it")
+PATH = Setting(
+    "UPG_KERNELS_PATH", "choice", "auto",
+    "pins the path of every call (`path=None`): `two_pass`, `two_pass_gemm_forward` (Triton backends) "
+    "or `one_pass` (losses with gradients); a path a call cannot take runs `two_pass`. `auto`: chosen "
+    "by measurement (docs/kernels.md, \"Path selection\")",
+    choices=("auto", "two_pass", "two_pass_gemm_forward", "one_pass"))
+DETERMINISTIC = Setting(
+    "UPG_KERNELS_DETERMINISTIC", "bool", False,
+    "pins the deterministic path (`two_pass` with the GEMM backward, no atomics; also on under "
+    "`torch.use_deterministic_algorithms(True)`)")
+AUTOTUNE = Setting(
+    "UPG_KERNELS_AUTOTUNE", "choice", "auto",
+    "how unpinned calls choose their path: `measure` (time each eligible path once per key), `model` "
+    "(the flop rule: `one_pass` where eligible), `auto` (measure on CUDA, model elsewhere)",
+    choices=("auto", "measure", "model"))
+CACHE_DIR = Setting(
+    "UPG_KERNELS_CACHE_DIR", "text", None,
+    "directory of the path-selection cache `paths.json` (default `~/.cache/upg_kernels`)")
+PATH_TABLE = Setting(
+    "UPG_KERNELS_PATH_TABLE", "text", None,
+    "a path table written by `python -m upg_kernels.tune` to load before measuring (its entries win)")
 TRITON_INTERPRET = Setting(
     "TRITON_INTERPRET", "bool", False,
     "triton's own variable: run the Triton kernels in the CPU interpreter (set before triton is "
@@ -140,7 +161,7 @@ BENCH_GIT_COMMIT = Setting(
 
 SETTINGS = (BACKEND, WORKSPACE_BYTES, TORCH_CHUNK_BYTES, TRITON_FORWARD, TRITON_FWD_CONFIG,
             TRITON_BWD_CONFIG, TRITON_DZ_CONFIG, TRITON_DW_SLAB_BYTES, FUSED_EPILOGUE, GRAD_IN_FORWARD,
-            ONE_PASS_BYTES,
+            ONE_PASS_BYTES, PATH, DETERMINISTIC, AUTOTUNE, CACHE_DIR, PATH_TABLE,
             TRITON_INTERPRET, BENCH_GIT_COMMIT)
 
 

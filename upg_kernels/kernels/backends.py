@@ -139,8 +139,22 @@ def load(ref: str):
     return getattr(importlib.import_module(f"{__package__}.{module}"), fn)
 
 
+def with_forward(name: str, forward: str | None) -> str:
+    """The backend string the custom ops carry: ``name``, or ``"name:forward"`` to run the forward
+    path ``forward`` (the path ``two_pass_gemm_forward``, kernels/paths.py)."""
+    return name if forward is None else f"{name}:{forward}"
+
+
+def split_backend(spec: str) -> tuple[Backend, str | None]:
+    """``(row, forward path or None)`` of a backend string of :func:`with_forward`."""
+    name, _, fwd = spec.partition(":") if isinstance(spec, str) else (spec, "", "")
+    return get_backend(name), (fwd or None)
+
+
 def get_backend(name: str) -> Backend:
-    """The table row of backend ``name``."""
+    """The table row of backend ``name`` (a ``"name:forward"`` string names its row)."""
+    if isinstance(name, str) and ":" in name:
+        name = name.partition(":")[0]
     try:
         return BACKENDS[name]
     except (KeyError, TypeError):

@@ -40,6 +40,8 @@ from ..kernels import LogprobParams, get_backend
 from ..kernels.meta import autocast_off
 from ..settings import GRAD_IN_FORWARD
 from .. import ops   # the custom ops via the module (tests spy on them)
+from ..kernels import one_pass, paths, select
+from ..kernels.backends import with_forward
 from ..kernels.one_pass import one_pass_bytes
 from ..logprobs import prepare_inputs
 from .epilogue import loss_metrics, pytorch_coefficients, vespo_gamma_weight  # noqa: F401 (re-export)
@@ -252,7 +254,8 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
                         ref_logprobs=None, rollout_logprobs=None, is_demo=None, bias=None,
                         temperature=1.0, num_items_in_batch=None, backend="auto",
                         is_ratio=None, ignore_index=-100, softcap=None,
-                        filter_eps=0.0, fused_epilogue=None, grad_in_forward=None) -> LossOutput:
+                        filter_eps=0.0, fused_epilogue=None, grad_in_forward=None,
+                        path=None) -> LossOutput:
     """The loss of ``config`` (a :class:`LossConfig` or a preset name) from hidden states and the lm_head.
 
     Args:
@@ -287,7 +290,12 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
             ``UPG_KERNELS_ONE_PASS_BYTES`` (default 1 GiB), plus a float32 dW accumulator for
             bf16/fp16 weights. Sequence-level configs chunk whole sequences (a longer sequence is a
             ValueError). ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off; then
-            a sequence that does not fit runs the two-pass path).
+            a sequence that does not fit runs the two-pass path). The older spelling of
+            ``path="one_pass"`` (``True``) / ``path="two_pass"`` (``False``).
+        path: ``None`` (chosen: pinned by ``UPG_KERNELS_PATH`` / ``UPG_KERNELS_DETERMINISTIC``,
+            else selected, docs/kernels.md "Path selection"), ``"two_pass"``,
+            ``"two_pass_gemm_forward"`` (Triton backends) or ``"one_pass"`` (the names of
+            :data:`upg_kernels.kernels.paths.PATH_NAMES`).
 
     Returns:
         :class:`LossOutput`.
@@ -323,19 +331,53 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     kp = LogprobParams(float(temperature), int(ignore_index), float(softcap or 0.0), float(filter_eps))
     use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)
                  and get_backend(name).fused_epilogue and h2.shape[0] > 0)
-    gif = _grad_in_forward(grad_in_forward, cfg)
-    plan = _Plan(cfg, inp, kp, name, use_fused, gif, one_pass_bytes() if gif else 0)
+    chosen, gif = _choose_path(path, grad_in_forward, cfg, name, h2, w, b, t, kp, T,
+                               lambda: _coefficient_hint(_Plan(cfg, inp, kp, name, False), h2))
+    use_fused = use_fused and chosen == paths.TWO_PASS
+    spec = with_forward(name, paths.PATHS[chosen].forward)
+    plan = _Plan(cfg, inp, kp, spec, use_fused, gif, one_pass_bytes() if gif else 0)
     with autocast_off(hidden.device.type):
         outs = _PolicyLoss.apply(h2, w, b, t, plan)
     return _output(outs, plan, tuple(targets.shape))
 
 
-def _grad_in_forward(flag, cfg):
-    """The ``grad_in_forward`` argument: True / False, or (None) ``"env"`` when
-    ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on."""
-    if flag is not None:
-        return bool(flag)
-    return "env" if GRAD_IN_FORWARD.get() else False
+def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, hint):
+    """``(path name, grad_in_forward)`` of a call: ``grad_in_forward`` True (asked for: a sequence
+    that does not fit is an error), ``"env"`` (pinned by the environment or selected: such a call
+    runs the two-pass path) or False. ``grad_in_forward=True/False`` is ``path="one_pass"`` /
+    ``"two_pass"``; ``UPG_KERNELS_GRAD_IN_FORWARD=1`` is ``UPG_KERNELS_PATH=one_pass``."""
+    paths.check_path(path)
+    if grad_in_forward is not None:
+        if path is not None and (path == paths.ONE_PASS) != bool(grad_in_forward):
+            raise ValueError(f"grad_in_forward={grad_in_forward!r} contradicts path={path!r} "
+                             "(grad_in_forward=True is path='one_pass'); pass one of them")
+        if grad_in_forward:
+            return paths.ONE_PASS, True
+        path = path or paths.TWO_PASS
+    if path is None and GRAD_IN_FORWARD.get():
+        path = paths.ONE_PASS
+        explicit = False
+    else:
+        explicit = path is not None
+    grads = "".join(c for c, x in zip("hwb", (h2, w, b))
+                    if torch.is_grad_enabled() and x is not None and x.requires_grad)
+    gpu = h2.device.type == "cuda"
+    torch_rows = not (get_backend(backend).triton and h2.dtype != torch.float64)
+
+    def one_pass_ok(M):
+        try:
+            pl = one_pass.plan(M, h2.shape[1], w.shape[0], h2.dtype, one_pass_bytes(),
+                               torch_rows=torch_rows, softcap=bool(kp.softcap), gpu=gpu)
+        except ValueError:
+            return False
+        return fused_supported(cfg) or pl.max_rows >= T
+
+    chosen = select.resolve(path, backend=backend, hidden=h2, weight=w, bias=b, targets=t, p=kp,
+                            loss=True, grads=grads, entropy=cfg.entropy_coef != 0,
+                            one_pass_ok=one_pass_ok, hint=hint, budget=one_pass_bytes())
+    if chosen != paths.ONE_PASS:
+        return chosen, False
+    return chosen, True if explicit and path == paths.ONE_PASS else "env"
 
 
 def _coefficient_hint(plan: _Plan, h2):

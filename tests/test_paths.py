@@ -1,0 +1,299 @@
+"""Path names and selection (kernels/paths.py, kernels/select.py): pins (argument, UPG_KERNELS_PATH,
+deterministic), the selection with injected timings (fastest chosen, memory hit, disk round trip,
+corrupted cache ignored with a warning, version mismatch, key buckets, a shipped table), rank 0's
+choice in a 2-process gloo job, and every path against the float64 reference (torch backend, and the
+Triton backends under the interpreter)."""
+import json
+import os
+import socket
+
+import pytest
+import torch
+
+from upg_kernels import LossConfig, token_logprobs, unified_policy_loss
+from upg_kernels.kernels import paths, select
+from upg_kernels.kernels.backends import triton_available
+
+from test_losses import make_case
+
+
+@pytest.fixture(autouse=True)
+def fresh(tmp_path, monkeypatch):
+    """An empty cache directory and selection state for every test; measuring on."""
+    monkeypatch.setenv("UPG_KERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    for v in ("UPG_KERNELS_PATH", "UPG_KERNELS_DETERMINISTIC", "UPG_KERNELS_PATH_TABLE",
+              "UPG_KERNELS_GRAD_IN_FORWARD"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setenv("UPG_KERNELS_AUTOTUNE", "measure")
+    select.clear()
+    yield
+    select.clear()
+    select.set_timer(None)
+
+
+class FakeClock:
+    """Injected timings: seconds per path; counts the timed runs (nothing is executed)."""
+    def __init__(self, times):
+        self.times, self.calls = dict(times), []
+
+    def __call__(self, path, run):
+        self.calls.append(path)
+        return self.times[path]
+
+
+def _loss_call(cfg_name="grpo", seed=4, dtype=torch.float64, backend="torch", **kw):
+    cfg, hid, w, b, tgt, kwargs = make_case(cfg_name, seed, dtype=dtype)
+    h = hid.clone().requires_grad_(True)
+    ww = w.clone().requires_grad_(True)
+    out = unified_policy_loss(h, ww, tgt, config=cfg, backend=backend, **kwargs, **kw)
+    out.loss.backward()
+    return out, h.grad, ww.grad
+
+
+# ------------------------------------------------------------------------------ names and pins
+def test_names_have_one_owner():
+    from upg_kernels import settings
+    assert paths.PATH_NAMES == ("two_pass", "two_pass_gemm_forward", "one_pass")
+    assert settings.PATH.choices == ("auto",) + paths.PATH_NAMES
+    from upg_kernels.kernels.one_pass import PATH_NAME
+    assert PATH_NAME in paths.PATH_NAMES
+    doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "kernels.md")).read()
+    for n in paths.PATH_NAMES:
+        assert f"`{n}`" in doc
+
+
+def test_bad_path_names_the_argument():
+    with pytest.raises(ValueError, match="path must be None or one of"):
+        _loss_call(path="fast")
+    with pytest.raises(ValueError, match="needs a Triton backend"):
+        _loss_call(path="two_pass_gemm_forward")
+    with pytest.raises(ValueError, match="contradicts"):
+        _loss_call(path="two_pass", grad_in_forward=True)
+    h = torch.randn(3, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="needs a loss with gradients"):
+        token_logprobs(h, torch.randn(11, 8), torch.tensor([1, 2, 3]), backend="torch", path="one_pass")
+
+
+def test_pins(monkeypatch):
+    """The argument wins, then UPG_KERNELS_DETERMINISTIC, then UPG_KERNELS_PATH; nothing is timed."""
+    clock = FakeClock({"two_pass": 1.0, "one_pass": 2.0})
+    select.set_timer(clock)
+    monkeypatch.setenv("UPG_KERNELS_PATH", "one_pass")
+    assert paths.pinned(None) == ("one_pass", "UPG_KERNELS_PATH")
+    assert paths.pinned("two_pass") == ("two_pass", "path=")
+    monkeypatch.setenv("UPG_KERNELS_DETERMINISTIC", "1")
+    assert paths.pinned(None) == ("two_pass", "UPG_KERNELS_DETERMINISTIC")
+    monkeypatch.delenv("UPG_KERNELS_DETERMINISTIC")
+    _loss_call()
+    assert clock.calls == []
+    # a pin that does not apply to a call (no one-pass for token_logprobs) runs two_pass
+    assert paths.fit("one_pass", paths.eligible(triton=False, loss=False, grads=True)) == "two_pass"
+
+
+def test_bad_env_path_names_the_variable(monkeypatch):
+    monkeypatch.setenv("UPG_KERNELS_PATH", "fastest")
+    with pytest.raises(ValueError, match="UPG_KERNELS_PATH"):
+        _loss_call()
+
+
+def test_grad_in_forward_alias_matches_path(monkeypatch):
+    """grad_in_forward=True is path='one_pass': the same values and gradients."""
+    o1, h1, w1 = _loss_call(grad_in_forward=True)
+    o2, h2, w2 = _loss_call(path="one_pass")
+    assert torch.equal(o1.loss, o2.loss) and torch.equal(h1, h2) and torch.equal(w1, w2)
+
+
+# ------------------------------------------------------------------------------ selection
+def _choose(clock, k="dev|k", options=("two_pass", "one_pass")):
+    select.set_timer(clock)
+    runs = {p: (lambda: None) for p in options}
+    return select.choose(k, options, lambda: runs)
+
+
+def test_fastest_chosen_then_memory_hit():
+    clock = FakeClock({"two_pass": 3.0, "one_pass": 1.0})
+    assert _choose(clock) == "one_pass"
+    n = len(clock.calls)
+    assert 2 <= n <= 2 * select.ITERS      # bounded: stops once the budget is spent
+    assert _choose(clock) == "one_pass" and len(clock.calls) == n      # memory: nothing timed
+
+
+def test_budget_stops_early():
+    clock = FakeClock({"two_pass": 0.8, "one_pass": 0.9})
+    _choose(clock)
+    assert clock.calls == ["two_pass", "one_pass"]     # one round: 1.7 s > BUDGET_S
+
+
+def test_disk_round_trip(tmp_path):
+    clock = FakeClock({"two_pass": 1e-3, "one_pass": 2e-3})
+    assert _choose(clock) == "two_pass"
+    data = json.loads(select.cache_file().read_text())
+    assert data["versions"] == select.versions()
+    assert data["entries"]["dev|k"]["path"] == "two_pass"
+    assert set(data["entries"]["dev|k"]["times_ms"]) == {"two_pass", "one_pass"}
+    select.clear()
+    clock2 = FakeClock({"two_pass": 9.0, "one_pass": 1.0})
+    assert _choose(clock2) == "two_pass" and clock2.calls == []     # read from disk, not measured
+    assert not list(select.cache_file().parent.glob(".paths-*"))    # no temporary file left
+
+
+def test_corrupted_cache_is_ignored_with_a_warning():
+    f = select.cache_file()
+    f.parent.mkdir(parents=True)
+    f.write_text('{"format": 1, "entries": [')
+    clock = FakeClock({"two_pass": 2.0, "one_pass": 1.0})
+    with pytest.warns(RuntimeWarning, match="unreadable path file"):
+        assert _choose(clock) == "one_pass"
+    assert json.loads(f.read_text())["entries"]["dev|k"]["path"] == "one_pass"   # rewritten
+
+
+def test_other_versions_measure_again():
+    f = select.cache_file()
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({"format": 1, "versions": "upg_kernels 0.0.0; torch 1.0; triton none",
+                             "entries": {"dev|k": {"path": "two_pass"}}}))
+    clock = FakeClock({"two_pass": 2.0, "one_pass": 1.0})
+    assert _choose(clock) == "one_pass" and clock.calls
+
+
+def test_table_wins_and_bad_table_is_refused(tmp_path, monkeypatch):
+    t = tmp_path / "table.json"
+    t.write_text(json.dumps({"entries": {"dev|k": {"path": "two_pass"}}}))
+    monkeypatch.setenv("UPG_KERNELS_PATH_TABLE", str(t))
+    clock = FakeClock({"two_pass": 2.0, "one_pass": 1.0})
+    assert _choose(clock) == "two_pass" and clock.calls == []
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"entries": {"dev|k": "three_pass"}}))
+    with pytest.raises(ValueError, match="unknown paths"):
+        select.load_table(bad)
+
+
+def test_key_buckets():
+    cpu = torch.device("cpu")
+    k = [select.key(cpu, torch.float32, 64, 1000, m, "hw", False, "torch", True) for m in (33, 64, 65)]
+    assert k[0] == k[1] != k[2]
+    assert "M64" in k[0] and "M128" in k[2]
+    assert select.key(cpu, torch.float32, 64, 1000, 64, "hw", True, "torch", True) != k[0]
+    assert select.key(cpu, torch.float32, 64, 1000, 64, "", False, "torch", True) != k[0]
+    assert select.key(cpu, torch.bfloat16, 64, 1000, 64, "hw", False, "torch", True) != k[0]
+    assert select.m_bucket(0) == 0 and select.m_bucket(1) == 1 and select.m_bucket(1025) == 2048
+
+
+def test_call_measures_each_eligible_path_once_per_key():
+    """A loss call on the torch backend: two_pass and one_pass timed (no gemm forward on torch);
+    the second call with the same key measures nothing; no gradients: nothing to choose."""
+    clock = FakeClock({"two_pass": 2.0, "one_pass": 1.0})
+    select.set_timer(clock)
+    _loss_call()
+    assert set(clock.calls) == {"two_pass", "one_pass"}
+    assert list(select.choices().values()) == ["one_pass"]
+    n = len(clock.calls)
+    _loss_call()
+    assert len(clock.calls) == n
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 4, dtype=torch.float64)
+    with torch.no_grad():
+        unified_policy_loss(hid, w, tgt, config=cfg, backend="torch", **kw)
+    assert len(clock.calls) == n
+
+
+def test_model_mode_rule(monkeypatch):
+    """Without timing: one_pass for a loss with gradients at N x V >= MODEL_MIN_LOGITS, else two_pass."""
+    monkeypatch.setenv("UPG_KERNELS_AUTOTUNE", "model")
+    from upg_kernels.kernels.contract import LogprobParams
+    p = LogprobParams()
+    for N, want in ((4, "two_pass"), (select.MODEL_MIN_LOGITS // 16, "one_pass")):
+        h = torch.empty(N, 2)
+        w = torch.empty(16, 2)
+        t = torch.zeros(N, dtype=torch.long)
+        got = select.resolve(None, backend="torch", hidden=h, weight=w, bias=None, targets=t, p=p,
+                             loss=True, grads="hw", entropy=False)
+        assert got == want
+        got = select.resolve(None, backend="torch", hidden=h, weight=w, bias=None, targets=t, p=p,
+                             loss=False, grads="hw", entropy=False)
+        assert got == "two_pass"
+
+
+# ------------------------------------------------------------------------------ every path, float64
+def _ref_loss(cfg_name, N):
+    """The float64 reference: the torch backend's two-pass path in float64 (itself checked against
+    materialized logits in test_losses.py)."""
+    return _loss_call(cfg_name, N, path="two_pass")
+
+
+@pytest.mark.parametrize("cfg_name", ["grpo", "gspo", "sft"])
+@pytest.mark.parametrize("path", ["two_pass", "one_pass"])
+def test_torch_paths_equal_float64(cfg_name, path):
+    ref = _ref_loss(cfg_name, 5)
+    got = _loss_call(cfg_name, 5, path=path)
+    assert torch.allclose(got[0].loss, ref[0].loss, rtol=1e-10, atol=1e-12)
+    for a, r in zip(got[1:], ref[1:]):
+        assert torch.allclose(a, r, rtol=1e-9, atol=1e-11)
+
+
+needs_triton = pytest.mark.skipif(not triton_available() or (not torch.cuda.is_available()
+                                  and os.environ.get("TRITON_INTERPRET") != "1"),
+                                  reason="the Triton backends need CUDA or TRITON_INTERPRET=1")
+
+
+@needs_triton
+@pytest.mark.parametrize("path", paths.PATH_NAMES)
+def test_triton_paths_equal_float64(path):
+    """float32 Triton paths (interpreter on the CPU) against the float64 torch reference, within the
+    documented float32 tolerance (docs/kernels.md: 2e-4 relative)."""
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 3, dtype=torch.float64)
+    ref = _ref_loss("grpo", 3)
+    h = hid.float().clone().requires_grad_(True)
+    ww = w.float().clone().requires_grad_(True)
+    kw32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.float64 else v)
+            for k, v in kw.items()}
+    out = unified_policy_loss(h, ww, tgt, config=cfg, backend="triton", path=path, **kw32)
+    out.loss.backward()
+    assert float((out.loss.double() - ref[0].loss).abs()) <= 2e-4 * max(1.0, float(ref[0].loss.abs()))
+    for a, r in ((h.grad, ref[1]), (ww.grad, ref[2])):
+        assert float((a.double() - r).abs().max()) <= 2e-4 * float(r.abs().max())
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["two_pass", "two_pass_gemm_forward"])
+def test_token_logprobs_paths(path):
+    torch.manual_seed(0)
+    h = torch.randn(7, 32, dtype=torch.float64)
+    w = torch.randn(67, 32, dtype=torch.float64) * 0.3
+    t = torch.randint(0, 67, (7,))
+    t[2] = -100
+    ref = torch.log_softmax(h @ w.T, -1).gather(1, t.clamp(min=0)[:, None])[:, 0] * (t != -100)
+    got = token_logprobs(h.float(), w.float(), t, backend="triton", path=path)
+    assert float((got.double() - ref).abs().max()) <= 2e-4 * float(ref.abs().max())
+
+
+# ------------------------------------------------------------------------------ distributed
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, out_dir):
+    import torch.distributed as dist
+    os.environ["UPG_KERNELS_CACHE_DIR"] = os.path.join(out_dir, f"cache{rank}")
+    os.environ["UPG_KERNELS_AUTOTUNE"] = "measure"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # each rank's timings disagree: rank 0 finds one_pass fastest, rank 1 two_pass
+    times = {"two_pass": 2.0, "one_pass": 1.0} if rank == 0 else {"two_pass": 1.0, "one_pass": 2.0}
+    clock = FakeClock(times)
+    select.set_timer(clock)
+    got = select.choose("dev|k", ("two_pass", "one_pass"),
+                        lambda: {p: (lambda: None) for p in ("two_pass", "one_pass")})
+    k = select.key(torch.device("cpu"), torch.float32, 8, 16, 123, "hw", False, "torch", True)
+    with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
+        json.dump({"choice": got, "timed": len(clock.calls), "key": k}, f)
+    dist.destroy_process_group()
+
+
+def test_rank0_choice_is_broadcast(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    r = [json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(2)]
+    assert r[0]["choice"] == r[1]["choice"] == "one_pass"
+    assert r[0]["timed"] > 0 and r[1]["timed"] == 0        # only rank 0 measures
+    assert "Many" in r[0]["key"]                           # distributed keys drop M's bucket

@@ -29,8 +29,8 @@ from upg_kernels import settings
 
 from . import report
 from .impls import DEFAULT_IMPLS, REGISTRY, make_impls
-from .measure import (FLOP_MODEL, MODES, free, is_oom, matmul_peak, peak_memory, sync, time_impl,
-                      useful_flops, call)
+from .measure import (FLOP_MODEL, MODES, call, free, is_oom, matmul_peak, peak_memory, sync, time_impl,
+                      time_interleaved, useful_flops)
 from .problems import DTYPES, OPS, make_inputs, make_problem, reference, rel_err
 from .shapes import NAMED, resolve_shapes
 
@@ -346,6 +346,17 @@ def _run_problem(problem, modes, impls, device, args, emit, out_of_time, peak_tf
     free(device)
 
     for mode in modes:
+        inter = {}
+        runnable = [impl for impl in impls if state[impl.name]["status"] is None]
+        if device.type == "cpu" and len(runnable) > 1 and not out_of_time():
+            # CPU: interleaved rounds (a shared machine's load changes hit every impl alike)
+            inter = time_interleaved(runnable, problem.op, sets, mode, device, warmup=args.warmup,
+                                     budget_s=args.row_budget, **_iters_kw(args))
+            for name, t in inter.items():
+                if t.get("pair_ratios"):
+                    pr = sorted(t["pair_ratios"])
+                    print(f"    {mode} {name}: per-round ratio to {runnable[0].name} min {pr[0]:.3f} "
+                          f"median {pr[len(pr) // 2]:.3f} ({len(pr)} rounds, interleaved)", flush=True)
         for impl in impls:
             st = state[impl.name]
             r = _row_base(problem, mode, impl.name, nbytes)
@@ -368,11 +379,13 @@ def _run_problem(problem, modes, impls, device, args, emit, out_of_time, peak_tf
                 continue
             try:
                 t_row = time.perf_counter()
-                iters_kw = dict(min_iters=5, max_iters=20 if args.quick else 100)
-                if args.iters:
-                    iters_kw = dict(min_iters=args.iters, max_iters=args.iters)
-                t = time_impl(impl, problem.op, sets, mode, device, warmup=args.warmup,
-                              budget_s=args.row_budget, **iters_kw)
+                if impl.name in inter:
+                    t = inter[impl.name]
+                    if "error" in t:
+                        raise t["error"]
+                else:
+                    t = time_impl(impl, problem.op, sets, mode, device, warmup=args.warmup,
+                                  budget_s=args.row_budget, **_iters_kw(args))
                 r.update(t)
                 r["tflops"] = r["useful_flops"] / (r["median_ms"] * 1e-3) / 1e12
                 r["frac_peak"] = r["tflops"] / peak_tflops if peak_tflops else None
@@ -390,6 +403,12 @@ def _run_problem(problem, modes, impls, device, args, emit, out_of_time, peak_tf
             sync(device)
             emit(r)
     del sets
+
+
+def _iters_kw(args) -> dict:
+    if args.iters:
+        return dict(min_iters=args.iters, max_iters=args.iters)
+    return dict(min_iters=5, max_iters=20 if args.quick else 100)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,10 @@
 """Timing, memory, the matmul ceiling and the FLOP model.
 
 Timing: on CUDA, a pair of CUDA events around each timed iteration (after warm-up), inputs rotating
-over several input sets; on CPU, ``time.perf_counter``. Memory (CUDA only): peak allocated during one
+over several input sets; on CPU, ``time.perf_counter``, and the impls of a row are timed
+*interleaved* (:func:`time_interleaved`: one call of each impl per round, the order alternating), so
+that a change of load on a shared machine hits every impl alike; each round's ratio to the first impl
+(eager) is reported beside the medians. Memory (CUDA only): peak allocated during one
 call above what was allocated before it (the input sets and anything else already resident), read with
 ``torch.cuda.reset_peak_memory_stats`` / ``max_memory_allocated``; on CPU it is not measured (null).
 """
@@ -148,6 +151,47 @@ def time_impl(impl: Impl, op: str, sets: list[Inputs], mode: str, device: torch.
     iters = int(max(min_iters, min(max_iters, math.ceil(budget_s * 1e3 / max(est, 1e-3)))))
     times = _time_loop(prep, step, device, 0, iters)
     return {"iters": iters, "warmup": warmup + 1, "rotating_sets": K, "times_ms": times, **stats(times)}
+
+
+def time_interleaved(impls: list[Impl], op: str, sets: list[Inputs], mode: str, device: torch.device,
+                     *, warmup: int, min_iters: int, max_iters: int, budget_s: float) -> dict:
+    """Per impl name, :func:`time_impl`'s dict, measured in rounds: each round times one call of
+    every impl (forward order on even rounds, reverse on odd ones), ``min_iters`` rounds at least,
+    then until ``budget_s`` per impl or ``max_iters``. An impl that raises gets ``{"error": e}``.
+    With more than one impl, each entry also has ``pair_ratios``: its time over the first impl's in
+    the same round, per round."""
+    K = len(sets)
+    live, out = [], {}
+    for impl in impls:
+        try:
+            for i in range(warmup):
+                call(impl, op, sets[i % K], mode)
+            live.append(impl)
+        except Exception as e:      # noqa: BLE001 (reported per row by the caller)
+            out[impl.name] = {"error": e}
+    times = {impl.name: [] for impl in live}
+    spent = 0.0
+    r = 0
+    while live and r < max_iters and (r < min_iters or spent / len(live) < budget_s * 1e3):
+        order = live if r % 2 == 0 else live[::-1]
+        for impl in order:
+            sync(device)
+            t0 = time.perf_counter()
+            keep = call(impl, op, sets[r % K], mode)
+            sync(device)
+            dt = (time.perf_counter() - t0) * 1e3
+            del keep
+            times[impl.name].append(dt)
+            spent += dt
+        r += 1
+    first = times[live[0].name] if live else []
+    for impl in live:
+        t = times[impl.name]
+        out[impl.name] = {"iters": len(t), "warmup": warmup, "rotating_sets": K, "times_ms": t,
+                          "timing": "interleaved", **stats(t)}
+        if len(live) > 1:
+            out[impl.name]["pair_ratios"] = [a / b for a, b in zip(t, first)]
+    return out
 
 
 def peak_memory(impl: Impl, op: str, x: Inputs, mode: str, device: torch.device) -> int | None:

@@ -57,8 +57,8 @@ def device_name(device: torch.device) -> str:
 def key(device: torch.device, dtype: torch.dtype, H: int, V: int, M: int | None, grads: str,
         entropy: bool, backend: str, loss: bool) -> str:
     """The selection key. ``grads``: the gradients needed, a subset of ``"hwb"`` (hidden, weight,
-    bias; ``""`` for none); ``M=None``: no bucket (distributed jobs)."""
-    mb = "any" if M is None else m_bucket(M)
+    bias; ``""`` for none). In a distributed job (and with ``M=None``) the key has no M bucket."""
+    mb = "any" if M is None or distributed() else m_bucket(M)
     return (f"{device_name(device)}|{str(dtype).replace('torch.', '')}|H{H}|V{V}|M{mb}|g{grads or '-'}"
             f"|e{int(bool(entropy))}|{backend}|{'loss' if loss else 'logprobs'}")
 
@@ -313,7 +313,7 @@ def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool,
     M = int((targets != p.ignore_index).sum())
     ok = one_pass_ok is None or one_pass_ok(M)
     options = paths.eligible(triton=be.triton, loss=loss, grads=bool(grads), one_pass_ok=ok)
-    k = key(hidden.device, hidden.dtype, hidden.shape[1], V, None if distributed() else M, grads,
+    k = key(hidden.device, hidden.dtype, hidden.shape[1], V, M, grads,
             entropy, backend, loss)
     return choose(k, options, lambda: runners(be, hidden, weight, bias, targets, p, grads=grads,
                                                entropy=entropy, hint=hint() if callable(hint) else hint,

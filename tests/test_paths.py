@@ -297,3 +297,20 @@ def test_rank0_choice_is_broadcast(tmp_path):
     assert r[0]["choice"] == r[1]["choice"] == "one_pass"
     assert r[0]["timed"] > 0 and r[1]["timed"] == 0        # only rank 0 measures
     assert "Many" in r[0]["key"] and "Many" in r[1]["key"]                         # distributed keys drop M's bucket
+
+
+# ------------------------------------------------------------------------------ the tuning CLI
+def test_tune_cli_writes_a_loadable_table(tmp_path, monkeypatch):
+    from upg_kernels import tune
+    clock = FakeClock({"two_pass": 2.0, "one_pass": 1.0})
+    select.set_timer(clock)
+    out = tmp_path / "table.json"
+    assert tune.main(["--shapes", "16x37", "--N", "9", "--dtype", "fp32", "--device", "cpu",
+                      "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    (k, v), = data["entries"].items()
+    assert "H16|V37|M16" in k and v["path"] == "one_pass" and set(v["times_ms"]) == {"two_pass", "one_pass"}
+    select.clear()
+    assert select.load_table(out) == 1
+    with pytest.raises(ValueError, match="neither HxV"):
+        tune.parse_shape("huge")

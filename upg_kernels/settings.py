@@ -128,7 +128,7 @@ GRAD_IN_FORWARD = Setting(
 ONE_PASS_BYTES = Setting(
     "UPG_KERNELS_ONE_PASS_BYTES", "bytes", 1024 * MiB,
     "chunk workspace of the one-pass path (float32 logits chunks; `one_pass.set_one_pass_bytes` "
-    "overrides it); bf16/fp16 weights also get a float32 [V, H] dW accumulator beside it")
+    "overrides it; unset: 1 GiB on CUDA, 128 MiB on other devices); bf16/fp16 weights also get a float32 [V, H] dW accumulator beside it")
 PATH = Setting(
     "UPG_KERNELS_PATH", "choice", "auto",
     "pins the path of every call (`path=None`): `two_pass`, `two_pass_gemm_forward` (Triton backends) "

@@ -52,6 +52,7 @@ from .meta import any_true, is_meta, nonzero_rows
 
 PATH_NAME = "one_pass"
 ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 1 GiB: ~2000 rows at llama3-8b (V = 128256)
+ONE_PASS_CPU_BYTES = 128 * 2**20   # off CUDA: ~500 rows at V = 32768, a fraction of eager's N x V logits
 MIN_CHUNK_ROWS = 256            # CUDA: smaller chunks make the per-chunk dW update memory-bound
 _override = None
 
@@ -64,10 +65,14 @@ def set_one_pass_bytes(n: int | None) -> None:
     _override = n
 
 
-def one_pass_bytes() -> int:
-    """The chunk budget: :func:`set_one_pass_bytes`, else ``UPG_KERNELS_ONE_PASS_BYTES`` (1 GiB)."""
+def one_pass_bytes(device: torch.device | None = None) -> int:
+    """The chunk budget: :func:`set_one_pass_bytes`, else ``UPG_KERNELS_ONE_PASS_BYTES``, else 1 GiB
+    (:data:`ONE_PASS_BYTES`), or :data:`ONE_PASS_CPU_BYTES` (128 MiB) for a ``device`` that is not
+    CUDA / meta (a CPU's GEMMs are as fast on ~500-row chunks, and memory is the point)."""
     if _override is not None:
         return _override
+    if not settings.ONE_PASS_BYTES.is_set() and device is not None and device.type not in ("cuda", "meta"):
+        return ONE_PASS_CPU_BYTES
     return settings.ONE_PASS_BYTES.get()
 
 

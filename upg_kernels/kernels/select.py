@@ -40,6 +40,7 @@ _memory: dict[str, str] = {}
 _table: dict[str, str] = {}
 _table_loaded_from: str | None = None
 _timer = None
+_times: dict[str, dict[str, float]] = {}    # key -> path -> best ms, of the keys measured here
 
 
 # ------------------------------------------------------------------------------------------ keys
@@ -163,6 +164,7 @@ def clear(memory: bool = True, table: bool = True) -> None:
     global _table, _table_loaded_from
     if memory:
         _memory.clear()
+        _times.clear()
     if table:
         _table, _table_loaded_from = {}, None
 
@@ -170,6 +172,11 @@ def clear(memory: bool = True, table: bool = True) -> None:
 def choices() -> dict[str, str]:
     """The in-memory choices (key -> path)."""
     return dict(_memory)
+
+
+def measured() -> dict[str, dict[str, float]]:
+    """The timings of the keys measured in this process (key -> path -> best ms)."""
+    return {k: dict(v) for k, v in _times.items()}
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -263,8 +270,9 @@ def _lookup_or_measure(k, options, runners, mode) -> str:
     if not times:
         return TWO_PASS
     choice = min(times, key=times.get)
+    _times[k] = {p: round(t * 1e3, 4) for p, t in times.items()}
     try:
-        write_entries(cf, {k: {"path": choice, "times_ms": {p: round(t * 1e3, 4) for p, t in times.items()}}})
+        write_entries(cf, {k: {"path": choice, "times_ms": _times[k]}})
     except OSError as e:
         warnings.warn(f"upg_kernels: could not write the path cache {cf} ({e!r})", RuntimeWarning,
                       stacklevel=3)

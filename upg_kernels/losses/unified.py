@@ -287,7 +287,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
         grad_in_forward: run the one-pass path (docs/kernels.md section 1c): the gradients in the
             forward pass (one logits pass, 6NHV instead of 8NHV flops; the backward scales them by
             ``grad_output``), in float32 chunks of rows x the vocabulary within
-            ``UPG_KERNELS_ONE_PASS_BYTES`` (default 1 GiB), plus a float32 dW accumulator for
+            ``UPG_KERNELS_ONE_PASS_BYTES`` (default 1 GiB; 128 MiB off CUDA), plus a float32 dW accumulator for
             bf16/fp16 weights. Sequence-level configs chunk whole sequences (a longer sequence is a
             ValueError). ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off; then
             a sequence that does not fit runs the two-pass path). The older spelling of
@@ -335,7 +335,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
                                lambda: _coefficient_hint(_Plan(cfg, inp, kp, name, False), h2))
     use_fused = use_fused and chosen == paths.TWO_PASS
     spec = with_forward(name, paths.PATHS[chosen].forward)
-    plan = _Plan(cfg, inp, kp, spec, use_fused, gif, one_pass_bytes() if gif else 0)
+    plan = _Plan(cfg, inp, kp, spec, use_fused, gif, one_pass_bytes(h2.device) if gif else 0)
     with autocast_off(hidden.device.type):
         outs = _PolicyLoss.apply(h2, w, b, t, plan)
     return _output(outs, plan, tuple(targets.shape))
@@ -366,7 +366,7 @@ def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, hint):
 
     def one_pass_ok(M):
         try:
-            pl = one_pass.plan(M, h2.shape[1], w.shape[0], h2.dtype, one_pass_bytes(),
+            pl = one_pass.plan(M, h2.shape[1], w.shape[0], h2.dtype, one_pass_bytes(h2.device),
                                torch_rows=torch_rows, softcap=bool(kp.softcap), gpu=gpu)
         except ValueError:
             return False
@@ -374,7 +374,7 @@ def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, hint):
 
     chosen = select.resolve(path, backend=backend, hidden=h2, weight=w, bias=b, targets=t, p=kp,
                             loss=True, grads=grads, entropy=cfg.entropy_coef != 0,
-                            one_pass_ok=one_pass_ok, hint=hint, budget=one_pass_bytes())
+                            one_pass_ok=one_pass_ok, hint=hint, budget=one_pass_bytes(h2.device))
     if chosen != paths.ONE_PASS:
         return chosen, False
     return chosen, True if explicit and path == paths.ONE_PASS else "env"

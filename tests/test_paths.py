@@ -29,6 +29,7 @@ def fresh(tmp_path, monkeypatch):
     yield
     select.clear()
     select.set_timer(None)
+    select.force(None)
 
 
 class FakeClock:

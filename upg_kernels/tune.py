@@ -14,7 +14,6 @@ per shape, dtype and N bucket) with each path's best time.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -66,12 +65,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    os.environ["UPG_KERNELS_AUTOTUNE"] = "measure"
-    for v in ("UPG_KERNELS_PATH", "UPG_KERNELS_PATH_TABLE", "UPG_KERNELS_DETERMINISTIC"):
-        os.environ.pop(v, None)
+    from .settings import DETERMINISTIC, PATH, PATH_TABLE
+    pins = [s.name for s in (PATH, DETERMINISTIC, PATH_TABLE) if s.is_set()]
+    if pins:
+        p.error(f"unset {', '.join(pins)} to tune (they pin the path or load a table)")
     import tempfile
-    os.environ["UPG_KERNELS_CACHE_DIR"] = tempfile.mkdtemp(prefix="upg-tune-")   # measure, never read
     select.clear()
+    select.force("measure", tempfile.mkdtemp(prefix="upg-tune-"))    # measure, never read a cache
     entries = {}
     for text in a.shapes.split(","):
         label, H, V = parse_shape(text)
@@ -84,6 +84,7 @@ def main(argv=None) -> int:
                     print(f"{label} N={n}: {k} -> {entries[k]['path']}  {times}", flush=True)
     from pathlib import Path
     select.write_entries(Path(a.out), entries)
+    select.force(None)
     print(f"wrote {len(entries)} entries to {a.out}")
     return 0
 

@@ -41,6 +41,8 @@ _table: dict[str, str] = {}
 _table_loaded_from: str | None = None
 _timer = None
 _times: dict[str, dict[str, float]] = {}    # key -> path -> best ms, of the keys measured here
+_mode_override: str | None = None            # the tuning CLI: "measure"
+_cache_override: _FsPath | None = None       # the tuning CLI: a fresh directory
 
 
 # ------------------------------------------------------------------------------------------ keys
@@ -85,6 +87,8 @@ def versions() -> str:
 
 
 def cache_file() -> _FsPath:
+    if _cache_override is not None:
+        return _cache_override / "paths.json"
     d = settings.CACHE_DIR.get()
     base = _FsPath(d).expanduser() if d else _FsPath.home() / ".cache" / "upg_kernels"
     return base / "paths.json"
@@ -180,6 +184,16 @@ def measured() -> dict[str, dict[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------ timing
+def force(mode: str | None = None, cache_dir=None) -> None:
+    """Override ``UPG_KERNELS_AUTOTUNE`` (``mode``) and the cache directory for this process (None:
+    back to the settings). The tuning CLI measures into a fresh directory this way."""
+    global _mode_override, _cache_override
+    if mode not in (None, "auto", "measure", "model"):
+        raise ValueError(f"mode must be None, 'auto', 'measure' or 'model', got {mode!r}")
+    _mode_override = mode
+    _cache_override = None if cache_dir is None else _FsPath(cache_dir)
+
+
 def set_timer(fn) -> None:
     """Replace the timer: ``fn(path, run) -> seconds`` (``run`` executes the path once); None
     restores the real one. For tests and for the tuning CLI."""
@@ -243,7 +257,7 @@ def choose(k: str, options: tuple[str, ...], runners, *, mode: str | None = None
     if got in options:
         return got
     _env_table()
-    mode = mode or settings.AUTOTUNE.get()
+    mode = mode or _mode_override or settings.AUTOTUNE.get()
     dist = distributed()
     choice = None
     if not dist or torch.distributed.get_rank() == 0:
@@ -281,7 +295,7 @@ def _lookup_or_measure(k, options, runners, mode) -> str:
 
 def auto_mode(device: torch.device) -> str:
     """``measure`` or ``model`` for a call on ``device`` (``UPG_KERNELS_AUTOTUNE``)."""
-    m = settings.AUTOTUNE.get()
+    m = _mode_override or settings.AUTOTUNE.get()
     if m != "auto":
         return m
     return "measure" if device.type == "cuda" else "model"

@@ -152,3 +152,21 @@ def test_missing_matplotlib_is_said_not_silent(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert "results.png" in err and "matplotlib" in err
     assert not (tmp_path / report.PNG_NAME).exists()
+
+
+def test_cpu_rows_are_timed_interleaved(tmp_path, monkeypatch):
+    """On CPU the impls of a row are timed in alternating rounds (a load change hits both), with the
+    per-round ratio to the first impl in each row."""
+    from bench import measure
+    seen = []
+    real_call = measure.call
+
+    def spy(impl, op, x, mode):
+        seen.append(impl.name)
+        return real_call(impl, op, x, mode)
+    monkeypatch.setattr(measure, "call", spy)
+    data = _run(tmp_path, "--ops", "grpo", "--modes", "fwd", "--impls", "eager,ours", "--no-ref")
+    assert seen[-4:] == ["eager", "ours", "ours", "eager"]     # 2 rounds, the order alternating
+    rows = {r["impl"]: r for r in data["rows"]}
+    assert rows["ours"]["timing"] == "interleaved" and len(rows["ours"]["pair_ratios"]) == 2
+    assert rows["eager"]["pair_ratios"] == [1.0, 1.0]

@@ -124,7 +124,7 @@ GRAD_IN_FORWARD = Setting(
     "UPG_KERNELS_GRAD_IN_FORWARD", "bool", False,
     "the one-pass path (gradients in the forward pass) for `unified_policy_loss` calls with "
     "`grad_in_forward=None`; where a sequence-level config's sequence does not fit a chunk, the two-pass "
-    "path runs")
+    "path runs. The older spelling of `UPG_KERNELS_PATH=one_pass`")
 ONE_PASS_BYTES = Setting(
     "UPG_KERNELS_ONE_PASS_BYTES", "bytes", 1024 * MiB,
     "chunk workspace of the one-pass path (float32 logits chunks; `one_pass.set_one_pass_bytes` "

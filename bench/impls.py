@@ -246,10 +246,10 @@ class OursBigWorkspace(_OursEnv):
 
 class OursGradInForward(_OursEnv):
     name = "ours-gif"
-    description = ("unified_policy_loss(grad_in_forward=True): the one-pass path (6NHV; 1 GiB chunk budget "
-                   "UPG_KERNELS_ONE_PASS_BYTES + a float32 dW accumulator)")
+    description = ("unified_policy_loss(path='one_pass'): the one-pass path (6NHV; chunk budget "
+                   "UPG_KERNELS_ONE_PASS_BYTES, 1 GiB on CUDA, + a float32 dW accumulator for bf16/fp16)")
     ops = ("sft", "grpo", "hpt")
-    KW = {"grad_in_forward": True}
+    KW = {"path": "one_pass"}
 
 
 class OursLogprobsEpilogue(Impl):

@@ -31,13 +31,13 @@ def calls(monkeypatch):
 def _capture_rows(tr):
     """The row batches whose reference log-probs the trainer computes."""
     seen = []
-    real = tr._fill_logprobs
+    real = tr.fill_logprobs
 
     def fill(micro, key, *a, **kw):
         if key == "ref_logprobs":
             seen.extend(mb for mb, _ in micro)
         return real(micro, key, *a, **kw)
-    tr._fill_logprobs = fill
+    tr.fill_logprobs = fill
     return seen
 
 
@@ -59,7 +59,7 @@ def test_grpo_kl_uses_initial_model(tmp_path, calls):
     rows = _capture_rows(tr)
     kls = []
     for step in range(4):
-        m = tr.rl_step()
+        m = tr.train_step()
         kls.append(m["kl_mean"])
         c = calls[-1]
         assert c["config"].kl_coef == 0.1 and c["ref_logprobs"] is not None
@@ -79,7 +79,7 @@ def test_grpo_kl_uses_initial_model(tmp_path, calls):
 def test_kl_off_builds_no_reference(tmp_path, calls):
     tr = make_trainer(tmp_path, "grpo")
     tr.engine = FakeEngine(tr, correct=[0, 1, 2, 4])
-    tr.rl_step()
+    tr.train_step()
     assert tr.ref is None and calls[0].get("ref_logprobs") is None
 
 
@@ -88,7 +88,7 @@ def test_fdiv_sft_step(tmp_path, calls, preset):
     tr = make_trainer(tmp_path, "sft", **{"loss.preset": preset, "train.lr": 1e-2})
     rows = _capture_rows(tr)
     init = copy.deepcopy(tr.lm).eval()
-    losses = [tr.sft_step()["loss"] for _ in range(3)]
+    losses = [tr.train_step()["loss"] for _ in range(3)]
     assert all(math.isfinite(x) for x in losses)
     c = calls[-1]
     assert c["config"].likelihood == preset.split("_")[0] and c["ref_logprobs"] is not None

@@ -71,13 +71,13 @@ def test_gemma2_trains_with_softcap(tmp_path, calls):
                                                           "loss.overrides": "{kl_coef: 0.05}"})),
                  model=model, tokenizer=tok)
     assert tr.softcap == CAP and tr.ref_softcap == CAP
-    m = tr.rl_step()            # real rollouts from HF generate (which applies the cap itself)
+    m = tr.train_step()            # real rollouts from HF generate (which applies the cap itself)
     assert math.isfinite(m["loss"])
     assert all(c["softcap"] == CAP for c in calls)
     tr2 = Trainer(build_config("sft", None, dict(FAST, **{"output.dir": str(tmp_path / "s")})),
                   model=tiny_gemma2(tok), tokenizer=tok)
     before = [p.detach().clone() for p in tr2.lm.parameters()]
-    assert math.isfinite(tr2.sft_step()["loss"])
+    assert math.isfinite(tr2.train_step()["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, tr2.lm.parameters()))
 
 
@@ -87,11 +87,11 @@ def test_sampler_logprobs_match_trainer_with_softcap(tmp_path):
     tok = load_tokenizer()
     tr = Trainer(build_config("grpo", None, dict(FAST, **{"output.dir": str(tmp_path / "g")})),
                  model=tiny_gemma2(tok), tokenizer=tok)
-    prompts = [tr._prompt_ids(r) for r in tr.train_rows[:2]]
+    prompts = [tr.prompt_ids(r) for r in tr.train_rows[:2]]
     tr.engine.return_logprobs = True   # the trainer asks for them only with loss.rollout_is
     ro = tr.engine.generate(prompts, n=2, max_new_tokens=6, temperature=0.8, seed=3)
-    mb, extra = tr._rl_micro([Sample(r.prompt_ids, r.completion_ids, logprobs=r.logprobs) for r in ro])
-    tr._fill_logprobs([(mb, extra)], "old_logprobs", tr.model, tr.softcap)
+    mb, extra = tr.method.micro([Sample(r.prompt_ids, r.completion_ids, logprobs=r.logprobs) for r in ro])
+    tr.fill_logprobs([(mb, extra)], "old_logprobs", tr.model, tr.softcap)
     for i, r in enumerate(ro):
         torch.testing.assert_close(extra["old_logprobs"][i, :len(r.logprobs)], torch.tensor(r.logprobs),
                                    atol=1e-4, rtol=1e-4)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import upg_trainer.trainer as trainer_mod
+from trainer_fakes import spy  # noqa: F401  (spy: a fixture)
 from upg_trainer.config import build_config
 from upg_trainer.samples import Sample
 from upg_trainer.model import check_fused_logprobs, get_head, load_model_and_tokenizer
@@ -31,18 +31,6 @@ def tiny_gemma2(tok, seed=0):
     return model
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    out = []
-    real = trainer_mod.unified_policy_loss
-
-    def wrapped(hidden, weight, targets, **kw):
-        out.append(kw)
-        return real(hidden, weight, targets, **kw)
-    monkeypatch.setattr(trainer_mod, "unified_policy_loss", wrapped)
-    return out
-
-
 def test_gemma2_fused_logprobs_match_model_logits():
     tok = load_tokenizer()
     model = tiny_gemma2(tok).eval()
@@ -64,7 +52,7 @@ def test_gemma2_fused_logprobs_match_model_logits():
         check_fused_logprobs(model, None)
 
 
-def test_gemma2_trains_with_softcap(tmp_path, calls):
+def test_gemma2_trains_with_softcap(tmp_path, spy):
     tok = load_tokenizer()
     model = tiny_gemma2(tok)
     tr = Trainer(build_config("hpt", None, dict(FAST, **{"output.dir": str(tmp_path / "g"),
@@ -73,7 +61,7 @@ def test_gemma2_trains_with_softcap(tmp_path, calls):
     assert tr.softcap == CAP and tr.ref_softcap == CAP
     m = tr.train_step()            # real rollouts from HF generate (which applies the cap itself)
     assert math.isfinite(m["loss"])
-    assert all(c["softcap"] == CAP for c in calls)
+    assert all(c["softcap"] == CAP for c in spy)
     tr2 = Trainer(build_config("sft", None, dict(FAST, **{"output.dir": str(tmp_path / "s")})),
                   model=tiny_gemma2(tok), tokenizer=tok)
     before = [p.detach().clone() for p in tr2.lm.parameters()]

@@ -41,7 +41,7 @@ def _params(tr):
 
 @pytest.mark.parametrize("command", ["sft", "hpt"])
 def test_padding_micro_batch_adds_exactly_zero(tmp_path, command):
-    """_update([real]) and _update([real, pad]) give the same loss, metrics and updated weights."""
+    """update([real]) and update([real, pad]) give the same loss, metrics and updated weights."""
     trs = [make(tmp_path, command, name=f"{command}{i}", **{"train.lr": "1e-2"}) for i in range(2)]
     tr = trs[0]
     p = tr.prompt_ids(tr.train_rows[0])
@@ -49,15 +49,15 @@ def test_padding_micro_batch_adds_exactly_zero(tmp_path, command):
     if command == "sft":
         from upg_trainer.data import build_rows
         micro = lambda t: [(build_rows([p], [q], t.tok.pad_token_id), {})]  # noqa: E731
-        pad = lambda t: (t._pad_batch(), {})  # noqa: E731
+        pad = lambda t: (t.pad_batch(), {})  # noqa: E731
     else:  # one RL row and one demonstration, then a padding micro-batch
         items = [Sample(p, q, advantage=0.7), Sample(p, q[:3], is_demo=True)]
-        micro = lambda t: [t._rl_micro(items)]  # noqa: E731
-        pad = lambda t: t._rl_micro([])  # noqa: E731
+        micro = lambda t: [t.method.micro(items)]  # noqa: E731
+        pad = lambda t: t.method.micro([])  # noqa: E731
     pb, _ = pad(tr)
     assert pb.loss_mask.sum() == 0
-    m1 = trs[0]._update(micro(trs[0]))
-    m2 = trs[1]._update(micro(trs[1]) + [pad(trs[1])])
+    m1 = trs[0].update(micro(trs[0]))
+    m2 = trs[1].update(micro(trs[1]) + [pad(trs[1])])
     assert m2["loss"] == pytest.approx(m1["loss"], abs=1e-7)
     assert set(m1) == set(m2)
     for k in m1:

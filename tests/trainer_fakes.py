@@ -59,12 +59,14 @@ class AnswerEngine(ScriptedEngine):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Every ``unified_policy_loss`` call of the trainer: its keyword arguments, hidden, weight, targets."""
+    """Every ``unified_policy_loss`` call of the trainer: its keyword arguments, hidden, weight, targets
+    and its output (``out``)."""
     calls = []
     real = trainer_mod.unified_policy_loss
 
     def wrapped(hidden, weight, targets, **kw):
-        calls.append(dict(kw, hidden=hidden, weight=weight, targets=targets))
-        return real(hidden, weight, targets, **kw)
+        res = real(hidden, weight, targets, **kw)
+        calls.append(dict(kw, hidden=hidden, weight=weight, targets=targets, out=res))
+        return res
     monkeypatch.setattr(trainer_mod, "unified_policy_loss", wrapped)
     return calls

@@ -1,6 +1,6 @@
 """One config dataclass tree for every ``upg-train`` command.
 
-Precedence (lowest first): the dataclass defaults, the command's defaults (``COMMAND_DEFAULTS``: a
+Precedence (lowest first): the dataclass defaults, the command's defaults (``command_defaults``: a
 method's ``Method.defaults``),
 the YAML file given with ``--config``, then ``--section.field value`` options on the command line.
 ``Config.to_dict()`` is what a run writes to ``<output.dir>/config.yaml``.
@@ -235,9 +235,12 @@ class Config:
 
 SECTIONS = [f.name for f in fields(Config) if f.name != "command"]
 
-# per-command defaults (applied before the YAML file): each method's, and the demo's
-COMMAND_DEFAULTS: dict[str, dict] = {**{name: m.defaults for name, m in METHODS.items()},
-                                     "demo": {"output": {"dir": "runs/demo"}}}
+DEMO_DEFAULTS = {"output": {"dir": "runs/demo"}}
+
+
+def command_defaults(command: str) -> dict:
+    """The command's defaults (applied before the YAML file): the method's, or the demo's."""
+    return METHODS[command].defaults if command in METHODS else DEMO_DEFAULTS if command == "demo" else {}
 
 
 def section_fields(name: str):
@@ -324,7 +327,7 @@ def build_config(command: str, yaml_path: Optional[str] = None,
                  cli: Optional[dict] = None) -> Config:
     """defaults -> command defaults -> YAML -> command line (``{"train.lr": "1e-4"}``)."""
     cfg = Config(command=command)
-    apply_updates(cfg, COMMAND_DEFAULTS.get(command, {}), f"defaults of {command!r}")
+    apply_updates(cfg, command_defaults(command), f"defaults of {command!r}")
     if yaml_path:
         apply_updates(cfg, load_yaml(yaml_path), yaml_path)
     nested: dict = {}

@@ -47,9 +47,10 @@ class Method:
     def validate(cls, cfg) -> None:
         """Config checks of this method (``config.validate`` calls it); raise ValueError."""
         if cls.one_update and cfg.train.mini_batches != 1:
-            raise ValueError(f"train.mini_batches is for methods that sample rollouts (updates per rollout "
-                             f"batch); {cls.name} makes one update per step: leave it at 1 and use "
-                             "train.batch_size / train.grad_accum")
+            from . import METHODS
+            multi = "/".join(n for n, m in METHODS.items() if not m.one_update and m.trains)
+            raise ValueError(f"train.mini_batches is for {multi} (updates per rollout batch); {cls.name} makes "
+                             "one update per step: leave it at 1 and use train.batch_size / train.grad_accum")
         if cfg.data.replay_path and cls.name != "sft":
             raise ValueError(f"data.replay_path is SFT replay: it is used by `upg-train sft`, not {cls.name!r}")
 

@@ -21,7 +21,8 @@ APPLIED = ("output.", "demo.", "train.max_steps", "train.schedule", "train.warmu
 IGNORED = {"train.lr": "the optimizer and LR scheduler state", "train.betas": "the optimizer state",
            "train.weight_decay": "the optimizer state", "ppo.critic_lr": "the critic's optimizer state"}
 
-QUIET = ("command", "output.resume", "output.overwrite")  # how this invocation starts, not a setting of the run
+QUIET = ("command", "output.dir", "output.resume", "output.overwrite")  # where and how this invocation starts
+# (a run directory may have been moved), not settings of the run
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -21,7 +21,7 @@ DEMO_HELP = ("the embedded task end to end on CPU: SFT warm-up, then SFT vs GRPO
 
 EPILOG = """\
 examples:
-  upg-train demo                                    # the full comparison on CPU, writes runs/demo/
+  upg-train demo                                    # ~2 min on an idle 2-core CPU (README), writes runs/demo/
   upg-train sft  --train.max_steps 200              # the embedded task, tiny model
   upg-train grpo --model.path runs/sft/final --loss.preset dr_grpo
   upg-train hpt  --config my_hpt.yaml --train.lr 5e-6 --hpt.gamma 0

@@ -15,6 +15,10 @@ import pytest
 import torch
 
 from _spawn import run_world
+from upg_kernels.kernels.backends import BACKENDS
+
+# every backend of the table: the float64 ones are compared in float64 below, the others in float32
+TRITON_BACKENDS = tuple(n for n, b in BACKENDS.items() if not b.float64)
 
 V_TOK = 37
 TOL64 = 1e-10
@@ -187,7 +191,7 @@ def _worker(rank, world):
                 res[f"lp-torch-t{temp}-c{softcap}-b{with_bias}"] = _logprob_case(
                     opts, rank, temp, softcap, with_bias, "torch", torch.float64)
     res["lp-partial-dh"] = _logprob_case(opts, rank, 0.7, None, True, "torch", torch.float64, reduce_h=False)
-    for backend in ("triton", "triton_atomic"):
+    for backend in TRITON_BACKENDS:
         res[f"lp32-{backend}"] = _logprob_case(opts, rank, 0.7, 2.5, True, backend, torch.float32)
     small = VocabParallelOptions.for_vocab(19)          # make_case's V
     for i, name in enumerate(sorted(PRESETS)):
@@ -235,7 +239,7 @@ def test_partial_hidden_grad(results):
         assert r["lp-partial-dh"]["dh_partial_differs"] > 1e-3   # the shard's own dh is not the full one
 
 
-@pytest.mark.parametrize("backend", ["triton", "triton_atomic"])
+@pytest.mark.parametrize("backend", TRITON_BACKENDS)
 def test_triton_backends(results, backend):
     for r in results:
         _check(r[f"lp32-{backend}"], TOL32)

@@ -167,6 +167,9 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_logp, g_ent, g_lse):
         owner, w_r, lse, ent, lse_r, ent_r = ctx.saved_tensors
+        if ctx.graph is None:
+            raise RuntimeError("vocab_parallel: the backward of this call already ran (the shard's graph is "
+                               "freed after one backward; retain_graph does not keep it)")
         leaves, lp_r, ent_r_g, lse_r_g = ctx.graph
         ctx.graph = None
         dt = lse.dtype

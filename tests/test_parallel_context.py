@@ -6,7 +6,8 @@ load-balanced CP splits are); the per-row masks make each row's split uneven aga
 losses, the gradients w.r.t. the hidden states (each rank's columns), W and b (summed over ranks) and the
 metrics equal the unsplit float64 call; the same for ``policy_loss_from_logprobs`` and for the fused
 Triton epilogue (float32, interpreter). Without ``cp_group`` the split is wrong for the presets that
-reduce over a sequence (checked too, so the test can fail).
+reduce over a sequence (checked too, so the test can fail). Last, TP x CP at world size 4: vocabulary
+shards over one pair of ranks, token columns over the other.
 """
 from __future__ import annotations
 
@@ -169,3 +170,44 @@ def test_cp_group_type_checked():
     import upg_kernels
     with pytest.raises(ValueError, match="cp_group was given but torch.distributed is not initialized"):
         upg_kernels.policy_loss_from_logprobs(torch.zeros(2, 3), config="sft", cp_group=object())
+
+
+# ----------------------------------------------------------------------------- TP x CP (world 4)
+def _tp_cp_worker(rank, world):
+    """Ranks (cp, tp) = divmod(rank, 2): vocabulary shards over tp, token columns over cp."""
+    import torch.distributed as dist
+    import upg_kernels
+    cp_rank, tp_rank = divmod(rank, 2)
+    tp_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    cp_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    tp, cp = tp_groups[cp_rank], cp_groups[tp_rank]
+    res = {}
+    for name in ("gspo", "hpt+entropy", "vespo"):
+        cfg, hid, w, b, tgt, kw = _case(name)
+        T, V = tgt.shape[1], w.shape[0]
+        hr, wr, br = _leaves(hid, w, b)
+        ref = upg_kernels.unified_policy_loss(hr, wr, tgt, config=cfg, bias=br, backend="torch", **kw)
+        ref.loss.backward()
+        opts = upg_kernels.VocabParallelOptions.for_vocab(V, tp)
+        cols, rows = COLS[cp_rank], slice(opts.start, opts.stop)
+        hs, ws, bs = _leaves(hid[:, cols], w[rows], b[rows])
+        out = upg_kernels.unified_policy_loss(hs, ws, tgt[:, cols], config=cfg, bias=bs, backend="torch",
+                                              vocab_parallel=opts, cp_group=cp, **_split_kw(kw, cols, T))
+        out.loss.backward()
+
+        def cp_total(x):
+            y = x.detach().clone()
+            dist.all_reduce(y, group=cp)
+            return y
+
+        res[name] = {"loss": _rel(cp_total(out.loss), ref.loss), "dh": _rel(hs.grad, hr.grad[:, cols]),
+                     "dW": _rel(cp_total(ws.grad), wr.grad[rows]), "db": _rel(cp_total(bs.grad), br.grad[rows]),
+                     "metrics": max(abs(out.metrics[k] - ref.metrics[k]) / max(abs(ref.metrics[k]), 1.0)
+                                    for k in ref.metrics)}
+    return res
+
+
+def test_tensor_and_context_parallel_together():
+    for r in run_world(_tp_cp_worker, 4):
+        for name, d in r.items():
+            assert max(d.values()) < 1e-9, (name, d)

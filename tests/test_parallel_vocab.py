@@ -72,6 +72,23 @@ def _logprob_case(opts, rank, temp, softcap, with_bias, backend, dtype, reduce_h
     return out
 
 
+def _one_token_case(opts):
+    """N = 1: a flat [1, H] input whose target lies in the last shard."""
+    import upg_kernels
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(1, 8, generator=g, dtype=torch.float64)
+    W = torch.randn(V_TOK, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([V_TOK - 2])
+    hr, Wr = _leaves(h, W)
+    lp, en = upg_kernels.token_logprobs(hr, Wr, t, return_entropy=True)
+    (lp + 0.3 * en).sum().backward()
+    hs, Ws = _leaves(h, W[opts.start:opts.stop])
+    lp2, en2 = upg_kernels.token_logprobs(hs, Ws, t, return_entropy=True, vocab_parallel=opts)
+    (lp2 + 0.3 * en2).sum().backward()
+    return {"logp": _rel(lp2, lp), "entropy": _rel(en2, en), "dh": _rel(hs.grad, hr.grad),
+            "dW": _rel(Ws.grad, Wr.grad[opts.start:opts.stop])}
+
+
 def _preset_case(name, opts, backend, dtype, temp, softcap):
     import upg_kernels
     from test_losses import make_case
@@ -190,6 +207,7 @@ def _worker(rank, world):
             for with_bias in (False, True):
                 res[f"lp-torch-t{temp}-c{softcap}-b{with_bias}"] = _logprob_case(
                     opts, rank, temp, softcap, with_bias, "torch", torch.float64)
+    res["lp-one-token"] = _one_token_case(opts)
     res["lp-partial-dh"] = _logprob_case(opts, rank, 0.7, None, True, "torch", torch.float64, reduce_h=False)
     for backend in TRITON_BACKENDS:
         res[f"lp32-{backend}"] = _logprob_case(opts, rank, 0.7, 2.5, True, backend, torch.float32)
@@ -231,6 +249,11 @@ def test_token_logprobs_match_unsharded_float64(results):
         assert len(cases) == 8
         for k in cases:
             _check(r[k], TOL64)
+
+
+def test_one_token(results):
+    for r in results:
+        _check(r["lp-one-token"], TOL64)
 
 
 def test_partial_hidden_grad(results):

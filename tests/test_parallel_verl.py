@@ -86,7 +86,8 @@ def test_route_megatron_fused_module_global(monkeypatch):
     assert routed._upg_original is verl_kernel
     K.route_megatron_fused(("fake_mcore_fused",))
     assert mod.linear_cross_entropy is routed                  # idempotent
-    h, w, t = torch.randn(4, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64), torch.randint(0, 11, (4,))
+    h, w = torch.randn(4, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64)
+    t = torch.randint(0, 11, (4,))
     lp, ent = routed(h, w, t, 0.7, "none", None)
     want_lp, want_ent = K.token_logprobs(h, w, t, temperature=0.7, return_entropy=True)
     assert torch.equal(lp, want_lp) and torch.equal(ent, want_ent) and calls == []

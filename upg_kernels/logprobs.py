@@ -20,7 +20,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps):
+def check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps):
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if not isinstance(weight, torch.Tensor):
@@ -82,7 +82,7 @@ def _common_dtype(hidden, weight, bias):
 def prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps):
     """Validate, then flatten to ``[N, H]`` / ``[N]`` and cast to the compute dtype (autocast's, else the
     promoted one), contiguous: ``(hidden2d, weight, bias, targets int64)``. Shared by every op entry."""
-    _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
+    check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
     dt = _common_dtype(hidden, weight, bias)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     h2 = (h2 if h2.dtype == dt else h2.to(dt)).contiguous()

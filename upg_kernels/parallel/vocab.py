@@ -210,12 +210,13 @@ def vocab_parallel_logprobs(hidden, weight, targets, options: VocabParallelOptio
     ``hidden`` and ``targets``; all return the same values. Differentiable w.r.t. ``hidden`` (all-reduced
     unless ``options.reduce_hidden_grad`` is False), ``weight`` and ``bias`` (local shards).
     """
-    from ..logprobs import _check_inputs, _check_target_range
+    from ..logprobs import check_inputs
+    from ..ops import check_target_range
     check_options(options, weight, bias)
-    _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
+    check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
     V = options.vocab_size(weight.device)
     t = targets.reshape(-1)
-    _check_target_range(t if t.dtype == torch.int64 else t.long(), V, ignore_index)
+    check_target_range(t if t.dtype == torch.int64 else t.long(), V, ignore_index)
     kw = dict(temperature=float(temperature), ignore_index=int(ignore_index), softcap=softcap,
               backend=backend, filter_eps=float(filter_eps))
     return _VocabParallelLogprobs.apply(hidden, weight, bias, targets, options, kw)

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .meta import launch
-from .triton_logprobs_common import _tanh, dz_tile, interpreting, online_update
+from .triton_logprobs_common import dz_tile, interpreting, online_update, tanh
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def _scaled(z, b_ptr, c0, cols, mask_c, temperature, softcap,
         z += tl.load(b_ptr + c0 + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     t = z
     if HAS_SOFTCAP:
-        t = _tanh(z / softcap)
+        t = tanh(z / softcap)
         z = softcap * t
     return z / temperature, t
 

@@ -322,9 +322,11 @@ def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool,
         if want == ONE_PASS and not (loss and grads):
             raise ValueError(f"path={want!r} needs a loss with gradients (unified_policy_loss with "
                              "inputs that require grad)")
+        return want                            # the argument: taken as asked
     N, V = hidden.shape[0], weight.shape[0]
     if want is not None or hidden.device.type == "meta" or N == 0 or _compiling():
-        options = paths.eligible(triton=be.triton, loss=loss, grads=bool(grads))
+        ok = want != ONE_PASS or one_pass_ok is None or one_pass_ok(max(N, 1))   # a plan: no sync
+        options = paths.eligible(triton=be.triton, loss=loss, grads=bool(grads), one_pass_ok=ok)
         return paths.fit(want or TWO_PASS, options)
     mode = auto_mode(hidden.device)
     if mode == "model":

@@ -14,7 +14,8 @@ from .config import SECTIONS, Config, build_config, section_fields  # noqa: F401
 
 COMMANDS = {
     "sft": "supervised fine-tuning on the demonstration column (loss only on completion tokens, packed)",
-    "grpo": "RL with verifiable rewards: n rollouts per prompt, group advantages, clipped policy loss",
+    "grpo": "RL with verifiable rewards: n rollouts per prompt, group advantages, clipped policy loss "
+            "(--loss.preset luffy: each prompt's demonstration joins its group, LUFFY's shaped loss)",
     "hpt": "Hybrid Post-Training: per prompt, RL on its rollouts if their accuracy P > gamma, else SFT "
            "on its demonstration (presets: hpt = paper, hpt_release = released code)",
     "rm": "reward model: a scalar head on a causal LM (or a sequence-classification model), Bradley-Terry "
@@ -25,7 +26,8 @@ COMMANDS = {
            "from verifiers or an rm:PATH reward model",
     "eval": "greedy accuracy of a model (model.path) on the held-out set (data.eval_path)",
     "demo": "the embedded task end to end on CPU: SFT warm-up, then SFT vs GRPO vs HPT, table + PNG; "
-            "--demo.suite preference: SFT -> DPO and SFT -> RM -> PPO",
+            "--suite preference: SFT -> DPO and SFT -> RM -> PPO; --suite paper: the HPT paper's methods over "
+            "several seeds with 95% intervals",
 }
 
 EPILOG = """\
@@ -40,6 +42,7 @@ examples:
   upg-train rm   --data.path pairs.jsonl       # prompt/chosen/rejected columns
   upg-train ppo  --model.path runs/sft/final --reward.funcs "[rm:runs/rm/final]"
   upg-train demo --suite preference            # SFT -> DPO, SFT -> RM -> PPO
+  upg-train demo --suite paper --seeds 3       # the HPT paper's comparison, 95% intervals (~30 min CPU)
 
 data: a .jsonl/.json/.parquet file or a datasets save_to_disk directory with the columns
   data.prompt_column (default 'prompt'), data.answer_column ('answer'), data.demo_column
@@ -68,9 +71,14 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="same as --output.overwrite true")
     defaults = build_config(command)
     if command == "demo":
-        p.add_argument("--suite", dest="demo.suite", choices=["main", "preference"], default=argparse.SUPPRESS,
-                       help="same as --demo.suite: main (SFT vs GRPO vs HPT) or preference (SFT -> DPO, "
-                            "SFT -> RM -> PPO)")
+        p.add_argument("--suite", dest="demo.suite", choices=["main", "preference", "paper"],
+                       default=argparse.SUPPRESS,
+                       help="same as --demo.suite: main (SFT vs GRPO vs HPT), preference (SFT -> DPO, "
+                            "SFT -> RM -> PPO) or paper (the HPT paper's methods, several seeds, 95%% intervals)")
+        p.add_argument("--seeds", dest="demo.seeds", metavar="K", default=argparse.SUPPRESS,
+                       help="same as --demo.seeds (paper suite: seeds per method, default 3)")
+        p.add_argument("--quick", dest="demo.quick", action="store_const", const="true", default=argparse.SUPPRESS,
+                       help="same as --demo.quick true (paper suite: one seed, a few steps; for CI)")
     for sec in SECTIONS:
         if command in ("sft", "eval", "rm", "dpo", "ppo") and sec == "hpt":
             continue

@@ -69,9 +69,16 @@ def make_loss_config(cfg: Config) -> LossConfig:
     if cmd == "hpt" and base.demo_part != "sft":
         raise ValueError(f"`upg-train hpt` needs a preset with SFT demonstrations (hpt, hpt_release), "
                          f"got {name!r}")
-    if cmd == "grpo" and base.demo_part is not None:
-        raise ValueError(f"loss preset {name!r} trains on demonstrations: use `upg-train hpt`")
+    if cmd == "grpo" and base.demo_part == "sft":
+        raise ValueError(f"loss preset {name!r} trains on demonstrations by SFT: use `upg-train hpt`")
     return base
+
+
+def in_group_demos(lc: Optional[LossConfig]) -> bool:
+    """LUFFY (``demo_part="shaped"``, `upg-train grpo --loss.preset luffy`): each prompt's demonstration
+    joins its rollout group as one more member (advantages over the n rollouts + the demonstration,
+    the demonstration scored by the same reward functions) and trains with the shaped loss."""
+    return lc is not None and lc.demo_part == "shaped"
 
 
 def needs_reference(lc: Optional[LossConfig]) -> bool:
@@ -162,6 +169,8 @@ class Trainer(PreferenceSteps, PPOSteps):
         d = cfg.data
         need = {"sft": [d.prompt_column, d.demo_column], "grpo": [d.prompt_column, d.answer_column],
                 "hpt": [d.prompt_column, d.answer_column, d.demo_column], "ppo": [d.prompt_column]}.get(cfg.command)
+        if cfg.command == "grpo" and in_group_demos(make_loss_config(cfg)):
+            need = need + [d.demo_column]
         self.train_rows = []
         self.pair_eval_rows = []
         if cfg.command in ("rm", "dpo"):
@@ -388,12 +397,20 @@ class Trainer(PreferenceSteps, PPOSteps):
         tot = torch.tensor([sum(s[i] for s in stats) for i in range(4)], dtype=torch.float64)
         tot = dist.all_reduce_sum(tot).tolist()
         ws = dist.world_size()
+        # the demo part's aggregation: demo_aggregation for SFT demonstrations, the main one for LUFFY's
+        demo_agg = lc.aggregation if lc.demo_part == "shaped" else lc.demo_aggregation
+        rl_share = demo_share = 1.0
+        if lc.demo_part == "shaped" and lc.aggregation == "token_mean" and tot[1] + tot[3] > 0:
+            # LUFFY's objective is one token mean over on- and off-policy tokens together; the loss
+            # normalises each part over its own tokens, so weight the parts by their token shares
+            # (docs/losses.md, "Mixed batches")
+            rl_share, demo_share = tot[1] / (tot[1] + tot[3]), tot[3] / (tot[1] + tot[3])
 
         def loss_of(k, mb, extra):
             s = stats[k]
             cfg_k = lc.replace(
-                rl_coef=lc.rl_coef * ws * _part_weight(lc.aggregation, s[0], tot[0], s[1], tot[1]),
-                demo_coef=lc.demo_coef * ws * _part_weight(lc.demo_aggregation, s[2], tot[2], s[3], tot[3]))
+                rl_coef=lc.rl_coef * rl_share * ws * _part_weight(lc.aggregation, s[0], tot[0], s[1], tot[1]),
+                demo_coef=lc.demo_coef * demo_share * ws * _part_weight(demo_agg, s[2], tot[2], s[3], tot[3]))
             box: list = []
             loss = self._micro_loss(mb, cfg_k, extra, box)
             # metric weight: the micro-batch's tokens (0 for a padding micro-batch)
@@ -493,6 +510,7 @@ class Trainer(PreferenceSteps, PPOSteps):
             self._fill_logprobs(micro, "ref_logprobs", self.ref, self.ref_softcap)
         m = self._update(micro)
         m["tokens"] = int(dist.all_reduce_sum(sum(s.num_tokens for s in samples)))
+        m.update(self._consumed(0, samples[:len(samples) - n_replay]))
         m["sft_share"] = 1.0
         if self.replay is not None:
             m["replay_share"] = n_replay / c.train.batch_size
@@ -592,6 +610,7 @@ class Trainer(PreferenceSteps, PPOSteps):
 
     def rl_step(self) -> dict:
         c, hpt = self.cfg, self.cfg.command == "hpt"
+        luffy = in_group_demos(self.loss_cfg)
         n = c.rollout.n
         t0 = time.time()
         rows, ro, reward, per, texts, sstats = self._sample_groups(n)
@@ -601,15 +620,28 @@ class Trainer(PreferenceSteps, PPOSteps):
         P = correct.mean(1)
         use_rl = P > c.hpt.gamma if hpt else torch.ones(len(rows), dtype=torch.bool)
         tok_adv = self._token_advantages(ro, per, texts, n)
-        if tok_adv is not None and hpt:
+        if tok_adv is not None and (hpt or luffy):
             raise ValueError("process rewards (a reward function returned step lists) train with `upg-train "
-                             "grpo`; hpt's gate needs one reward per completion")
-        adv = torch.zeros_like(R)
-        if use_rl.any() and tok_adv is None:
-            adv[use_rl] = group_advantages(R[use_rl].reshape(-1), group_size=n, mode=self.loss_cfg.advantage,
-                                           eps=self.loss_cfg.adv_eps).view(-1, n).float()
+                             "grpo` and a preset without demonstrations; hpt's gate and luffy's groups need one "
+                             "reward per completion")
+        demos = {}
+        if luffy:  # LUFFY: the demonstration is one more member of its prompt's group, scored like a rollout
+            demos = {i: encode_completion(self.tok, r[c.data.demo_column], c.data.max_completion_tokens)
+                     for i, r in enumerate(rows)}
+            d_reward, _ = self.rewards([prompt_text(r[c.data.prompt_column]) for r in rows],
+                                       [r[c.data.demo_column] for r in rows], self._columns(rows))
+            R_g = torch.cat([R, torch.tensor(d_reward, dtype=torch.float32).view(-1, 1)], 1)
+            adv = group_advantages(R_g.reshape(-1), group_size=n + 1, mode=self.loss_cfg.advantage,
+                                   eps=self.loss_cfg.adv_eps).view(-1, n + 1).float()
+        else:
+            adv = torch.zeros_like(R)
+            if use_rl.any() and tok_adv is None:
+                adv[use_rl] = group_advantages(R[use_rl].reshape(-1), group_size=n, mode=self.loss_cfg.advantage,
+                                               eps=self.loss_cfg.adv_eps).view(-1, n).float()
         items: list[Sample] = []
         for i in range(len(rows)):
+            if i in demos:
+                items.append(Sample(self._prompt_ids(rows[i]), demos[i], is_demo=True, advantage=adv[i, n].item()))
             if use_rl[i]:
                 for j in range(n):
                     r = ro[i * n + j]
@@ -639,6 +671,7 @@ class Trainer(PreferenceSteps, PPOSteps):
 
     def _rollout_metrics(self, ro, R, correct, P, use_rl, items) -> dict:
         lens = [len(r.completion_ids) for r in ro] or [0]
+        demo_items = [s for s in items if s.is_demo]
         m = dict(reward=float(R.mean()) if R.numel() else 0.0,
                  accuracy=float(correct.mean()) if R.numel() else 0.0,
                  sft_share=float((~use_rl).float().mean()) if len(use_rl) else 0.0,
@@ -647,10 +680,20 @@ class Trainer(PreferenceSteps, PPOSteps):
                  solve_all=float((P == 1).float().mean()) if len(P) else 0.0,
                  completion_len=sum(lens) / len(lens),
                  stop_frac=sum(r.finish_reason == "stop" for r in ro) / max(1, len(ro)),
-                 tokens=int(dist.all_reduce_sum(sum(s.num_tokens for s in items))))
+                 tokens=int(dist.all_reduce_sum(sum(s.num_tokens for s in items))),
+                 **self._consumed(sum(len(r.completion_ids) for r in ro), demo_items))
         for k in ("reward", "accuracy", "sft_share", "solve_none", "solve_all", "completion_len", "stop_frac"):
             m[k] = dist.all_reduce_mean(m[k])
         return m
+
+    @staticmethod
+    def _consumed(sampled: int, demo_items: list) -> dict:
+        """What a step consumed, summed over ranks: ``sampled_tokens`` (completion tokens generated by the
+        rollout engine for training; eval not counted), ``demos_used`` / ``demo_tokens_used``
+        (demonstrations trained on and their completion tokens)."""
+        return dict(sampled_tokens=int(dist.all_reduce_sum(int(sampled))),
+                    demos_used=int(dist.all_reduce_sum(len(demo_items))),
+                    demo_tokens_used=int(dist.all_reduce_sum(sum(len(s.completion_ids) for s in demo_items))))
 
     def _columns(self, rows: list[dict]) -> dict:
         """The non-prompt columns for reward functions (TRL passes them as keyword arguments)."""

@@ -19,6 +19,7 @@ SRFT is not run: see docs/trainer.md ("The paper suite") for why it does not fit
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -61,6 +62,7 @@ QUICK = {"demo": {"seeds": 1, "warmup_steps": 4, "steps": 4, "max_new_tokens": 8
 
 
 # ------------------------------------------------------------------------------------------ statistics
+@functools.lru_cache(maxsize=None)
 def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile (p > 0.5) of Student's t with ``df`` degrees of freedom: bisection on the CDF,
     whose density is integrated by Simpson's rule (exact to ~1e-6; no scipy needed)."""
@@ -195,6 +197,30 @@ def _run_method(cfg: Config, m: Method, seed: int, out: str, warm: str, heldout:
             "wall_s": time.time() - t0, "cpu_s": _cpu() - c0}
 
 
+def _settings(cfg: Config) -> dict:
+    """What the suite's numbers depend on (all but the output options, the number of seeds and of jobs)."""
+    s = cfg.to_dict()
+    s.pop("output")
+    s["demo"] = {k: v for k, v in s["demo"].items() if k not in ("seeds", "jobs")}
+    return s
+
+
+def _resumed(cfg: Config, partial: str, wdir: str):
+    """``--resume``: the warm-up and the finished runs of an interrupted suite (``runs.partial.json``),
+    when its settings equal this one's; else a fresh start (None, [])."""
+    if not (cfg.output.resume and os.path.exists(partial)):
+        return None, []
+    with open(partial) as f:
+        saved = json.load(f)
+    if saved.get("settings") != _settings(cfg):
+        raise ValueError(f"--resume: {partial} was written with other settings; start over without --resume "
+                         "(or in another output.dir)")
+    if not os.path.isdir(os.path.join(wdir, "final")):
+        raise ValueError(f"--resume: the warm-up checkpoint {wdir}/final is missing; start over")
+    print(f"[demo:paper] resuming: the warm-up and {len(saved['runs'])} finished run(s) from {partial}")
+    return saved["warmup"], saved["runs"]
+
+
 def _git_commit():
     import subprocess
     try:
@@ -244,33 +270,57 @@ def run_paper_demo(cfg: Config) -> dict:
     heldout = _heldout(cfg, root)
     n_runs = 1 + len(seeds) * len(METHODS)
 
-    print(f"[demo:paper] 1/{n_runs} warm-up (shared by every method and seed): SFT on levels "
-          f"{d.warmup_levels} for {d.warmup_steps} steps")
     wdir = os.path.join(root, "warmup")
-    t0, c0 = time.time(), _cpu()
-    Trainer(warmup_config(cfg, wdir, eval_path=heldout)).train()
-    wev = [r for r in read_metrics(os.path.join(wdir, "metrics.jsonl")) if r.get("kind") == "eval"][-1]
-    warmup = {"steps": d.warmup_steps, "acc": wev["eval/accuracy"], "wall_s": time.time() - t0, "cpu_s": _cpu() - c0,
-              "acc_levels": {k.split("acc_level")[1]: v for k, v in wev.items() if k.startswith("eval/acc_level")}}
+    partial = os.path.join(root, "runs.partial.json")
+    warmup, runs = _resumed(cfg, partial, wdir)
+    n_resumed = len(runs)
+    if warmup is None:
+        print(f"[demo:paper] 1/{n_runs} warm-up (shared by every method and seed): SFT on levels "
+              f"{d.warmup_levels} for {d.warmup_steps} steps")
+        t0, c0 = time.time(), _cpu()
+        Trainer(warmup_config(cfg, wdir, eval_path=heldout)).train()
+        wev = [r for r in read_metrics(os.path.join(wdir, "metrics.jsonl")) if r.get("kind") == "eval"][-1]
+        warmup = {"steps": d.warmup_steps, "acc": wev["eval/accuracy"], "wall_s": time.time() - t0,
+                  "cpu_s": _cpu() - c0,
+                  "acc_levels": {k.split("acc_level")[1]: v for k, v in wev.items() if k.startswith("eval/acc_level")}}
 
-    runs, i = [], 1
-    for seed in seeds:
-        for m in METHODS:
-            i += 1
-            print(f"[demo:paper] {i}/{n_runs} seed {seed}: {m.label} for {d.steps} steps "
-                  f"({time.time() - t_all:.0f} s so far)")
-            runs.append(_run_method(cfg, m, seed, os.path.join(root, f"seed{seed}", m.key),
-                                    os.path.join(wdir, "final"), heldout))
-            with open(os.path.join(root, "runs.partial.json"), "w") as f:   # progress, if the suite is cut short
-                json.dump({"warmup": warmup, "runs": runs}, f)
+    todo = [(seed, m) for seed in seeds for m in METHODS
+            if not any(r["seed"] == seed and r["method"] == m.key for r in runs)]   # all but a --resume's
+    args = [(cfg, m, seed, os.path.join(root, f"seed{seed}", m.key), os.path.join(wdir, "final"), heldout)
+            for seed, m in todo]
+
+    def done(rec):
+        runs.append(rec)
+        print(f"[demo:paper] {len(runs) + 1}/{n_runs} done: seed {rec['seed']} {rec['label']}: held-out "
+              f"{100 * rec['acc']:.1f}% ({rec['wall_s']:.0f} s wall, {rec['cpu_s']:.0f} s CPU; "
+              f"{time.time() - t_all:.0f} s so far)", flush=True)
+        with open(partial, "w") as f:   # progress: --resume continues from here if the suite is cut short
+            json.dump({"settings": _settings(cfg), "warmup": warmup, "runs": runs}, f)
+    if d.jobs > 1 and len(args) > 1:
+        # independent runs in worker processes (each with the environment's torch threads, e.g. 1)
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        with ProcessPoolExecutor(d.jobs, mp_context=multiprocessing.get_context("spawn")) as ex:
+            for fut in as_completed([ex.submit(_run_method, *a) for a in args]):
+                done(fut.result())
+    else:
+        for a in args:
+            print(f"[demo:paper] seed {a[2]}: {a[1].label} for {d.steps} steps", flush=True)
+            done(_run_method(*a))
+    runs.sort(key=lambda r: (r["seed"], [m.key for m in METHODS].index(r["method"])))
 
     summary = summarize(runs)
     verdict = ordering_verdict({k: summary[k]["acc_per_seed"] for k in PAPER})
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    timing = {"wall_s": time.time() - t_all, "cpu_s": _cpu() - c_all, "rusage_user_s": ru.ru_utime,
+    # CPU: summed over the records, each measured in the process that ran it (workers, a resumed suite);
+    # wall: this invocation's elapsed time (resumed_runs > 0: earlier runs' wall is not in it)
+    timing = {"wall_s": time.time() - t_all, "cpu_s": warmup["cpu_s"] + sum(r["cpu_s"] for r in runs),
+              "resumed_runs": n_resumed,
+              "process_wall_s": time.time() - t_all, "process_cpu_s": _cpu() - c_all, "rusage_user_s": ru.ru_utime,
               "rusage_sys_s": ru.ru_stime, "loadavg_start": list(load0), "loadavg_end": list(os.getloadavg()),
               "cpu_count": os.cpu_count()}
-    timing["idle_wall_estimate_s"] = idle_estimate(timing["cpu_s"])
+    timing["jobs"] = d.jobs
+    timing["idle_wall_estimate_s"] = idle_estimate(warmup["cpu_s"], sum(r["cpu_s"] for r in runs), d.jobs)
     table = format_report(cfg, seeds, warmup, summary, verdict, timing)
     png = plot_bands(runs, os.path.join(root, "demo.png"), seeds, cfg)
     env = dict(run_environment(), omp_num_threads=os.environ.get("OMP_NUM_THREADS"), processor=platform.processor(),
@@ -281,22 +331,23 @@ def run_paper_demo(cfg: Config) -> dict:
                    "paper": PAPER}, f, indent=2)
     with open(os.path.join(root, "demo.md"), "w") as f:
         f.write(table + "\n")
-    if os.path.exists(os.path.join(root, "runs.partial.json")):
-        os.remove(os.path.join(root, "runs.partial.json"))
+    if os.path.exists(partial):
+        os.remove(partial)
     print("\n" + table)
     print(f"\nruns: {root}/seed<S>/<method>/metrics.jsonl; demo.json holds every run's numbers")
     return {"summary": summary, "verdict": verdict, "timing": timing, "runs": runs}
 
 
-def idle_estimate(cpu_s: float) -> dict:
-    """An estimate of the suite's wall time on an idle machine from the process CPU time: the loop is
-    sequential, so with T torch threads on >= T free cores wall ~ CPU / (T * efficiency); T = 1 gives
-    wall ~ CPU (an estimate, not a measurement)."""
+def idle_estimate(warmup_cpu_s: float, runs_cpu_s: float, jobs: int) -> dict:
+    """An estimate (not a measurement) of the suite's wall time on an idle machine from CPU times: the
+    warm-up runs alone, then the runs in ``jobs`` processes; with T torch threads a process on free cores
+    takes about CPU / T. Model: warm-up CPU / T + runs' CPU / (T * min(jobs, cores / T)); exact for
+    T = 1 and jobs <= cores up to scheduling and memory-bandwidth effects, a lower bound otherwise."""
     import torch
     t = torch.get_num_threads()
-    return {"seconds": cpu_s if t == 1 else cpu_s / t, "torch_threads": t,
-            "model": "CPU time / torch threads (1 thread: one busy core, wall ~ CPU time); "
-                     "a lower bound for more threads, which do not scale perfectly"}
+    par = max(1, min(jobs, (os.cpu_count() or 1) // t))
+    return {"seconds": warmup_cpu_s / t + runs_cpu_s / (t * par), "torch_threads": t, "parallel_runs": par,
+            "model": "warm-up CPU / threads + runs' CPU / (threads * min(jobs, cores / threads))"}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -355,10 +406,13 @@ def format_report(cfg, seeds, warmup, summary, verdict, timing) -> str:
               f"({verdict['pairs_tied']} tied); "
               f"{verdict['pairs_same_order_significant']} of them by more than the paired 95% interval; "
               f"{verdict['pairs_reversed_significant']} reversed by more than it.",
-              "", f"Total: {timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s process CPU time "
+              "", f"Total: {timing['wall_s']:.0f} s wall" + (f" (this invocation; {timing['resumed_runs']} runs "
+                                                          "came from an earlier one)" if timing["resumed_runs"] else "")
+              + f", {timing['cpu_s']:.0f} s CPU time of the processes that ran the suite "
               f"(load average {timing['loadavg_start'][0]:.1f} at start, {timing['loadavg_end'][0]:.1f} at end, "
-              f"{timing['cpu_count']} cores); estimated idle wall ~{timing['idle_wall_estimate_s']['seconds']:.0f} s "
-              f"({timing['idle_wall_estimate_s']['torch_threads']} torch thread(s); an estimate from CPU time)."]
+              f"{timing['cpu_count']} cores, {timing['jobs']} parallel run(s)); estimated idle wall "
+              f"~{timing['idle_wall_estimate_s']['seconds']:.0f} s ({timing['idle_wall_estimate_s']['torch_threads']} "
+              "torch thread(s) a process; an estimate from CPU time, not a measurement)."]
     return "\n".join(lines)
 
 

@@ -155,7 +155,9 @@ def _eval_every(cfg: Config) -> int:
 
 def _run_method(cfg: Config, m: Method, seed: int, out: str, warm: str, heldout: str) -> dict:
     """One method, one seed: its phases from the warm-up checkpoint; the record of demo.json."""
+    from .cli import _quiet_transformers
     from .trainer import Trainer
+    _quiet_transformers()   # also in a worker process (demo.jobs > 1), which does not run cli.main
     d = cfg.demo
     model, pos, offset = warm, 0, 0
     evals, train_rows, updates = [], [], 0

@@ -27,7 +27,7 @@ COMMANDS = {
     "eval": "greedy accuracy of a model (model.path) on the held-out set (data.eval_path)",
     "demo": "the embedded task end to end on CPU: SFT warm-up, then SFT vs GRPO vs HPT, table + PNG; "
             "--suite preference: SFT -> DPO and SFT -> RM -> PPO; --suite paper: the HPT paper's methods over "
-            "several seeds with 95% intervals",
+            "several seeds with confidence intervals",
 }
 
 EPILOG = """\

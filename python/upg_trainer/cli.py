@@ -42,7 +42,7 @@ examples:
   upg-train rm   --data.path pairs.jsonl       # prompt/chosen/rejected columns
   upg-train ppo  --model.path runs/sft/final --reward.funcs "[rm:runs/rm/final]"
   upg-train demo --suite preference            # SFT -> DPO, SFT -> RM -> PPO
-  upg-train demo --suite paper --seeds 3       # the HPT paper's comparison, 95% intervals (~30 min CPU)
+  upg-train demo --suite paper --seeds 3       # the HPT paper's comparison, 95% intervals (~17 min CPU)
 
 data: a .jsonl/.json/.parquet file or a datasets save_to_disk directory with the columns
   data.prompt_column (default 'prompt'), data.answer_column ('answer'), data.demo_column

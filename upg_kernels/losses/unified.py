@@ -38,8 +38,9 @@ import torch
 from .._backend import resolve_backend
 from ..kernels import LogprobParams, get_backend
 from ..kernels.meta import autocast_off
-from ..kernels.workspace import workspace_bytes
-from .. import logprobs as _logprobs   # the ops via the module (tests spy on them)
+from ..settings import GRAD_IN_FORWARD
+from .. import ops   # the custom ops via the module (tests spy on them)
+from ..kernels.one_pass import one_pass_bytes
 from ..logprobs import prepare_inputs
 from .epilogue import loss_metrics, pytorch_coefficients, vespo_gamma_weight  # noqa: F401 (re-export)
 from .fused import fused_enabled, fused_policy_epilogue, fused_supported, token_weights_and_codes
@@ -83,7 +84,7 @@ class _Plan:
     kp: LogprobParams
     backend: str
     fused: bool
-    grad_in_forward: bool = False
+    grad_in_forward: object = False      # False, True (asked for) or "env" (turned on by the environment)
     workspace: int = 0
 
     def aux_keys(self) -> tuple:
@@ -109,7 +110,7 @@ def _kernel_forward(plan: _Plan, h2, w, b, t):
     if h2.shape[0] == 0:
         z = h2.new_zeros(0, dtype=plan.inp.cd)
         return z, z, z
-    return _logprobs._token_logprobs_op(h2, w, b, t, kp.temperature, kp.ignore_index, kp.softcap,
+    return ops.token_logprobs_op(h2, w, b, t, kp.temperature, kp.ignore_index, kp.softcap,
                               kp.filter_eps, plan.backend)
 
 
@@ -118,7 +119,7 @@ def _fused_forward(plan: _Plan, h2, w, b, t):
     cfg, inp = plan.cfg, plan.inp
     B, T = inp.B, inp.T
     w_tok, code = token_weights_and_codes(cfg, inp.main_tok, inp.demo_tok, inp.main_rows,
-                                          inp.demo_rows, inp.num_items)
+                                          inp.demo_rows, inp.num_items, inp.cp_group)
     outs = fused_policy_epilogue(cfg, h2, w, b, t, plan.kp, old=inp.old, ref=inp.ref, rol=inp.rol,
                                  adv=inp.adv, isr=inp.isr, w_tok=w_tok, code=code,
                                  backend=plan.backend)
@@ -151,7 +152,9 @@ class _PolicyLoss(torch.autograd.Function):
     def forward(ctx, h2, w, b, t, plan: _Plan):
         ctx.grads = None
         if plan.grad_in_forward:
-            return _PolicyLoss._forward_with_grads(ctx, h2, w, b, t, plan)
+            out = _PolicyLoss._forward_with_grads(ctx, h2, w, b, t, plan)
+            if out is not None:
+                return out
         if plan.fused:
             total, side, aux, lse = _fused_forward(plan, h2, w, b, t)
         else:
@@ -169,31 +172,44 @@ class _PolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def _forward_with_grads(ctx, h2, w, b, t, plan: _Plan):
-        """Token-local configs with ``grad_in_forward``: one pass computes values and gradients
-        (kernels/grad_in_forward.py); the backward scales them by ``grad_output``."""
-        from ..kernels.grad_in_forward import forward_with_grads
+        """``grad_in_forward``: the one-pass path (kernels/one_pass.py) computes values and
+        gradients; the backward scales them by ``grad_output``. Token-local configs chunk any rows;
+        the others whole sequences. None when an environment-enabled run cannot chunk whole
+        sequences (the caller then runs the two-pass path)."""
+        from ..kernels.one_pass import SequenceTooLong, forward_with_grads
         cfg, B, T = plan.cfg, plan.inp.B, plan.inp.T
 
-        def coef_fn(logp, ent, done):   # token-local: the rows of ``done`` are final
+        def coef_fn(logp, ent, done):   # the rows of ``done`` (whole sequences) are final
             inp = plan.inp.to_dtype(logp.dtype)
             out = pytorch_coefficients(cfg, inp, logp.reshape(B, T), ent.reshape(B, T))
             return out[3].reshape(-1), out[4].reshape(-1)
 
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        logp, ent, _lse, dh, dw, db = forward_with_grads(
-            h2, w, b, t, plan.kp, coef_fn, plan.workspace, need_hidden=need_h, need_weight=need_w,
-            need_bias=need_b and b is not None)
+        triton_rows = get_backend(plan.backend).triton and h2.dtype != torch.float64
+        try:
+            logp, ent, _lse, dh, dw, db = forward_with_grads(
+                h2, w, b, t, plan.kp, coef_fn, budget=plan.workspace,
+                rows_impl="triton" if triton_rows else "torch", hint=_coefficient_hint(plan, h2),
+                seq_len=None if fused_supported(cfg) else T, need_hidden=need_h,
+                need_weight=need_w, need_bias=need_b and b is not None)
+        except SequenceTooLong:
+            if plan.grad_in_forward == "env":
+                return None
+            raise
         logp_bt, ent_bt = logp.reshape(B, T), ent.reshape(B, T)
         inp = plan.inp.to_dtype(logp.dtype)
         total, parts, aux, g_lp, g_H, ent_d = pytorch_coefficients(cfg, inp, logp_bt, ent_bt)
         side = (logp_bt, ent_bt, ent_d, g_lp, g_H, *parts)
         ctx.grads = (dh, dw, db)
+        ctx.grad_dtypes = (h2.dtype, w.dtype, None if b is None else b.dtype)
         return _outputs(ctx, plan, total, side, aux)
 
     @staticmethod
     def backward(ctx, grad, *_side_grads):
-        if ctx.grads is not None:   # computed in the forward: scale by grad_output
-            return tuple(None if x is None else (grad.to(x.dtype) * x) for x in ctx.grads) + (None, None)
+        if ctx.grads is not None:   # computed in the forward: scale by grad_output (and cast once)
+            return tuple(None if x is None else torch.mul(x, grad.to(x.dtype),
+                                                          out=torch.empty(x.shape, dtype=dt, device=x.device))
+                         for x, dt in zip(ctx.grads, ctx.grad_dtypes)) + (None, None)
         h2, w, b, t, lse, ent, g_lp, g_H = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and b is not None
@@ -205,7 +221,7 @@ class _PolicyLoss(torch.autograd.Function):
         g_logp = (grad * g_lp).to(lse.dtype)
         g_ent = (grad * g_H).to(lse.dtype) if ctx.use_ent else None
         kp = ctx.plan.kp
-        dh, dw, db = _logprobs._token_logprobs_backward_op(
+        dh, dw, db = ops.token_logprobs_backward_op(
             h2, w, b, t, lse, ent, g_logp, g_ent, None, kp.temperature, kp.ignore_index, kp.softcap,
             kp.filter_eps, ctx.plan.backend, need_h, need_w, need_b)
         return (dh if need_h else None, dw if need_w else None, db if need_b else None, None, None)
@@ -236,7 +252,8 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
                         ref_logprobs=None, rollout_logprobs=None, is_demo=None, bias=None,
                         temperature=1.0, num_items_in_batch=None, backend="auto",
                         is_ratio=None, ignore_index=-100, softcap=None,
-                        filter_eps=0.0, fused_epilogue=None, grad_in_forward=None) -> LossOutput:
+                        filter_eps=0.0, fused_epilogue=None, grad_in_forward=None,
+                        vocab_parallel=None, cp_group=None) -> LossOutput:
     """The loss of ``config`` (a :class:`LossConfig` or a preset name) from hidden states and the lm_head.
 
     Args:
@@ -265,11 +282,24 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
         fused_epilogue: with a Triton backend and a token-local config, run the loss epilogue
             inside a Triton kernel (docs/losses.md "Fused epilogue"). ``None`` (default): on unless
             ``UPG_KERNELS_FUSED_EPILOGUE=0``; ``False`` forces the PyTorch epilogue.
-        grad_in_forward: token-local configs only: compute the gradients in the forward pass (one
-            logits pass, 6NHV instead of 8NHV flops; the backward scales them by ``grad_output``),
-            in chunks of the whole vocabulary within the workspace budget
-            (``UPG_KERNELS_WORKSPACE_BYTES``, which must be granted: hundreds of MiB at V ~ 128k).
-            ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off).
+        grad_in_forward: run the one-pass path (docs/kernels.md section 1c): the gradients in the
+            forward pass (one logits pass, 6NHV instead of 8NHV flops; the backward scales them by
+            ``grad_output``), in float32 chunks of rows x the vocabulary within
+            ``UPG_KERNELS_ONE_PASS_BYTES`` (default 1 GiB), plus a float32 dW accumulator for
+            bf16/fp16 weights. Sequence-level configs chunk whole sequences (a longer sequence is a
+            ValueError). ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off; then
+            a sequence that does not fit runs the two-pass path).
+        vocab_parallel: a :class:`upg_kernels.VocabParallelOptions`: ``weight``/``bias`` hold rows
+            ``[start, stop)`` of a vocabulary-parallel head (tensor parallelism); ``targets`` stay global
+            ids. The log-probs and entropy of the full vocabulary come from one all-gather of ``[3, N]``
+            per call (:func:`upg_kernels.parallel.vocab_parallel_logprobs`); the loss, identical on every
+            rank of the group, goes through the PyTorch epilogue (the fused epilogue and
+            ``grad_in_forward`` are refused under it). Every backend and preset works.
+        cp_group: context parallelism: the process group whose ranks hold the other tokens of the same
+            rows (every rank the same rows, its own positions). The sequence-level reductions (per-row
+            and token_mean counts, GSPO/LUSPO ratios, VESPO's sum, sequence-level IS, demo counts) and the
+            metrics are completed over it; each rank's ``loss`` is its part, and the sum over the group
+            of the losses and gradients equals the unsplit call (docs/distributed.md).
 
     Returns:
         :class:`LossOutput`.
@@ -298,36 +328,74 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
         cfg, B, T, flat, targets.reshape(B, T) != ignore_index, cd, loss_mask=loss_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, group_ids=group_ids,
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
-        is_demo=is_demo, is_ratio=is_ratio, num_items_in_batch=num_items_in_batch)
+        is_demo=is_demo, is_ratio=is_ratio, num_items_in_batch=num_items_in_batch, cp_group=cp_group)
 
+    if vocab_parallel is not None:
+        return _vocab_parallel_loss(cfg, inp, hidden, weight, targets, bias, vocab_parallel,
+                                    temperature=temperature, ignore_index=ignore_index, backend=backend,
+                                    softcap=softcap, filter_eps=filter_eps, fused_epilogue=fused_epilogue,
+                                    grad_in_forward=grad_in_forward)
     h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
     name = resolve_backend(backend, hidden.device, h2.dtype)
     kp = LogprobParams(float(temperature), int(ignore_index), float(softcap or 0.0), float(filter_eps))
     use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)
                  and get_backend(name).fused_epilogue and h2.shape[0] > 0)
-    gif = _grad_in_forward(grad_in_forward, cfg)
-    plan = _Plan(cfg, inp, kp, name, use_fused and not gif, gif, workspace_bytes() if gif else 0)
+    gif = _grad_in_forward(grad_in_forward, cfg, cp_group is not None)
+    plan = _Plan(cfg, inp, kp, name, use_fused, gif, one_pass_bytes() if gif else 0)
     with autocast_off(hidden.device.type):
         outs = _PolicyLoss.apply(h2, w, b, t, plan)
     return _output(outs, plan, tuple(targets.shape))
 
 
-def _grad_in_forward(flag, cfg) -> bool:
-    import os
-    if flag is None:
-        flag = os.environ.get("UPG_KERNELS_GRAD_IN_FORWARD", "0").strip().lower() in ("1", "true", "on", "yes")
-        if flag and not fused_supported(cfg):
-            return False          # the environment asks for it where it applies
-    if flag and not fused_supported(cfg):
-        raise ValueError("grad_in_forward needs a token-local config (token-level ratio, no sequence-"
-                         f"level IS or VESPO); this config is not: {cfg!r}")
-    return bool(flag)
+def _vocab_parallel_loss(cfg, inp, hidden, weight, targets, bias, opts, *, fused_epilogue,
+                         grad_in_forward, **kw) -> LossOutput:
+    """The loss over a vocabulary-parallel head: the full-vocabulary ``logp`` / ``H`` (differentiable,
+    one all-gather) into the PyTorch epilogue of :class:`_PolicyLossFromLogprobs`."""
+    from ..parallel.vocab import vocab_parallel_logprobs
+    if fused_epilogue:
+        raise ValueError("fused_epilogue=True is not supported with vocab_parallel (the fused Triton "
+                         "epilogue needs the whole vocabulary in one kernel); pass fused_epilogue=None/False")
+    if grad_in_forward:
+        raise ValueError("grad_in_forward=True is not supported with vocab_parallel (the one-pass "
+                         "gradients need the global log-sum-exp before the pass); pass None/False")
+    logp, ent, _ = vocab_parallel_logprobs(hidden, weight, targets, opts, bias=bias, **kw)
+    B, T = inp.B, inp.T
+    if cfg.entropy_coef == 0:
+        ent = ent.detach()          # H enters the loss only through the bonus: no entropy backward
+    plan = _Plan(cfg, inp, LogprobParams(), "torch", False)
+    outs = _PolicyLossFromLogprobs.apply(logp.reshape(B, T).to(inp.cd), ent.reshape(B, T).to(inp.cd), plan)
+    return _output(outs, plan, tuple(targets.shape))
+
+
+def _grad_in_forward(flag, cfg, cp=False):
+    """The ``grad_in_forward`` argument: True / False, or (None) ``"env"`` when
+    ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on. Refused under context parallelism (``cp``): the
+    one-pass chunks would run the sequence reductions' collectives a rank-dependent number of times."""
+    if flag is not None:
+        if flag and cp:
+            raise ValueError("grad_in_forward=True is not supported with cp_group (the one-pass chunks "
+                             "would run the sequence reductions' collectives a rank-dependent number of "
+                             "times); pass None/False")
+        return bool(flag)
+    return "env" if (GRAD_IN_FORWARD.get() and not cp) else False
+
+
+def _coefficient_hint(plan: _Plan, h2):
+    """``[N]`` bool: rows whose coefficients are non-zero at a probe point (log-probs at the
+    sampler's, ratio 1, entropy 1). It only orders the one-pass path's rows (zero-coefficient rows
+    last, where the chunks skip them); the result never depends on it."""
+    cd = torch.float64 if h2.dtype == torch.float64 else torch.float32
+    inp = plan.inp.to_dtype(cd)
+    zero = torch.zeros(inp.B, inp.T, dtype=cd, device=h2.device)
+    probe = zero if inp.old is None else torch.where(inp.main_tok, inp.old, zero)
+    out = pytorch_coefficients(plan.cfg, inp, probe, torch.ones_like(probe))
+    return ((out[3] != 0) | (out[4] != 0)).reshape(-1)
 
 
 def policy_loss_from_logprobs(logprobs, *, config, entropy=None, loss_mask=None, advantages=None,
                               rewards=None, group_size=None, group_ids=None, old_logprobs=None,
                               ref_logprobs=None, rollout_logprobs=None, is_demo=None,
-                              num_items_in_batch=None, is_ratio=None) -> LossOutput:
+                              num_items_in_batch=None, is_ratio=None, cp_group=None) -> LossOutput:
     """The loss of ``config`` from per-token log-probs that the caller already has.
 
     The same presets, arguments (see :func:`unified_policy_loss`), validation, metrics and
@@ -335,7 +403,8 @@ def policy_loss_from_logprobs(logprobs, *, config, entropy=None, loss_mask=None,
     ``entropy``) themselves. ``logprobs``: ``[B, T]`` (or flat ``[N]``) float log-probs of the
     taken tokens; ``entropy``: optional ``[B, T]`` per-token entropy (needed when the config has
     ``entropy_coef > 0``). The loss is differentiable w.r.t. both; positions outside ``loss_mask``
-    get exactly zero gradient, and a NaN there cannot reach the loss.
+    get exactly zero gradient, and a NaN there cannot reach the loss. ``cp_group``: context
+    parallelism, as in :func:`unified_policy_loss`.
     """
     cfg = as_config(config)
     if not isinstance(logprobs, torch.Tensor) or not logprobs.dtype.is_floating_point:
@@ -362,7 +431,7 @@ def policy_loss_from_logprobs(logprobs, *, config, entropy=None, loss_mask=None,
         cfg, B, T, flat, valid, cd, loss_mask=loss_mask, advantages=advantages, rewards=rewards,
         group_size=group_size, group_ids=group_ids, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, is_demo=is_demo,
-        is_ratio=is_ratio, num_items_in_batch=num_items_in_batch)
+        is_ratio=is_ratio, num_items_in_batch=num_items_in_batch, cp_group=cp_group)
     plan = _Plan(cfg, inp, LogprobParams(), "torch", False)
     lp = logprobs.reshape(B, T).to(cd)
     ent = None if entropy is None else entropy.reshape(B, T).to(cd)

@@ -44,10 +44,10 @@ def test_ordering_verdict_counts_pairs_and_intervals():
 def _luffy_trainer(tmp_path, **flags):
     from upg_trainer.trainer import Trainer
     f = {"output.dir": str(tmp_path / "luffy"), "output.progress": "false", "output.plots": "false",
-         "loss.preset": "luffy", "train.max_steps": "1", "train.batch_size": "3", "rollout.n": "4",
+         "train.max_steps": "1", "train.batch_size": "3", "rollout.n": "4",
          "rollout.max_new_tokens": "6", "data.num_train": "16", "data.num_eval": "4", "output.save_every": "0"}
     f.update(flags)
-    return Trainer(build_config("grpo", None, f))
+    return Trainer(build_config("luffy", None, f))
 
 
 def test_luffy_demonstration_joins_its_group(tmp_path, monkeypatch):
@@ -61,7 +61,7 @@ def test_luffy_demonstration_joins_its_group(tmp_path, monkeypatch):
         return real(*a, **kw)
     monkeypatch.setattr(T, "unified_policy_loss", spy)
     tr = _luffy_trainer(tmp_path)
-    m = tr.rl_step()
+    m = tr.method.step()
     B, n = 3, 4
     assert m["demo_rows"] == B and m["rollout_rows"] == B * n and m["demos_used"] == B
     assert m["sampled_tokens"] == m["rollout_tokens"] and m["demo_tokens_used"] == m["demo_tokens"] > 0
@@ -81,9 +81,13 @@ def test_demonstration_presets_go_to_their_command(tmp_path):
     from upg_trainer.trainer import make_loss_config
     with pytest.raises(ValueError, match="upg-train hpt"):
         make_loss_config(build_config("grpo", None, {"loss.preset": "hpt"}))
+    with pytest.raises(ValueError, match="upg-train luffy"):
+        make_loss_config(build_config("grpo", None, {"loss.preset": "luffy"}))
     with pytest.raises(ValueError, match="SFT demonstrations"):
         make_loss_config(build_config("hpt", None, {"loss.preset": "luffy"}))
-    assert make_loss_config(build_config("grpo", None, {"loss.preset": "luffy"})).demo_part == "shaped"
+    with pytest.raises(ValueError, match="shaped demonstrations"):
+        make_loss_config(build_config("luffy", None, {"loss.preset": "hpt"}))
+    assert make_loss_config(build_config("luffy", None, {})).demo_part == "shaped"
 
 
 def test_cli_flags_of_the_paper_suite():

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 from .checkpoint import read_metrics
 from .config import Config
-from .demo import _derive, run_environment, warmup_config
+from .demo import warmup_config
+from .demo_common import _derive, run_environment
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ METHODS = (
     Method("grpo", "GRPO", (("grpo", "grpo"),), "n rollouts a prompt, clipped, A = (R - mean)/std"),
     Method("sft_grpo", "SFT->GRPO", (("sft", "sft"), ("grpo", "grpo")),
            "SFT for demo.sft_fraction of the steps, then GRPO on the next prompts"),
-    Method("luffy", "LUFFY", (("grpo", "luffy"),),
+    Method("luffy", "LUFFY", (("luffy", "luffy"),),
            "n rollouts + the demonstration in each group; demonstration -A p/(p+0.1); one token mean"),
     Method("hpt", "HPT (paper)", (("hpt", "hpt"),), "P > 0: clipped GRPO on the rollouts, else NLL on the demonstration"),
     Method("hpt_release", "HPT (release)", (("hpt", "hpt_release"),),

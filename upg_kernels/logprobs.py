@@ -22,16 +22,19 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 @torch.library.custom_op("upg_kernels::token_logprobs", mutates_args=())
 def _token_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                        targets: torch.Tensor, temperature: float, ignore_index: int,
-                       softcap: float, filter_eps: float, backend: str
+                       softcap: float, filter_eps: float, backend: str, capturable: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # checked here, on real data, so that torch.compile traces the caller without a data-dependent branch
-    _check_target_range(targets, weight.shape[0], ignore_index)
-    p = LogprobParams(temperature, ignore_index, softcap, filter_eps)
+    # checked here, on real data, so that torch.compile traces the caller without a data-dependent
+    # branch; capturable: the caller has mapped bad ids to ignore_index (device_target_check)
+    if not capturable:
+        _check_target_range(targets, weight.shape[0], ignore_index)
+    p = LogprobParams(temperature, ignore_index, softcap, filter_eps, capturable)
     return get_backend(backend).forward(hidden, weight, bias, targets, p)
 
 
 @_token_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, temperature, ignore_index, softcap, filter_eps, backend):
+def _(hidden, weight, bias, targets, temperature, ignore_index, softcap, filter_eps, backend,
+      capturable=False):
     N = hidden.shape[0]
     dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     return tuple(hidden.new_empty(N, dtype=dt) for _ in range(3))
@@ -44,9 +47,9 @@ def _token_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias
                                 g_lse: torch.Tensor | None, temperature: float,
                                 ignore_index: int, softcap: float,
                                 filter_eps: float, backend: str, need_hidden: bool,
-                                need_weight: bool, need_bias: bool
+                                need_weight: bool, need_bias: bool, capturable: bool = False
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = LogprobParams(temperature, ignore_index, softcap, filter_eps)
+    p = LogprobParams(temperature, ignore_index, softcap, filter_eps, capturable)
     dh, dw, db = get_backend(backend).backward(
         hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
         need_hidden, need_weight, need_bias and bias is not None, g_lse=g_lse)
@@ -58,17 +61,18 @@ def _token_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias
 
 @_token_logprobs_backward_op.register_fake
 def _(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, g_lse, temperature, ignore_index,
-      softcap, filter_eps, backend, need_hidden, need_weight, need_bias):
+      softcap, filter_eps, backend, need_hidden, need_weight, need_bias, capturable=False):
     return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if need_weight else hidden.new_empty(0),
             torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, softcap, filter_eps, backend = inputs
+    hidden, weight, bias, targets, temperature, ignore_index, softcap, filter_eps, backend, *cap = inputs
     _, ent, lse = output
     ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
     ctx.args = (temperature, ignore_index, softcap, filter_eps, backend)
+    ctx.capturable = bool(cap and cap[0])
 
 
 def _backward(ctx, g_logp, g_ent, g_lse):
@@ -80,9 +84,9 @@ def _backward(ctx, g_logp, g_ent, g_lse):
         hidden, weight, bias, targets, lse, ent, g_logp.to(lse.dtype),
         None if g_ent is None else g_ent.to(lse.dtype),
         None if g_lse is None else g_lse.to(lse.dtype), *ctx.args,
-        need_h, need_w, need_b and bias is not None)
+        need_h, need_w, need_b and bias is not None, ctx.capturable)
     return (dh if need_h else None, dw if need_w else None,
-            db if (need_b and bias is not None) else None, None, None, None, None, None, None)
+            db if (need_b and bias is not None) else None, None, None, None, None, None, None, None)
 
 
 _token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
@@ -151,6 +155,21 @@ def _check_target_range(flat_targets, V, ignore_index):
                          f"[0, V={V}) and not ignore_index={ignore_index}")
 
 
+def device_target_check(flat_targets, V, ignore_index):
+    """Capturable mode's target-range check, on the device (no host synchronization):
+    ``(safe_targets, bad)`` where ``bad`` flags ids outside ``[0, V)`` that are not ``ignore_index`` and
+    ``safe_targets`` has them replaced by ``ignore_index`` (the kernels never see them). The caller
+    reports them with :func:`poison`: NaN log-prob, entropy and lse at those rows, so the loss and the
+    gradients become NaN instead of silently wrong."""
+    bad = (flat_targets != ignore_index) & ((flat_targets < 0) | (flat_targets >= V))
+    return torch.where(bad, torch.full_like(flat_targets, ignore_index), flat_targets), bad
+
+
+def poison(x, bad):
+    """``x`` with NaN where ``bad`` (differentiable: ``where``)."""
+    return torch.where(bad, torch.full_like(x, float("nan")), x)
+
+
 def _common_dtype(hidden, weight, bias):
     """The compute dtype: autocast's when it is on for this device, else the promoted input dtype."""
     dev = hidden.device.type
@@ -176,7 +195,7 @@ def prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_e
 # ----------------------------------------------------------------------------- public API
 def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                    return_entropy=False, return_lse=False, backend="auto", softcap=None,
-                   filter_eps=0.0):
+                   filter_eps=0.0, capturable=False):
     """Per-token log-probs of ``targets`` under ``softmax(softcap(hidden @ weight.T + bias) / temperature)``.
 
     Args:
@@ -198,6 +217,10 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         filter_eps: backward tile filter (Triton backend): skip logit tiles whose every element has
             ``|dz| <= filter_eps * (|g_logp| + |g_ent|) / temperature`` of its row, i.e. CCE's
             ``|onehot - p| <= filter_eps`` (docs/kernels.md has the error bound). 0 = exact.
+        capturable: no host synchronization in the forward and backward (CUDA graphs,
+            ``torch.compile(mode="reduce-overhead")``): every row runs (no compaction of ignored or
+            zero-gradient rows), and a target id outside ``[0, V)`` gives NaN outputs at its row
+            instead of a ``ValueError`` (docs/kernels.md "Capturable mode").
 
     Returns:
         ``logp`` float32 ``[...]``; with ``return_entropy`` and/or ``return_lse`` a tuple
@@ -205,6 +228,10 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         to ``hidden``, ``weight`` and ``bias`` through every output.
     """
     h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
+    capturable = bool(capturable)
+    bad = None
+    if capturable and t.numel():
+        t, bad = device_target_check(t, w.shape[0], int(ignore_index))
     lead = tuple(hidden.shape[:-1])
     name = resolve_backend(backend, hidden.device, h2.dtype)
     if h2.shape[0] == 0:
@@ -215,7 +242,9 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         with autocast_off(hidden.device.type):
             logp, ent, lse = _token_logprobs_op(
                 h2, w, b, t, float(temperature), int(ignore_index), float(softcap or 0.0),
-                float(filter_eps), name)
+                float(filter_eps), name, capturable)
+        if bad is not None:
+            logp, ent, lse = (poison(x, bad) for x in (logp, ent, lse))
         logp, ent, lse = logp.reshape(lead), ent.reshape(lead), lse.reshape(lead)
     extra = ((ent,) if return_entropy else ()) + ((lse,) if return_lse else ())
     return (logp, *extra) if extra else logp

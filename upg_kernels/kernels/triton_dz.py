@@ -13,6 +13,7 @@ tile: no atomics, so the result is deterministic.
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -24,15 +25,38 @@ from .triton_logprobs_common import (BlockConfig, dot_precision, env_config, gra
                                      upcast_dot)
 
 # the dz tile kernel: like the forward's tile loop (a GEMM with an epilogue), one tile per program.
-# 128x64 tiles: 128x128 ones spilled 130-350 bytes per thread in the compile check (sm_80/sm_90,
-# triton 3.6; the [128, 128] float32 epilogue holds z, p, log p and dz at once); 128x64 spill nothing.
-_DZ_GPU = BlockConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3, group_n=8)
+# Two bf16/fp16 tiles, both selectable (``UPG_KERNELS_TRITON_DZ_CONFIG=128x128`` / ``128x64``, or
+# "BN,BV,BH,warps,stages[,group]"); DZ_TILES[DZ_DEFAULT] is the default. Which one is spill-free is
+# decided by the compile check built as the JIT builds it (G, v_lo, v_hi, H and the strides
+# specialized as multiples of 16; docs/kernels.md "Block sizes"): 128x128 issues m64n128 wgmma on
+# sm_90 (one CTA per SM), 128x64 m64n64 with fewer registers (two CTAs per SM).
+DZ_TILES = {
+    "128x128": BlockConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3, group_n=8),
+    "128x64": BlockConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3, group_n=8),
+}
+DZ_DEFAULT = "128x128"
 _DZ_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=16, num_warps=8, num_stages=2, group_n=8)
 _DZ_INTERP = BlockConfig(block_n=16, block_v=32, block_h=32, num_warps=4, num_stages=1, group_n=2)
 
 
 # H not a multiple of BLOCK_H (masked H chunks): half the H chunk (spill-free in the compile check)
 _DZ_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3, group_n=8)
+DZ_ENV = "UPG_KERNELS_TRITON_DZ_CONFIG"
+
+
+def dz_tile_setting() -> BlockConfig | None:
+    """``UPG_KERNELS_TRITON_DZ_CONFIG``: a name of :data:`DZ_TILES` or "BN,BV,BH,warps,stages[,group]"
+    (None when unset)."""
+    v = os.environ.get(DZ_ENV, "").strip()
+    if not v:
+        return None
+    if v in DZ_TILES:
+        return DZ_TILES[v]
+    try:
+        return env_config(DZ_ENV)
+    except (TypeError, ValueError):
+        raise ValueError(f"{DZ_ENV} must be one of {sorted(DZ_TILES)} or 'BN,BV,BH,warps,stages[,group]', "
+                         f"got {v!r}") from None
 
 
 def dz_config(dtype: torch.dtype, H: int | None = None, gpu: bool = False) -> BlockConfig:
@@ -40,12 +64,12 @@ def dz_config(dtype: torch.dtype, H: int | None = None, gpu: bool = False) -> Bl
     ``gpu=True``: the CUDA config even under the interpreter)."""
     if interpreting() and not gpu:
         return _DZ_INTERP
-    env = env_config("UPG_KERNELS_TRITON_DZ_CONFIG")
+    env = dz_tile_setting()
     if env:
         return env
     if dtype == torch.float32:
         return _DZ_GPU_F32                      # BLOCK_H 16: spill-free for odd H as well
-    return _DZ_GPU_ODD_H if H is not None and H % _DZ_GPU.block_h else _DZ_GPU
+    return _DZ_GPU_ODD_H if H is not None and H % 64 else DZ_TILES[DZ_DEFAULT]
 
 
 def dz_constexprs(cfg, dtype, *, has_bias, has_softcap, has_gent, has_glse, even_h) -> dict:

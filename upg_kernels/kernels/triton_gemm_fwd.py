@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from .gemm import mm_f32
-from .meta import launch, nonzero_rows
+from .capturable import finish_forward, forward_rows
+from .meta import launch
 from .workspace import workspace_bytes
 from .triton_logprobs_common import _tanh, check_inputs, interpreting, online_update
 from .triton_logprobs_fwd import combine
@@ -97,7 +98,7 @@ def forward(hidden, weight, bias, targets, p):
     ent = torch.zeros(N, dtype=torch.float32, device=dev)
     lse = torch.zeros(N, dtype=torch.float32, device=dev)
     targets = targets.contiguous()
-    rows = nonzero_rows(targets != p.ignore_index)
+    rows, _tg, valid = forward_rows(targets, p)
     M = rows.numel()
     if M == 0:
         return logp, ent, lse
@@ -125,7 +126,7 @@ def forward(hidden, weight, bias, targets, p):
             lse[idx] = l
             ent[idx] = e
             logp[idx] = zt - l
-    return logp, ent, lse
+    return finish_forward((logp, ent, lse), valid)
 
 
 def aot_variants():

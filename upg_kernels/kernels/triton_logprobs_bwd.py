@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import active_rows, zero_grads
+from . import zero_grads
+from .capturable import backward_rows
 from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant,
                   flag_cover, label, ptr)
 from .meta import launch
@@ -183,7 +184,8 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     if not (need_hidden or need_weight or need_bias):
         return dh, dw, db
 
-    rows, g_logp, g_ent, g_lse = active_rows(targets, g_logp, g_ent, g_lse, p.ignore_index)
+    hidden, targets, lse, ent, rows, g_logp, g_ent, g_lse = backward_rows(
+        hidden, targets, lse, ent, g_logp, g_ent, g_lse, p)
     M = rows.numel()
     if M == 0:
         return dh, dw, db

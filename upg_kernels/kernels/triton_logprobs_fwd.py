@@ -22,7 +22,8 @@ import triton.language as tl
 
 from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant, label,
                   ptr)
-from .meta import launch, nonzero_rows
+from .capturable import finish_forward, forward_rows
+from .meta import launch
 from .triton_logprobs_common import (check_inputs, dot_precision, fwd_config, interpreting,
                                      logits_tile, num_sms, online_update, upcast_dot)
 
@@ -144,7 +145,7 @@ def forward_partials(hidden, weight, bias, targets, p):
     dev = hidden.device
     bias = None if bias is None else bias.contiguous()
     targets = targets.contiguous()
-    rows = nonzero_rows(targets != p.ignore_index)
+    rows, targets, _valid = forward_rows(targets, p)
     M = rows.numel()
     if M == 0:
         return None, rows
@@ -181,6 +182,8 @@ def forward(hidden, weight, bias, targets, p):
     if part is None:
         return logp, ent, lse
     l, e, zt = combine(part)
+    if getattr(p, "capturable", False):   # every row ran (rows = arange): no scatter
+        return finish_forward((zt - l, e, l), targets != p.ignore_index)
     lse[rows] = l
     ent[rows] = e
     logp[rows] = zt - l

@@ -21,6 +21,18 @@ def set_workspace_bytes(n: int | None) -> None:
     _override = n
 
 
+def balanced_rows(M: int, max_rows: int, tile: int) -> int:
+    """Rows per token group for ``M`` rows in groups of at most ``max_rows`` (a multiple of ``tile``):
+    ``ceil(M / ceil(M / max_rows))`` rounded up to the tile, so the groups are about equal and there is
+    no small tail group (e.g. M=8192, max 2688: 4 groups of 2048 instead of 3 x 2688 + 128)."""
+    if max_rows < tile or max_rows % tile:
+        raise ValueError(f"max_rows must be a positive multiple of tile={tile}, got {max_rows}")
+    M = max(int(M), 1)
+    n = -(-M // max_rows)
+    g = -(-M // n)
+    return min(max_rows, -(-g // tile) * tile)
+
+
 def workspace_bytes() -> int:
     if _override is not None:
         return _override

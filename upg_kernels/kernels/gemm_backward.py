@@ -37,7 +37,7 @@ import triton
 from . import zero_grads
 from .capturable import backward_rows
 from .gemm import mm_acc
-from .workspace import balanced_rows, set_workspace_bytes, workspace_bytes  # noqa: F401 (re-export)
+from .workspace import balanced_rows, group_bounds, set_workspace_bytes, workspace_bytes  # noqa: F401 (re-export)
 from .triton_dz import dz_block, dz_config
 from .triton_logprobs_common import check_inputs, interpreting
 from .triton_logprobs_fwd import forward  # noqa: F401  (the backend's forward)
@@ -58,9 +58,15 @@ class GemmPlan:
     dw_mode: str = "fused"  # "fused": dW in the group loop; "pass": a separate slab-outer dW pass
     dw_group_rows: int = 0  # the dW pass: rows per token group
     dw_slab_cols: int = 0   # the dW pass: columns of its float32 slab accumulator
+    tile: int = 16          # the dz kernel's BLOCK_N: group starts are multiples of it
 
     def n_groups(self, M: int) -> int:
         return triton.cdiv(M, self.group_rows) if M else 0
+
+    def bounds(self, M: int, dw_pass: bool = False) -> list[tuple[int, int]]:
+        """The token groups ``[(g0, g1)]`` of the group loop (or of the dW pass): balanced, at most
+        ``group_rows`` (``dw_group_rows``) rows each (:func:`workspace.group_bounds`)."""
+        return group_bounds(M, self.dw_group_rows if dw_pass else self.group_rows, self.tile)
 
     def dw_roundings(self, M: int, dtype: torch.dtype) -> int:
         """How often each dW element is rounded into the weight's dtype (0: float32 weights, exact)."""
@@ -117,7 +123,7 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
         used = max(used, Gw * Sw * e + 4 * Sw * H + Gw * h_gather)
     else:
         used += G * h_gather
-    return GemmPlan(int(G), int(S), bool(use32), int(used), mode, int(Gw), int(Sw))
+    return GemmPlan(int(G), int(S), bool(use32), int(used), mode, int(Gw), int(Sw), int(tile))
 
 
 # ------------------------------------------------------------------------------ backward
@@ -154,10 +160,10 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
         dw_acc = torch.zeros(V, H, dtype=torch.float32, device=dev)
     db_acc = torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None
     if need_hidden or need_bias or not two_pass:
-        _group_loop(pl.group_rows, pl.slab_cols, args, dh if need_hidden else None,
+        _group_loop(pl.bounds(M), pl.group_rows, pl.slab_cols, args, dh if need_hidden else None,
                     None if two_pass or not need_weight else dw_acc, db_acc)
     if two_pass:
-        _dw_pass(pl.dw_group_rows, pl.dw_slab_cols, args, dw)
+        _dw_pass(pl.bounds(M, dw_pass=True), pl.dw_group_rows, pl.dw_slab_cols, args, dw)
     if need_weight and pl.dw_fp32:
         dw.copy_(dw_acc)
     if need_bias:
@@ -165,7 +171,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     return dh, dw, db
 
 
-def _group_loop(G, S, args, dh, dw_acc, db_acc):
+def _group_loop(groups, G, S, args, dh, dw_acc, db_acc):
     """Token-group-outer loop: dh (one rounding per row), and dW / db when given (``dw_acc``: the
     float32 ``[V, H]`` accumulator, or dW itself: one rounding per group)."""
     hidden, weight, bias, targets, rows, lse, ent, g_logp, g_ent, g_lse, p, dense = args
@@ -173,8 +179,7 @@ def _group_loop(G, S, args, dh, dw_acc, db_acc):
     dz_buf = torch.empty(min(G, M), min(S, V), dtype=hidden.dtype, device=hidden.device)
     dh_acc = (torch.empty(min(G, M), H, dtype=torch.float32, device=hidden.device)
               if dh is not None else None)
-    for g0 in range(0, M, G):
-        g1 = min(M, g0 + G)
+    for g0, g1 in groups:
         idx = rows[g0:g1]
         h_g = None
         if dw_acc is not None:
@@ -200,7 +205,7 @@ def _group_loop(G, S, args, dh, dw_acc, db_acc):
                 dh.index_copy_(0, idx, acc.to(hidden.dtype))
 
 
-def _dw_pass(G, S, args, dw):
+def _dw_pass(groups, G, S, args, dw):
     """Vocabulary-slab-outer dW: each slab's float32 ``[S, H]`` accumulator sums every token group,
     then is rounded into dW once (the dz blocks are recomputed)."""
     hidden, weight, bias, targets, rows, lse, ent, g_logp, g_ent, g_lse, p, dense = args
@@ -214,8 +219,7 @@ def _dw_pass(G, S, args, dw):
         v1 = min(V, v0 + S)
         acc = acc_buf[:v1 - v0]
         acc.zero_()
-        for g0 in range(0, M, G):
-            g1 = min(M, g0 + G)
+        for g0, g1 in groups:
             idx = rows[g0:g1]
             if dense:
                 h_g = hidden[g0:g1]

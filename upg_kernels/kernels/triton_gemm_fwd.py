@@ -29,7 +29,7 @@ import triton.language as tl
 from .gemm import mm_f32
 from .capturable import finish_forward, forward_rows
 from .meta import launch
-from .workspace import workspace_bytes
+from .workspace import balanced_rows, group_bounds, workspace_bytes
 from .triton_logprobs_common import _tanh, check_inputs, interpreting, online_update
 from .triton_logprobs_fwd import combine
 
@@ -86,7 +86,9 @@ def plan(M: int, V: int, budget: int, gpu: bool = False) -> tuple[int, int]:
     (``gpu=True``: the CUDA plan even under the interpreter)."""
     S = min(V, _SLAB_COLS_INTERP if (interpreting() and not gpu) else _SLAB_COLS)
     G = max(16, budget // (4 * S) // 16 * 16)
-    return min(G, max(M, 1)), S
+    if G >= M:
+        return max(M, 1), S
+    return balanced_rows(M, G, 16), S                  # equal groups, no small tail
 
 
 def forward(hidden, weight, bias, targets, p):
@@ -107,8 +109,7 @@ def forward(hidden, weight, bias, targets, p):
     z_buf = torch.empty(min(G, M), min(S, V), dtype=torch.float32, device=dev)
     br, bc = _INTERP_BLOCKS if interpreting() else (_BLOCK_R, _BLOCK_C)
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
-        for g0 in range(0, M, G):
-            g1 = min(M, g0 + G)
+        for g0, g1 in group_bounds(M, G, 16):
             idx = rows[g0:g1]
             n = g1 - g0
             h_g = hidden[g0:g1] if M == N else hidden.index_select(0, idx)

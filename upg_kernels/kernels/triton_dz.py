@@ -39,21 +39,22 @@ _DZ_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=16, num_warps=8, num_
 _DZ_INTERP = BlockConfig(block_n=16, block_v=32, block_h=32, num_warps=4, num_stages=1, group_n=2)
 
 
-# H not a multiple of BLOCK_H (masked H chunks): half the H chunk (spill-free in the compile check)
+# H not a multiple of 64 (masked H chunks): half the H chunk (spill-free in the compile check)
 _DZ_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3, group_n=8)
 DZ_ENV = "UPG_KERNELS_TRITON_DZ_CONFIG"
 
 
-def dz_tile_setting() -> BlockConfig | None:
-    """``UPG_KERNELS_TRITON_DZ_CONFIG``: a name of :data:`DZ_TILES` or "BN,BV,BH,warps,stages[,group]"
-    (None when unset)."""
+def dz_tile_setting() -> tuple[str | None, BlockConfig | None]:
+    """``UPG_KERNELS_TRITON_DZ_CONFIG``: ``(name, None)`` for a name of :data:`DZ_TILES` (the bf16/fp16
+    tile at even H), ``(None, config)`` for "BN,BV,BH,warps,stages[,group]" (every launch), or
+    ``(None, None)`` when unset."""
     v = os.environ.get(DZ_ENV, "").strip()
     if not v:
-        return None
+        return None, None
     if v in DZ_TILES:
-        return DZ_TILES[v]
+        return v, None
     try:
-        return env_config(DZ_ENV)
+        return None, env_config(DZ_ENV)
     except (TypeError, ValueError):
         raise ValueError(f"{DZ_ENV} must be one of {sorted(DZ_TILES)} or 'BN,BV,BH,warps,stages[,group]', "
                          f"got {v!r}") from None
@@ -64,12 +65,12 @@ def dz_config(dtype: torch.dtype, H: int | None = None, gpu: bool = False) -> Bl
     ``gpu=True``: the CUDA config even under the interpreter)."""
     if interpreting() and not gpu:
         return _DZ_INTERP
-    env = dz_tile_setting()
+    name, env = dz_tile_setting()
     if env:
         return env
     if dtype == torch.float32:
         return _DZ_GPU_F32                      # BLOCK_H 16: spill-free for odd H as well
-    return _DZ_GPU_ODD_H if H is not None and H % 64 else DZ_TILES[DZ_DEFAULT]
+    return _DZ_GPU_ODD_H if H is not None and H % 64 else DZ_TILES[name or DZ_DEFAULT]
 
 
 def dz_constexprs(cfg, dtype, *, has_bias, has_softcap, has_gent, has_glse, even_h) -> dict:
@@ -117,25 +118,41 @@ def dz_block(dz, hidden, weight, bias, targets, rows, lse, ent, g_logp, g_ent, g
 
 def aot_variants():
     """For bf16 and fp32: all flags off (the GRPO/SFT case), each of bias / softcap / entropy
-    gradient / lse gradient / odd H alone, all on; fp16: all off and all on
-    (``aot.flag_cover``). ``dz_config(dtype, H)``'s GPU block config."""
+    gradient / lse gradient / odd H alone, all on; fp16: all off and all on (``aot.flag_cover``);
+    ``dz_config(dtype, H)``'s GPU block config. Integers as the plans launch them: G (a group of the
+    balanced plan), v_lo, v_hi (slab bounds, V of every DESIGN model), H and the strides multiples of
+    16; for each dtype the flags-off case with G not a multiple of 16 (``tail``: the last group of an
+    odd row count). The other bf16 tile of :data:`DZ_TILES` too (flags off, its tail, all on), so
+    that either setting is checked."""
     from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant,
-                      flag_cover, label, ptr)
+                      flag_cover, label, ptr, tail)
     base = dict(bias=False, softcap=False, gent=False, glse=False, odd_h=False)
     cover = flag_cover({k: (False, True) for k in base}, base)
+
+    def variant(dt, c, cfg, prefix):
+        types = dict(h_ptr=ptr(dt), w_ptr=ptr(dt), b_ptr=ptr(dt) if c["bias"] else "*fp32",
+                     tgt_ptr="*i64", rows_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32",
+                     gl_ptr="*fp32", ge_ptr="*fp32", gs_ptr="*fp32", dz_ptr=ptr(dt), G="i32",
+                     v_lo="i32", v_hi="i32", H="i32", stride_h="i32", stride_w="i32",
+                     stride_dz="i32", temperature="fp32", softcap="fp32")
+        cx = dz_constexprs(cfg, dt, has_bias=c["bias"], has_softcap=c["softcap"],
+                           has_gent=c["gent"], has_glse=c["glse"], even_h=not c["odd_h"])
+        div = tuple(a for a in types if a.endswith("_ptr")) + ("G", "v_lo", "v_hi", "stride_dz") + (
+            () if c["odd_h"] else ("H", "stride_h", "stride_w"))
+        return KernelVariant(_dz_kernel, label(c, prefix), types, cx, cfg.num_warps, cfg.num_stages,
+                             divisible=div)
+
     out = []
     for dt in GPU_DTYPES:
         for c in (cover if dt != torch.float16 else (cover[0], cover[-1])):
             cfg = dz_config(dt, ODD_H_EXAMPLE if c["odd_h"] else EVEN_H_EXAMPLE)
-            types = dict(h_ptr=ptr(dt), w_ptr=ptr(dt), b_ptr=ptr(dt) if c["bias"] else "*fp32",
-                         tgt_ptr="*i64", rows_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32",
-                         gl_ptr="*fp32", ge_ptr="*fp32", gs_ptr="*fp32", dz_ptr=ptr(dt), G="i32",
-                         v_lo="i32", v_hi="i32", H="i32", stride_h="i32", stride_w="i32",
-                         stride_dz="i32", temperature="fp32", softcap="fp32")
-            cx = dz_constexprs(cfg, dt, has_bias=c["bias"], has_softcap=c["softcap"],
-                               has_gent=c["gent"], has_glse=c["glse"], even_h=not c["odd_h"])
-            div = tuple(a for a in types if a.endswith("_ptr")) + (
-                () if c["odd_h"] else ("H", "stride_h", "stride_w", "stride_dz"))
-            out.append(KernelVariant(_dz_kernel, label(c, DTYPE_NAMES[dt]), types, cx,
-                                     cfg.num_warps, cfg.num_stages, divisible=div))
+            out.append(variant(dt, c, cfg, DTYPE_NAMES[dt]))
+            if c == base:
+                out.append(tail(out[-1], "G"))
+    default = dz_config(torch.bfloat16, EVEN_H_EXAMPLE)
+    for name, cfg in DZ_TILES.items():
+        if cfg != default:
+            v = variant(torch.bfloat16, base, cfg, f"bf16 tile={name}")
+            all_on = {**cover[-1], "odd_h": False}     # odd H keeps its own config
+            out += [v, tail(v, "G"), variant(torch.bfloat16, all_on, cfg, f"bf16 tile={name}")]
     return out

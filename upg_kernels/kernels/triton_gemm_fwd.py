@@ -133,7 +133,7 @@ def forward(hidden, weight, bias, targets, p):
 def aot_variants():
     """``_stats_kernel`` as the GPU launches it: no bias, a bf16 / fp16 / fp32 bias, each with and
     without softcap (the full product)."""
-    from .aot import KernelVariant, ptr
+    from .aot import KernelVariant, ptr, tail
     out = []
     for bias in (None, torch.bfloat16, torch.float16, torch.float32):
         for cap in (False, True):
@@ -144,5 +144,7 @@ def aot_variants():
             out.append(KernelVariant(
                 _stats_kernel, name, types,
                 dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=cap, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C),
-                STATS_WARPS, 3, divisible=("z_ptr", "b_ptr", "tgt_ptr", "rows_ptr", "st_ptr", "stride_z")))
+                STATS_WARPS, 3, divisible=("z_ptr", "b_ptr", "tgt_ptr", "rows_ptr", "st_ptr", "G", "S",
+                                           "v_lo", "stride_z")))
+    out.append(tail(out[0], "G"))          # a token group whose size is not a multiple of 16
     return out

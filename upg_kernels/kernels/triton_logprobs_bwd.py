@@ -30,7 +30,7 @@ import triton.language as tl
 from . import zero_grads
 from .capturable import backward_rows
 from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant,
-                  flag_cover, label, ptr)
+                  flag_cover, label, ptr, tail)
 from .meta import launch
 from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, grad_tile,
                                      num_sms, upcast_dot)
@@ -139,7 +139,8 @@ def aot_variants() -> list[KernelVariant]:
     and fp32, the common case (no bias / softcap / filter, entropy gradient on, even H, dhidden +
     dweight), each flag flipped alone, and all flags on (``aot.flag_cover``); fp16 (the bf16 code
     with another element type) the common case and all on. ``bwd_config(dtype, H)``'s GPU block
-    config."""
+    config. Integers are specialized as at real shapes (M, v_lo, v_hi multiples of 16; a ``tail``
+    variant of the common case covers other M)."""
     base = dict(bias=False, softcap=False, gent=True, glse=False, even_h=True, filter=False,
                 need="hw")
     cover = flag_cover(dict(bias=(False, True), softcap=(False, True), gent=(True, False),
@@ -168,7 +169,10 @@ def aot_variants() -> list[KernelVariant]:
             out.append(KernelVariant(
                 _bwd_kernel, name, dict(types), bwd_constexprs(cfg, dt, **flags), cfg.num_warps,
                 cfg.num_stages,
-                divisible=POINTERS + (("H", "stride_h", "stride_w") if c["even_h"] else ())))
+                divisible=POINTERS + ("M", "v_lo", "v_hi")
+                + (("H", "stride_h", "stride_w") if c["even_h"] else ())))
+            if c == base:
+                out.append(tail(out[-1], "M"))
     return out
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant, label,
-                  ptr)
+                  ptr, tail)
 from .capturable import finish_forward, forward_rows
 from .meta import launch
 from .triton_logprobs_common import (check_inputs, dot_precision, fwd_config, interpreting,
@@ -110,10 +110,17 @@ def fwd_constexprs(cfg, dtype, *, has_bias: bool, has_softcap: bool, even_h: boo
 POINTERS = ("h_ptr", "w_ptr", "b_ptr", "tgt_ptr", "rows_ptr", "part_ptr")
 
 
+# integers that the launches at real shapes make multiples of 16 (the JIT specializes on them):
+# the row count M (a "tail" variant covers other M), V (all DESIGN vocabularies), v_per_split
+# (a multiple of BLOCK_V); H and the strides for even H
+REAL_DIVISIBLE = ("M", "V", "v_per_split")
+
+
 def aot_variants() -> list[KernelVariant]:
     """What ``forward_partials`` can launch: bias x softcap x even H, the full product for bf16 and
-    fp32 (8 each); fp16 (the bf16 code with another element type) with all flags off and all on.
-    The block config is ``fwd_config(dtype, H)``'s GPU one."""
+    fp32 (8 each); fp16 (the bf16 code with another element type) with all flags off and all on;
+    and for each dtype the flags-off case with M not a multiple of 16 (``tail``). The block config
+    is ``fwd_config(dtype, H)``'s GPU one; integers specialized as at real shapes."""
     out = []
     for dt in GPU_DTYPES:
         types = dict(h_ptr=ptr(dt), w_ptr=ptr(dt), b_ptr=ptr(dt), tgt_ptr="*i64", rows_ptr="*i64",
@@ -130,7 +137,9 @@ def aot_variants() -> list[KernelVariant]:
                         _fwd_kernel, label({"bias": bias, "softcap": cap, "odd_h": not even},
                                            DTYPE_NAMES[dt]),
                         types, fwd_constexprs(cfg, dt, **flags), cfg.num_warps, cfg.num_stages,
-                        divisible=POINTERS + (("H", "stride_h", "stride_w") if even else ())))
+                        divisible=POINTERS + REAL_DIVISIBLE
+                        + (("H", "stride_h", "stride_w") if even else ())))
+        out.append(tail(out[-8 if dt != torch.float16 else -2], "M"))   # flags off, M % 16 != 0
     return out
 
 

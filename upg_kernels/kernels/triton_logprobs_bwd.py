@@ -138,7 +138,7 @@ def aot_variants() -> list[KernelVariant]:
     """A covering set of what ``backward`` can launch (the full product is 320 per dtype): for bf16
     and fp32, the common case (no bias / softcap / filter, entropy gradient on, even H, dhidden +
     dweight), each flag flipped alone, and all flags on (``aot.flag_cover``); fp16 (the bf16 code
-    with another element type) the common case and all on. ``bwd_config(dtype, H)``'s GPU block
+    with another element type) the common case and all on. ``bwd_config(dtype, H, softcap)``'s GPU block
     config. Integers are specialized as at real shapes (M, v_lo, v_hi multiples of 16; a ``tail``
     variant of the common case covers other M)."""
     base = dict(bias=False, softcap=False, gent=True, glse=False, even_h=True, filter=False,
@@ -156,7 +156,7 @@ def aot_variants() -> list[KernelVariant]:
                      softcap="fp32", filter_eps="fp32")
         for c in (cover if dt != torch.float16 else (cover[0], cover[-1])):
             need_h, need_w, need_b = _NEEDS[c["need"]]
-            cfg = bwd_config(dt, EVEN_H_EXAMPLE if c["even_h"] else ODD_H_EXAMPLE)
+            cfg = bwd_config(dt, EVEN_H_EXAMPLE if c["even_h"] else ODD_H_EXAMPLE, c["softcap"])
             bias = c["bias"] or need_b
             types["b_ptr"] = ptr(dt) if bias else "*fp32"     # no bias: the launcher passes lse
             flags = dict(has_bias=bias, has_softcap=c["softcap"], has_gent=c["gent"],
@@ -194,7 +194,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     if M == 0:
         return dh, dw, db
 
-    cfg = bwd_config(hidden.dtype, H)
+    cfg = bwd_config(hidden.dtype, H, bool(p.softcap))
     lse = lse.to(torch.float32).contiguous()
     ent = ent.to(torch.float32).contiguous()
     h_fp32 = hidden.dtype == torch.float32

@@ -120,7 +120,7 @@ def aot_variants() -> list[KernelVariant]:
     """What ``forward_partials`` can launch: bias x softcap x even H, the full product for bf16 and
     fp32 (8 each); fp16 (the bf16 code with another element type) with all flags off and all on;
     and for each dtype the flags-off case with M not a multiple of 16 (``tail``). The block config
-    is ``fwd_config(dtype, H)``'s GPU one; integers specialized as at real shapes."""
+    is ``fwd_config(dtype, H, bias and softcap)``'s GPU one; integers specialized as at real shapes."""
     out = []
     for dt in GPU_DTYPES:
         types = dict(h_ptr=ptr(dt), w_ptr=ptr(dt), b_ptr=ptr(dt), tgt_ptr="*i64", rows_ptr="*i64",
@@ -129,7 +129,7 @@ def aot_variants() -> list[KernelVariant]:
         for bias in (False, True):
             for cap in (False, True):
                 for even in (True, False):
-                    cfg = fwd_config(dt, EVEN_H_EXAMPLE if even else ODD_H_EXAMPLE)
+                    cfg = fwd_config(dt, EVEN_H_EXAMPLE if even else ODD_H_EXAMPLE, bias and cap)
                     flags = dict(has_bias=bias, has_softcap=cap, even_h=even)
                     if dt == torch.float16 and len({bias, cap, not even}) > 1:
                         continue          # fp16: all off / all on only
@@ -158,7 +158,7 @@ def forward_partials(hidden, weight, bias, targets, p):
     M = rows.numel()
     if M == 0:
         return None, rows
-    cfg = fwd_config(hidden.dtype, H)
+    cfg = fwd_config(hidden.dtype, H, bias is not None and bool(p.softcap))
     n_blocks = triton.cdiv(M, cfg.block_n)
     v_tiles = triton.cdiv(V, cfg.block_v)
     splits = _num_splits(n_blocks, v_tiles, num_sms(dev))

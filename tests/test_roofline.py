@@ -8,7 +8,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_docs_table_is_the_models_output():
     doc = (ROOT / "docs" / "kernels.md").read_text()
-    for line in roofline.table(8192, list(roofline.SHAPES)).splitlines():
+    for line in (roofline.table(8192, list(roofline.SHAPES)).splitlines()
+                 + roofline.one_pass_table(8192, list(roofline.SHAPES)).splitlines()):
         assert line in doc, f"docs/kernels.md is stale (rerun python -m bench.roofline): {line}"
 
 
@@ -34,3 +35,18 @@ def test_models_the_dense_plan_as_built():
     assert tail > balanced + 5e-4 and abs(balanced - gemm.flops / roofline.RATES["tc_flops"]) < 1e-6
     big = [c for c in roofline.costs(131072, H, V) if c.path.startswith("backward, GEMM")][0]
     assert "dW pass" in big.path and big.flops == 8 * 131072 * H * V
+
+
+def test_one_pass_model():
+    """The one-pass path as built: 6NHV flops in three GEMMs, the float32 logits streamed four
+    times (cuBLAS write, two row-kernel reads, the dz write in half the bytes), W read twice per chunk."""
+    from upg_kernels.kernels import one_pass
+    import torch
+    N, H, V = 8192, 4096, 128256
+    ks = roofline.one_pass_kernels(N, H, V)
+    assert sum(k.flops for k in ks) == 6 * N * H * V
+    assert sum(k.hbm for k in ks if "row kernel" in k.path) == N * V * (4 + 4 + 2)
+    pl = one_pass.plan(N, H, V, torch.bfloat16, gpu=True)
+    c = {x.path.split(" (")[0]: x for x in roofline.costs(N, H, V)}["one pass, fwd+bwd"]
+    assert c.flops == 6 * N * H * V and c.hbm == sum(k.hbm for k in ks)
+    assert f"{pl.n_chunks} chunk(s)" in [x.path for x in roofline.costs(N, H, V) if x.path.startswith("one pass")][0]

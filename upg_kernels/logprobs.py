@@ -1,9 +1,10 @@
 """``token_logprobs``: per-token log-probs (and entropy) straight from hidden states and the lm_head.
 
 The public function validates its inputs, flattens them and calls the custom op
-``upg_kernels::token_logprobs``, whose autograd formula calls ``upg_kernels::token_logprobs_backward``.
-Both dispatch to a backend in :mod:`upg_kernels.kernels` (Triton or chunked PyTorch); neither ever
-holds an N x V logits tensor.
+``upg_kernels::token_logprobs`` (:mod:`upg_kernels.ops`), whose autograd formula calls
+``upg_kernels::token_logprobs_backward``. Both dispatch to a backend of the table in
+:mod:`upg_kernels.kernels.backends` (Triton or chunked PyTorch); neither ever holds an N x V logits
+tensor.
 """
 from __future__ import annotations
 
@@ -11,85 +12,11 @@ import math
 
 import torch
 
+from . import ops
 from ._backend import resolve_backend
-from .kernels import LogprobParams, get_backend
 from .kernels.meta import autocast_enabled, autocast_off
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-# ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("upg_kernels::token_logprobs", mutates_args=())
-def _token_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       targets: torch.Tensor, temperature: float, ignore_index: int,
-                       softcap: float, filter_eps: float, backend: str, capturable: bool = False
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # checked here, on real data, so that torch.compile traces the caller without a data-dependent
-    # branch; capturable: the caller has mapped bad ids to ignore_index (device_target_check)
-    if not capturable:
-        _check_target_range(targets, weight.shape[0], ignore_index)
-    p = LogprobParams(temperature, ignore_index, softcap, filter_eps, capturable)
-    return get_backend(backend).forward(hidden, weight, bias, targets, p)
-
-
-@_token_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, temperature, ignore_index, softcap, filter_eps, backend,
-      capturable=False):
-    N = hidden.shape[0]
-    dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    return tuple(hidden.new_empty(N, dtype=dt) for _ in range(3))
-
-
-@torch.library.custom_op("upg_kernels::token_logprobs_backward", mutates_args=())
-def _token_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                targets: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
-                                g_logp: torch.Tensor, g_ent: torch.Tensor | None,
-                                g_lse: torch.Tensor | None, temperature: float,
-                                ignore_index: int, softcap: float,
-                                filter_eps: float, backend: str, need_hidden: bool,
-                                need_weight: bool, need_bias: bool, capturable: bool = False
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = LogprobParams(temperature, ignore_index, softcap, filter_eps, capturable)
-    dh, dw, db = get_backend(backend).backward(
-        hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
-        need_hidden, need_weight, need_bias and bias is not None, g_lse=g_lse)
-    # custom ops cannot return None: hand back (distinct) empty tensors for what was not asked for
-    return (dh if dh is not None else hidden.new_empty(0),
-            dw if dw is not None else hidden.new_empty(0),
-            db if db is not None else hidden.new_empty(0))
-
-
-@_token_logprobs_backward_op.register_fake
-def _(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, g_lse, temperature, ignore_index,
-      softcap, filter_eps, backend, need_hidden, need_weight, need_bias, capturable=False):
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
-            torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0))
-
-
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, softcap, filter_eps, backend, *cap = inputs
-    _, ent, lse = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-    ctx.args = (temperature, ignore_index, softcap, filter_eps, backend)
-    ctx.capturable = bool(cap and cap[0])
-
-
-def _backward(ctx, g_logp, g_ent, g_lse):
-    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    if g_logp is None:
-        g_logp = torch.zeros_like(lse)
-    dh, dw, db = _token_logprobs_backward_op(
-        hidden, weight, bias, targets, lse, ent, g_logp.to(lse.dtype),
-        None if g_ent is None else g_ent.to(lse.dtype),
-        None if g_lse is None else g_lse.to(lse.dtype), *ctx.args,
-        need_h, need_w, need_b and bias is not None, ctx.capturable)
-    return (dh if need_h else None, dw if need_w else None,
-            db if (need_b and bias is not None) else None, None, None, None, None, None, None, None)
-
-
-_token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -144,32 +71,6 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _check_target_range(flat_targets, V, ignore_index):
-    if flat_targets.numel() == 0 or flat_targets.device.type == "meta":   # meta: no values to check
-        return
-    valid = flat_targets != ignore_index
-    bad = valid & ((flat_targets < 0) | (flat_targets >= V))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"targets holds id {int(flat_targets[i])} at flat position {i}, outside "
-                         f"[0, V={V}) and not ignore_index={ignore_index}")
-
-
-def device_target_check(flat_targets, V, ignore_index):
-    """Capturable mode's target-range check, on the device (no host synchronization):
-    ``(safe_targets, bad)`` where ``bad`` flags ids outside ``[0, V)`` that are not ``ignore_index`` and
-    ``safe_targets`` has them replaced by ``ignore_index`` (the kernels never see them). The caller
-    reports them with :func:`poison`: NaN log-prob, entropy and lse at those rows, so the loss and the
-    gradients become NaN instead of silently wrong."""
-    bad = (flat_targets != ignore_index) & ((flat_targets < 0) | (flat_targets >= V))
-    return torch.where(bad, torch.full_like(flat_targets, ignore_index), flat_targets), bad
-
-
-def poison(x, bad):
-    """``x`` with NaN where ``bad`` (differentiable: ``where``)."""
-    return torch.where(bad, torch.full_like(x, float("nan")), x)
-
-
 def _common_dtype(hidden, weight, bias):
     """The compute dtype: autocast's when it is on for this device, else the promoted input dtype."""
     dev = hidden.device.type
@@ -207,7 +108,7 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         ignore_index: target id that marks a row to skip (its outputs are 0, its gradient 0).
         return_entropy: also return the per-token entropy of the distribution.
         return_lse: also return the per-token log-sum-exp of the (scaled) logits, ``lse = log sum_j
-            exp(z_j)`` (seed 001: the state value ``V(s)`` when the logits are read as ``Q(s, a)``);
+            exp(z_j)`` (the state value ``V(s)`` when the logits are read as an implicit ``Q(s, a)``);
             differentiable (``d lse / dz = p``). 0 at ignored rows.
         backend: ``"auto"`` (``"triton"`` on CUDA, chunked PyTorch elsewhere; ``UPG_KERNELS_BACKEND``
             overrides), ``"triton"`` (Triton forward, GEMM backward), ``"triton_atomic"`` (the same
@@ -220,7 +121,7 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         capturable: no host synchronization in the forward and backward (CUDA graphs,
             ``torch.compile(mode="reduce-overhead")``): every row runs (no compaction of ignored or
             zero-gradient rows), and a target id outside ``[0, V)`` gives NaN outputs at its row
-            instead of a ``ValueError`` (docs/kernels.md "Capturable mode").
+            instead of a ``ValueError`` (docs/kernels.md section 2c).
 
     Returns:
         ``logp`` float32 ``[...]``; with ``return_entropy`` and/or ``return_lse`` a tuple
@@ -231,7 +132,7 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
     capturable = bool(capturable)
     bad = None
     if capturable and t.numel():
-        t, bad = device_target_check(t, w.shape[0], int(ignore_index))
+        t, bad = ops.device_target_check(t, w.shape[0], int(ignore_index))
     lead = tuple(hidden.shape[:-1])
     name = resolve_backend(backend, hidden.device, h2.dtype)
     if h2.shape[0] == 0:
@@ -240,11 +141,11 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         ent = lse = logp.clone()
     else:
         with autocast_off(hidden.device.type):
-            logp, ent, lse = _token_logprobs_op(
+            logp, ent, lse = ops.token_logprobs_op(
                 h2, w, b, t, float(temperature), int(ignore_index), float(softcap or 0.0),
                 float(filter_eps), name, capturable)
         if bad is not None:
-            logp, ent, lse = (poison(x, bad) for x in (logp, ent, lse))
+            logp, ent, lse = (ops.poison(x, bad) for x in (logp, ent, lse))
         logp, ent, lse = logp.reshape(lead), ent.reshape(lead), lse.reshape(lead)
     extra = ((ent,) if return_entropy else ()) + ((lse,) if return_lse else ())
     return (logp, *extra) if extra else logp

@@ -48,7 +48,7 @@ def backward_rows(hidden, targets, lse, ent, g_logp, g_ent, g_lse, p):
     """``(hidden, targets, lse, ent, rows, g_logp, g_ent, g_lse)`` for the backward. Outside capturable
     mode: :func:`kernels.active_rows` (compacted rows, inputs unchanged); in it: every row, with the
     inactive ones neutralized (module docstring)."""
-    from . import active_rows
+    from .contract import active_rows
     if not getattr(p, "capturable", False):
         rows, g_logp, g_ent, g_lse = active_rows(targets, g_logp, g_ent, g_lse, p.ignore_index)
         return hidden, targets, lse, ent, rows, g_logp, g_ent, g_lse

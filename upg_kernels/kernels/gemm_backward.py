@@ -34,13 +34,12 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from . import zero_grads
+from .contract import zero_grads
 from .capturable import backward_rows
 from .gemm import mm_acc
 from .workspace import balanced_rows, group_bounds, set_workspace_bytes, workspace_bytes  # noqa: F401 (re-export)
 from .triton_dz import dz_block, dz_config
 from .triton_logprobs_common import check_inputs, interpreting
-from .triton_logprobs_fwd import forward  # noqa: F401  (the backend's forward)
 
 _SLAB_COLS = 4096          # vocabulary columns per slab (the K of the dh GEMM)
 _SLAB_COLS_INTERP = 64     # under the interpreter: several slabs at test sizes

@@ -7,16 +7,16 @@ keeps a float32 ``[V, H]`` dweight accumulator (plus a float32 copy of a bf16/fp
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import LogprobParams
+from ..settings import TORCH_CHUNK_BYTES
+
 from .capturable import backward_rows, finish_forward, forward_rows
+from .contract import LogprobParams
 
 
 def chunk_rows(V: int) -> int:
-    budget = int(os.environ.get("UPG_KERNELS_TORCH_CHUNK_BYTES", 64 * 2**20))
+    budget = TORCH_CHUNK_BYTES.get()
     return max(1, budget // (4 * max(V, 1)))
 
 
@@ -31,7 +31,7 @@ def _logits(h, weight, bias, p: LogprobParams):
 
 def scale_logits(z, bias, p: LogprobParams):
     """``(softcap(z + bias) / temperature, tanh)`` of raw logits ``z`` (tanh = None without a softcap;
-    the backward's chain-rule factor is ``1 - tanh^2``). Shared with ``grad_in_forward``."""
+    the backward's chain-rule factor is ``1 - tanh^2``). Shared with the two-pass chunked paths."""
     if bias is not None:
         z = z + bias.to(z.dtype)
     t = None
@@ -39,6 +39,36 @@ def scale_logits(z, bias, p: LogprobParams):
         t = torch.tanh(z / p.softcap)
         z = p.softcap * t
     return z / p.temperature, t
+
+
+def logits_grad_(logp, targets, gl, gp, ge, ent, temperature, tanh=None, prob=None):
+    """The logits gradient of a chunk of rows: the one owner of the formula in PyTorch (the torch
+    backend's backward and ``grad_in_forward`` call it)::
+
+        dz = (gl * onehot - gp * p - ge * p * (log p + H)) / temperature   [* (1 - tanh^2) softcap]
+
+    ``logp [R, V]``: the chunk's log-probabilities (float32 / float64), **overwritten** (scratch);
+    ``targets [R]``; per-row ``gl = dL/dlogp``, ``gp = gl - dL/dlse`` (``gl`` without an lse
+    gradient), ``ge = dL/dH`` (None: no entropy term) and the entropy ``ent``; ``tanh`` the softcap's
+    (None without one); ``prob = exp(logp)`` when the caller has it (it is then overwritten too).
+    Returns ``dz [R, V]`` (in ``prob``'s storage: one new block at most). Columns of probability 0
+    (-inf logits) give exactly ``gl * onehot`` (no ``0 * -inf``)."""
+    if prob is None:
+        prob = torch.exp(logp)
+    if ge is not None:
+        logp += ent[:, None]
+        logp *= prob
+        logp.masked_fill_(prob == 0, 0.0)
+        logp *= ge[:, None]              # ge * p * (log p + H)
+    prob *= gp[:, None]
+    if ge is not None:
+        prob += logp
+    prob.neg_()
+    prob.scatter_add_(1, targets[:, None], gl[:, None])
+    prob /= temperature
+    if tanh is not None:
+        prob *= 1.0 - tanh * tanh
+    return prob
 
 
 def forward(hidden, weight, bias, targets, p: LogprobParams):
@@ -81,19 +111,12 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p: LogprobP
         idx = rows[s:s + step]
         h = hidden[idx]
         z, t = _logits(h, weight, bias, p)
-        logprob = z - lse[idx].to(cd).unsqueeze(1)
-        prob = torch.exp(logprob)
-        gl = g_logp[idx].to(cd).unsqueeze(1)
-        gp = gl if g_lse is None else gl - g_lse[idx].to(cd).unsqueeze(1)
-        dz = -gp * prob
-        dz.scatter_add_(1, targets[idx].unsqueeze(1), gl)
-        if g_ent is not None:
-            ge = g_ent[idx].to(cd).unsqueeze(1)
-            dz -= ge * torch.where(prob > 0, prob * (logprob + ent[idx].to(cd).unsqueeze(1)), 0.0)
-        dz /= p.temperature
-        if t is not None:
-            dz *= 1.0 - t * t
-        del z, prob, logprob
+        z -= lse[idx].to(cd).unsqueeze(1)                 # log p
+        gl = g_logp[idx].to(cd)
+        gp = gl if g_lse is None else gl - g_lse[idx].to(cd)
+        ge = None if g_ent is None else g_ent[idx].to(cd)
+        dz = logits_grad_(z, targets[idx], gl, gp, ge, ent[idx].to(cd), p.temperature, t)
+        del z, t
         if need_hidden:
             dh[idx] = (dz @ wmat).to(hidden.dtype)
         if need_weight:

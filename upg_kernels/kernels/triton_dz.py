@@ -13,7 +13,6 @@ tile: no atomics, so the result is deterministic.
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 import torch
@@ -21,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .meta import launch
+from ..settings import TRITON_DZ_CONFIG
 from .triton_logprobs_common import (BlockConfig, dot_precision, env_config, grad_tile, interpreting,
                                      upcast_dot)
 
@@ -41,23 +41,20 @@ _DZ_INTERP = BlockConfig(block_n=16, block_v=32, block_h=32, num_warps=4, num_st
 
 # H not a multiple of 64 (masked H chunks): half the H chunk (spill-free in the compile check)
 _DZ_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3, group_n=8)
-DZ_ENV = "UPG_KERNELS_TRITON_DZ_CONFIG"
 
 
 def dz_tile_setting() -> tuple[str | None, BlockConfig | None]:
-    """``UPG_KERNELS_TRITON_DZ_CONFIG``: ``(name, None)`` for a name of :data:`DZ_TILES` (the bf16/fp16
-    tile at even H), ``(None, config)`` for "BN,BV,BH,warps,stages[,group]" (every launch), or
-    ``(None, None)`` when unset."""
-    v = os.environ.get(DZ_ENV, "").strip()
-    if not v:
-        return None, None
-    if v in DZ_TILES:
-        return v, None
+    """``UPG_KERNELS_TRITON_DZ_CONFIG`` (upg_kernels/settings.py): ``(name, None)`` for a name of
+    :data:`DZ_TILES` (the bf16/fp16 tile at even H), ``(None, config)`` for
+    "BN,BV,BH,warps,stages[,group]" (every launch), ``(None, None)`` when unset."""
+    raw = TRITON_DZ_CONFIG.raw()
+    if raw in DZ_TILES:
+        return raw, None
     try:
-        return None, env_config(DZ_ENV)
-    except (TypeError, ValueError):
-        raise ValueError(f"{DZ_ENV} must be one of {sorted(DZ_TILES)} or 'BN,BV,BH,warps,stages[,group]', "
-                         f"got {v!r}") from None
+        return None, env_config(TRITON_DZ_CONFIG)
+    except ValueError:
+        raise ValueError(f"{TRITON_DZ_CONFIG.name} must be one of {sorted(DZ_TILES)} or "
+                         f"'BN,BV,BH,warps,stages[,group]', got {raw!r}") from None
 
 
 def dz_config(dtype: torch.dtype, H: int | None = None, gpu: bool = False) -> BlockConfig:

@@ -86,16 +86,35 @@ def int_specialization(value: int) -> str:
     return "D" if value % 16 == 0 else ""
 
 
+def constexpr_args(kernel) -> set[str]:
+    """The names of ``kernel``'s ``tl.constexpr`` parameters (from its Python signature)."""
+    import inspect
+    fn = getattr(kernel, "fn", kernel)
+    return {n for n, prm in inspect.signature(fn).parameters.items()
+            if "constexpr" in str(prm.annotation)}
+
+
 def spec_of_launch(kernel, args, kwargs) -> tuple:
     """The :meth:`KernelVariant.spec` of ``kernel[grid](*args, **kwargs)`` with these real values:
     tensors typed by dtype (divisible when their address is 16-byte aligned: the torch allocator's
     blocks are, views at an offset may not be), ints as i32/i64 by range and
-    :func:`int_specialization`, floats as fp32; keyword arguments besides ``num_warps`` /
-    ``num_stages`` are the constexprs."""
+    :func:`int_specialization`, floats as fp32; the ``tl.constexpr`` parameters (positional or
+    keyword) are the constexprs; ``num_warps`` / ``num_stages`` the launch options."""
     names = list(kernel.arg_names)
-    types, div, one = {}, [], []
-    for a, v in zip(names, args):
-        if isinstance(v, torch.Tensor):
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")})
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        raise TypeError(f"launch arguments {unknown} are not parameters of the kernel")
+    cxn = constexpr_args(kernel)
+    types, cx, div, one = {}, {}, [], []
+    for a in names:
+        if a not in values:
+            continue                      # a defaulted parameter the launch leaves out
+        v = values[a]
+        if a in cxn:
+            cx[a] = v
+        elif isinstance(v, torch.Tensor):
             types[a] = ptr(v.dtype)
             if v.data_ptr() % 16 == 0:
                 div.append(a)
@@ -112,7 +131,6 @@ def spec_of_launch(kernel, args, kwargs) -> tuple:
             types[a] = "fp32"
         else:
             raise TypeError(f"{a}: cannot type a launch argument of type {type(v).__name__}")
-    cx = {k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")}
     name = getattr(kernel, "__name__", None) or kernel.fn.__name__
     return (name, tuple(sorted(types.items())), tuple(sorted(cx.items())), tuple(sorted(div)),
             tuple(sorted(one)), kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))

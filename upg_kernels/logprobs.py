@@ -20,7 +20,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps):
+def check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps):
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if not isinstance(weight, torch.Tensor):
@@ -82,7 +82,7 @@ def _common_dtype(hidden, weight, bias):
 def prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps):
     """Validate, then flatten to ``[N, H]`` / ``[N]`` and cast to the compute dtype (autocast's, else the
     promoted one), contiguous: ``(hidden2d, weight, bias, targets int64)``. Shared by every op entry."""
-    _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
+    check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
     dt = _common_dtype(hidden, weight, bias)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     h2 = (h2 if h2.dtype == dt else h2.to(dt)).contiguous()
@@ -96,7 +96,7 @@ def prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_e
 # ----------------------------------------------------------------------------- public API
 def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                    return_entropy=False, return_lse=False, backend="auto", softcap=None,
-                   filter_eps=0.0, capturable=False):
+                   filter_eps=0.0, vocab_parallel=None, capturable=False):
     """Per-token log-probs of ``targets`` under ``softmax(softcap(hidden @ weight.T + bias) / temperature)``.
 
     Args:
@@ -122,12 +122,25 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
             ``torch.compile(mode="reduce-overhead")``): every row runs (no compaction of ignored or
             zero-gradient rows), and a target id outside ``[0, V)`` gives NaN outputs at its row
             instead of a ``ValueError`` (docs/kernels.md section 2c).
+        vocab_parallel: a :class:`upg_kernels.VocabParallelOptions` for a vocabulary-parallel
+            (tensor-parallel) head: ``weight``/``bias`` then hold rows ``[start, stop)`` of the head,
+            ``targets`` stay global ids, and the outputs are those of the full vocabulary (one
+            all-gather of ``[3, N]`` per call; docs/distributed.md).
 
     Returns:
         ``logp`` float32 ``[...]``; with ``return_entropy`` and/or ``return_lse`` a tuple
         ``(logp, entropy)``, ``(logp, lse)`` or ``(logp, entropy, lse)``. Differentiable with respect
         to ``hidden``, ``weight`` and ``bias`` through every output.
     """
+    if vocab_parallel is not None:
+        if capturable:
+            raise ValueError("capturable=True is not supported with vocab_parallel")
+        from .parallel.vocab import vocab_parallel_logprobs
+        logp, ent, lse = vocab_parallel_logprobs(
+            hidden, weight, targets, vocab_parallel, bias=bias, temperature=temperature,
+            ignore_index=ignore_index, backend=backend, softcap=softcap, filter_eps=filter_eps)
+        extra = ((ent,) if return_entropy else ()) + ((lse,) if return_lse else ())
+        return (logp, *extra) if extra else logp
     h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
     capturable = bool(capturable)
     bad = None

@@ -49,6 +49,7 @@ from .. import settings
 from .contract import LogprobParams
 from .gemm import mm_acc, mm_f32
 from .meta import any_true, is_meta, nonzero_rows
+from .torch_chunked import logits_grad_, scale_logits_
 
 PATH_NAME = "one_pass"
 ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 1 GiB: ~2000 rows at llama3-8b (V = 128256)
@@ -125,18 +126,12 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
 
 # ------------------------------------------------------------------------------ the row steps
 class TorchRows:
-    """The two row steps in torch ops (the CPU form; any device). ``stats`` leaves ``z - max`` in
-    ``z`` and ``exp(z - max)`` beside it for ``dz``: about 7 passes over the chunk in all."""
+    """The two row steps in torch ops (the CPU form; any device), on torch_chunked's shared helpers
+    (``scale_logits_``, ``logits_grad_``). ``stats`` leaves ``z - max`` in ``z`` and ``exp(z - max)``
+    beside it for ``dz``."""
 
     def stats(self, z, bias, tgt, p: LogprobParams):
-        if bias is not None:
-            z += bias.to(z.dtype)
-        self.t = None
-        if p.softcap:
-            self.t = torch.tanh(z / p.softcap)
-            torch.mul(self.t, p.softcap, out=z)
-        if p.temperature != 1.0:
-            z /= p.temperature
+        z, self.t = scale_logits_(z, bias, p)
         m = z.amax(-1, keepdim=True)
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         z -= m
@@ -153,26 +148,16 @@ class TorchRows:
         return torch.stack([lse, ent, logp])
 
     def dz(self, z, dtype, bias, tgt, st, gl, ge, p, K):
-        """``dz [K, V]`` of the first ``K`` rows in ``dtype``: in place in ``z`` (a copy for a
-        narrower ``dtype``)."""
+        """``dz [K, V]`` of the first ``K`` rows in ``dtype``: in place in the ``exp`` buffer of
+        ``stats`` (a copy for a narrower ``dtype``); ``z`` is scratch."""
         z, e = z[:K], self.e[:K]
         gl = gl[:K]
-        scale = (-1.0 / (self.s[:K] * p.temperature)).unsqueeze(1)
-        if ge is None:
-            z.copy_(e).mul_(gl.unsqueeze(1) * scale)
-        else:
-            ge = ge[:K]
-            # dz = -(p / T) (ge (z - log s + H) + gl) + gl onehot / T,  p = e / s
-            a = (ge * scale.squeeze(1)).unsqueeze(1)
-            b = ((gl + ge * (st[1, :K] - self.log_s[:K])) * scale.squeeze(1)).unsqueeze(1)
-            torch.addcmul(b, z, a, out=z)
-            z.mul_(e)
-        z.scatter_add_(1, tgt[:K].unsqueeze(1), (gl / p.temperature).unsqueeze(1).to(z.dtype))
-        if self.t is not None:
-            t = self.t[:K]
-            t.square_()
-            z.addcmul_(z, t, value=-1.0)
-        dead = (gl == 0) if ge is None else ((gl == 0) & (ge == 0))
+        z -= self.log_s[:K].unsqueeze(1)              # log p
+        e /= self.s[:K].unsqueeze(1)                  # p
+        t = None if self.t is None else self.t[:K]
+        z = logits_grad_(z, tgt[:K], gl, gl, None if ge is None else ge[:K], st[1, :K], p.temperature,
+                         tanh=t, prob=e)
+        dead = (gl == 0) if ge is None else ((gl == 0) & (ge[:K] == 0))
         if any_true(dead):                            # exact zeros (NaN rows included)
             z.index_fill_(0, nonzero_rows(dead), 0.0)
         self.e = self.t = None

@@ -26,24 +26,27 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _logits(h, weight, bias, p: LogprobParams):
     """Scaled logits of a chunk, in float32 (float64 for float64 inputs), and tanh for the softcap."""
-    return scale_logits((h @ weight.T).to(_compute_dtype(h.dtype)), bias, p)
+    return scale_logits_((h @ weight.T).to(_compute_dtype(h.dtype)), bias, p)
 
 
-def scale_logits(z, bias, p: LogprobParams):
-    """``(softcap(z + bias) / temperature, tanh)`` of raw logits ``z`` (tanh = None without a softcap;
-    the backward's chain-rule factor is ``1 - tanh^2``). Shared with the two-pass chunked paths."""
+def scale_logits_(z, bias, p: LogprobParams):
+    """``(softcap(z + bias) / temperature, tanh)`` of raw logits ``z``, **in place** in ``z`` (tanh = None
+    without a softcap; the backward's chain-rule factor is ``1 - tanh^2``). The one owner of this step in
+    PyTorch: the torch backend and the one-pass path's PyTorch rows call it."""
     if bias is not None:
-        z = z + bias.to(z.dtype)
+        z += bias.to(z.dtype)
     t = None
     if p.softcap:
         t = torch.tanh(z / p.softcap)
-        z = p.softcap * t
-    return z / p.temperature, t
+        torch.mul(t, p.softcap, out=z)
+    if p.temperature != 1.0:
+        z /= p.temperature
+    return z, t
 
 
 def logits_grad_(logp, targets, gl, gp, ge, ent, temperature, tanh=None, prob=None):
     """The logits gradient of a chunk of rows: the one owner of the formula in PyTorch (the torch
-    backend's backward and ``grad_in_forward`` call it)::
+    backend's backward and the one-pass path's PyTorch rows call it)::
 
         dz = (gl * onehot - gp * p - ge * p * (log p + H)) / temperature   [* (1 - tanh^2) softcap]
 

@@ -4,7 +4,9 @@
 
 For each path it counts, for bf16 inputs with every row active: tensor-core flops, HBM bytes, L2
 bytes of re-read tiles, and fp32 atomic bytes, using the block configs and plans the launchers use
-(``triton_logprobs_common``, ``triton_dz``, ``gemm_backward.plan``, ``triton_gemm_fwd.plan``). Times
+(``triton_logprobs_common``, ``triton_dz``, ``gemm_backward.plan``, ``triton_gemm_fwd.plan``): the
+dense plan as built (balanced token groups, the default dz tile, the dW pass beyond
+``MAX_DW_ROUNDINGS`` groups). Times
 are lower bounds at assumed H100 SXM rates (``RATES``, not measured here) and the binding resource is
 the largest of them. These are estimates: only a GPU run (bench/gpu_run.sh) measures.
 """
@@ -27,10 +29,14 @@ class Cost:
     hbm: float
     l2: float
     atomics: float
+    per_group: float = 0.0    # seconds: sum over token groups of max(tensor-core, HBM) time
 
     def times(self):
-        return {"tensor cores": self.flops / RATES["tc_flops"], "HBM": self.hbm / RATES["hbm"],
-                "L2": self.l2 / RATES["l2"], "atomics": self.atomics / RATES["atomic"]}
+        t = {"tensor cores": self.flops / RATES["tc_flops"], "HBM": self.hbm / RATES["hbm"],
+             "L2": self.l2 / RATES["l2"], "atomics": self.atomics / RATES["atomic"]}
+        if self.per_group > 1.001 * t["tensor cores"]:   # only when a group is HBM-bound
+            t["per-group tc/HBM"] = self.per_group
+        return t
 
     def bound(self):
         t = self.times()
@@ -70,21 +76,35 @@ def costs(N: int, H: int, V: int, budget: int | None = None) -> list[Cost]:
     l2 = tiles * 3 * (bwd.block_n + bwd.block_v) * H * e
     out.append(Cost("backward, atomic kernel", 6 * N * H * V, V * H * e * w_passes + N * H * e + 4 * V * H,
                     l2, atom))
-    # GEMM backward: per token group: dz kernel (reads W_s, writes dz), dh GEMM (reads dz, W_s,
-    # dh_acc fp32 in/out), dW GEMM (reads dz, h_g, dW_s in/out); no reuse across kernels assumed
-    pl = gemm_backward.plan(N, H, V, bf16, budget, gpu=True)
+    # GEMM backward as built (gemm_backward.plan: balanced token groups, the dz tile of dz_config):
+    # per token group: dz kernel (reads W_s, writes dz), dh GEMM (reads dz, W_s, dh_acc fp32 in/out),
+    # dW GEMM (reads dz, h_g, dW_s in/out); no reuse across kernels assumed. With more token groups
+    # than MAX_DW_ROUNDINGS (bf16 dW, no float32 [V, H] accumulator) dW gets its own slab-outer pass:
+    # the dz blocks again (2·N·H·V flops), the float32 slab accumulator read + written per group.
+    pl = gemm_backward.plan(N, H, V, bf16, budget, gather=False, gpu=True)
     G, S = pl.group_rows, pl.slab_cols
     ng = pl.n_groups(N)
     dz = N * V * e
+    two_pass = pl.dw_mode == "pass"
     hbm = (ng * V * H * e            # dz kernel: W
            + dz                      # dz written
            + dz + ng * V * H * e     # dh GEMM: dz, W
-           + (V / S) * N * H * 4 * 2  # dh_acc read + written per slab
-           + dz + (V / S) * N * H * e  # dW GEMM: dz, h_g
-           + ng * V * H * (4 if pl.dw_fp32 else e) * 2)   # dW read + written per group
-    l2 = (N / dzc.block_n) * (V / dzc.block_v) * (dzc.block_n + dzc.block_v) * H * e
-    out.append(Cost(f"backward, GEMM (G={G}, S={S}, {ng} group(s), dW {'fp32' if pl.dw_fp32 else 'bf16'})",
-                    6 * N * H * V, hbm, l2, 0))
+           + (V / S) * N * H * 4 * 2)  # dh_acc read + written per slab
+    tiles_l2 = (N / dzc.block_n) * (V / dzc.block_v) * (dzc.block_n + dzc.block_v) * H * e
+    if two_pass:
+        ngw = pl.n_groups(N) if not pl.dw_group_rows else -(-N // pl.dw_group_rows)
+        hbm += (ngw * V * H * e + 2 * dz        # dz kernel again: W, dz written
+                + dz + (V / pl.dw_slab_cols) * N * H * e   # dW GEMM: dz, h_g per slab
+                + ngw * V * H * 4 * 2          # the float32 slab accumulator per group
+                + V * H * e)                   # dW written once
+        flops, l2 = 8 * N * H * V, 2 * tiles_l2
+        how = f"dW pass: G_w={pl.dw_group_rows}, S_w={pl.dw_slab_cols}, one rounding"
+    else:
+        hbm += dz + (V / S) * N * H * e + ng * V * H * (4 if pl.dw_fp32 else e) * 2   # dW GEMM
+        flops, l2 = 6 * N * H * V, tiles_l2
+        how = f"dW {'fp32' if pl.dw_fp32 else 'bf16'}, {pl.dw_roundings(N, bf16)} rounding(s)"
+    out.append(Cost(f"backward, GEMM (G={G}, S={S}, {ng} group(s), dz {dzc.block_n}x{dzc.block_v}, "
+                    f"{how})", flops, hbm, l2, 0, group_seconds(pl.bounds(N), H, V, e, pl.dw_fp32)))
     kernels = one_pass_kernels(N, H, V)
     n, C = _one_pass_chunks(N, H, V)
     out.append(Cost(f"one pass, fwd+bwd (C={C}, {n} chunk(s), dW fp32)", sum(k.flops for k in kernels),
@@ -132,6 +152,19 @@ def one_pass_table(N: int, shapes, budget: int | None = None) -> str:
         n, C = _one_pass_chunks(N, H, V, budget)
         rows.append(f"| {name} | {N} | **sum** ({n} chunks of {C} rows) | | | **{total * 1e3:.1f}** |")
     return "\n".join(rows)
+
+
+def group_seconds(bounds, H: int, V: int, e: int, dw_fp32: bool) -> float:
+    """Sum over the token groups ``bounds`` of max(tensor-core time, HBM time) of one group of the
+    fused group loop: 6·g·H·V flops; W read by the dz kernel and the dh GEMM, dW read + written,
+    dz written and read twice. A small group (a tail) is HBM-bound: it pays a whole pass over W and
+    dW for few rows, which the balanced plan avoids."""
+    total = 0.0
+    for g0, g1 in bounds:
+        g = g1 - g0
+        hbm = 2 * V * H * e + 2 * V * H * (4 if dw_fp32 else e) + 3 * g * V * e
+        total += max(6 * g * H * V / RATES["tc_flops"], hbm / RATES["hbm"])
+    return total
 
 
 SHAPES = {"llama3-8b": (4096, 128256), "qwen2.5-7b": (3584, 152064), "gemma2-2b": (2304, 256000),

@@ -117,3 +117,75 @@ def test_aot_reports_failures_and_bad_usage(tmp_path):
     assert r.returncode == 2 and "--arch" in r.stderr
     r = _aot("--only", "no_such_kernel")
     assert r.returncode == 2 and "matches no registered kernel" in r.stderr
+
+
+def _captured_specs(monkeypatch, run):
+    """``{spec}`` of every launch of every registered kernel module during ``run`` on meta, with the
+    integer / pointer specialization triton's JIT would apply to those real values."""
+    from bench.memory_model import AllocTracer, gpu_planning
+    from upg_kernels.kernels.aot import spec_of_launch
+    seen = set()
+    for module in TRITON_KERNEL_MODULES:
+        mod = importlib.import_module(f"upg_kernels.kernels.{module}")
+        if hasattr(mod, "launch"):
+            monkeypatch.setattr(mod, "launch",
+                                lambda k, grid, *a, **kw: seen.add(spec_of_launch(k, a, kw)))
+    with gpu_planning(), AllocTracer():
+        run()
+    return seen
+
+
+def test_int_specialization_is_the_jits():
+    """aot.int_specialization follows triton's own launch-time rule (where this triton exposes it)."""
+    from upg_kernels.kernels.aot import int_specialization
+    native = pytest.importorskip("triton._C.libtriton").native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    for v in (0, 1, 2, 15, 16, 17, 48, 8192, 8191, 128256, 2**31 + 16):
+        ty, key = native(BaseBackend, v, False, True, True)
+        assert int_specialization(v) == ("1" if ty == "constexpr" else key), v
+
+
+@pytest.mark.parametrize("shape,N,dz_tile", [("llama3-8b", 8192, None), ("llama3-8b", 8191, None),
+                                             ("gemma2-2b", 8192, None), ("qwen2.5-0.5b", 32768, None),
+                                             ("llama3-8b", 8191, "128x64")])
+def test_registry_holds_the_real_specializations_at_design_shapes(monkeypatch, shape, N, dz_tile):
+    """What the plans launch at the DESIGN shapes (bf16, no bias; both Triton backends and the
+    GEMM-tiled forward), with the JIT's specialization of the REAL integer values (group sizes, slab
+    bounds, row counts; N - 1 gives the tails), is registered (up to the feature flags, see
+    _without_flags): the compile check builds what the GPU builds."""
+    from bench.shapes import NAMED
+    from upg_kernels import token_logprobs, unified_policy_loss
+    if dz_tile:
+        monkeypatch.setenv("UPG_KERNELS_TRITON_DZ_CONFIG", dz_tile)
+    H, V, _ = NAMED[shape]
+
+    def run():
+        for backend, fwd in (("triton", "fused"), ("triton_atomic", "fused"), ("triton", "gemm")):
+            monkeypatch.setenv("UPG_KERNELS_TRITON_FORWARD", fwd)
+            h = torch.empty(N, H, dtype=torch.bfloat16, device="meta", requires_grad=True)
+            w = torch.empty(V, H, dtype=torch.bfloat16, device="meta", requires_grad=True)
+            t = torch.empty(N, dtype=torch.int64, device="meta")
+            lp, ent = token_logprobs(h, w, t, return_entropy=True, backend=backend)
+            (lp.sum() + ent.sum()).backward()
+        monkeypatch.setenv("UPG_KERNELS_TRITON_FORWARD", "fused")
+        adv = torch.empty(N, device="meta")              # the GRPO loss with the fused epilogue
+        old = torch.empty(N, device="meta")
+        unified_policy_loss(h, w, t, config="grpo", advantages=adv, old_logprobs=old,
+                            backend="triton").loss.backward()
+
+    launched = {_without_flags(s) for s in _captured_specs(monkeypatch, run)}
+    registered = {_without_flags(v.spec()) for m in TRITON_KERNEL_MODULES for v in _variants(m)}
+    kernels = {s[0] for s in launched}
+    assert {"_fwd_kernel", "_dz_kernel", "_bwd_kernel", "_stats_kernel", "_epilogue_kernel"} <= kernels, kernels
+    missing = [s for s in launched if s not in registered]
+    assert not missing, f"launched but not compiled by the check: {missing[:2]}"
+
+
+def _without_flags(spec):
+    """A spec without the feature flags (HAS_*, NEED_*, FILTER): on meta the host cannot see that a
+    gradient is all zero, so it launches the worst-case flags; the flags are a covering set checked
+    by test_registry_covers_what_the_launchers_request. Everything else must match exactly: types,
+    block config, precision, EVEN_H, the divisibility / equal-to-1 of every integer and pointer."""
+    name, types, cx, div, one, warps, stages = spec
+    cx = tuple((k, v) for k, v in cx if not k.startswith(("HAS_", "NEED_")) and k != "FILTER")
+    return name, types, cx, div, one, warps, stages

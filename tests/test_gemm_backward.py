@@ -181,3 +181,65 @@ def test_gemm_tiled_forward(monkeypatch, budget, N, H, V, bias, softcap, tempera
     monkeypatch.setenv("UPG_KERNELS_TRITON_FORWARD", "fastest")
     with pytest.raises(ValueError, match="UPG_KERNELS_TRITON_FORWARD"):
         token_logprobs(h, w, t, backend="triton")
+
+
+def test_balanced_groups_on_many_M():
+    """balanced_rows / group_bounds: as many groups as the largest group allows (never more), every
+    group within the bound, starts on the tile, sizes within one tile of each other (no small tail)."""
+    from upg_kernels.kernels.workspace import balanced_rows, group_bounds
+    for tile, g_max in ((128, 2688), (128, 128), (16, 48), (128, 8192)):
+        for M in list(range(1, 3000, 7)) + [8000, 8192, 8193, 32768, 131071, 2**20, 2**20 + 5]:
+            G = balanced_rows(M, g_max, tile)
+            assert G % tile == 0 and tile <= G <= g_max
+            b = group_bounds(M, G, tile)
+            sizes = [g1 - g0 for g0, g1 in b]
+            assert b[0][0] == 0 and b[-1][1] == M and all(x[1] == y[0] for x, y in zip(b, b[1:]))
+            assert len(b) == -(-M // g_max), (M, g_max, len(b))
+            assert max(sizes) <= G and all(g0 % tile == 0 for g0, _ in b)
+            assert max(sizes) - min(sizes) < 2 * tile, (M, g_max, sizes[-3:])
+    with pytest.raises(ValueError, match="multiple of tile"):
+        balanced_rows(100, 100, 16)
+
+
+def test_dense_plan_at_llama3_8b_has_no_tail():
+    """bf16, H=4096, V=128256, 64 MiB: 4 groups of 2048 at N=8192 (not 3 x 2688 + a 128-row tail);
+    beyond MAX_DW_ROUNDINGS groups the dW pass (one rounding)."""
+    from bench.memory_model import gpu_planning
+    with gpu_planning():
+        pl = gemm_backward.plan(8192, 4096, 128256, torch.bfloat16, 64 * 2**20, gather=False, gpu=True)
+        assert pl.bounds(8192) == [(0, 2048), (2048, 4096), (4096, 6144), (6144, 8192)]
+        assert pl.dw_mode == "fused" and pl.dw_roundings(8192, torch.bfloat16) == 4
+        assert pl.workspace_bytes <= 64 * 2**20
+        for M in (32768, 131072, 2**20):
+            pl = gemm_backward.plan(M, 4096, 128256, torch.bfloat16, 64 * 2**20, gather=False, gpu=True)
+            assert pl.dw_mode == "pass" and pl.dw_roundings(M, torch.bfloat16) == 1
+            assert pl.workspace_bytes <= 64 * 2**20 and pl.dw_slab_cols >= 128
+            sizes = [b - a for a, b in pl.bounds(M)]
+            assert max(sizes) - min(sizes) < 256
+
+
+def test_bf16_dweight_error_does_not_grow_with_the_number_of_groups(budget, monkeypatch):
+    """bf16 dW vs float64 with 1 token group (float32 dW accumulator), and with 12 and 24 groups of 16
+    rows (a tiny workspace: beyond MAX_DW_ROUNDINGS the dW pass with its float32 slab accumulator):
+    the same error. Forcing one rounding per group instead shows the growth it avoids."""
+    N, H, V = 384, 32, 96
+    h, w, _, t = _inputs(N, H, V, seed=11, wscale=1.0)
+    g = torch.Generator().manual_seed(12)
+    gl = torch.randn(N, generator=g).abs() + 1.0       # same-sign coefficients: dW entries add up
+    ge = torch.zeros(N)
+    hb, wb = h.bfloat16(), w.bfloat16()
+    ref = _grads("ref", hb.double(), wb.double(), None, t, gl, ge)[3]
+
+    def dw_err(n_budget, groups, mode):
+        budget(n_budget)
+        pl = gemm_backward.plan(N, H, V, torch.bfloat16)
+        assert pl.n_groups(N) == groups and pl.dw_mode == mode, pl
+        return _rel(_grads("triton", hb, wb, None, t, gl, ge, dtype=torch.bfloat16)[3], ref)
+
+    small = 2 * 16 * 64 + 16 * 4 * H
+    e_once = dw_err(2**26, 1, "fused")
+    e_12 = dw_err(small, 24, "pass")
+    monkeypatch.setattr(gemm_backward, "MAX_DW_ROUNDINGS", 10**6)
+    e_forced = dw_err(small, 24, "fused")
+    assert e_12 <= 1.1 * e_once, (e_12, e_once)
+    assert e_forced > 2 * e_12, (e_forced, e_12)      # what the pass avoids

@@ -23,6 +23,20 @@ def test_model_counts():
     assert c["forward, fused kernel"].l2 > 1.3e11                 # ~134 GB of re-read tiles
 
 
+def test_models_the_dense_plan_as_built():
+    """The GEMM backward row follows gemm_backward.plan (balanced groups, the dz tile, the dW pass
+    at large N), and the per-group bound charges a small tail group for a whole pass over W / dW."""
+    N, H, V = 8192, 4096, 128256
+    gemm = [c for c in roofline.costs(N, H, V) if c.path.startswith("backward, GEMM")][0]
+    assert "G=2048" in gemm.path and "4 group(s)" in gemm.path and "dz 128x128" in gemm.path
+    assert gemm.flops == 6 * N * H * V
+    tail = roofline.group_seconds([(0, 2688), (2688, 5376), (5376, 8064), (8064, 8192)], H, V, 2, False)
+    balanced = roofline.group_seconds([(i * 2048, (i + 1) * 2048) for i in range(4)], H, V, 2, False)
+    assert tail > balanced + 5e-4 and abs(balanced - gemm.flops / roofline.RATES["tc_flops"]) < 1e-6
+    big = [c for c in roofline.costs(131072, H, V) if c.path.startswith("backward, GEMM")][0]
+    assert "dW pass" in big.path and big.flops == 8 * 131072 * H * V
+
+
 def test_one_pass_model():
     """The one-pass path as built: 6NHV flops in three GEMMs, the float32 logits streamed four
     times (cuBLAS write, two row-kernel reads, the dz write in half the bytes), W read twice per chunk."""

@@ -33,7 +33,7 @@ def cfg(tmp_path, command, **kw):
 
 
 def test_registry_is_the_one_list_of_commands():
-    assert list(METHODS) == ["sft", "grpo", "hpt", "rm", "dpo", "ppo", "eval"]
+    assert list(METHODS) == ["sft", "grpo", "hpt", "luffy", "rm", "dpo", "ppo", "eval"]
     assert list(commands()) == [*METHODS, "demo"]
     sub = next(a for a in make_parser()._actions if a.dest == "command")
     assert list(sub.choices) == [*METHODS, "demo"]

@@ -88,7 +88,7 @@ def _compile(job) -> Result:
     log = io.StringIO()
     t0 = time.perf_counter()
     try:
-        src = triton.compiler.ASTSource(v.kernel, v.signature(), v.constexprs, v.attrs())
+        src = triton.compiler.ASTSource(v.kernel, v.signature(), v.constants(), v.attrs())
         with contextlib.redirect_stdout(log):
             k = triton.compile(src, target=GPUTarget("cuda", int(arch[3:]), 32),
                                options={"num_warps": v.num_warps, "num_stages": v.num_stages})

@@ -96,7 +96,7 @@ def prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_e
 # ----------------------------------------------------------------------------- public API
 def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                    return_entropy=False, return_lse=False, backend="auto", softcap=None,
-                   filter_eps=0.0, vocab_parallel=None, path=None):
+                   filter_eps=0.0, vocab_parallel=None, capturable=False, path=None):
     """Per-token log-probs of ``targets`` under ``softmax(softcap(hidden @ weight.T + bias) / temperature)``.
 
     Args:
@@ -118,6 +118,10 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         filter_eps: backward tile filter (Triton backend): skip logit tiles whose every element has
             ``|dz| <= filter_eps * (|g_logp| + |g_ent|) / temperature`` of its row, i.e. CCE's
             ``|onehot - p| <= filter_eps`` (docs/kernels.md has the error bound). 0 = exact.
+        capturable: no host synchronization in the forward and backward (CUDA graphs,
+            ``torch.compile(mode="reduce-overhead")``): every row runs (no compaction of ignored or
+            zero-gradient rows), and a target id outside ``[0, V)`` gives NaN outputs at its row
+            instead of a ``ValueError`` (docs/kernels.md section 2c).
         vocab_parallel: a :class:`upg_kernels.VocabParallelOptions` for a vocabulary-parallel
             (tensor-parallel) head: ``weight``/``bias`` then hold rows ``[start, stop)`` of the head,
             ``targets`` stay global ids, and the outputs are those of the full vocabulary (one
@@ -133,6 +137,8 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         to ``hidden``, ``weight`` and ``bias`` through every output.
     """
     if vocab_parallel is not None:
+        if capturable:
+            raise ValueError("capturable=True is not supported with vocab_parallel")
         from .parallel.vocab import vocab_parallel_logprobs
         logp, ent, lse = vocab_parallel_logprobs(
             hidden, weight, targets, vocab_parallel, bias=bias, temperature=temperature,
@@ -140,10 +146,14 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         extra = ((ent,) if return_entropy else ()) + ((lse,) if return_lse else ())
         return (logp, *extra) if extra else logp
     h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
+    capturable = bool(capturable)
+    bad = None
+    if capturable and t.numel():
+        t, bad = ops.device_target_check(t, w.shape[0], int(ignore_index))
     lead = tuple(hidden.shape[:-1])
     name = resolve_backend(backend, hidden.device, h2.dtype)
     name = _with_path(path, name, h2, w, b, t, float(temperature), int(ignore_index),
-                      float(softcap or 0.0), float(filter_eps), return_entropy)
+                      float(softcap or 0.0), float(filter_eps), return_entropy, capturable)
     if h2.shape[0] == 0:
         out_dt = torch.float64 if h2.dtype == torch.float64 else torch.float32
         logp = (h2.sum(-1) * 0).to(out_dt).reshape(lead)  # keeps the graph for empty inputs
@@ -152,13 +162,16 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         with autocast_off(hidden.device.type):
             logp, ent, lse = ops.token_logprobs_op(
                 h2, w, b, t, float(temperature), int(ignore_index), float(softcap or 0.0),
-                float(filter_eps), name)
+                float(filter_eps), name, capturable)
+        if bad is not None:
+            logp, ent, lse = (ops.poison(x, bad) for x in (logp, ent, lse))
         logp, ent, lse = logp.reshape(lead), ent.reshape(lead), lse.reshape(lead)
     extra = ((ent,) if return_entropy else ()) + ((lse,) if return_lse else ())
     return (logp, *extra) if extra else logp
 
 
-def _with_path(path, name, h2, w, b, t, temperature, ignore_index, softcap, filter_eps, entropy):
+def _with_path(path, name, h2, w, b, t, temperature, ignore_index, softcap, filter_eps, entropy,
+               capturable=False):
     """The backend string of the call's path (kernels/paths.py, kernels/select.py)."""
     from .kernels import paths, select
     from .kernels.backends import with_forward
@@ -168,5 +181,5 @@ def _with_path(path, name, h2, w, b, t, temperature, ignore_index, softcap, filt
                     if torch.is_grad_enabled() and x is not None and x.requires_grad)
     chosen = select.resolve(path, backend=name, hidden=h2, weight=w, bias=b, targets=t,
                             p=LogprobParams(temperature, ignore_index, softcap, filter_eps),
-                            loss=False, grads=grads, entropy=entropy)
+                            loss=False, grads=grads, entropy=entropy, no_sync=capturable)
     return with_forward(name, paths.PATHS[chosen].forward)

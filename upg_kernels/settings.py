@@ -111,7 +111,9 @@ TRITON_BWD_CONFIG = Setting(
     "block config of the atomic backward kernel, `BN,BV,BH,warps,stages[,group]` (tuning; GPU only)")
 TRITON_DZ_CONFIG = Setting(
     "UPG_KERNELS_TRITON_DZ_CONFIG", "config", None,
-    "block config of the GEMM backward's dz kernel, `BN,BV,BH,warps,stages[,group]` (tuning; GPU only)")
+    "tile of the GEMM backward's dz kernel: `128x128` (the default) or `128x64` (bf16/fp16, H a "
+    "multiple of 64), or a full block config `BN,BV,BH,warps,stages[,group]` for every launch (tuning; "
+    "GPU only)")
 TRITON_DW_SLAB_BYTES = Setting(
     "UPG_KERNELS_TRITON_DW_SLAB_BYTES", "bytes", None,
     "float32 dW slab per launch of the atomic backward (default 16 MiB, grown up to 4x for small "

@@ -17,7 +17,8 @@ TRAINER_EXTRA = "pip install 'upg-kernels[trainer]'"
 EXTRA_MODULES = {"yaml": "pyyaml", "transformers": "transformers", "safetensors": "safetensors", "tqdm": "tqdm"}
 
 DEMO_HELP = ("the embedded task end to end on CPU: SFT warm-up, then SFT vs GRPO vs HPT, table + PNG; "
-             "--demo.suite preference: SFT -> DPO and SFT -> RM -> PPO")
+             "--suite preference: SFT -> DPO and SFT -> RM -> PPO; --suite paper: the HPT paper's methods over "
+             "several seeds with confidence intervals")
 
 EPILOG = """\
 examples:
@@ -31,6 +32,7 @@ examples:
   upg-train rm   --data.path pairs.jsonl       # prompt/chosen/rejected columns
   upg-train ppo  --model.path runs/sft/final --reward.funcs "[rm:runs/rm/final]"
   upg-train demo --suite preference            # SFT -> DPO, SFT -> RM -> PPO
+  upg-train demo --suite paper --seeds 3       # the HPT paper's comparison, 95% intervals (~17 min CPU)
 
 data: a .jsonl/.json/.parquet file or a datasets save_to_disk directory with the columns
   data.prompt_column (default 'prompt'), data.answer_column ('answer'), data.demo_column
@@ -89,9 +91,14 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--overwrite", action="store_true", help="same as --output.overwrite true")
     defaults = build_config(command)
     if command == "demo":
-        p.add_argument("--suite", dest="demo.suite", choices=["main", "preference"], default=argparse.SUPPRESS,
-                       help="same as --demo.suite: main (SFT vs GRPO vs HPT) or preference (SFT -> DPO, "
-                            "SFT -> RM -> PPO)")
+        p.add_argument("--suite", dest="demo.suite", choices=["main", "preference", "paper"],
+                       default=argparse.SUPPRESS,
+                       help="same as --demo.suite: main (SFT vs GRPO vs HPT), preference (SFT -> DPO, "
+                            "SFT -> RM -> PPO) or paper (the HPT paper's methods, several seeds, 95%% intervals)")
+        p.add_argument("--seeds", dest="demo.seeds", metavar="K", default=argparse.SUPPRESS,
+                       help="same as --demo.seeds (paper suite: seeds per method, default 3)")
+        p.add_argument("--quick", dest="demo.quick", action="store_const", const="true", default=argparse.SUPPRESS,
+                       help="same as --demo.quick true (paper suite: one seed, a few steps; for CI)")
     for sec in SECTIONS:
         if not _shows(command, sec):
             continue

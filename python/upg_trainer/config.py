@@ -200,7 +200,14 @@ class DemoConfig:
     warmup_lr: float = _f(5e-3, "demo: peak learning rate of the warm-up (cosine decay to 10%)")
     lr: float = _f(3e-4, "demo: learning rate of every compared run (the same for sft, grpo and hpt)")
     max_new_tokens: int = _f(28, "demo: rollout/eval completion length")
-    suite: str = _f("main", "demo: 'main' = SFT vs GRPO vs HPT; 'preference' = SFT -> DPO and SFT -> RM -> PPO")
+    suite: str = _f("main", "demo: 'main' = SFT vs GRPO vs HPT; 'preference' = SFT -> DPO and SFT -> RM -> PPO; "
+                    "'paper' = the HPT paper's comparison (SFT, GRPO, SFT->GRPO, LUFFY, HPT paper/release) over "
+                    "demo.seeds seeds with 95% intervals")
+    seeds: int = _f(3, "paper demo: seeds per method (train.seed, train.seed+1, ...); the warm-up is shared")
+    quick: bool = _f(False, "paper demo: the CI variant (one seed, a few steps, a small held-out set)")
+    sft_fraction: float = _f(0.5, "paper demo: share of demo.steps that SFT->GRPO spends on SFT")
+    jobs: int = _f(1, "paper demo: runs in parallel worker processes after the warm-up (2 on a 2-core CPU "
+                   "with OMP_NUM_THREADS=1); the numbers do not depend on it")
     pref_steps: int = _f(100, "preference demo: steps of each DPO run and of PPO")
     pref_lr: float = _f(1e-4, "preference demo: learning rate of DPO and PPO")
     rm_steps: int = _f(200, "preference demo: reward-model steps")
@@ -379,7 +386,10 @@ def validate(cfg: Config) -> None:
          f"upg_kernels.kl_penalty_rewards), got {cfg.ppo.kl_type!r}"),
         (0 <= cfg.ppo.lam <= 1 and 0 <= cfg.ppo.gamma <= 1, "ppo.gamma and ppo.lam must be in [0, 1]"),
     ]
-    more.append((cfg.demo.suite in ("main", "preference"), "demo.suite must be main or preference"))
+    more.append((cfg.demo.suite in ("main", "preference", "paper"), "demo.suite must be main, preference or paper"))
+    more.append((cfg.demo.seeds >= 1, "demo.seeds must be >= 1"))
+    more.append((cfg.demo.jobs >= 1, "demo.jobs must be >= 1"))
+    more.append((0.0 < cfg.demo.sft_fraction < 1.0, "demo.sft_fraction must be in (0, 1)"))
     for ok, msg in more:
         if not ok:
             raise ValueError(msg)

@@ -20,6 +20,18 @@ from .config import Config
 from .demo_common import _derive, run_environment, save_report  # noqa: F401  (their home before)
 
 
+def warmup_config(cfg: Config, out: str, **data) -> Config:
+    """The demos' SFT warm-up from the random init: ``demo.warmup_steps`` steps of 32 problems of
+    ``demo.warmup_levels``, lr ``demo.warmup_lr`` (cosine to 10%), evaluated on ``demo.levels``;
+    ``data`` adds data options (e.g. a held-out file)."""
+    d = cfg.demo
+    return _derive(cfg, "sft", out, data=dict({"eval_levels": list(d.levels), "levels": list(d.warmup_levels)}, **data),
+                   rollout={"max_new_tokens": d.max_new_tokens},
+                   train={"max_steps": d.warmup_steps, "lr": d.warmup_lr, "batch_size": 32,
+                          "warmup_steps": min(10, d.warmup_steps), "schedule": "cosine", "min_lr_ratio": 0.1},
+                   output={"eval_every": max(1, d.warmup_steps // 4), "save_every": 0})
+
+
 def _summary(name: str, out: str, seconds: float) -> dict:
     rows = read_metrics(os.path.join(out, "metrics.jsonl"))
     ev = [r for r in rows if r.get("kind") == "eval"]
@@ -65,6 +77,9 @@ def run_demo(cfg: Config) -> list[dict]:
     if cfg.demo.suite == "preference":
         from .demo_preference import run_preference_demo
         return run_preference_demo(cfg)
+    if cfg.demo.suite == "paper":
+        from .demo_paper import run_paper_demo
+        return run_paper_demo(cfg)
     from .plots import plot_comparison
     from .trainer import Trainer
 
@@ -77,11 +92,7 @@ def run_demo(cfg: Config) -> list[dict]:
     print(f"[demo] 1/{1 + len(d.methods)} warm-up: SFT on levels {d.warmup_levels} for {d.warmup_steps} steps")
     wdir = os.path.join(root, "warmup")
     common_data = {"eval_levels": list(d.levels)}
-    wcfg = _derive(cfg, "sft", wdir, data=dict(common_data, levels=list(d.warmup_levels)),
-                   rollout={"max_new_tokens": d.max_new_tokens},
-                   train={"max_steps": d.warmup_steps, "lr": d.warmup_lr, "batch_size": 32,
-                          "warmup_steps": min(10, d.warmup_steps), "schedule": "cosine", "min_lr_ratio": 0.1},
-                   output={"eval_every": max(1, d.warmup_steps // 4), "save_every": 0})
+    wcfg = warmup_config(cfg, wdir)
     t0 = time.time()
     Trainer(wcfg).train()
     summaries.append(_summary(f"warm-up (SFT, levels {','.join(map(str, d.warmup_levels))})", wdir,

@@ -387,12 +387,20 @@ class Trainer:
         tot = torch.tensor([sum(s[i] for s in stats) for i in range(4)], dtype=torch.float64)
         tot = dist.all_reduce_sum(tot).tolist()
         ws = dist.world_size()
+        # the demo part's aggregation: demo_aggregation for SFT demonstrations, the main one for LUFFY's
+        demo_agg = lc.aggregation if lc.demo_part == "shaped" else lc.demo_aggregation
+        rl_share = demo_share = 1.0
+        if lc.demo_part == "shaped" and lc.aggregation == "token_mean" and tot[1] + tot[3] > 0:
+            # LUFFY's objective is one token mean over on- and off-policy tokens together; the loss
+            # normalises each part over its own tokens, so weight the parts by their token shares
+            # (docs/losses.md, "Mixed batches")
+            rl_share, demo_share = tot[1] / (tot[1] + tot[3]), tot[3] / (tot[1] + tot[3])
 
         def loss_of(k, mb, extra):
             s = stats[k]
             cfg_k = lc.replace(
-                rl_coef=lc.rl_coef * ws * _part_weight(lc.aggregation, s[0], tot[0], s[1], tot[1]),
-                demo_coef=lc.demo_coef * ws * _part_weight(lc.demo_aggregation, s[2], tot[2], s[3], tot[3]))
+                rl_coef=lc.rl_coef * rl_share * ws * _part_weight(lc.aggregation, s[0], tot[0], s[1], tot[1]),
+                demo_coef=lc.demo_coef * demo_share * ws * _part_weight(demo_agg, s[2], tot[2], s[3], tot[3]))
             kw = {key: v for key, v in extra.items() if key not in extra_keys}
             box: list = []
 

@@ -10,7 +10,7 @@ triton (the records only hold the kernel object); ``aot_check`` does the compili
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -44,6 +44,7 @@ class KernelVariant:
     num_warps: int
     num_stages: int
     divisible: tuple[str, ...] = field(default=())
+    equal_to_1: tuple[str, ...] = field(default=())
 
     @property
     def name(self) -> str:
@@ -57,12 +58,90 @@ class KernelVariant:
         if missing or extra:
             raise ValueError(f"{self.name} [{self.variant}]: the registered variant does not match "
                              f"the kernel's arguments (untyped: {missing}, unknown: {extra})")
-        return {a: ("constexpr" if a in self.constexprs else self.types[a]) for a in names}
+        return {a: ("constexpr" if a in self.constexprs or a in self.equal_to_1 else self.types[a])
+                for a in names}
+
+    def constants(self) -> dict:
+        """The constexpr values for ``ASTSource``: ``constexprs`` and 1 for each ``equal_to_1``."""
+        return {**self.constexprs, **{a: 1 for a in self.equal_to_1}}
+
+    def spec(self) -> tuple:
+        """What the JIT keys a compile on, for comparing with :func:`spec_of_launch`."""
+        return (self.name, tuple(sorted(self.types.items())), tuple(sorted(self.constexprs.items())),
+                tuple(sorted(self.divisible)), tuple(sorted(self.equal_to_1)), self.num_warps,
+                self.num_stages)
 
     def attrs(self) -> dict:
         """``tt.divisibility = 16`` on the ``divisible`` arguments (ASTSource's ``attrs``)."""
         names = list(self.kernel.arg_names)
         return {(names.index(a),): [["tt.divisibility", 16]] for a in self.divisible}
+
+
+def int_specialization(value: int) -> str:
+    """How triton's JIT (3.x, ``specialize_impl``) specializes an integer argument at launch:
+    ``"1"`` for the value 1 (it becomes a constant), ``"D"`` for a multiple of 16 (``tt.divisibility =
+    16``), else ``""``. Pointers are ``"D"`` when their address is a multiple of 16."""
+    if value == 1:
+        return "1"
+    return "D" if value % 16 == 0 else ""
+
+
+def constexpr_args(kernel) -> set[str]:
+    """The names of ``kernel``'s ``tl.constexpr`` parameters (from its Python signature)."""
+    import inspect
+    fn = getattr(kernel, "fn", kernel)
+    return {n for n, prm in inspect.signature(fn).parameters.items()
+            if "constexpr" in str(prm.annotation)}
+
+
+def spec_of_launch(kernel, args, kwargs) -> tuple:
+    """The :meth:`KernelVariant.spec` of ``kernel[grid](*args, **kwargs)`` with these real values:
+    tensors typed by dtype (divisible when their address is 16-byte aligned: the torch allocator's
+    blocks are, views at an offset may not be), ints as i32/i64 by range and
+    :func:`int_specialization`, floats as fp32; the ``tl.constexpr`` parameters (positional or
+    keyword) are the constexprs; ``num_warps`` / ``num_stages`` the launch options."""
+    names = list(kernel.arg_names)
+    values = dict(zip(names, args))
+    values.update({k: v for k, v in kwargs.items() if k not in ("num_warps", "num_stages")})
+    unknown = [k for k in values if k not in names]
+    if unknown:
+        raise TypeError(f"launch arguments {unknown} are not parameters of the kernel")
+    cxn = constexpr_args(kernel)
+    types, cx, div, one = {}, {}, [], []
+    for a in names:
+        if a not in values:
+            continue                      # a defaulted parameter the launch leaves out
+        v = values[a]
+        if a in cxn:
+            cx[a] = v
+        elif isinstance(v, torch.Tensor):
+            types[a] = ptr(v.dtype)
+            if v.data_ptr() % 16 == 0:
+                div.append(a)
+        elif isinstance(v, bool):
+            types[a] = "u1"
+        elif isinstance(v, int):
+            types[a] = "i32" if -2**31 <= v < 2**31 else "i64"
+            k = int_specialization(v)
+            if k == "1":
+                one.append(a)
+            elif k == "D":
+                div.append(a)
+        elif isinstance(v, float):
+            types[a] = "fp32"
+        else:
+            raise TypeError(f"{a}: cannot type a launch argument of type {type(v).__name__}")
+    name = getattr(kernel, "__name__", None) or kernel.fn.__name__
+    return (name, tuple(sorted(types.items())), tuple(sorted(cx.items())), tuple(sorted(div)),
+            tuple(sorted(one)), kwargs.get("num_warps", 4), kwargs.get("num_stages", 3))
+
+
+def tail(v: KernelVariant, *args: str, name: str = "tail") -> KernelVariant:
+    """``v`` with the integer arguments ``args`` not divisible by 16: the specialization of the
+    launches whose row count (or vocabulary bound) is not a multiple of 16, e.g. a plan's last
+    token group."""
+    return replace(v, variant=f"{v.variant} {name}",
+                   divisible=tuple(a for a in v.divisible if a not in args))
 
 
 def flag_cover(flags: dict[str, tuple], base: dict[str, Any]) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ class LogprobParams:
     ignore_index: int = -100
     softcap: float = 0.0        # 0 = no final-logit softcapping
     filter_eps: float = 0.0     # backward tile filter (Triton only); 0 = exact
+    capturable: bool = False    # no host synchronization: every row runs (kernels/capturable.py)
 
 
 def active_rows(targets, g_logp, g_ent, g_lse, ignore_index):

@@ -34,14 +34,18 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .contract import active_rows, zero_grads
+from .contract import zero_grads
+from .capturable import backward_rows
 from .gemm import mm_acc
-from .workspace import set_workspace_bytes, workspace_bytes  # noqa: F401 (re-export)
+from .workspace import balanced_rows, group_bounds, set_workspace_bytes, workspace_bytes  # noqa: F401 (re-export)
 from .triton_dz import dz_block, dz_config
 from .triton_logprobs_common import check_inputs, interpreting
 
 _SLAB_COLS = 4096          # vocabulary columns per slab (the K of the dh GEMM)
 _SLAB_COLS_INTERP = 64     # under the interpreter: several slabs at test sizes
+# bf16/fp16 dW without a float32 [V, H] accumulator: at most this many roundings of each element (one
+# per token group, in the fused loop); more token groups switch to the separate dW pass (one rounding)
+MAX_DW_ROUNDINGS = 8
 
 
 @dataclass(frozen=True)
@@ -50,9 +54,24 @@ class GemmPlan:
     slab_cols: int         # S: vocabulary columns per slab
     dw_fp32: bool          # dW accumulates in a float32 [V, H] buffer (one rounding)
     workspace_bytes: int   # bytes the plan allocates besides the outputs (dz, dh_acc, h_g, fp32 dW)
+    dw_mode: str = "fused"  # "fused": dW in the group loop; "pass": a separate slab-outer dW pass
+    dw_group_rows: int = 0  # the dW pass: rows per token group
+    dw_slab_cols: int = 0   # the dW pass: columns of its float32 slab accumulator
+    tile: int = 16          # the dz kernel's BLOCK_N: group starts are multiples of it
 
     def n_groups(self, M: int) -> int:
         return triton.cdiv(M, self.group_rows) if M else 0
+
+    def bounds(self, M: int, dw_pass: bool = False) -> list[tuple[int, int]]:
+        """The token groups ``[(g0, g1)]`` of the group loop (or of the dW pass): balanced, at most
+        ``group_rows`` (``dw_group_rows``) rows each (:func:`workspace.group_bounds`)."""
+        return group_bounds(M, self.dw_group_rows if dw_pass else self.group_rows, self.tile)
+
+    def dw_roundings(self, M: int, dtype: torch.dtype) -> int:
+        """How often each dW element is rounded into the weight's dtype (0: float32 weights, exact)."""
+        if dtype == torch.float32:
+            return 0
+        return 1 if (self.dw_fp32 or self.dw_mode == "pass") else self.n_groups(M)
 
 
 def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, *,
@@ -60,28 +79,50 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
          gpu: bool = False) -> GemmPlan:
     """Token-group and slab sizes for ``M`` active rows within ``budget`` bytes of workspace.
 
-    The largest group that fits (fewer dW roundings, fewer passes over W), at least ``_MIN_GROUP``
-    rows (the dz kernel's BLOCK_N); the slab grows past ``_SLAB_COLS`` only when every row fits in
-    one group. ``gpu=True``: the CUDA plan even under the interpreter (bench/roofline.py)."""
+    The largest group that fits (fewer dW roundings, fewer passes over W), at least one dz tile
+    (``BLOCK_N`` rows), then balanced (:func:`workspace.balanced_rows`: equal groups, no small tail);
+    the slab grows past ``_SLAB_COLS`` only when every row fits in one group. bf16/fp16 dW: a float32
+    ``[V, H]`` accumulator when the budget holds it; else dW is accumulated in the weight's dtype in
+    the group loop while that rounds each element at most :data:`MAX_DW_ROUNDINGS` times; beyond, dW
+    gets its own slab-outer pass (float32 ``[S_w, H]`` slab accumulator across all token groups, one
+    rounding; the dz blocks are recomputed: 2·M·H·V more flops). ``gpu=True``: the CUDA plan even
+    under the interpreter (bench/roofline.py)."""
     budget = workspace_bytes() if budget is None else budget
     e = 4 if dtype == torch.float32 else 2
     interp = interpreting() and not gpu
     cfg = dz_config(dtype, H, gpu=gpu)
-    bv, min_g = cfg.block_v, cfg.block_n
+    bv, tile = cfg.block_v, cfg.block_n
     v_pad = triton.cdiv(V, bv) * bv
     S = min(v_pad, _SLAB_COLS_INTERP if interp else _SLAB_COLS)
-    per_row_h = (4 * H if need_hidden else 0) + (e * H if (need_weight and gather) else 0)
+    h_gather = e * H if (need_weight and gather) else 0
+    per_row_h = (4 * H if need_hidden else 0) + h_gather
     dw32 = 4 * V * H if (need_weight and dtype != torch.float32) else 0
-    use32 = dw32 > 0 and budget >= dw32 + min_g * (S * e + per_row_h)
+    use32 = dw32 > 0 and budget >= dw32 + tile * (S * e + per_row_h)
     left = budget - (dw32 if use32 else 0)
-    G = max(min_g, left // (S * e + per_row_h) // min_g * min_g)
+    g_max = max(tile, left // (S * e + per_row_h) // tile * tile)
     m_pad = max(16, triton.cdiv(max(M, 1), 16) * 16)
-    if G >= m_pad:
+    if g_max >= m_pad:
         G = m_pad
         if not interp:
             S = max(S, min(v_pad, (left - G * per_row_h) // (G * e) // bv * bv))
-    used = G * S * e + G * per_row_h + (dw32 if use32 else 0)
-    return GemmPlan(int(G), int(S), bool(use32), int(used))
+    else:
+        G = balanced_rows(M, g_max, tile)
+    mode, Gw, Sw = "fused", 0, 0
+    if dw32 and not use32 and triton.cdiv(max(M, 1), G) > MAX_DW_ROUNDINGS:
+        # dW in its own pass: the group loop keeps dh (and db) only, with bigger groups
+        mode = "pass"
+        if need_hidden:
+            g_max = max(tile, budget // (S * e + 4 * H) // tile * tile)
+            G = m_pad if g_max >= m_pad else balanced_rows(M, g_max, tile)
+        Sw = min(v_pad, S, max(bv, budget // 2 // (4 * H) // bv * bv))   # half the budget: the slab
+        gw_max = max(tile, (budget - 4 * Sw * H) // (Sw * e + h_gather) // tile * tile)
+        Gw = m_pad if gw_max >= m_pad else balanced_rows(M, gw_max, tile)
+    used = G * S * e + G * (4 * H if need_hidden else 0) + (dw32 if use32 else 0)
+    if mode == "pass":
+        used = max(used, Gw * Sw * e + 4 * Sw * H + Gw * h_gather)
+    else:
+        used += G * h_gather
+    return GemmPlan(int(G), int(S), bool(use32), int(used), mode, int(Gw), int(Sw), int(tile))
 
 
 # ------------------------------------------------------------------------------ backward
@@ -100,7 +141,8 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
         return dh, dw, db
     bias = None if bias is None else bias.contiguous()
     targets = targets.contiguous()
-    rows, g_logp, g_ent, g_lse = active_rows(targets, g_logp, g_ent, g_lse, p.ignore_index)
+    hidden, targets, lse, ent, rows, g_logp, g_ent, g_lse = backward_rows(
+        hidden, targets, lse, ent, g_logp, g_ent, g_lse, p)
     M = rows.numel()
     if M == 0:
         return dh, dw, db
@@ -110,40 +152,81 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
 
     pl = plan(M, H, V, hidden.dtype, need_hidden=need_hidden, need_weight=need_weight,
               gather=not dense)
-    G, S = pl.group_rows, pl.slab_cols
-    op_dt = hidden.dtype                                  # GEMM operand dtype (= dz's)
-    dz_buf = torch.empty(min(G, M), min(S, V), dtype=op_dt, device=dev)
-    dh_acc = torch.empty(min(G, M), H, dtype=torch.float32, device=dev) if need_hidden else None
+    two_pass = need_weight and pl.dw_mode == "pass"
+    args = (hidden, weight, bias, targets, rows, lse, ent, g_logp, g_ent, g_lse, p, dense)
     dw_acc = dw
     if need_weight and pl.dw_fp32:
         dw_acc = torch.zeros(V, H, dtype=torch.float32, device=dev)
     db_acc = torch.zeros(V, dtype=torch.float32, device=dev) if need_bias else None
+    if need_hidden or need_bias or not two_pass:
+        _group_loop(pl.bounds(M), pl.group_rows, pl.slab_cols, args, dh if need_hidden else None,
+                    None if two_pass or not need_weight else dw_acc, db_acc)
+    if two_pass:
+        _dw_pass(pl.bounds(M, dw_pass=True), pl.dw_group_rows, pl.dw_slab_cols, args, dw)
+    if need_weight and pl.dw_fp32:
+        dw.copy_(dw_acc)
+    if need_bias:
+        db.copy_(db_acc)
+    return dh, dw, db
 
-    for g0 in range(0, M, G):
-        g1 = min(M, g0 + G)
+
+def _group_loop(groups, G, S, args, dh, dw_acc, db_acc):
+    """Token-group-outer loop: dh (one rounding per row), and dW / db when given (``dw_acc``: the
+    float32 ``[V, H]`` accumulator, or dW itself: one rounding per group)."""
+    hidden, weight, bias, targets, rows, lse, ent, g_logp, g_ent, g_lse, p, dense = args
+    M, H, V = rows.numel(), hidden.shape[1], weight.shape[0]
+    dz_buf = torch.empty(min(G, M), min(S, V), dtype=hidden.dtype, device=hidden.device)
+    dh_acc = (torch.empty(min(G, M), H, dtype=torch.float32, device=hidden.device)
+              if dh is not None else None)
+    for g0, g1 in groups:
         idx = rows[g0:g1]
-        h_g = hidden[g0:g1] if dense else (hidden.index_select(0, idx) if need_weight else None)
+        h_g = None
+        if dw_acc is not None:
+            h_g = hidden[g0:g1] if dense else hidden.index_select(0, idx)
         acc = None
-        if need_hidden:
+        if dh is not None:
             acc = dh_acc[:g1 - g0]
             acc.zero_()
         for v0 in range(0, V, S):
             v1 = min(V, v0 + S)
             dz = dz_buf[:g1 - g0, :v1 - v0]
             dz_block(dz, hidden, weight, bias, targets, idx, lse, ent, g_logp, g_ent, g_lse, v0, v1, p)
-            if need_hidden:
+            if dh is not None:
                 mm_acc(acc, dz, weight[v0:v1])
-            if need_weight:
+            if dw_acc is not None:
                 mm_acc(dw_acc[v0:v1], dz.t(), h_g)
-            if need_bias:
+            if db_acc is not None:
                 db_acc[v0:v1] += dz.sum(0, dtype=torch.float32)
-        if need_hidden:
+        if dh is not None:
             if dense:
                 dh[g0:g1].copy_(acc)
             else:
                 dh.index_copy_(0, idx, acc.to(hidden.dtype))
-    if need_weight and pl.dw_fp32:
-        dw.copy_(dw_acc)
-    if need_bias:
-        db.copy_(db_acc)
-    return dh, dw, db
+
+
+def _dw_pass(groups, G, S, args, dw):
+    """Vocabulary-slab-outer dW: each slab's float32 ``[S, H]`` accumulator sums every token group,
+    then is rounded into dW once (the dz blocks are recomputed)."""
+    hidden, weight, bias, targets, rows, lse, ent, g_logp, g_ent, g_lse, p, dense = args
+    M, H, V = rows.numel(), hidden.shape[1], weight.shape[0]
+    dz_buf = torch.empty(min(G, M), min(S, V), dtype=hidden.dtype, device=hidden.device)
+    acc_buf = torch.empty(min(S, V), H, dtype=torch.float32, device=hidden.device)
+    h_buf = (None if dense or M <= G
+             else torch.empty(min(G, M), H, dtype=hidden.dtype, device=hidden.device))
+    single = None if dense or M > G else hidden.index_select(0, rows)   # one group: gather once
+    for v0 in range(0, V, S):
+        v1 = min(V, v0 + S)
+        acc = acc_buf[:v1 - v0]
+        acc.zero_()
+        for g0, g1 in groups:
+            idx = rows[g0:g1]
+            if dense:
+                h_g = hidden[g0:g1]
+            elif single is not None:
+                h_g = single
+            else:
+                h_g = torch.index_select(hidden, 0, idx, out=h_buf[:g1 - g0])
+            dz = dz_buf[:g1 - g0, :v1 - v0]
+            dz_block(dz, hidden, weight, bias, targets, idx, lse, ent, g_logp, g_ent, g_lse, v0, v1, p)
+            mm_acc(acc, dz.t(), h_g)
+        dw[v0:v1].copy_(acc)

@@ -306,12 +306,14 @@ MODEL_MIN_LOGITS = 2**24   # model mode: one_pass from N x V >= 16.7M logits (sm
 
 
 def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool, grads: str,
-            entropy: bool, one_pass_ok=None, hint=None, budget: int | None = None) -> str:
+            entropy: bool, one_pass_ok=None, hint=None, budget: int | None = None,
+            no_sync: bool = False) -> str:
     """The path of one call (``path=`` argument or None). ``backend``: the resolved backend name;
     ``hidden``..``p``: the flat prepared inputs; ``grads``: the gradients needed (``"hwb"`` subset);
     ``one_pass_ok(M) -> bool``: whether the config and budget allow the one-pass path for M active
     rows; ``hint``: ``[N]`` bool rows with probably non-zero coefficients, or a callable giving them
-    (measurement only)."""
+    (measurement only). ``no_sync`` (capturable mode): never measure (measuring counts the active
+    rows on the host); unpinned, such a call runs ``two_pass``."""
     from . import paths
     from .backends import get_backend
     be = get_backend(backend)
@@ -324,7 +326,7 @@ def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool,
                              "inputs that require grad)")
         return want                            # the argument: taken as asked
     N, V = hidden.shape[0], weight.shape[0]
-    if want is not None or hidden.device.type == "meta" or N == 0 or _compiling():
+    if want is not None or hidden.device.type == "meta" or N == 0 or no_sync or _compiling():
         ok = want != ONE_PASS or one_pass_ok is None or one_pass_ok(max(N, 1))   # a plan: no sync
         options = paths.eligible(triton=be.triton, loss=loss, grads=bool(grads), one_pass_ok=ok)
         return paths.fit(want or TWO_PASS, options)

@@ -11,8 +11,8 @@ import torch
 
 from ..settings import TORCH_CHUNK_BYTES
 
-from .contract import LogprobParams, active_rows
-from .meta import nonzero_rows
+from .capturable import backward_rows, finish_forward, forward_rows
+from .contract import LogprobParams
 
 
 def chunk_rows(V: int) -> int:
@@ -80,8 +80,7 @@ def forward(hidden, weight, bias, targets, p: LogprobParams):
     logp = torch.zeros(N, dtype=cd, device=hidden.device)
     ent = torch.zeros(N, dtype=cd, device=hidden.device)
     lse = torch.zeros(N, dtype=cd, device=hidden.device)
-    valid = targets != p.ignore_index
-    rows = nonzero_rows(valid)
+    rows, tg, valid = forward_rows(targets, p)
     step = chunk_rows(weight.shape[0])
     for s in range(0, rows.numel(), step):
         idx = rows[s:s + step]
@@ -92,18 +91,19 @@ def forward(hidden, weight, bias, targets, p: LogprobParams):
         se = e.sum(-1)
         l = m.squeeze(-1) + torch.log(se)
         lse[idx] = l
-        logp[idx] = z.gather(1, targets[idx].unsqueeze(1)).squeeze(1) - l
+        logp[idx] = z.gather(1, tg[idx].unsqueeze(1)).squeeze(1) - l
         ent[idx] = l - torch.where(e > 0, e * z, 0.0).sum(-1) / se   # -inf logits (bias) add 0
         del z, e
     f32 = torch.float32 if cd == torch.float32 else cd
-    return logp.to(f32), ent.to(f32), lse.to(f32)
+    return finish_forward((logp.to(f32), ent.to(f32), lse.to(f32)), valid)
 
 
 def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p: LogprobParams,
              need_hidden=True, need_weight=True, need_bias=True, g_lse=None):
     N, H = hidden.shape
     cd = _compute_dtype(hidden.dtype)
-    rows, g_logp, g_ent, g_lse = active_rows(targets, g_logp, g_ent, g_lse, p.ignore_index)
+    hidden, targets, lse, ent, rows, g_logp, g_ent, g_lse = backward_rows(
+        hidden, targets, lse, ent, g_logp, g_ent, g_lse, p)
     dh = torch.zeros_like(hidden) if need_hidden else None
     dw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_weight else None
     db = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) \

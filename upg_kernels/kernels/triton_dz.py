@@ -25,15 +25,36 @@ from .triton_logprobs_common import (BlockConfig, dot_precision, env_config, gra
                                      upcast_dot)
 
 # the dz tile kernel: like the forward's tile loop (a GEMM with an epilogue), one tile per program.
-# 128x64 tiles: 128x128 ones spilled 130-350 bytes per thread in the compile check (sm_80/sm_90,
-# triton 3.6; the [128, 128] float32 epilogue holds z, p, log p and dz at once); 128x64 spill nothing.
-_DZ_GPU = BlockConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3, group_n=8)
+# Two bf16/fp16 tiles, both selectable (``UPG_KERNELS_TRITON_DZ_CONFIG=128x128`` / ``128x64``, or
+# "BN,BV,BH,warps,stages[,group]"); DZ_TILES[DZ_DEFAULT] is the default. Which one is spill-free is
+# decided by the compile check built as the JIT builds it (G, v_lo, v_hi, H and the strides
+# specialized as multiples of 16; docs/kernels.md "Block sizes"): 128x128 issues m64n128 wgmma on
+# sm_90 (one CTA per SM), 128x64 m64n64 with fewer registers (two CTAs per SM).
+DZ_TILES = {
+    "128x128": BlockConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3, group_n=8),
+    "128x64": BlockConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3, group_n=8),
+}
+DZ_DEFAULT = "128x128"
 _DZ_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=16, num_warps=8, num_stages=2, group_n=8)
 _DZ_INTERP = BlockConfig(block_n=16, block_v=32, block_h=32, num_warps=4, num_stages=1, group_n=2)
 
 
-# H not a multiple of BLOCK_H (masked H chunks): half the H chunk (spill-free in the compile check)
+# H not a multiple of 64 (masked H chunks): half the H chunk (spill-free in the compile check)
 _DZ_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3, group_n=8)
+
+
+def dz_tile_setting() -> tuple[str | None, BlockConfig | None]:
+    """``UPG_KERNELS_TRITON_DZ_CONFIG`` (upg_kernels/settings.py): ``(name, None)`` for a name of
+    :data:`DZ_TILES` (the bf16/fp16 tile at even H), ``(None, config)`` for
+    "BN,BV,BH,warps,stages[,group]" (every launch), ``(None, None)`` when unset."""
+    raw = TRITON_DZ_CONFIG.raw()
+    if raw in DZ_TILES:
+        return raw, None
+    try:
+        return None, env_config(TRITON_DZ_CONFIG)
+    except ValueError:
+        raise ValueError(f"{TRITON_DZ_CONFIG.name} must be one of {sorted(DZ_TILES)} or "
+                         f"'BN,BV,BH,warps,stages[,group]', got {raw!r}") from None
 
 
 def dz_config(dtype: torch.dtype, H: int | None = None, gpu: bool = False) -> BlockConfig:
@@ -41,12 +62,12 @@ def dz_config(dtype: torch.dtype, H: int | None = None, gpu: bool = False) -> Bl
     ``gpu=True``: the CUDA config even under the interpreter)."""
     if interpreting() and not gpu:
         return _DZ_INTERP
-    env = env_config(TRITON_DZ_CONFIG)
+    name, env = dz_tile_setting()
     if env:
         return env
     if dtype == torch.float32:
         return _DZ_GPU_F32                      # BLOCK_H 16: spill-free for odd H as well
-    return _DZ_GPU_ODD_H if H is not None and H % _DZ_GPU.block_h else _DZ_GPU
+    return _DZ_GPU_ODD_H if H is not None and H % 64 else DZ_TILES[name or DZ_DEFAULT]
 
 
 def dz_constexprs(cfg, dtype, *, has_bias, has_softcap, has_gent, has_glse, even_h) -> dict:
@@ -94,25 +115,41 @@ def dz_block(dz, hidden, weight, bias, targets, rows, lse, ent, g_logp, g_ent, g
 
 def aot_variants():
     """For bf16 and fp32: all flags off (the GRPO/SFT case), each of bias / softcap / entropy
-    gradient / lse gradient / odd H alone, all on; fp16: all off and all on
-    (``aot.flag_cover``). ``dz_config(dtype, H)``'s GPU block config."""
+    gradient / lse gradient / odd H alone, all on; fp16: all off and all on (``aot.flag_cover``);
+    ``dz_config(dtype, H)``'s GPU block config. Integers as the plans launch them: G (a group of the
+    balanced plan), v_lo, v_hi (slab bounds, V of every DESIGN model), H and the strides multiples of
+    16; for each dtype the flags-off case with G not a multiple of 16 (``tail``: the last group of an
+    odd row count). The other bf16 tile of :data:`DZ_TILES` too (flags off, its tail, all on), so
+    that either setting is checked."""
     from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant,
-                      flag_cover, label, ptr)
+                      flag_cover, label, ptr, tail)
     base = dict(bias=False, softcap=False, gent=False, glse=False, odd_h=False)
     cover = flag_cover({k: (False, True) for k in base}, base)
+
+    def variant(dt, c, cfg, prefix):
+        types = dict(h_ptr=ptr(dt), w_ptr=ptr(dt), b_ptr=ptr(dt) if c["bias"] else "*fp32",
+                     tgt_ptr="*i64", rows_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32",
+                     gl_ptr="*fp32", ge_ptr="*fp32", gs_ptr="*fp32", dz_ptr=ptr(dt), G="i32",
+                     v_lo="i32", v_hi="i32", H="i32", stride_h="i32", stride_w="i32",
+                     stride_dz="i32", temperature="fp32", softcap="fp32")
+        cx = dz_constexprs(cfg, dt, has_bias=c["bias"], has_softcap=c["softcap"],
+                           has_gent=c["gent"], has_glse=c["glse"], even_h=not c["odd_h"])
+        div = tuple(a for a in types if a.endswith("_ptr")) + ("G", "v_lo", "v_hi", "stride_dz") + (
+            () if c["odd_h"] else ("H", "stride_h", "stride_w"))
+        return KernelVariant(_dz_kernel, label(c, prefix), types, cx, cfg.num_warps, cfg.num_stages,
+                             divisible=div)
+
     out = []
     for dt in GPU_DTYPES:
         for c in (cover if dt != torch.float16 else (cover[0], cover[-1])):
             cfg = dz_config(dt, ODD_H_EXAMPLE if c["odd_h"] else EVEN_H_EXAMPLE)
-            types = dict(h_ptr=ptr(dt), w_ptr=ptr(dt), b_ptr=ptr(dt) if c["bias"] else "*fp32",
-                         tgt_ptr="*i64", rows_ptr="*i64", lse_ptr="*fp32", ent_ptr="*fp32",
-                         gl_ptr="*fp32", ge_ptr="*fp32", gs_ptr="*fp32", dz_ptr=ptr(dt), G="i32",
-                         v_lo="i32", v_hi="i32", H="i32", stride_h="i32", stride_w="i32",
-                         stride_dz="i32", temperature="fp32", softcap="fp32")
-            cx = dz_constexprs(cfg, dt, has_bias=c["bias"], has_softcap=c["softcap"],
-                               has_gent=c["gent"], has_glse=c["glse"], even_h=not c["odd_h"])
-            div = tuple(a for a in types if a.endswith("_ptr")) + (
-                () if c["odd_h"] else ("H", "stride_h", "stride_w", "stride_dz"))
-            out.append(KernelVariant(_dz_kernel, label(c, DTYPE_NAMES[dt]), types, cx,
-                                     cfg.num_warps, cfg.num_stages, divisible=div))
+            out.append(variant(dt, c, cfg, DTYPE_NAMES[dt]))
+            if c == base:
+                out.append(tail(out[-1], "G"))
+    default = dz_config(torch.bfloat16, EVEN_H_EXAMPLE)
+    for name, cfg in DZ_TILES.items():
+        if cfg != default:
+            v = variant(torch.bfloat16, base, cfg, f"bf16 tile={name}")
+            all_on = {**cover[-1], "odd_h": False}     # odd H keeps its own config
+            out += [v, tail(v, "G"), variant(torch.bfloat16, all_on, cfg, f"bf16 tile={name}")]
     return out

@@ -37,7 +37,7 @@ from .epilogue_codes import (EpilogueParams, FLAG_DUAL, FLAG_HIGH, FLAG_LOW,  # 
                              KL_CODES, LIKELIHOOD_CODES, PART_DEMO_SFT, PART_DEMO_SHAPED, PART_MAIN,
                              PART_NONE, REFERENCE_CODES, ROLLOUT_CODES, SCALAR_FIELDS,
                              STABILIZATION_CODES)
-from .aot import KernelVariant, flag_cover
+from .aot import KernelVariant, flag_cover, tail
 from .meta import launch
 from .triton_logprobs_common import interpreting
 
@@ -276,7 +276,8 @@ def aot_variants() -> list[KernelVariant]:
         name = " ".join(["grpo"] + [k if v is True else f"no_{k}" if v is False else f"{k}={v}"
                                     for k, v in changed.items()])
         out.append(KernelVariant(_epilogue_kernel, name, types, cx, EPILOGUE_WARPS, EPILOGUE_STAGES,
-                                 divisible=tuple(a for a in types if a.endswith("_ptr"))))
+                                 divisible=tuple(a for a in types if a.endswith("_ptr")) + ("M",)))
+    out.append(tail(out[0], "M"))          # a row count that is not a multiple of 16
     return out
 
 

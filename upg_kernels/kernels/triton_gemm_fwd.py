@@ -26,8 +26,9 @@ import triton
 import triton.language as tl
 
 from .gemm import mm_f32
-from .meta import launch, nonzero_rows
-from .workspace import workspace_bytes
+from .capturable import finish_forward, forward_rows
+from .meta import launch
+from .workspace import balanced_rows, group_bounds, workspace_bytes
 from .triton_logprobs_common import tanh, check_inputs, combine, interpreting, online_update
 
 _BLOCK_R, _BLOCK_C = 8, 1024    # rows x columns per step of the row kernel (GPU)
@@ -75,7 +76,9 @@ def plan(M: int, V: int, budget: int, gpu: bool = False) -> tuple[int, int]:
     (``gpu=True``: the CUDA plan even under the interpreter)."""
     S = min(V, _SLAB_COLS_INTERP if (interpreting() and not gpu) else _SLAB_COLS)
     G = max(16, budget // (4 * S) // 16 * 16)
-    return min(G, max(M, 1)), S
+    if G >= M:
+        return max(M, 1), S
+    return balanced_rows(M, G, 16), S                  # equal groups, no small tail
 
 
 def forward(hidden, weight, bias, targets, p):
@@ -87,7 +90,7 @@ def forward(hidden, weight, bias, targets, p):
     ent = torch.zeros(N, dtype=torch.float32, device=dev)
     lse = torch.zeros(N, dtype=torch.float32, device=dev)
     targets = targets.contiguous()
-    rows = nonzero_rows(targets != p.ignore_index)
+    rows, _tg, valid = forward_rows(targets, p)
     M = rows.numel()
     if M == 0:
         return logp, ent, lse
@@ -96,8 +99,7 @@ def forward(hidden, weight, bias, targets, p):
     z_buf = torch.empty(min(G, M), min(S, V), dtype=torch.float32, device=dev)
     br, bc = _INTERP_BLOCKS if interpreting() else (_BLOCK_R, _BLOCK_C)
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
-        for g0 in range(0, M, G):
-            g1 = min(M, g0 + G)
+        for g0, g1 in group_bounds(M, G, 16):
             idx = rows[g0:g1]
             n = g1 - g0
             h_g = hidden[g0:g1] if M == N else hidden.index_select(0, idx)
@@ -115,13 +117,13 @@ def forward(hidden, weight, bias, targets, p):
             lse[idx] = l
             ent[idx] = e
             logp[idx] = zt - l
-    return logp, ent, lse
+    return finish_forward((logp, ent, lse), valid)
 
 
 def aot_variants():
     """``_stats_kernel`` as the GPU launches it: no bias, a bf16 / fp16 / fp32 bias, each with and
     without softcap (the full product)."""
-    from .aot import KernelVariant, ptr
+    from .aot import KernelVariant, ptr, tail
     out = []
     for bias in (None, torch.bfloat16, torch.float16, torch.float32):
         for cap in (False, True):
@@ -132,5 +134,7 @@ def aot_variants():
             out.append(KernelVariant(
                 _stats_kernel, name, types,
                 dict(HAS_BIAS=bias is not None, HAS_SOFTCAP=cap, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C),
-                STATS_WARPS, 3, divisible=("z_ptr", "b_ptr", "tgt_ptr", "rows_ptr", "st_ptr", "stride_z")))
+                STATS_WARPS, 3, divisible=("z_ptr", "b_ptr", "tgt_ptr", "rows_ptr", "st_ptr", "G", "S",
+                                           "v_lo", "stride_z")))
+    out.append(tail(out[0], "G"))          # a token group whose size is not a multiple of 16
     return out

@@ -27,9 +27,10 @@ import triton
 import triton.language as tl
 
 from ..settings import TRITON_DW_SLAB_BYTES
-from .contract import active_rows, zero_grads
+from .capturable import backward_rows
+from .contract import zero_grads
 from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant,
-                  flag_cover, label, ptr)
+                  flag_cover, label, ptr, tail)
 from .meta import launch
 from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, grad_tile,
                                      num_sms, upcast_dot)
@@ -137,8 +138,9 @@ def aot_variants() -> list[KernelVariant]:
     """A covering set of what ``backward`` can launch (the full product is 320 per dtype): for bf16
     and fp32, the common case (no bias / softcap / filter, entropy gradient on, even H, dhidden +
     dweight), each flag flipped alone, and all flags on (``aot.flag_cover``); fp16 (the bf16 code
-    with another element type) the common case and all on. ``bwd_config(dtype, H)``'s GPU block
-    config."""
+    with another element type) the common case and all on. ``bwd_config(dtype, H, softcap)``'s GPU block
+    config. Integers are specialized as at real shapes (M, v_lo, v_hi multiples of 16; a ``tail``
+    variant of the common case covers other M)."""
     base = dict(bias=False, softcap=False, gent=True, glse=False, even_h=True, filter=False,
                 need="hw")
     cover = flag_cover(dict(bias=(False, True), softcap=(False, True), gent=(True, False),
@@ -154,7 +156,7 @@ def aot_variants() -> list[KernelVariant]:
                      softcap="fp32", filter_eps="fp32")
         for c in (cover if dt != torch.float16 else (cover[0], cover[-1])):
             need_h, need_w, need_b = _NEEDS[c["need"]]
-            cfg = bwd_config(dt, EVEN_H_EXAMPLE if c["even_h"] else ODD_H_EXAMPLE)
+            cfg = bwd_config(dt, EVEN_H_EXAMPLE if c["even_h"] else ODD_H_EXAMPLE, c["softcap"])
             bias = c["bias"] or need_b
             types["b_ptr"] = ptr(dt) if bias else "*fp32"     # no bias: the launcher passes lse
             flags = dict(has_bias=bias, has_softcap=c["softcap"], has_gent=c["gent"],
@@ -167,7 +169,10 @@ def aot_variants() -> list[KernelVariant]:
             out.append(KernelVariant(
                 _bwd_kernel, name, dict(types), bwd_constexprs(cfg, dt, **flags), cfg.num_warps,
                 cfg.num_stages,
-                divisible=POINTERS + (("H", "stride_h", "stride_w") if c["even_h"] else ())))
+                divisible=POINTERS + ("M", "v_lo", "v_hi")
+                + (("H", "stride_h", "stride_w") if c["even_h"] else ())))
+            if c == base:
+                out.append(tail(out[-1], "M"))
     return out
 
 
@@ -183,12 +188,13 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     if not (need_hidden or need_weight or need_bias):
         return dh, dw, db
 
-    rows, g_logp, g_ent, g_lse = active_rows(targets, g_logp, g_ent, g_lse, p.ignore_index)
+    hidden, targets, lse, ent, rows, g_logp, g_ent, g_lse = backward_rows(
+        hidden, targets, lse, ent, g_logp, g_ent, g_lse, p)
     M = rows.numel()
     if M == 0:
         return dh, dw, db
 
-    cfg = bwd_config(hidden.dtype, H)
+    cfg = bwd_config(hidden.dtype, H, bool(p.softcap))
     lse = lse.to(torch.float32).contiguous()
     ent = ent.to(torch.float32).contiguous()
     h_fp32 = hidden.dtype == torch.float32

@@ -43,6 +43,11 @@ _BWD_GPU_F32 = BlockConfig(block_n=128, block_v=64, block_h=16, num_warps=8, num
 _FWD_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3)
 _BWD_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3)
 _BWD_GPU_F32_ODD_H = BlockConfig(block_n=128, block_v=32, block_h=16, num_warps=8, num_stages=2)
+# bf16/fp16 forward with a bias AND a softcap: 128x128 spilled 60-88 bytes on sm_80 with triton 3.9
+_FWD_GPU_BIAS_SOFTCAP = BlockConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3)
+# bf16/fp16 atomic backward with a softcap: the tanh chain factor is one more [128, 128] float32
+# tile; 128x128 spilled 96-116 bytes on sm_80 with triton 3.9 (compile check); 128x64 fits
+_BWD_GPU_SOFTCAP = BlockConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3)
 _FWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1)
 _BWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1, group_n=2)
 
@@ -61,20 +66,24 @@ def _pick(dtype, H, default, odd_h, f32, f32_odd_h) -> BlockConfig:
     return odd if H is not None and H % cfg.block_h else cfg
 
 
-def fwd_config(dtype: torch.dtype, H: int | None = None) -> BlockConfig:
-    """The forward's block config for ``dtype`` and hidden size ``H`` (None: a multiple of 64)."""
+def fwd_config(dtype: torch.dtype, H: int | None = None, bias_softcap: bool = False) -> BlockConfig:
+    """The forward's block config for ``dtype`` and hidden size ``H`` (None: a multiple of 64);
+    ``bias_softcap``: the launch has both a bias and a softcap."""
     if interpreting():
         return _FWD_INTERP
+    default = _FWD_GPU_BIAS_SOFTCAP if bias_softcap else _FWD_GPU
     return (env_config(TRITON_FWD_CONFIG)
-            or _pick(dtype, H, _FWD_GPU, _FWD_GPU_ODD_H, _FWD_GPU_F32, _FWD_GPU_F32))
+            or _pick(dtype, H, default, _FWD_GPU_ODD_H, _FWD_GPU_F32, _FWD_GPU_F32))
 
 
-def bwd_config(dtype: torch.dtype, H: int | None = None) -> BlockConfig:
-    """The backward's block config for ``dtype`` and hidden size ``H`` (None: a multiple of 64)."""
+def bwd_config(dtype: torch.dtype, H: int | None = None, softcap: bool = False) -> BlockConfig:
+    """The backward's block config for ``dtype`` and hidden size ``H`` (None: a multiple of 64),
+    with or without a softcap."""
     if interpreting():
         return _BWD_INTERP
+    default = _BWD_GPU_SOFTCAP if softcap else _BWD_GPU
     return (env_config(TRITON_BWD_CONFIG)
-            or _pick(dtype, H, _BWD_GPU, _BWD_GPU_ODD_H, _BWD_GPU_F32, _BWD_GPU_F32_ODD_H))
+            or _pick(dtype, H, default, _BWD_GPU_ODD_H, _BWD_GPU_F32, _BWD_GPU_F32_ODD_H))
 
 
 def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:

@@ -21,8 +21,9 @@ import triton
 import triton.language as tl
 
 from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant, label,
-                  ptr)
-from .meta import launch, nonzero_rows
+                  ptr, tail)
+from .capturable import finish_forward, forward_rows
+from .meta import launch
 from .triton_logprobs_common import (check_inputs, combine, dot_precision, fwd_config, interpreting,
                                      logits_tile, num_sms, online_update, upcast_dot)
 
@@ -98,10 +99,17 @@ def fwd_constexprs(cfg, dtype, *, has_bias: bool, has_softcap: bool, even_h: boo
 POINTERS = ("h_ptr", "w_ptr", "b_ptr", "tgt_ptr", "rows_ptr", "part_ptr")
 
 
+# integers that the launches at real shapes make multiples of 16 (the JIT specializes on them):
+# the row count M (a "tail" variant covers other M), V (all DESIGN vocabularies), v_per_split
+# (a multiple of BLOCK_V); H and the strides for even H
+REAL_DIVISIBLE = ("M", "V", "v_per_split")
+
+
 def aot_variants() -> list[KernelVariant]:
     """What ``forward_partials`` can launch: bias x softcap x even H, the full product for bf16 and
-    fp32 (8 each); fp16 (the bf16 code with another element type) with all flags off and all on.
-    The block config is ``fwd_config(dtype, H)``'s GPU one."""
+    fp32 (8 each); fp16 (the bf16 code with another element type) with all flags off and all on;
+    and for each dtype the flags-off case with M not a multiple of 16 (``tail``). The block config
+    is ``fwd_config(dtype, H, bias and softcap)``'s GPU one; integers specialized as at real shapes."""
     out = []
     for dt in GPU_DTYPES:
         types = dict(h_ptr=ptr(dt), w_ptr=ptr(dt), b_ptr=ptr(dt), tgt_ptr="*i64", rows_ptr="*i64",
@@ -110,7 +118,7 @@ def aot_variants() -> list[KernelVariant]:
         for bias in (False, True):
             for cap in (False, True):
                 for even in (True, False):
-                    cfg = fwd_config(dt, EVEN_H_EXAMPLE if even else ODD_H_EXAMPLE)
+                    cfg = fwd_config(dt, EVEN_H_EXAMPLE if even else ODD_H_EXAMPLE, bias and cap)
                     flags = dict(has_bias=bias, has_softcap=cap, even_h=even)
                     if dt == torch.float16 and len({bias, cap, not even}) > 1:
                         continue          # fp16: all off / all on only
@@ -118,7 +126,9 @@ def aot_variants() -> list[KernelVariant]:
                         _fwd_kernel, label({"bias": bias, "softcap": cap, "odd_h": not even},
                                            DTYPE_NAMES[dt]),
                         types, fwd_constexprs(cfg, dt, **flags), cfg.num_warps, cfg.num_stages,
-                        divisible=POINTERS + (("H", "stride_h", "stride_w") if even else ())))
+                        divisible=POINTERS + REAL_DIVISIBLE
+                        + (("H", "stride_h", "stride_w") if even else ())))
+        out.append(tail(out[-8 if dt != torch.float16 else -2], "M"))   # flags off, M % 16 != 0
     return out
 
 
@@ -133,11 +143,11 @@ def forward_partials(hidden, weight, bias, targets, p):
     dev = hidden.device
     bias = None if bias is None else bias.contiguous()
     targets = targets.contiguous()
-    rows = nonzero_rows(targets != p.ignore_index)
+    rows, targets, _valid = forward_rows(targets, p)
     M = rows.numel()
     if M == 0:
         return None, rows
-    cfg = fwd_config(hidden.dtype, H)
+    cfg = fwd_config(hidden.dtype, H, bias is not None and bool(p.softcap))
     n_blocks = triton.cdiv(M, cfg.block_n)
     v_tiles = triton.cdiv(V, cfg.block_v)
     splits = _num_splits(n_blocks, v_tiles, num_sms(dev))
@@ -167,6 +177,8 @@ def forward(hidden, weight, bias, targets, p):
     if part is None:
         return logp, ent, lse
     l, e, zt = combine(part)
+    if getattr(p, "capturable", False):   # every row ran (rows = arange): no scatter
+        return finish_forward((zt - l, e, l), targets != p.ignore_index)
     lse[rows] = l
     ent[rows] = e
     logp[rows] = zt - l

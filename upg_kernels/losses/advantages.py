@@ -38,7 +38,8 @@ def _group_index(B, group_size, group_ids, device):
     return inv, int(inv.max()) + 1 if B else 0
 
 
-def group_advantages(rewards, *, group_size=None, group_ids=None, mode="mean_std", eps=1e-4):
+def group_advantages(rewards, *, group_size=None, group_ids=None, mode="mean_std", eps=1e-4,
+                     capturable=False):
     """Per-rollout advantages ``[B]`` from rewards ``[B]``.
 
     Modes (``R`` a group's rewards, ``G`` its size):
@@ -50,7 +51,8 @@ def group_advantages(rewards, *, group_size=None, group_ids=None, mode="mean_std
     - ``"batch_std"``: ``(R - mean(R)) / (std over the whole batch + eps)`` (TRL ``scale_rewards="batch"``).
 
     Groups with all rewards equal give exactly 0. Computed in float64, returned in the rewards'
-    floating dtype (float32 for integer/bool rewards).
+    floating dtype (float32 for integer/bool rewards). ``capturable=True``: no host synchronization
+    (``group_size`` only; no non-finite check: a NaN/inf reward gives its group NaN advantages).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
@@ -65,8 +67,12 @@ def group_advantages(rewards, *, group_size=None, group_ids=None, mode="mean_std
     out_dtype = rewards.dtype if rewards.dtype.is_floating_point else torch.float32
     r = rewards.detach().to(torch.float64)
     B = r.shape[0]
+    if capturable and group_ids is not None:
+        raise ValueError("group_advantages(capturable=True) takes group_size, not group_ids")
+    if capturable and mode == "rloo" and group_size is not None and group_size < 2:
+        raise ValueError(f"mode='rloo' needs at least 2 rollouts per group; group_size={group_size}")
     finite = torch.isfinite(r)
-    if not bool(finite.all()):
+    if not capturable and not bool(finite.all()):
         i = int((~finite).nonzero()[0, 0])
         raise ValueError(f"rewards holds a non-finite value {float(r[i])} at row {i}; "
                          "filter such rollouts out (NaN/inf rewards are rejected, not zeroed)")
@@ -86,7 +92,7 @@ def group_advantages(rewards, *, group_size=None, group_ids=None, mode="mean_std
     if mode == "mean":
         adv = centered
     elif mode == "rloo":
-        if bool((cnt < 2).any()):
+        if not capturable and bool((cnt < 2).any()):
             g = int((cnt < 2).nonzero()[0, 0])
             raise ValueError(f"mode='rloo' needs at least 2 rollouts per group; group {g} has 1")
         adv = centered * G / (G - 1)

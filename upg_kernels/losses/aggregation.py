@@ -21,7 +21,9 @@ def aggregation_weights(tok, rows, mode, n_items, max_len, part, dtype=torch.flo
     B, T = tok.shape
     if mode == "token_mean":
         if n_items is not None:
-            denom = torch.as_tensor(n_items, dtype=dtype, device=tok.device).clamp(min=1.0)
+            denom = (n_items.to(tok.device, dtype) if isinstance(n_items, torch.Tensor)  # made on
+                     else torch.full((), float(n_items), dtype=dtype, device=tok.device)  # the device
+                     ).clamp(min=1.0)
         else:
             denom = cp_sum(tok.sum().to(dtype), cp_group).clamp(min=1.0)
         w = (1.0 / denom).expand(B, T)

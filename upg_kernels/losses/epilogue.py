@@ -223,16 +223,19 @@ def pytorch_coefficients(cfg, inp: LossInputs, logp_bt, ent_bt):
     return total.detach(), parts, aux, g_lp, g_H, ent_d
 
 
-def loss_metrics(cfg, inp: LossInputs, aux, parts, ent_d, g_lp, g_H) -> dict:
-    """The metrics dict (python floats, one device sync) of one loss call."""
+def loss_metrics(cfg, inp: LossInputs, aux, parts, ent_d, g_lp, g_H, capturable=False) -> dict:
+    """The metrics dict of one loss call: python floats (one device sync), or with ``capturable``
+    0-dim tensors on the loss's device (no sync)."""
     return _metrics(cfg, aux, parts, inp.valid, inp.main_tok, inp.demo_tok, inp.main_rows,
-                    inp.demo_rows, inp.adv, inp.adv_per_row, ent_d, g_lp, g_H, inp.have_ref, inp.cp_group)
+                    inp.demo_rows, inp.adv, inp.adv_per_row, ent_d, g_lp, g_H, inp.have_ref, inp.cp_group,
+                    capturable)
 
 
 def _metrics(cfg, aux, parts, valid, main_tok, demo_tok, main_rows, demo_rows, adv, adv_per_row, ent,
-             g_lp, g_H, have_ref, cp=None):
+             g_lp, g_H, have_ref, cp=None, capturable=False):
     """Under context parallelism (``cp``) every token sum is completed over the group (:func:`cp_sum`),
-    so every rank reports the metrics of the whole sequences (``loss_*``: the sum of the ranks' parts)."""
+    so every rank reports the metrics of the whole sequences (``loss_*``: the sum of the ranks' parts).
+    ``capturable``: the values stay 0-dim device tensors (no host synchronization)."""
     dt = ent.dtype
     mt = main_tok
     n_main = cp_sum(mt.sum().to(dt), cp)
@@ -246,7 +249,9 @@ def _metrics(cfg, aux, parts, valid, main_tok, demo_tok, main_rows, demo_rows, a
 
     def put(name, v):
         names.append(name)
-        vals.append(v.to(dt) if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=dt))
+        # constants are made on the device (a host-to-device copy would not be capturable)
+        vals.append(v.to(dt) if isinstance(v, torch.Tensor)
+                    else torch.full((), float(v), dtype=dt, device=ent.device))
 
     put("loss_main", cp_sum(parts[0], cp))
     put("loss_demo", cp_sum(parts[1], cp))
@@ -301,6 +306,8 @@ def _metrics(cfg, aux, parts, valid, main_tok, demo_tok, main_rows, demo_rows, a
     if "vespo_phi" in aux:
         put("vespo_phi_mean", mmean(aux["vespo_phi"]))
     dev = ent.device
+    if capturable:
+        return {n: v.to(dev).reshape(()) for n, v in zip(names, vals)}
     if dev.type == "meta":            # shape-only runs (the memory model): no values
         return dict.fromkeys(names, float("nan"))
     out = torch.stack([v.to(dev).reshape(()) for v in vals]).tolist()

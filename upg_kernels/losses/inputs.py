@@ -106,13 +106,18 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
                         cd: torch.dtype, *, loss_mask=None, advantages=None, rewards=None,
                         group_size=None, group_ids=None, old_logprobs=None, ref_logprobs=None,
                         rollout_logprobs=None, is_demo=None, is_ratio=None,
-                        num_items_in_batch=None, cp_group=None) -> LossInputs:
+                        num_items_in_batch=None, cp_group=None, capturable=False) -> LossInputs:
     """Check the per-token / per-row arguments and build masks and advantages.
 
     ``valid`` is the ``[B, T]`` bool mask of the positions the caller can score (targets not
     ``ignore_index``); ``loss_mask`` narrows it. ``flat``: the caller's per-token tensors are ``[N]``
     (``B = N`` sequences of length ``T = 1``). ``cp_group``: the context-parallel process group whose
-    ranks hold the other tokens of the same rows (None: the rows are whole here)."""
+    ranks hold the other tokens of the same rows (None: the rows are whole here).
+    ``capturable``: no check reads device values (no host
+    synchronization): ``is_demo`` must be bool, the inputs a part needs are required whenever the part
+    can exist (main rows: always; demonstration rows: when ``is_demo`` is given), and rewards take
+    ``group_size`` (not ``group_ids``, whose labels are data) and the advantages of groups are computed
+    without the non-finite check (a non-finite reward gives NaN advantages to its group)."""
     check_group(cp_group, "cp_group")
     dev = valid.device
     lm = _per_token("loss_mask", loss_mask, B, T, flat, dev)
@@ -121,6 +126,12 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
     demo_rows = _per_row("is_demo", is_demo, B, dev)
     if demo_rows is None:
         demo_rows = torch.zeros(B, dtype=torch.bool, device=dev)
+    elif capturable:
+        if demo_rows.dtype != torch.bool:
+            raise TypeError(f"capturable=True needs is_demo as a bool tensor, got {demo_rows.dtype}")
+        if cfg.demo_part is None:
+            raise ValueError("is_demo is given but config.demo_part is None; use a preset with "
+                             "demonstrations (hpt, hpt_release, luffy) or set demo_part")
     else:
         if demo_rows.dtype != torch.bool:
             if demo_rows.dtype.is_floating_point or any_bad((demo_rows != 0) & (demo_rows != 1)):
@@ -132,8 +143,11 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
     main_rows = ~demo_rows
     main_tok = valid & main_rows[:, None]
     demo_tok = valid & demo_rows[:, None]
-    has_main = any_true(main_rows)          # meta (memory model): True, the worst case
-    has_demo = any_true(demo_rows)
+    if capturable:                          # no values read: every part that can exist, exists
+        has_main, has_demo = True, is_demo is not None
+    else:
+        has_main = any_true(main_rows)      # meta (memory model): True, the worst case
+        has_demo = any_true(demo_rows)
 
     # ---------------------------------------------------------------- per-token inputs (checked)
     old = _per_token("old_logprobs", old_logprobs, B, T, flat, dev, cd)
@@ -188,7 +202,14 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
         gid = _per_row("group_ids", group_ids, B, dev)
         in_groups = main_rows if cfg.demo_part == "sft" else torch.ones_like(main_rows)
         a_rows = torch.zeros(B, dtype=cd, device=dev)
-        if any_true(in_groups):
+        if capturable:
+            if gid is not None or (cfg.demo_part == "sft" and is_demo is not None):
+                raise ValueError("capturable=True computes group advantages from rewards with "
+                                 "group_size only (group_ids, or SFT demonstration rows left out of "
+                                 "the groups, need data-dependent indexing); pass advantages instead")
+            a_rows = group_advantages(rw, group_size=group_size, mode=cfg.advantage,
+                                      eps=cfg.adv_eps, capturable=True).to(cd)
+        elif any_true(in_groups):
             a_sel = group_advantages(rw[in_groups], group_size=group_size,
                                      group_ids=None if gid is None else gid[in_groups],
                                      mode=cfg.advantage, eps=cfg.adv_eps)

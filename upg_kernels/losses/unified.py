@@ -55,7 +55,8 @@ class LossOutput:
 
     ``loss``: scalar, differentiable w.r.t. hidden / weight / bias (or the given log-probs / entropy).
     ``logprobs``, ``entropy``: detached per-token values shaped like ``targets`` (float32).
-    ``metrics``: dict of python floats (see docs/losses.md, "Metrics").
+    ``metrics``: dict of python floats (see docs/losses.md, "Metrics"); with ``capturable=True``
+    0-dim tensors on the loss's device (no host synchronization).
     ``coef_logp``, ``coef_entropy``: the detached gradient coefficients ``c_t = -dL/dlogp_t`` and
     ``e_t = -dL/dH_t`` shaped like ``targets`` (0 exactly where the kernel skips the row).
     ``ratio``: the per-token importance ratio the policy term used (1 where there is none);
@@ -88,6 +89,8 @@ class _Plan:
     fused: bool
     grad_in_forward: object = False      # False, True (asked for) or "env" (turned on by the environment)
     workspace: int = 0
+    capturable: bool = False
+    bad_targets: Optional[torch.Tensor] = None   # capturable: out-of-range target ids (flat [N])
 
     def aux_keys(self) -> tuple:
         """The per-token auxiliaries the epilogue produces for this config (fixed order)."""
@@ -112,8 +115,11 @@ def _kernel_forward(plan: _Plan, h2, w, b, t):
     if h2.shape[0] == 0:
         z = h2.new_zeros(0, dtype=plan.inp.cd)
         return z, z, z
-    return ops.token_logprobs_op(h2, w, b, t, kp.temperature, kp.ignore_index, kp.softcap,
-                              kp.filter_eps, plan.backend)
+    out = ops.token_logprobs_op(h2, w, b, t, kp.temperature, kp.ignore_index, kp.softcap,
+                                kp.filter_eps, plan.backend, plan.capturable)
+    if plan.bad_targets is not None:   # capturable: bad ids reported on the device (NaN rows)
+        out = tuple(ops.poison(x, plan.bad_targets) for x in out)
+    return out
 
 
 def _fused_forward(plan: _Plan, h2, w, b, t):
@@ -225,7 +231,7 @@ class _PolicyLoss(torch.autograd.Function):
         kp = ctx.plan.kp
         dh, dw, db = ops.token_logprobs_backward_op(
             h2, w, b, t, lse, ent, g_logp, g_ent, None, kp.temperature, kp.ignore_index, kp.softcap,
-            kp.filter_eps, ctx.plan.backend, need_h, need_w, need_b)
+            kp.filter_eps, ctx.plan.backend, need_h, need_w, need_b, ctx.plan.capturable)
         return (dh if need_h else None, dw if need_w else None, db if need_b else None, None, None)
 
 
@@ -255,7 +261,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
                         temperature=1.0, num_items_in_batch=None, backend="auto",
                         is_ratio=None, ignore_index=-100, softcap=None,
                         filter_eps=0.0, fused_epilogue=None, grad_in_forward=None,
-                        vocab_parallel=None, cp_group=None, path=None) -> LossOutput:
+                        vocab_parallel=None, cp_group=None, capturable=False, path=None) -> LossOutput:
     """The loss of ``config`` (a :class:`LossConfig` or a preset name) from hidden states and the lm_head.
 
     Args:
@@ -307,6 +313,11 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
             and token_mean counts, GSPO/LUSPO ratios, VESPO's sum, sequence-level IS, demo counts) and the
             metrics are completed over it; each rank's ``loss`` is its part, and the sum over the group
             of the losses and gradients equals the unsplit call (docs/distributed.md).
+        capturable: no host synchronization in the forward and backward (CUDA graphs): every row
+            runs, the metrics are device tensors, a target id outside ``[0, V)`` makes its row's
+            log-prob NaN (so the loss is NaN) instead of raising, the PyTorch epilogue is used, and
+            the input checks that read values are skipped (docs/kernels.md section 2c).
+            Not with ``grad_in_forward``; rewards need ``group_size``.
 
     Returns:
         :class:`LossOutput`.
@@ -335,30 +346,38 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
         cfg, B, T, flat, targets.reshape(B, T) != ignore_index, cd, loss_mask=loss_mask,
         advantages=advantages, rewards=rewards, group_size=group_size, group_ids=group_ids,
         old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
-        is_demo=is_demo, is_ratio=is_ratio, num_items_in_batch=num_items_in_batch, cp_group=cp_group)
+        is_demo=is_demo, is_ratio=is_ratio, num_items_in_batch=num_items_in_batch, cp_group=cp_group,
+        capturable=bool(capturable))
 
     if vocab_parallel is not None:
+        if capturable:
+            raise ValueError("capturable=True is not supported with vocab_parallel (its all-gather "
+                             "path compacts rows on the host)")
         return _vocab_parallel_loss(cfg, inp, hidden, weight, targets, bias, vocab_parallel,
                                     temperature=temperature, ignore_index=ignore_index, backend=backend,
                                     softcap=softcap, filter_eps=filter_eps, fused_epilogue=fused_epilogue,
                                     grad_in_forward=grad_in_forward or paths.check_path(path) == paths.ONE_PASS)
     h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
+    bad = None
+    if capturable and t.numel():
+        t, bad = ops.device_target_check(t, w.shape[0], int(ignore_index))
     name = resolve_backend(backend, hidden.device, h2.dtype)
     kp = LogprobParams(float(temperature), int(ignore_index), float(softcap or 0.0), float(filter_eps))
     use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)
-                 and get_backend(name).fused_epilogue and h2.shape[0] > 0)
+                 and get_backend(name).fused_epilogue and h2.shape[0] > 0 and not capturable)
     chosen, gif = _choose_path(path, grad_in_forward, cfg, name, h2, w, b, t, kp, T,
-                               cp_group is not None,
+                               cp_group is not None, bool(capturable),
                                lambda: _coefficient_hint(_Plan(cfg, inp, kp, name, False), h2))
     use_fused = use_fused and chosen == paths.TWO_PASS
     spec = with_forward(name, paths.PATHS[chosen].forward)
-    plan = _Plan(cfg, inp, kp, spec, use_fused, gif, one_pass_bytes(h2.device) if gif else 0)
+    plan = _Plan(cfg, inp, kp, spec, use_fused, gif, one_pass_bytes(h2.device) if gif else 0,
+                 capturable=bool(capturable), bad_targets=bad)
     with autocast_off(hidden.device.type):
         outs = _PolicyLoss.apply(h2, w, b, t, plan)
     return _output(outs, plan, tuple(targets.shape))
 
 
-def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, cp, hint):
+def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, cp, capturable, hint):
     """``(path name, grad_in_forward)`` of a call: ``grad_in_forward`` True (asked for: a sequence
     that does not fit is an error), ``"env"`` (pinned by the environment or selected: such a call
     runs the two-pass path) or False. ``grad_in_forward=True/False`` is ``path="one_pass"`` /
@@ -366,6 +385,9 @@ def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, cp, hi
     context parallelism (``cp``) the one-pass path is refused when asked for and never chosen: its
     chunks would run the sequence reductions' collectives a rank-dependent number of times."""
     paths.check_path(path)
+    if capturable and (grad_in_forward or path == paths.ONE_PASS):
+        raise ValueError("capturable=True does not support grad_in_forward / path='one_pass' (the "
+                         "one-pass path compacts rows on the host)")
     if cp and (grad_in_forward or path == paths.ONE_PASS):
         raise ValueError("grad_in_forward=True is not supported with cp_group, nor path='one_pass' (the "
                          "one-pass chunks would run the sequence reductions' collectives a "
@@ -388,7 +410,7 @@ def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, cp, hi
     torch_rows = not (get_backend(backend).triton and h2.dtype != torch.float64)
 
     def one_pass_ok(M):
-        if cp:
+        if cp or capturable:
             return False
         try:
             pl = one_pass.plan(M, h2.shape[1], w.shape[0], h2.dtype, one_pass_bytes(h2.device),
@@ -399,7 +421,8 @@ def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, cp, hi
 
     chosen = select.resolve(path, backend=backend, hidden=h2, weight=w, bias=b, targets=t, p=kp,
                             loss=True, grads=grads, entropy=cfg.entropy_coef != 0,
-                            one_pass_ok=one_pass_ok, hint=hint, budget=one_pass_bytes(h2.device))
+                            one_pass_ok=one_pass_ok, hint=hint, budget=one_pass_bytes(h2.device),
+                            no_sync=capturable)
     if chosen != paths.ONE_PASS:
         return chosen, False
     return chosen, True if explicit and path == paths.ONE_PASS else "env"
@@ -440,7 +463,8 @@ def _coefficient_hint(plan: _Plan, h2):
 def policy_loss_from_logprobs(logprobs, *, config, entropy=None, loss_mask=None, advantages=None,
                               rewards=None, group_size=None, group_ids=None, old_logprobs=None,
                               ref_logprobs=None, rollout_logprobs=None, is_demo=None,
-                              num_items_in_batch=None, is_ratio=None, cp_group=None) -> LossOutput:
+                              num_items_in_batch=None, is_ratio=None, cp_group=None,
+                              capturable=False) -> LossOutput:
     """The loss of ``config`` from per-token log-probs that the caller already has.
 
     The same presets, arguments (see :func:`unified_policy_loss`), validation, metrics and
@@ -449,7 +473,8 @@ def policy_loss_from_logprobs(logprobs, *, config, entropy=None, loss_mask=None,
     taken tokens; ``entropy``: optional ``[B, T]`` per-token entropy (needed when the config has
     ``entropy_coef > 0``). The loss is differentiable w.r.t. both; positions outside ``loss_mask``
     get exactly zero gradient, and a NaN there cannot reach the loss. ``cp_group``: context
-    parallelism, as in :func:`unified_policy_loss`.
+    parallelism, as in :func:`unified_policy_loss`. ``capturable=True``: no host
+    synchronization (metrics as device tensors; see :func:`unified_policy_loss`).
     """
     cfg = as_config(config)
     if not isinstance(logprobs, torch.Tensor) or not logprobs.dtype.is_floating_point:
@@ -476,8 +501,9 @@ def policy_loss_from_logprobs(logprobs, *, config, entropy=None, loss_mask=None,
         cfg, B, T, flat, valid, cd, loss_mask=loss_mask, advantages=advantages, rewards=rewards,
         group_size=group_size, group_ids=group_ids, old_logprobs=old_logprobs,
         ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, is_demo=is_demo,
-        is_ratio=is_ratio, num_items_in_batch=num_items_in_batch, cp_group=cp_group)
-    plan = _Plan(cfg, inp, LogprobParams(), "torch", False)
+        is_ratio=is_ratio, num_items_in_batch=num_items_in_batch, cp_group=cp_group,
+        capturable=bool(capturable))
+    plan = _Plan(cfg, inp, LogprobParams(), "torch", False, capturable=bool(capturable))
     lp = logprobs.reshape(B, T).to(cd)
     ent = None if entropy is None else entropy.reshape(B, T).to(cd)
     outs = _PolicyLossFromLogprobs.apply(lp, ent, plan)
@@ -490,7 +516,8 @@ def _output(outs, plan: _Plan, shape) -> LossOutput:
     aux = dict(zip(plan.aux_keys(), rest[len(_SIDE):]))
     inp = plan.inp.to_dtype(side["logp"].dtype)
     parts = (side["L_main"], side["L_demo"])
-    metrics = loss_metrics(plan.cfg, inp, aux, parts, side["ent_d"], side["g_lp"], side["g_H"])
+    metrics = loss_metrics(plan.cfg, inp, aux, parts, side["ent_d"], side["g_lp"], side["g_H"],
+                           plan.capturable)
     zero_b = torch.zeros_like(inp.valid)
     logp = side["logp"]
 

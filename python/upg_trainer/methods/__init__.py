@@ -12,11 +12,12 @@ from .dpo import DPO
 from .eval import Eval
 from .grpo import GRPO
 from .hpt import HPT
+from .luffy import LUFFY
 from .ppo import PPO
 from .rm import RM
 from .sft import SFT
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SFT, GRPO, HPT, RM, DPO, PPO, Eval)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SFT, GRPO, HPT, LUFFY, RM, DPO, PPO, Eval)}
 TRAIN_METHODS = tuple(name for name, m in METHODS.items() if m.trains)
 
 

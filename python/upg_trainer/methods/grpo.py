@@ -29,12 +29,24 @@ class GRPO(RLMethod):
             raise ValueError(f"loss preset {preset!r} (advantage={lc.advantage!r}) is not a group RL loss; "
                              f"use {GROUP_PRESETS}")
         if lc.demo_part is not None:
-            raise ValueError(f"loss preset {preset!r} trains on demonstrations: use `upg-train hpt`")
+            other = "luffy" if lc.demo_part == "shaped" else "hpt"
+            raise ValueError(f"loss preset {preset!r} trains on demonstrations: use `upg-train {other}`")
 
     # ------------------------------------------------------------------------------ the gate
     def rl_prompts(self, P: torch.Tensor) -> torch.Tensor:
         """Which prompts train on their rollouts (the others on their demonstration): all, for grpo."""
         return torch.ones(len(P), dtype=torch.bool)
+
+    def advantages(self, rows, R: torch.Tensor, use_rl: torch.Tensor, scalar: bool):
+        """Group advantages ``[prompts, n]`` of the RL prompts' rollouts (0 elsewhere, and everywhere when
+        ``scalar`` is False: per-token process-reward advantages are used instead), and the in-group
+        demonstrations ({prompt index: completion ids}; none for grpo/hpt)."""
+        lc, n = self.tr.loss_cfg, R.shape[1]
+        adv = torch.zeros_like(R)
+        if use_rl.any() and scalar:
+            adv[use_rl] = group_advantages(R[use_rl].reshape(-1), group_size=n, mode=lc.advantage,
+                                           eps=lc.adv_eps).view(-1, n).float()
+        return adv, {}
 
     def step(self):
         c, tr = self.cfg, self.tr
@@ -50,12 +62,11 @@ class GRPO(RLMethod):
         if tok_adv is not None and not self.process_rewards:
             raise ValueError(f"process rewards (a reward function returned step lists) train with `upg-train "
                              f"grpo`; {self.name}'s gate needs one reward per completion")
-        adv = torch.zeros_like(R)
-        if use_rl.any() and tok_adv is None:
-            adv[use_rl] = group_advantages(R[use_rl].reshape(-1), group_size=n, mode=tr.loss_cfg.advantage,
-                                           eps=tr.loss_cfg.adv_eps).view(-1, n).float()
+        adv, demos = self.advantages(rows, R, use_rl, tok_adv is None)
         items: list[Sample] = []
         for i in range(len(rows)):
+            if i in demos:   # luffy: the demonstration, a member of its group (advantage adv[i, n])
+                items.append(Sample(tr.prompt_ids(rows[i]), demos[i], is_demo=True, advantage=adv[i, n].item()))
             if use_rl[i]:
                 for j in range(n):
                     r = ro[i * n + j]

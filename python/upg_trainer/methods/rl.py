@@ -16,6 +16,15 @@ from .base import Method
 NO_SIGNAL_STEPS = 3  # first steps whose rewards are all equal before the warning
 
 
+def consumed(sampled: int, demo_items: list) -> dict:
+    """What a step consumed, summed over ranks: ``sampled_tokens`` (completion tokens the rollout engine
+    generated for training, trained on or not; evaluation not counted), ``demos_used`` /
+    ``demo_tokens_used`` (demonstrations trained on and their completion tokens)."""
+    return dict(sampled_tokens=int(dist.all_reduce_sum(int(sampled))),
+                demos_used=int(dist.all_reduce_sum(len(demo_items))),
+                demo_tokens_used=int(dist.all_reduce_sum(sum(len(s.completion_ids) for s in demo_items))))
+
+
 class RLMethod(Method):
     rollouts = True
     needs_reward = True
@@ -138,7 +147,8 @@ class RLMethod(Method):
                  solve_all=float((P == 1).float().mean()) if len(P) else 0.0,
                  completion_len=sum(lens) / len(lens),
                  stop_frac=sum(r.finish_reason == "stop" for r in ro) / max(1, len(ro)),
-                 tokens=int(dist.all_reduce_sum(sum(s.num_tokens for s in items))))
+                 tokens=int(dist.all_reduce_sum(sum(s.num_tokens for s in items))),
+                 **consumed(sum(len(r.completion_ids) for r in ro), [s for s in items if s.is_demo]))
         for k in ("reward", "accuracy", "sft_share", "solve_none", "solve_all", "completion_len", "stop_frac"):
             m[k] = dist.all_reduce_mean(m[k])
         self.check_signal(R)

@@ -5,6 +5,7 @@ from .. import distributed as dist
 from ..data import build_rows, encode_completion, pack_rows
 from ..samples import Sample
 from .base import Method
+from .rl import consumed
 
 
 class SFT(Method):
@@ -66,6 +67,7 @@ class SFT(Method):
             tr.fill_logprobs(micro, "ref_logprobs", tr.ref, tr.ref_softcap)
         m = tr.update(micro)
         m["tokens"] = int(dist.all_reduce_sum(sum(s.num_tokens for s in samples)))
+        m.update(consumed(0, samples[:len(samples) - n_replay]))
         m["sft_share"] = 1.0
         if self.replay is not None:
             m["replay_share"] = n_replay / c.train.batch_size

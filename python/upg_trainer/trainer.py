@@ -40,6 +40,7 @@ from .rewards import RewardSet
 from .samples import (Sample, keep_informative_groups, process_advantages, soft_overlong_punishment,
                       step_ends)
 from .rollout import make_engine
+from .rollout.base import logprob_mismatch
 from .schedule import make_scheduler
 
 TIME_KEYS = ("time", "step_time", "tokens_per_s", "rollout_time", "elapsed")
@@ -367,6 +368,9 @@ class Trainer(PreferenceSteps, PPOSteps):
             out = unified_policy_loss(h, w, mb.targets, config=cfg, loss_mask=mb.loss_mask, bias=b,
                                       temperature=self._temperature(), softcap=self.softcap,
                                       backend=self.cfg.loss.backend, **extra)
+            if "rollout_logprobs" in extra:  # the sampler's log-probs: how far they are from the trainer's
+                out.metrics.update(logprob_mismatch(out.logprobs, extra["rollout_logprobs"], mb.loss_mask,
+                                                    extra.get("is_demo")))
             box.append(out)
             if self._extra_loss is not None:  # PPO shared critic: the value loss on the same hidden states
                 return out.loss + self._extra_loss(h)

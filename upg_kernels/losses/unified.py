@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from .._backend import resolve_backend
-from ..kernels import LogprobParams
+from ..kernels import LogprobParams, get_backend
 from ..kernels.meta import autocast_off
 from ..kernels.workspace import workspace_bytes
 from .. import logprobs as _logprobs   # the ops via the module (tests spy on them)
@@ -120,7 +120,8 @@ def _fused_forward(plan: _Plan, h2, w, b, t):
     w_tok, code = token_weights_and_codes(cfg, inp.main_tok, inp.demo_tok, inp.main_rows,
                                           inp.demo_rows, inp.num_items)
     outs = fused_policy_epilogue(cfg, h2, w, b, t, plan.kp, old=inp.old, ref=inp.ref, rol=inp.rol,
-                                 adv=inp.adv, isr=inp.isr, w_tok=w_tok, code=code)
+                                 adv=inp.adv, isr=inp.isr, w_tok=w_tok, code=code,
+                                 backend=plan.backend)
     logp, ent, lse, ell, g_lp, g_H, ratio, kl, rollw, flags = (x.reshape(B, T) for x in outs)
     zero = torch.zeros_like(ell)
     L_main = torch.where(inp.main_tok, ell, zero).sum()
@@ -256,7 +257,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
         is_demo: ``[B]`` bool, demonstration rows (take ``config.demo_part``).
         temperature: divides the logits. ``num_items_in_batch``: token_mean denominator of the
             main part (DAPO; pass the per-process count). ``backend``: ``"auto"`` or a backend name
-            (:data:`upg_kernels.kernels.BACKEND_NAMES`).
+            (:data:`upg_kernels.kernels.BACKEND_NAMES`, the backend table).
         is_ratio: optional explicit importance weight ``[B]``, ``[B, 1]`` or ``[B, T]`` multiplying
             the main policy term (Liger's ``vllm_is_ratio``).
         ignore_index, softcap, filter_eps: passed to :func:`upg_kernels.token_logprobs` (target id
@@ -303,7 +304,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     name = resolve_backend(backend, hidden.device, h2.dtype)
     kp = LogprobParams(float(temperature), int(ignore_index), float(softcap or 0.0), float(filter_eps))
     use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)
-                 and name.startswith("triton") and h2.shape[0] > 0)
+                 and get_backend(name).fused_epilogue and h2.shape[0] > 0)
     gif = _grad_in_forward(grad_in_forward, cfg)
     plan = _Plan(cfg, inp, kp, name, use_fused and not gif, gif, workspace_bytes() if gif else 0)
     with autocast_off(hidden.device.type):

@@ -17,6 +17,8 @@ import torch
 
 pytestmark = pytest.mark.vllm
 
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")   # before vllm is imported: no INFO lines per push
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 if os.environ.get("UPG_REQUIRE_VLLM") == "1":
     import vllm  # noqa: F401  (CI's .venv-vllm: a missing vLLM is an error, not a skip)
 else:
@@ -25,11 +27,19 @@ else:
 TOL = 1e-5
 PROMPTS = [[1, 20, 21, 22, 2], [1, 30, 31, 2, 3, 4], [1, 40, 2]]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the warm-up and the GRPO run (docs/trainer.md compares this run with `--rollout.engine hf`)
+DATA = ["--data.levels", "[1]", "--data.eval_levels", "[1]", "--data.num_eval", "50", "--rollout.max_new_tokens", "28"]
+SFT_ARGS = ["sft", *DATA, "--train.max_steps", "150", "--train.lr", "5e-3", "--train.batch_size", "32",
+            "--train.warmup_steps", "10", "--train.schedule", "cosine", "--train.min_lr_ratio", "0.1",
+            "--output.eval_every", "0", "--output.save_every", "0"]
+GRPO_STEPS = 30
+GRPO_ARGS = ["--train.max_steps", str(GRPO_STEPS), "--train.batch_size", "8", "--rollout.n", "8",
+             "--train.lr", "1e-3", "--output.eval_every", "0", "--output.save_every", "0",
+             "--loss.overrides", "{rollout_is: token_truncate}"]
 
 
 @pytest.fixture(scope="module")
 def setup():
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from upg_trainer.model import load_model_and_tokenizer
     from upg_trainer.rollout import make_engine
     model, tok, _ = load_model_and_tokenizer("embedded", dtype="float32", device="cpu", seed=3)
@@ -236,7 +246,7 @@ def test_bf16_engine_mismatch_is_visible(setup):
 
 def _cli(args, out):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python")]),
-               VLLM_ENABLE_V1_MULTIPROCESSING="0")
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="WARNING")
     p = subprocess.run([sys.executable, "-m", "upg_trainer.cli", *args, "--output.dir", str(out),
                         "--output.progress", "false", "--output.plots", "false"],
                        env=env, capture_output=True, text=True, timeout=900)
@@ -247,12 +257,8 @@ def _cli(args, out):
 def test_grpo_with_vllm_rollouts_from_sft(tmp_path):
     """`upg-train grpo --rollout.engine vllm` from a short SFT warm-up: the reward rises and the
     trainer/sampler log-prob mismatch is recorded (near 0 in float32)."""
-    data = ["--data.levels", "[1, 2]", "--data.eval_levels", "[1, 2]", "--data.num_eval", "40",
-            "--rollout.max_new_tokens", "28"]
-    _cli(["sft", *data, "--train.max_steps", "120", "--train.lr", "5e-3", "--train.batch_size", "32",
-          "--train.warmup_steps", "10", "--train.schedule", "cosine", "--train.min_lr_ratio", "0.1",
-          "--output.eval_every", "0", "--output.save_every", "0"], tmp_path / "sft")
-    rows = _cli(["grpo", *data, "--model.path", str(tmp_path / "sft" / "final"), "--rollout.engine", "vllm",
+    _cli(SFT_ARGS, tmp_path / "sft")
+    rows = _cli(["grpo", *DATA, "--model.path", str(tmp_path / "sft" / "final"), "--rollout.engine", "vllm",
                  *GRPO_ARGS], tmp_path / "grpo")
     train = [r for r in rows if r.get("kind") == "train"]
     assert len(train) == GRPO_STEPS
@@ -263,9 +269,3 @@ def test_grpo_with_vllm_rollouts_from_sft(tmp_path):
     assert last > first + 0.05
     mism = [r["sampler_logprob_absdiff"] for r in train]
     assert max(mism) < 1e-4 and all(abs(r["rollout_is_mean"] - 1) < 1e-3 for r in train)
-
-
-GRPO_STEPS = 30
-GRPO_ARGS = ["--train.max_steps", str(GRPO_STEPS), "--train.batch_size", "8", "--rollout.n", "8",
-             "--train.lr", "1e-3", "--output.eval_every", "0", "--output.save_every", "0",
-             "--loss.overrides", "{rollout_is: token_truncate}"]

@@ -96,6 +96,8 @@ def test_generation_shape_eos_and_seeds(setup):
         else:
             assert r.finish_reason == "length" and len(r.completion_ids) == 9
             assert not set(r.completion_ids) & set(engine.eos_ids)
+    with pytest.raises(ValueError, match="max_model_len=64"):   # 60 + 5 > 64: refused, not truncated
+        engine.generate([[1] * 60], n=1, max_new_tokens=5)
     # unseeded: one request with n per prompt, still n completions per prompt
     d = engine.generate(PROMPTS, n=2, max_new_tokens=4, temperature=1.0)
     assert [r.prompt_index for r in d] == [0, 0, 1, 1, 2, 2]
@@ -217,7 +219,7 @@ def test_importance_correction_with_real_sampler_logprobs(setup):
     for mode in (None, "token_truncate", "token_mask"):
         model.zero_grad()
         h = hidden_states(model, ids, att, pos)[:, P - 1:-1]
-        cfg = LossConfig(rollout_is=mode)
+        cfg = LossConfig.preset("grpo", rollout_is=mode)
         out = unified_policy_loss(h, model.lm_head.weight, tgt, config=cfg, advantages=adv, temperature=T,
                                   rollout_logprobs=rol if mode else None)
         out.loss.backward()

@@ -106,7 +106,8 @@ class VLLMEngine:
             returned); its config gives vLLM the architecture and its weights are pushed at start.
         tokenizer: its tokenizer (EOS ids only; vLLM does not load a tokenizer).
         gpu_memory_utilization: CUDA: fraction of the GPU vLLM may take (weights + KV cache).
-        max_model_len: longest prompt + completion (default: the model config's).
+        max_model_len: longest prompt + completion (default: the model config's; capped at its
+            ``max_position_embeddings``); ``generate`` refuses requests that do not fit.
         dtype: vLLM dtype (default: the trainer model's parameter dtype).
         sleep_level: 1 (weights kept in CPU RAM while asleep) or 2 (weights dropped; pushed again
             from the trainer's model at the next ``wake``).
@@ -157,8 +158,11 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
         else:
             kwargs["gpu_memory_utilization"] = float(gpu_memory_utilization)
+        limit = getattr(lm.config, "max_position_embeddings", None)
         if max_model_len:
-            kwargs["max_model_len"] = int(max_model_len)
+            # the trainer's default (data.max_prompt_tokens + rollout.max_new_tokens) may exceed a small
+            # model's context, which vLLM refuses: cap it there (generate checks every request fits)
+            kwargs["max_model_len"] = min(int(max_model_len), int(limit)) if limit else int(max_model_len)
         if D.world_size() > 1:
             # one in-process engine per torchrun rank, sharing torchrun's process group
             kwargs["distributed_executor_backend"] = "external_launcher"
@@ -172,6 +176,7 @@ class VLLMEngine:
         with _own_rng():
             self.llm = vllm.LLM(**kwargs)
         self.logprobs_mode = "processed_logprobs"
+        self.max_model_len = int(self.llm.model_config.max_model_len)
         self._asleep = False
         self._model = model
         self._pushed_versions: Optional[tuple] = None   # None: vLLM holds no valid weights
@@ -264,6 +269,11 @@ class VLLMEngine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if not prompts:
             return []
+        longest = max(len(p) for p in prompts)
+        if longest + max_new_tokens > self.max_model_len:
+            raise ValueError(f"a prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the vLLM "
+                             f"engine's max_model_len={self.max_model_len} (rollout.max_model_len, capped at the "
+                             "model's max_position_embeddings)")
         self.wake()
         self._check_fresh()
         from vllm.inputs import TokensPrompt

@@ -34,7 +34,7 @@ SFT_ARGS = ["sft", *DATA, "--train.max_steps", "150", "--train.lr", "5e-3", "--t
             "--output.eval_every", "0", "--output.save_every", "0"]
 GRPO_STEPS = 30
 GRPO_ARGS = ["--train.max_steps", str(GRPO_STEPS), "--train.batch_size", "8", "--rollout.n", "8",
-             "--train.lr", "1e-3", "--output.eval_every", "0", "--output.save_every", "0",
+             "--train.lr", "3e-4", "--output.eval_every", "0", "--output.save_every", "0",
              "--loss.overrides", "{rollout_is: token_truncate}"]
 
 
@@ -175,6 +175,14 @@ def test_stale_weights_are_refused(setup):
     engine.sync_weights(model)
     rs = engine.generate(PROMPTS, n=1, max_new_tokens=4, temperature=1.0, seed=0)
     assert max_gap(model, rs, 1.0) < TOL
+
+
+def test_engine_core_in_another_process_is_refused(setup, monkeypatch):
+    from upg_trainer.rollout.vllm_engine import VLLMEngine
+    model, tok, _ = setup
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    with pytest.raises(ValueError, match="VLLM_ENABLE_V1_MULTIPROCESSING"):
+        VLLMEngine(model, tok)
 
 
 def test_sleep_is_a_noop_without_sleep_mode(setup):

@@ -168,6 +168,9 @@ class VLLMEngine:
             kwargs["distributed_executor_backend"] = "external_launcher"
         # keep the engine core in this process: the push hands vLLM the trainer's tensors directly
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
+            raise ValueError("VLLMEngine needs vLLM's engine core in this process (the weight push hands it the "
+                             "trainer's tensors): unset VLLM_ENABLE_V1_MULTIPROCESSING or set it to 0")
         kwargs.update(llm_kwargs or {})
         import torch
         if torch.cuda.is_available():

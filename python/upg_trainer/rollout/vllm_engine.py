@@ -30,7 +30,7 @@ Design points:
   their names (a tied ``lm_head`` has its own packed copy on CPU). Under FSDP2 each parameter is
   all-gathered just before it is sent (``distributed.iter_full_params``: collective, every rank pushes).
   The engine core must live in this process: the engine sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0``
-  (unless set), and under torchrun uses ``distributed_executor_backend="external_launcher"`` (one
+  (when unset; another value is refused), and under torchrun uses ``distributed_executor_backend="external_launcher"`` (one
   engine per rank, tensor parallel size 1). The prefix cache is reset after every push.
 - Stale weights: the engine records the version counters of the trainer's parameters at each push.
   ``generate`` pushes first when ``sync_weights`` was called; when the parameters changed in place

@@ -1,6 +1,8 @@
 """upg-kernels: fused post-training losses that never materialize vocab-sized logits.
 
-- :func:`token_logprobs`: per-token log-probs (and entropy) from hidden states and the lm_head.
+- :func:`token_logprobs`: per-token log-probs (and entropy) from hidden states and the lm_head
+  (:class:`VocabParallelOptions` for a vocabulary-parallel head, ``cp_group=`` on the losses for context
+  parallelism: :mod:`upg_kernels.parallel`).
 - :func:`unified_policy_loss` / :class:`UnifiedPolicyLoss` (and :func:`policy_loss_from_logprobs` for given
   per-token log-probs) with :class:`LossConfig` presets: SFT, RL
   and their hybrids as one estimator with four interchangeable parts.
@@ -13,6 +15,7 @@
 """
 from .integrations import FusedLinearGRPOLoss, linear_cross_entropy
 from .logprobs import token_logprobs
+from .parallel import VocabParallelOptions
 from .losses import (LossConfig, LossOutput, UnifiedPolicyLoss, group_advantages,
                      policy_loss_from_logprobs, unified_policy_loss)
 from .ppo import AdaptiveKLController, FixedKLController, gae, kl_penalty_rewards, value_loss, whiten
@@ -22,7 +25,7 @@ from .reference import token_logprobs_reference
 
 __version__ = "0.1.0"
 __all__ = [
-    "token_logprobs", "token_logprobs_reference",
+    "token_logprobs", "token_logprobs_reference", "VocabParallelOptions",
     "LossConfig", "LossOutput", "UnifiedPolicyLoss", "group_advantages", "unified_policy_loss",
     "policy_loss_from_logprobs",
     "FusedLinearGRPOLoss", "linear_cross_entropy",

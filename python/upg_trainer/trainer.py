@@ -32,6 +32,7 @@ from .model import (check_fused_logprobs, freeze, get_head, hidden_states, load_
                     load_reference_model)
 from .rewards import RewardSet
 from .rollout import make_engine
+from .rollout.base import logprob_mismatch
 from .schedule import make_scheduler
 
 TIME_KEYS = ("time", "step_time", "tokens_per_s", "rollout_time", "elapsed")
@@ -410,6 +411,9 @@ class Trainer:
                 out = unified_policy_loss(h, w, mb.targets, config=cfg_k, loss_mask=mb.loss_mask, bias=b,
                                           temperature=self.temperature(), softcap=self.softcap,
                                           backend=self.cfg.loss.backend, **kw)
+                if "rollout_logprobs" in kw:  # the sampler's log-probs: how far they are from the trainer's
+                    out.metrics.update(logprob_mismatch(out.logprobs, kw["rollout_logprobs"], mb.loss_mask,
+                                                        kw.get("is_demo")))
                 box.append(out)
                 return out.loss if extra_term is None else out.loss + extra_term(k, mb, extra, h)
             loss = dist.forward_call(self.model, fn)

@@ -10,11 +10,6 @@ def make_engine(name: str, model, tokenizer, **kwargs) -> RolloutEngine:
         from .hf_engine import HFEngine
         return HFEngine(model, tokenizer, **kwargs)
     if name == "vllm":
-        try:
-            from .vllm_engine import VLLMEngine
-        except ImportError as e:  # the module itself or vllm missing
-            raise RuntimeError(f"rollout engine 'vllm' is not available: {e}. "
-                               "Install it with `pip install upg-kernels[vllm]` (needs CUDA) "
-                               "or use --rollout.engine hf.") from e
+        from .vllm_engine import VLLMEngine  # raises VLLMUnavailableError (one-line install hint) without vLLM
         return VLLMEngine(model, tokenizer, **kwargs)
     raise ValueError(f"unknown rollout engine {name!r}: use 'hf' or 'vllm'")

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Protocol, runtime_checkable
 
+import torch
+
 
 @dataclass
 class Rollout:
@@ -70,3 +72,15 @@ def group(rollouts: list[Rollout], n: int) -> list[list[Rollout]]:
     if n <= 0 or len(rollouts) % n:
         raise ValueError(f"{len(rollouts)} rollouts cannot be split into groups of {n}")
     return [rollouts[i:i + n] for i in range(0, len(rollouts), n)]
+
+
+def logprob_mismatch(trainer_logprobs, sampler_logprobs, loss_mask, is_demo=None) -> dict:
+    """``{"sampler_logprob_absdiff": mean |trainer - sampler| log-prob}`` over the RL tokens in the loss
+    (``loss_mask > 0``, demonstration rows excluded): how far the rollout engine's log-probs are from
+    the trainer's on the same tokens and weights (0 up to rounding when both compute the same thing)."""
+    m = loss_mask > 0
+    if is_demo is not None:
+        m = m & ~is_demo.to(torch.bool)[:, None]
+    d = (trainer_logprobs.float() - sampler_logprobs.to(trainer_logprobs.device).float()).abs()
+    n = m.sum()
+    return {"sampler_logprob_absdiff": float(torch.where(m, d, torch.zeros_like(d)).sum() / n.clamp(min=1))}

@@ -2,8 +2,9 @@
 
 :func:`upg_kernels.unified_policy_loss` (from hidden states) and
 :func:`upg_kernels.policy_loss_from_logprobs` (from ``[B, T]`` log-probs) take the same per-token and
-per-row arguments; :func:`prepare_loss_inputs` checks them, builds the masks and the advantages and
-returns a :class:`LossInputs`. Everything here is O(B*T): nothing vocabulary-sized.
+per-row arguments (the fields of :class:`~upg_kernels.losses.batch.LossBatch`);
+:func:`prepare_loss_inputs` checks them, builds the masks and the advantages and returns a
+:class:`LossInputs`. Everything here is O(B*T): nothing vocabulary-sized.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 
 from ..kernels.meta import any_bad, any_true
 from .advantages import group_advantages
+from .batch import BatchTotals, LossBatch
 from .config import GROUP_ADVANTAGES, LossConfig
 
 
@@ -36,6 +38,7 @@ class LossInputs:
     isr: Optional[torch.Tensor]    # [B, T] explicit IS ratio (1 outside the main tokens)
     isr_rows: Optional[torch.Tensor]   # [B, 1] when is_ratio is per sequence
     num_items: object = None
+    totals: Optional[BatchTotals] = None
 
     @property
     def have_ref(self) -> bool:
@@ -101,15 +104,17 @@ def _advantages_bt(advantages, B, T, flat, device, dtype):
 
 
 def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torch.Tensor,
-                        cd: torch.dtype, *, loss_mask=None, advantages=None, rewards=None,
-                        group_size=None, group_ids=None, old_logprobs=None, ref_logprobs=None,
-                        rollout_logprobs=None, is_demo=None, is_ratio=None,
-                        num_items_in_batch=None) -> LossInputs:
-    """Check the per-token / per-row arguments and build masks and advantages.
+                        cd: torch.dtype, batch: LossBatch) -> LossInputs:
+    """Check the per-token / per-row arguments of ``batch`` and build masks and advantages.
 
     ``valid`` is the ``[B, T]`` bool mask of the positions the caller can score (targets not
     ``ignore_index``); ``loss_mask`` narrows it. ``flat``: the caller's per-token tensors are ``[N]``
     (``B = N`` sequences of length ``T = 1``)."""
+    b = batch
+    loss_mask, advantages, rewards, group_size, group_ids = (
+        b.loss_mask, b.advantages, b.rewards, b.group_size, b.group_ids)
+    old_logprobs, ref_logprobs, rollout_logprobs = b.old_logprobs, b.ref_logprobs, b.rollout_logprobs
+    is_demo, is_ratio, num_items_in_batch, totals = b.is_demo, b.is_ratio, b.num_items_in_batch, b.totals
     dev = valid.device
     lm = _per_token("loss_mask", loss_mask, B, T, flat, dev)
     if lm is not None:
@@ -200,4 +205,4 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
     return LossInputs(B=B, T=T, cd=cd, valid=valid, main_tok=main_tok, demo_tok=demo_tok,
                       main_rows=main_rows, demo_rows=demo_rows, adv=adv, adv_per_row=adv_per_row,
                       old=old, ref=ref, rol=rol, isr=isr, isr_rows=isr_rows,
-                      num_items=num_items_in_batch)
+                      num_items=num_items_in_batch, totals=totals)

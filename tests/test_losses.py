@@ -680,7 +680,9 @@ def random_configs(draw):
               demo_part=draw(st.sampled_from([None, "sft", "shaped"])),
               delta=draw(st.sampled_from([None, 1.4])) if stab == "clip" else None,
               dual_clip=draw(st.sampled_from([None, 3.0])) if stab == "clip" else None,
-              demo_coef=0.5, rl_coef=1.5)
+              rl_coef=1.5)
+    if kw["demo_part"] is not None:
+        kw["demo_coef"] = 0.5
     if kw["demo_part"] == "shaped" and kw["advantage"] == "one":
         kw["advantage"] = "given"
     if stab == "vespo" and kw["rollout_is"] == "sequence_mask":

@@ -61,12 +61,20 @@ def as_config(config) -> LossConfig:
     raise TypeError(f"config must be a LossConfig or a preset name, got {type(config).__name__}")
 
 
+def _same_device(name, x, device):
+    """A tensor argument on another device than hidden is an error (no silent copy between devices)."""
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but hidden (the loss's input) is on {device}; move it "
+                         f"there (e.g. {name}.to(hidden.device))")
+
+
 def _per_token(name, x, B, T, flat, device, dtype=None):
     """Check an optional per-token tensor and return it as [B, T]."""
     if x is None:
         return None
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    _same_device(name, x, device)
     want = (B,) if flat else (B, T)
     if tuple(x.shape) != want:
         raise ValueError(f"{name} must have shape {list(want)} (like targets), got {list(x.shape)}")
@@ -80,15 +88,35 @@ def _per_row(name, x, B, device):
     if x is None:
         return None
     if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x)
+        x = torch.as_tensor(x, device=device)
+    _same_device(name, x, device)
     if tuple(x.shape) != (B,):
         raise ValueError(f"{name} must have shape [B={B}] (one value per sequence), got {list(x.shape)}")
     return x.to(device)
 
 
+def _check_num_items(n):
+    """``num_items_in_batch``: None, a number > 0 or a one-element tensor > 0 (TRL's convention)."""
+    if n is None:
+        return
+    if isinstance(n, torch.Tensor):
+        if n.numel() != 1 or n.dtype == torch.bool or n.is_complex():
+            raise TypeError(f"num_items_in_batch must be a number or a one-element tensor, got a tensor of "
+                            f"shape {list(n.shape)} and dtype {n.dtype}")
+        bad = any_bad(~(n > 0)) if n.device.type != "meta" else False
+    elif isinstance(n, (int, float)) and not isinstance(n, bool):
+        bad = not n > 0
+    else:
+        raise TypeError(f"num_items_in_batch must be a number or a one-element tensor, got {type(n).__name__}")
+    if bad:
+        raise ValueError(f"num_items_in_batch must be > 0 (the token count the main part's token_mean "
+                         f"divides by), got {n if not isinstance(n, torch.Tensor) else n.item()!r}")
+
+
 def _advantages_bt(advantages, B, T, flat, device, dtype):
     if not isinstance(advantages, torch.Tensor):
         raise TypeError(f"advantages must be a torch.Tensor or None, got {type(advantages).__name__}")
+    _same_device("advantages", advantages, device)
     s = tuple(advantages.shape)
     if flat:
         if s != (B,):
@@ -116,6 +144,16 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
     old_logprobs, ref_logprobs, rollout_logprobs = b.old_logprobs, b.ref_logprobs, b.rollout_logprobs
     is_demo, is_ratio, num_items_in_batch, totals = b.is_demo, b.is_ratio, b.num_items_in_batch, b.totals
     dev = valid.device
+    _check_num_items(num_items_in_batch)
+    if totals is not None:
+        if num_items_in_batch is not None:
+            raise ValueError("pass totals (global counts of every part) or num_items_in_batch (TRL's main "
+                             "token_mean denominator), not both")
+        if not isinstance(totals, BatchTotals):
+            raise TypeError(f"totals must be a BatchTotals (upg_kernels.batch_totals), got {type(totals).__name__}")
+        if totals.paired:
+            raise ValueError("totals were counted with paired=True (for preference_loss); count the policy "
+                             "loss's batch with batch_totals(loss_mask, is_demo=...)")
     lm = _per_token("loss_mask", loss_mask, B, T, flat, dev)
     if lm is not None:
         valid = valid & (lm != 0)
@@ -155,6 +193,7 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
     if is_ratio is not None:
         if not isinstance(is_ratio, torch.Tensor):
             raise TypeError("is_ratio must be a torch.Tensor or None")
+        _same_device("is_ratio", is_ratio, dev)
         s = tuple(is_ratio.shape)
         if s in ((B,), (B, 1)):
             isr_rows = is_ratio.reshape(B, 1).to(dev, cd)

@@ -40,7 +40,7 @@ from ..kernels import LogprobParams
 from ..kernels.meta import autocast_off
 from ..kernels.workspace import workspace_bytes
 from .. import logprobs as _logprobs   # the ops via the module (tests spy on them)
-from ..logprobs import prepare_inputs
+from ..logprobs import as_number, nonfinite_rows, prepare_inputs
 from .epilogue import loss_metrics, pytorch_coefficients, vespo_gamma_weight  # noqa: F401 (re-export)
 from .fused import fused_enabled, fused_policy_epilogue, fused_supported, token_weights_and_codes
 from .batch import LossBatch
@@ -283,9 +283,11 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
     w_dt = weight.dtype if isinstance(weight, torch.Tensor) else hidden.dtype
     cd = torch.float64 if torch.promote_types(hidden.dtype, w_dt) == torch.float64 else torch.float32
     lb = LossBatch.of(batch, batch_fields, "unified_policy_loss")
+    h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps,
+                                 ignore_index)
+    temperature, filter_eps = as_number("temperature", temperature), as_number("filter_eps", filter_eps)
+    softcap = None if softcap is None else as_number("softcap", softcap)
     inp = prepare_loss_inputs(cfg, B, T, flat, targets.reshape(B, T) != ignore_index, cd, lb)
-
-    h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
     name = resolve_backend(backend, hidden.device, h2.dtype)
     kp = LogprobParams(float(temperature), int(ignore_index), float(softcap or 0.0), float(filter_eps))
     use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)
@@ -354,6 +356,14 @@ def policy_loss_from_logprobs(logprobs, *, config, entropy=None, batch: Optional
 def _output(outs, plan: _Plan, shape) -> LossOutput:
     loss, rest = outs[0], outs[1:]
     side = dict(zip(_SIDE, rest[:len(_SIDE)]))
+    bad = nonfinite_rows(plan.inp.valid, side["logp"], side["ent"])
+    if bad:
+        raise FloatingPointError(
+            f"non-finite log-probs / entropy at rows {bad} of the batch, at tokens in the loss (NaN/inf in "
+            "those rows' hidden states or in the given log-probs, or in weight/bias): the loss would be "
+            "NaN, and dW / db, which sum over every row, would be NaN too. The other rows' values are "
+            "unaffected; exclude the bad rows with loss_mask (a masked row cannot reach the loss or any "
+            "gradient) or find the source")
     aux = dict(zip(plan.aux_keys(), rest[len(_SIDE):]))
     inp = plan.inp.to_dtype(side["logp"].dtype)
     parts = (side["L_main"], side["L_demo"])

@@ -166,3 +166,235 @@ def test_nonfinite_hidden_row_is_named():
     lc = upg_kernels.token_logprobs(hc, w, t[keep], backend="torch")
     lc.sum().backward()
     assert torch.equal(logp[keep].detach(), lc.detach()) and torch.equal(hh.grad[keep], hc.grad)
+
+
+# ----------------------------------------------------------------------------------------- C: global totals
+SPLITS = [slice(0, 1), slice(1, 4), slice(4, 6)]      # uneven; row 4 (all-zero mask) in the last one
+
+
+def whole_batch_case(name, seed=0):
+    """make_case's float64 batch with advantages computed over the whole batch (before splitting) and
+    the ignore_index positions folded into loss_mask (what batch_totals counts)."""
+    from upg_kernels import group_advantages
+    cfg, hid, w, b, tgt, kw = make_case(name, seed, dtype=torch.float64)
+    kw["loss_mask"] = kw["loss_mask"] & (tgt != -100)
+    if "rewards" in kw:
+        r, gs, gid = kw.pop("rewards"), kw.pop("group_size", None), kw.pop("group_ids", None)
+        demo = kw.get("is_demo")
+        sel = ~demo if (demo is not None and cfg.demo_part == "sft") else torch.ones(len(r), dtype=torch.bool)
+        a = torch.zeros(len(r), dtype=torch.float64)
+        a[sel] = group_advantages(r[sel], group_size=gs, group_ids=None if gid is None else gid[sel],
+                                  mode=cfg.advantage, eps=cfg.adv_eps)
+        kw["advantages"] = a
+    return cfg, hid, w, b, tgt, LossBatch(**kw)
+
+
+def _loss_and_grads(cfg, hid, w, b, tgt, lb, **kw):
+    h, ww, bb = (x.clone().requires_grad_(True) for x in (hid, w, b))
+    out = unified_policy_loss(h, ww, tgt, config=cfg, bias=bb, backend="torch", batch=lb, **kw)
+    out.loss.backward()
+    return out, out.loss.detach(), h.grad, ww.grad, bb.grad
+
+
+def _close(a, b, what):
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("name", ALL_PRESETS)
+def test_micro_batches_with_totals_add_up_to_the_whole_batch(name):
+    cfg, hid, w, b, tgt, lb = whole_batch_case(name)
+    parts = [lb.select(s) for s in SPLITS]
+    totals = upg_kernels.batch_totals([p.loss_mask for p in parts],
+                                      is_demo=None if lb.is_demo is None else [p.is_demo for p in parts])
+    assert totals.main_rows + totals.demo_rows == 6 and totals.world_size == 1
+    whole, L, dh, dw, db = _loss_and_grads(cfg, hid, w, b, tgt, lb)
+    # the whole batch with its own totals is the plain call
+    _, L_t, dh_t, dw_t, db_t = _loss_and_grads(cfg, hid, w, b, tgt, lb, totals=totals)
+    _close(L_t, L, "whole batch with totals")
+    _close(dw_t, dw, "whole batch with totals dW")
+    sum_L, sum_dw, sum_db, dhs = 0.0, torch.zeros_like(w), torch.zeros_like(b), []
+    for s, p in zip(SPLITS, parts):
+        _, L_k, dh_k, dw_k, db_k = _loss_and_grads(cfg, hid[s], w, b, tgt[s], p, totals=totals)
+        sum_L, sum_dw, sum_db = sum_L + L_k, sum_dw + dw_k, sum_db + db_k
+        dhs.append(dh_k)
+    _close(sum_L, L, f"{name} loss")
+    _close(torch.cat(dhs), dh, f"{name} dh")
+    _close(sum_dw, dw, f"{name} dW")
+    _close(sum_db, db, f"{name} db")
+    # the same contract from given log-probs
+    lp = whole.logprobs.clone().requires_grad_(True)
+    ent = whole.entropy.clone().requires_grad_(True)
+    ref = policy_loss_from_logprobs(lp, config=cfg, entropy=ent, batch=lb)
+    g_lp, g_ent = torch.autograd.grad(ref.loss, [lp, ent])
+    acc, g_parts = 0.0, []
+    for s, p in zip(SPLITS, parts):
+        lp_k = whole.logprobs[s].clone().requires_grad_(True)
+        ent_k = whole.entropy[s].clone().requires_grad_(True)
+        o = policy_loss_from_logprobs(lp_k, config=cfg, entropy=ent_k, batch=p, totals=totals)
+        acc = acc + o.loss.detach()
+        g_parts.append(torch.autograd.grad(o.loss, [lp_k, ent_k]))
+    _close(acc, ref.loss.detach(), f"{name} loss from log-probs")
+    _close(torch.cat([g[0] for g in g_parts]), g_lp, f"{name} d/dlogp")
+    _close(torch.cat([g[1] for g in g_parts]), g_ent, f"{name} d/dH")
+
+
+def test_without_totals_micro_batches_do_not_add_up():
+    """The reason for totals: local counts give another loss (grpo: per-call row means)."""
+    cfg, hid, w, b, tgt, lb = whole_batch_case("grpo")
+    L = _loss_and_grads(cfg, hid, w, b, tgt, lb)[1]
+    naive = sum(_loss_and_grads(cfg, hid[s], w, b, tgt[s], lb.select(s))[1] for s in SPLITS)
+    assert abs(float(naive - L)) > 1e-3 * abs(float(L))
+
+
+def test_totals_errors():
+    cfg, hid, w, b, tgt, lb = whole_batch_case("hpt")
+    small = upg_kernels.batch_totals(lb.loss_mask[:2], is_demo=lb.is_demo[:2])
+    with pytest.raises(ValueError, match="totals do not cover this call"):
+        unified_policy_loss(hid, w, tgt, config=cfg, bias=b, backend="torch", batch=lb, totals=small)
+    full = upg_kernels.batch_totals(lb.loss_mask, is_demo=lb.is_demo)
+    with pytest.raises(ValueError, match="totals .* or num_items_in_batch .* not both"):
+        unified_policy_loss(hid, w, tgt, config=cfg, bias=b, backend="torch", batch=lb, totals=full,
+                            num_items_in_batch=10)
+    raw = dataclasses.replace(lb, loss_mask=torch.ones(6, 5, dtype=torch.bool))   # includes ignore_index
+    with pytest.raises(ValueError, match="excludes the positions whose target is ignore_index"):
+        unified_policy_loss(hid, w, tgt, config=cfg, bias=b, backend="torch", batch=raw, totals=full)
+    with pytest.raises(TypeError, match="totals must be a BatchTotals"):
+        unified_policy_loss(hid, w, tgt, config=cfg, bias=b, backend="torch", batch=lb, totals={"main_rows": 6})
+    paired = upg_kernels.batch_totals(lb.loss_mask, paired=True)
+    with pytest.raises(ValueError, match="paired=True"):
+        unified_policy_loss(hid, w, tgt, config=cfg, bias=b, backend="torch", batch=lb, totals=paired)
+    with pytest.raises(ValueError, match="is_demo has 1 entries for 2 loss masks"):
+        upg_kernels.batch_totals([lb.loss_mask, lb.loss_mask], is_demo=[lb.is_demo])
+    with pytest.raises(ValueError, match="needs an initialized torch.distributed"):
+        upg_kernels.batch_totals(lb.loss_mask, group=object())
+
+
+def test_preference_micro_batches_with_totals_add_up():
+    from upg_kernels import preference_loss
+    from upg_kernels.preference.reference import preference_loss_reference
+    from test_preference import make_batch
+    h, w, b, t, m, ref_h, ref_w = make_batch(loss_mask=True)
+    P = h.shape[0] // 2
+    mask = m & (t != -100)
+
+    def rows(s):   # the chosen and the rejected rows of pairs s
+        idx = torch.arange(P)[s]
+        return torch.cat([idx, idx + P])
+
+    for name in ("dpo", "orpo", "rpo", "simpo"):
+        cfg = upg_kernels.PreferenceConfig.preset(name)
+        rc = torch.randn(P, dtype=torch.float64) - 8 if cfg.use_reference else None
+        rr = torch.randn(P, dtype=torch.float64) - 8 if cfg.use_reference else None
+
+        def run(idx, totals=None):
+            hh, ww, bb = h[idx].clone().requires_grad_(True), w.clone().requires_grad_(True), \
+                b.clone().requires_grad_(True)
+            sel = idx[:len(idx) // 2]
+            out = preference_loss(hh, ww, t[idx], config=cfg, loss_mask=m[idx], bias=bb, backend="torch",
+                                  ref_chosen_logps=None if rc is None else rc[sel],
+                                  ref_rejected_logps=None if rr is None else rr[sel], totals=totals)
+            out.loss.backward()
+            return out.loss.detach(), hh.grad, ww.grad, bb.grad
+
+        splits = [slice(0, 1), slice(1, 3)]
+        totals = upg_kernels.batch_totals([mask[rows(s)] for s in splits], paired=True)
+        assert totals.main_rows == P and totals.paired
+        L, dh, dw, db = run(rows(slice(0, P)))
+        _close(L, preference_loss_reference(h, w, b, t, m, rc, rr, cfg), f"{name} vs reference")
+        acc = [run(rows(s), totals) for s in splits]
+        _close(sum(a[0] for a in acc), L, f"{name} loss")
+        _close(sum(a[2] for a in acc), dw, f"{name} dW")
+        _close(sum(a[3] for a in acc), db, f"{name} db")
+        dh_parts = torch.zeros_like(dh)
+        for s, a in zip(splits, acc):
+            dh_parts[rows(s)] = a[1]
+        _close(dh_parts, dh, f"{name} dh")
+    with pytest.raises(ValueError, match="paired=True"):
+        preference_loss(h, w, t, config="dpo", loss_mask=m, bias=b, backend="torch",
+                        ref_chosen_logps=torch.zeros(P), ref_rejected_logps=torch.zeros(P),
+                        totals=upg_kernels.batch_totals(mask))
+
+
+# ----------------------------------------------------------------------------------------- C: 2 gloo ranks
+RANK_ROWS = [slice(0, 2), slice(2, 6)]                         # uneven ranks
+RANK_MICRO = [[slice(0, 1), slice(1, 2)], [slice(2, 3), slice(3, 6)]]   # uneven micro-batches
+
+
+class _Head(torch.nn.Module):
+    """The lm_head as a module (DDP averages its gradients); the loss of one micro-batch."""
+
+    def __init__(self, w, b, cfg):
+        super().__init__()
+        self.weight = torch.nn.Parameter(w.clone())
+        self.bias = torch.nn.Parameter(b.clone())
+        self.cfg = cfg
+
+    def forward(self, h, tgt, lb, totals):
+        return unified_policy_loss(h, self.weight, tgt, config=self.cfg, bias=self.bias, backend="torch",
+                                   batch=lb, totals=totals).loss
+
+
+def _ddp_worker(rank, port, out_path):
+    import json
+    import os
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    res = {}
+    for name in ALL_PRESETS:
+        cfg, hid, w, b, tgt, lb = whole_batch_case(name)
+        _, L, dh, dw, db = _loss_and_grads(cfg, hid, w, b, tgt, lb)          # the whole batch, one process
+        micro = RANK_MICRO[rank]
+        parts = [lb.select(s) for s in micro]
+        totals = upg_kernels.batch_totals([p.loss_mask for p in parts], group=dist.group.WORLD,
+                                          is_demo=None if lb.is_demo is None else [p.is_demo for p in parts])
+        model = DDP(_Head(w, b, cfg))
+        acc, dhs = torch.zeros((), dtype=torch.float64), []
+        for k, (s, p) in enumerate(zip(micro, parts)):
+            h = hid[s].clone().requires_grad_(True)
+            ctx = model.no_sync() if k < len(micro) - 1 else torch.enable_grad()
+            with ctx:
+                loss = model(h, tgt[s], p, totals)
+                (loss * totals.world_size).backward()      # DDP averages: compensate as totals say
+            acc += loss.detach()
+            dhs.append(h.grad)
+        dist.all_reduce(acc)
+
+        def rel(a, ref):
+            return float((a - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+        rows = hid[RANK_ROWS[rank]]
+        res[name] = dict(loss=rel(acc, L), dw=rel(model.module.weight.grad, dw), db=rel(model.module.bias.grad, db),
+                         # dh is world_size x the rank's share: it feeds parameters that DDP averages
+                         dh=rel(torch.cat(dhs) / totals.world_size, dh[RANK_ROWS[rank]]) if rows.numel() else 0.0,
+                         world=totals.world_size, rows=totals.main_rows + totals.demo_rows)
+    every = [None, None]
+    dist.all_gather_object(every, res)
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(every, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    import json
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path_factory.mktemp("totals") / "ddp.json"
+    mp.spawn(_ddp_worker, args=(port, str(out)), nprocs=2, join=True)
+    with open(out) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name", ALL_PRESETS)
+def test_two_gloo_ranks_under_ddp_equal_the_whole_batch(ddp_results, name):
+    for rank in range(2):
+        r = ddp_results[rank][name]
+        assert r["world"] == 2 and r["rows"] == 6, r
+        assert max(r["loss"], r["dw"], r["db"], r["dh"]) < 1e-10, (rank, r)

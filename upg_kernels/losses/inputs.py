@@ -95,6 +95,19 @@ def _per_row(name, x, B, device):
     return x.to(device)
 
 
+def check_totals(totals: BatchTotals, main_tok, demo_tok, main_rows, demo_rows):
+    """This call's counts must fit in the whole batch's ``totals`` (else they are another batch's)."""
+    if main_tok.device.type == "meta":
+        return
+    local = torch.stack([main_tok.sum(), demo_tok.sum(), main_rows.sum(), demo_rows.sum()]).tolist()
+    names = ("main_tokens", "demo_tokens", "main_rows", "demo_rows")
+    over = [f"{n}: {int(v)} here > {getattr(totals, n)}" for n, v in zip(names, local) if v > getattr(totals, n)]
+    if over:
+        raise ValueError(f"totals do not cover this call ({'; '.join(over)}): they were counted over another "
+                         "batch, or over a loss_mask / is_demo other than this call's (batch_totals counts "
+                         "every micro-batch of the step, on every rank of its group)")
+
+
 def _check_num_items(n):
     """``num_items_in_batch``: None, a number > 0 or a one-element tensor > 0 (TRL's convention)."""
     if n is None:
@@ -156,6 +169,10 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
                              "loss's batch with batch_totals(loss_mask, is_demo=...)")
     lm = _per_token("loss_mask", loss_mask, B, T, flat, dev)
     if lm is not None:
+        if totals is not None and any_bad((lm != 0) & ~valid):
+            raise ValueError("with totals, loss_mask must be the mask batch_totals counted, which excludes the "
+                             "positions whose target is ignore_index; this loss_mask includes some (pass "
+                             "loss_mask & (targets != ignore_index) to both)")
         valid = valid & (lm != 0)
     demo_rows = _per_row("is_demo", is_demo, B, dev)
     if demo_rows is None:
@@ -171,6 +188,8 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
     main_rows = ~demo_rows
     main_tok = valid & main_rows[:, None]
     demo_tok = valid & demo_rows[:, None]
+    if totals is not None:
+        check_totals(totals, main_tok, demo_tok, main_rows, demo_rows)
     has_main = any_true(main_rows)          # meta (memory model): True, the worst case
     has_demo = any_true(demo_rows)
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 import yaml
 
-from upg_kernels.losses import LossConfig, group_advantages, unified_policy_loss
+from upg_kernels.losses import LossConfig, batch_totals, group_advantages, unified_policy_loss
 
 from . import distributed as dist
 from .checkpoint import (MetricsLog, clean_partial, list_checkpoints, load_checkpoint,
@@ -98,13 +98,6 @@ def _fingerprint(model) -> dict:
 def _same_fingerprint(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(
         math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-6) for k in a for x, y in zip(a[k], b[k]))
-
-
-def _part_weight(aggregation: str, rows: float, rows_total: float, toks: float, toks_total: float) -> float:
-    """Share of one micro-batch in a part's aggregate, so micro-batch losses add up to the full-batch loss."""
-    if aggregation == "token_mean":
-        return toks / toks_total if toks_total else 0.0
-    return rows / rows_total if rows_total else 0.0
 
 
 TRAIN_COMMANDS = ("sft", "grpo", "hpt", "rm", "dpo", "ppo")
@@ -374,30 +367,24 @@ class Trainer(PreferenceSteps, PPOSteps):
         return dist.forward_call(self.model, fn)
 
     def _policy_loss_of(self, micro: list[tuple[RowBatch, dict]]):
-        """``loss_of`` for ``unified_policy_loss``: each micro-batch's part weights (rows or tokens of the
-        RL part and of the demonstration part, over the whole batch on every rank) make the micro-batch
-        losses add up to the batch loss."""
+        """``loss_of`` for ``unified_policy_loss``: every micro-batch's loss divides by the totals of the whole
+        batch (``batch_totals`` over every micro-batch of every rank, once per optimizer step), times the
+        world size that DDP/FSDP gradient averaging divides by, so the micro-batch losses add up to the
+        batch loss. Padding micro-batches (``RowBatch.padding``) count nowhere and add exactly 0."""
         lc = self.loss_cfg
-        stats = []
-        for mb, extra in micro:
-            demo = extra.get("is_demo")
-            rows_tok = mb.loss_mask.sum(-1)
-            dm = demo.bool() if demo is not None else torch.zeros(len(rows_tok), dtype=torch.bool)
-            stats.append(((rows_tok[~dm] > 0).sum().item(), rows_tok[~dm].sum().item(),
-                          (rows_tok[dm] > 0).sum().item(), rows_tok[dm].sum().item()))
-        tot = torch.tensor([sum(s[i] for s in stats) for i in range(4)], dtype=torch.float64)
-        tot = dist.all_reduce_sum(tot).tolist()
-        ws = dist.world_size()
+        real = [(mb, extra) for mb, extra in micro if not mb.padding]
+        totals = batch_totals([(mb.loss_mask != 0) & (mb.targets != -100) for mb, _ in real],
+                              is_demo=[extra.get("is_demo") for _, extra in real],
+                              group=torch.distributed.group.WORLD if dist.is_distributed() else None)
+        ws = totals.world_size
+        cfg_ws = lc if ws == 1 else lc.replace(
+            rl_coef=lc.rl_coef * ws, **({"demo_coef": lc.demo_coef * ws} if lc.demo_part is not None else {}))
 
         def loss_of(k, mb, extra):
-            s = stats[k]
-            cfg_k = lc.replace(
-                rl_coef=lc.rl_coef * ws * _part_weight(lc.aggregation, s[0], tot[0], s[1], tot[1]),
-                demo_coef=lc.demo_coef * ws * _part_weight(lc.demo_aggregation, s[2], tot[2], s[3], tot[3]))
             box: list = []
-            loss = self._micro_loss(mb, cfg_k, extra, box)
+            loss = self._micro_loss(mb, cfg_ws, extra if mb.padding else dict(extra, totals=totals), box)
             # metric weight: the micro-batch's tokens (0 for a padding micro-batch)
-            return loss, box[0].metrics, s[1] + s[3]
+            return loss, box[0].metrics, float(mb.loss_mask.sum())
         return loss_of
 
     def _update(self, micro: list[tuple[RowBatch, dict]], loss_of=None, *, model=None, opt=None,
@@ -459,7 +446,8 @@ class Trainer(PreferenceSteps, PPOSteps):
     def _pad_batch(self) -> RowBatch:
         """One row with an all-zero loss mask: run for an empty chunk so the rank still joins every FSDP2
         all-gather / DDP all-reduce of the micro-batch; it adds exactly 0 to the loss and the gradient."""
-        return build_rows([[self.tok.pad_token_id]], [[]], self.tok.pad_token_id)
+        return dataclasses.replace(build_rows([[self.tok.pad_token_id]], [[]], self.tok.pad_token_id),
+                                   padding=True)
 
     # ------------------------------------------------------------------------------- steps
     def _sft_micro(self, samples: list[Sample]) -> list[tuple[RowBatch, dict]]:

@@ -85,7 +85,7 @@ def batch_totals(loss_mask, *, is_demo=None, group=None, group_ids=None, paired:
 
     One small all-reduce (and an all-gather of the labels with ``group_ids``) when ``group`` is given.
     """
-    masks = _as_list(loss_mask, "loss_mask")
+    masks = _as_list(loss_mask, "loss_mask")   # [] is allowed: a rank that holds no row this step
     demos = _as_list(is_demo, "is_demo")
     gids = _as_list(group_ids, "group_ids")
     if is_demo is not None and len(demos) != len(masks):
@@ -129,7 +129,7 @@ def batch_totals(loss_mask, *, is_demo=None, group=None, group_ids=None, paired:
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("batch_totals(group=...) needs an initialized torch.distributed process group")
         world = dist.get_world_size(group)
-        dev = masks[0].device if masks[0].device.type != "meta" else torch.device("cpu")
+        dev = masks[0].device if masks and masks[0].device.type != "meta" else torch.device("cpu")
         if dist.get_backend(group) == "nccl" and dev.type != "cuda":
             dev = torch.device("cuda", torch.cuda.current_device())
         t = counts.to(dev)

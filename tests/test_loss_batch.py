@@ -369,6 +369,15 @@ def _ddp_worker(rank, port, out_path):
                          # dh is world_size x the rank's share: it feeds parameters that DDP averages
                          dh=rel(torch.cat(dhs) / totals.world_size, dh[RANK_ROWS[rank]]) if rows.numel() else 0.0,
                          world=totals.world_size, rows=totals.main_rows + totals.demo_rows)
+    # D: batch_std over the ranks' rewards (each rank holds whole groups, uneven counts)
+    from upg_kernels import group_advantages
+    r = torch.tensor([1.0, 0.0, 3.0, 0.5, 2.0, 2.0, 0.0, 4.0, 1.0, 1.5], dtype=torch.float64)
+    mine = slice(0, 4) if rank == 0 else slice(4, 10)
+    whole = group_advantages(r, group_size=2, mode="batch_std")
+    res["batch_std"] = float((group_advantages(r[mine], group_size=2, mode="batch_std", group=dist.group.WORLD)
+                              - whole[mine]).abs().max())
+    res["batch_std_local_differs"] = float((group_advantages(r[mine], group_size=2, mode="batch_std")
+                                            - whole[mine]).abs().max())
     every = [None, None]
     dist.all_gather_object(every, res)
     if rank == 0:
@@ -398,3 +407,61 @@ def test_two_gloo_ranks_under_ddp_equal_the_whole_batch(ddp_results, name):
         r = ddp_results[rank][name]
         assert r["world"] == 2 and r["rows"] == 6, r
         assert max(r["loss"], r["dw"], r["db"], r["dh"]) < 1e-10, (rank, r)
+
+
+def test_batch_std_over_two_gloo_ranks(ddp_results):
+    for rank in range(2):
+        assert ddp_results[rank]["batch_std"] < 1e-12
+        assert ddp_results[rank]["batch_std_local_differs"] > 1e-3     # per rank it would differ
+
+
+# ----------------------------------------------------------------------------------------- D: whole groups
+def _grpo_case(gids):
+    h, w, t = _small(B=len(gids))
+    r = torch.arange(len(gids), dtype=torch.float64) % 3
+    return h, w, t, r, torch.tensor(gids)
+
+
+def test_group_split_across_calls_is_an_error_with_totals():
+    gids = [0, 0, 0, 1, 1, 1]
+    h, w, t, r, g = _grpo_case(gids)
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    splits = [slice(0, 2), slice(2, 6)]               # group 0 split 2 + 1
+    totals = upg_kernels.batch_totals([mask[s] for s in splits], group_ids=[g[s] for s in splits])
+    assert totals.group_count() == {0: 3, 1: 3}
+    with pytest.raises(ValueError, match=r"group 0 has 2 row\(s\) in this call but 3 in the whole batch"):
+        unified_policy_loss(h[:2], w, t[:2], config="grpo", backend="torch", loss_mask=mask[:2],
+                            rewards=r[:2], group_ids=g[:2], totals=totals)
+    # aligned calls pass, and add up to the whole batch
+    whole = unified_policy_loss(h, w, t, config="grpo", backend="torch", rewards=r, group_ids=g).loss
+    parts = sum(unified_policy_loss(h[s], w, t[s], config="grpo", backend="torch", loss_mask=mask[s],
+                                    rewards=r[s], group_ids=g[s], totals=totals).loss
+                for s in (slice(0, 3), slice(3, 6)))
+    torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_partial_group_is_an_error_without_totals():
+    h, w, t, r, g = _grpo_case([0, 0, 0, 1])          # group 1: one row of its group
+    with pytest.raises(ValueError, match=r"group sizes differ in this call \(group 1: 1 row"):
+        unified_policy_loss(h, w, t, config="grpo", backend="torch", rewards=r, group_ids=g)
+    with pytest.raises(ValueError, match="group sizes differ"):
+        policy_loss_from_logprobs(torch.zeros(4, 3), config="grpo", rewards=r, group_ids=g)
+    # groups of different sizes on purpose: totals of the whole batch say so
+    totals = upg_kernels.batch_totals(torch.ones(4, 3), group_ids=g)
+    out = unified_policy_loss(h, w, t, config="grpo", backend="torch", rewards=r, group_ids=g, totals=totals)
+    assert torch.isfinite(out.loss)
+    # advantages computed over whole groups are always accepted
+    a = upg_kernels.group_advantages(r, group_ids=g)
+    assert torch.isfinite(unified_policy_loss(h, w, t, config="grpo", backend="torch", advantages=a).loss)
+    # group_size: a call whose rows are not whole groups
+    with pytest.raises(ValueError, match="group_size=3 does not divide the batch of 4 rewards"):
+        unified_policy_loss(h, w, t, config="grpo", backend="torch", rewards=r, group_size=3)
+
+
+def test_batch_std_from_rewards_in_a_part_of_the_batch_is_an_error():
+    h, w, t, r, g = _grpo_case([0, 0, 1, 1, 2, 2])
+    mask = torch.ones(6, 3, dtype=torch.bool)
+    totals = upg_kernels.batch_totals(mask)
+    with pytest.raises(ValueError, match="'batch_std' from rewards normalises by the std of the whole batch"):
+        unified_policy_loss(h[:4], w, t[:4], config=LossConfig.preset("grpo", advantage="batch_std"),
+                            backend="torch", loss_mask=mask[:4], rewards=r[:4], group_size=2, totals=totals)

@@ -108,6 +108,42 @@ def check_totals(totals: BatchTotals, main_tok, demo_tok, main_rows, demo_rows):
                          "every micro-batch of the step, on every rank of its group)")
 
 
+_WHOLE_GROUPS = ("compute advantages before splitting: group_advantages over whole groups (group= for "
+                 "batch_std), then pass advantages=")
+
+
+def check_whole_groups(cfg, gid, in_groups, totals):
+    """Rewards turn into advantages inside the loss only when this call holds whole groups.
+
+    With ``totals`` counted with ``group_ids``, each label's rows here must be all of that label's rows in
+    the whole batch (a group split across micro-batches or ranks is an error). Without them, the groups
+    of one call must have one size (a smaller one is a partial or split group). ``batch_std`` needs the
+    whole batch's std: with totals, a call holding only part of the batch is an error."""
+    if gid is None or gid.device.type == "meta":
+        pass
+    elif totals is not None and totals.group_ids is not None:
+        ids, cnt = torch.unique(gid, return_counts=True)
+        whole = totals.group_count()
+        bad = [(int(i), int(c), whole.get(int(i), 0)) for i, c in zip(ids.tolist(), cnt.tolist())
+               if whole.get(int(i), 0) != c]
+        if bad:
+            i, c, n = bad[0]
+            raise ValueError(f"group {i} has {c} row(s) in this call but {n} in the whole batch (totals): a "
+                             f"group split across calls; every call must hold whole groups, or {_WHOLE_GROUPS}")
+    else:
+        ids, cnt = torch.unique(gid[in_groups], return_counts=True)
+        if cnt.numel() > 1 and int(cnt.min()) != int(cnt.max()):
+            small = int(ids[cnt.argmin()])
+            raise ValueError(f"group sizes differ in this call (group {small}: {int(cnt.min())} row(s), another: "
+                             f"{int(cnt.max())}): a partial group, or one split across calls, would silently get "
+                             f"other advantages; pass whole groups, or {_WHOLE_GROUPS}, or (groups of different "
+                             "sizes on purpose) totals=batch_totals(..., group_ids=...) of the whole batch")
+    if cfg.advantage == "batch_std" and totals is not None and \
+            int(in_groups.sum()) < (totals.main_rows + (totals.demo_rows if cfg.demo_part != "sft" else 0)):
+        raise ValueError("advantage='batch_std' from rewards normalises by the std of the whole batch, but this "
+                         f"call holds only part of it (totals); {_WHOLE_GROUPS}")
+
+
 def _check_num_items(n):
     """``num_items_in_batch``: None, a number > 0 or a one-element tensor > 0 (TRL's convention)."""
     if n is None:
@@ -246,6 +282,7 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
                              "a group)")
         gid = _per_row("group_ids", group_ids, B, dev)
         in_groups = main_rows if cfg.demo_part == "sft" else torch.ones_like(main_rows)
+        check_whole_groups(cfg, gid, in_groups, totals)
         a_rows = torch.zeros(B, dtype=cd, device=dev)
         if any_true(in_groups):
             a_sel = group_advantages(rw[in_groups], group_size=group_size,

@@ -1,4 +1,4 @@
-"""``python -m bench`` (and the ``upg-bench`` script): see :mod:`bench.cli`."""
+"""``python -m bench``: see :mod:`bench.cli`."""
 import sys
 
 from .cli import main

@@ -1,4 +1,4 @@
-"""``python -m bench`` / ``upg-bench``: side-by-side benchmark of our fused losses against the peers.
+"""``python -m bench``: side-by-side benchmark of our fused losses against the peers.
 
 Example (GPU)::
 
@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from upg_kernels import settings
+
 from . import report
 from .impls import DEFAULT_IMPLS, REGISTRY, make_impls
 from .measure import (FLOP_MODEL, MODES, free, is_oom, matmul_peak, peak_memory, sync, time_impl,
@@ -37,20 +39,20 @@ REPO = Path(__file__).resolve().parent.parent
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="upg-bench",
+        prog="python -m bench",
         description="Benchmark upg-kernels against PyTorch eager, torch.compile, Liger-Kernel and "
                     "Cut Cross-Entropy: time (median, p10/p90), peak memory above the inputs, "
                     "TFLOP/s against a matmul ceiling measured in the same run, error against float64.")
     p.add_argument("--ops", default="sft,grpo", help=f"comma list of {', '.join(OPS)} (or 'all')")
     p.add_argument("--modes", default="fwd+bwd", help=f"comma list of {', '.join(MODES)} (or 'all')")
     p.add_argument("--shapes", default=None,
-                   help=f"comma list of named shapes ({', '.join(NAMED)}) or 'all' (the DESIGN.md table); "
+                   help=f"comma list of named shapes ({', '.join(NAMED)}) or 'all' (the yardsticks, docs/design.md §3); "
                         "default: llama3-8b,qwen2.5-7b,gemma2-2b on CUDA, tiny on CPU")
     p.add_argument("--H", type=int, default=None, help="custom shape: hidden size (with --V)")
     p.add_argument("--V", type=int, default=None, help="custom shape: vocabulary size (with --H)")
     p.add_argument("--N", default=None,
                    help="token counts, comma list: overrides each named shape's default; 'table' = every "
-                        "count DESIGN.md lists; also the custom shape's N (default 1024)")
+                        "count the yardstick table lists; also the custom shape's N (default 1024)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence T (default min(N, 512))")
     p.add_argument("--group-size", type=int, default=8, help="rollouts per prompt G (grpo, hpt)")
     p.add_argument("--zero-adv-frac", type=float, default=0.0,
@@ -92,7 +94,7 @@ def _split(text: str, allowed, what: str) -> list[str]:
         return list(allowed)
     bad = [s for s in items if s not in allowed]
     if bad:
-        raise SystemExit(f"upg-bench: unknown {what} {bad}; known: {', '.join(allowed)}")
+        raise SystemExit(f"bench: unknown {what} {bad}; known: {', '.join(allowed)}")
     return items
 
 
@@ -109,7 +111,7 @@ def _git() -> tuple[str | None, bool | None]:
             return commit, dirty
     except Exception:
         pass
-    return os.environ.get("UPG_BENCH_GIT_COMMIT") or None, None
+    return settings.BENCH_GIT_COMMIT.get(), None
 
 
 def _driver() -> str | None:
@@ -161,7 +163,7 @@ def collect_meta(device: torch.device, args, argv) -> dict:
         "git_dirty": dirty,
         "date": now.strftime("%Y-%m-%d %H:%M:%S UTC"),
         "command": "python -m bench " + " ".join(shlex.quote(a) for a in argv),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "triton_interpret": settings.TRITON_INTERPRET.raw() or "0",
         "flop_model": FLOP_MODEL,
         "timing": ("CUDA events around each timed call, after warm-up, inputs rotating over "
                    f"{args.rotate} input sets; median and p10/p90 of the per-call times"
@@ -222,7 +224,7 @@ def run(args, argv) -> dict:
         shapes = resolve_shapes(args.shapes, args.H, args.V, args.N)
         impls = make_impls(args.impls)
     except ValueError as e:
-        raise SystemExit(f"upg-bench: {e}")
+        raise SystemExit(f"bench: {e}")
 
     meta = collect_meta(device, args, argv)
     if args.out:
@@ -230,7 +232,7 @@ def run(args, argv) -> dict:
     else:
         out_dir = REPO / "bench" / "results" / f"{_dt.date.today().isoformat()}-{device_slug(device)}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    print("\n".join(["upg-bench"] + [f"  {ln}" for ln in report.header_lines(meta)[:2]]), flush=True)
+    print("\n".join(["python -m bench"] + [f"  {ln}" for ln in report.header_lines(meta)[:2]]), flush=True)
 
     if not args.no_peak:
         meta["matmul_peak"] = matmul_peak(device)
@@ -257,7 +259,7 @@ def run(args, argv) -> dict:
                     problem = make_problem(op, shape, dt, args.seq_len, args.group_size,
                                            args.zero_adv_frac)
                 except ValueError as e:
-                    raise SystemExit(f"upg-bench: {e}")
+                    raise SystemExit(f"bench: {e}")
                 if out_of_time():
                     for mode in modes:
                         for impl in impls:
@@ -394,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.list:
-        print("shapes (H, V, N from DESIGN.md section 4; the first N is the default):")
+        print("shapes (H, V, N: the yardsticks of docs/design.md §3; the first N is the default):")
         for name, (H, V, Ns) in NAMED.items():
             print(f"  {name:14s} H={H:<6d} V={V:<7d} N={','.join(map(str, Ns))}")
         print("implementations:")

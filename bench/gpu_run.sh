@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU run of the benchmark, made for a fresh, offline GPU machine (e.g. the lent H100/H200) with
+# One GPU run of the benchmark, made for a fresh, offline GPU machine (e.g. an H100/H200) with
 # python3, torch, triton and pytest(-benchmark) preinstalled and no package registry. It finishes in
 # under 10 minutes (TOTAL_S, default 540 s, is a hard budget; rows it has no time left for are
 # reported 'skipped: time budget'):

@@ -13,14 +13,17 @@ from contextlib import contextmanager
 
 import torch
 
+from upg_kernels import settings
+from upg_kernels.kernels.backends import BACKENDS, FORWARD_PATHS
+
 from .problems import IGNORE_INDEX, EPS_HIGH, EPS_LOW, Inputs, Problem, loss_from_logp
 
 
 @contextmanager
-def environ(settings: dict):
+def environ(values: dict):
     """Set environment variables for the duration (restored after)."""
-    old = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
@@ -32,7 +35,8 @@ def environ(settings: dict):
 
 
 def _interp() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton kernels run in the interpreter here (a function: tests patch it)."""
+    return settings.interpreter_on()
 
 
 def _version(mod: str) -> str | None:
@@ -160,7 +164,8 @@ class Ours(Impl):
             return f"missing: upg_kernels.{need} is not in this checkout"
         if op != "logprobs" and not hasattr(m, "LossConfig"):
             return "missing: upg_kernels.LossConfig is not in this checkout"
-        if self.backend.startswith("triton") and device.type != "cuda" and not _interp():
+        if self.backend in BACKENDS and BACKENDS[self.backend].triton and device.type != "cuda" \
+                and not _interp():
             return "n/a: the Triton backend needs CUDA (or TRITON_INTERPRET=1)"
         return None
 
@@ -201,18 +206,6 @@ class Ours(Impl):
         return out.loss if hasattr(out, "loss") else out
 
 
-class OursTorch(Ours):
-    name = "ours-torch"
-    description = "upg_kernels with backend='torch' (the chunked PyTorch path)"
-    backend = "torch"
-
-
-class OursAtomic(Ours):
-    name = "ours-atomic"
-    description = "upg_kernels with backend='triton_atomic' (fp32 atomic backward, one kernel)"
-    backend = "triton_atomic"
-
-
 class _OursEnv(Ours):
     """``Ours`` with environment settings applied for the duration of each call."""
     backend = "triton"
@@ -226,23 +219,36 @@ class _OursEnv(Ours):
             return super().forward(op, x)
 
 
-class OursGemmForward(_OursEnv):
-    name = "ours-gemmfwd"
-    description = "backend='triton' with UPG_KERNELS_TRITON_FORWARD=gemm (cuBLAS logits slabs + row kernel)"
-    ENV = {"UPG_KERNELS_TRITON_FORWARD": "gemm"}
+def _table_adapters() -> tuple[type[Impl], ...]:
+    """One adapter per row of the backend table (kernels/backends.py) besides the CUDA default, which
+    ``ours`` runs (``backend="auto"``): ``ours-<short>``; and one per other forward path of the CUDA
+    default: ``ours-<path short>`` (``UPG_KERNELS_TRITON_FORWARD`` set for the call)."""
+    out = []
+    for b in BACKENDS.values():
+        if "cuda" not in b.auto_on:
+            out.append(type(f"Ours_{b.name}", (Ours,), dict(
+                name=f"ours-{b.short}", backend=b.name,
+                description=f"upg_kernels with backend={b.name!r}: {b.summary}")))
+            continue
+        for f in b.forwards[1:]:
+            fp = FORWARD_PATHS[f]
+            out.append(type(f"Ours_{b.name}_{f}", (_OursEnv,), dict(
+                name=f"ours-{fp.short}", backend=b.name, ENV={settings.TRITON_FORWARD.name: f},
+                description=f"backend={b.name!r} with {settings.TRITON_FORWARD.name}={f}: {fp.summary}")))
+    return tuple(out)
 
 
 class OursBigWorkspace(_OursEnv):
     name = "ours-ws1g"
     description = "backend='triton' with a 1 GiB workspace (bigger token groups, fp32 dW when it fits)"
-    ENV = {"UPG_KERNELS_WORKSPACE_BYTES": str(2**30)}
+    ENV = {settings.WORKSPACE_BYTES.name: str(2**30)}
 
 
 class OursGradInForward(_OursEnv):
     name = "ours-gif"
     description = "unified_policy_loss(grad_in_forward=True), 1 GiB workspace (token-local losses, 6NHV)"
     ops = ("sft", "grpo", "hpt")
-    ENV = {"UPG_KERNELS_WORKSPACE_BYTES": str(2**30)}
+    ENV = {settings.WORKSPACE_BYTES.name: str(2**30)}
     KW = {"grad_in_forward": True}
 
 
@@ -429,8 +435,7 @@ class CCEExact(CCE):
 
 
 REGISTRY: dict[str, type[Impl]] = {c.name: c for c in (
-    Ours, OursTorch, OursAtomic, OursGemmForward, OursBigWorkspace, OursGradInForward,
-    OursLogprobsEpilogue, OursDropIn, Eager, Compiled, Liger, CCE, CCEExact)}
+    Ours, *_table_adapters(), OursBigWorkspace, OursGradInForward, OursLogprobsEpilogue, OursDropIn, Eager, Compiled, Liger, CCE, CCEExact)}
 DEFAULT_IMPLS = ("ours", "eager", "compile", "liger", "cce")
 
 

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import torch
 
+from upg_kernels import settings
+from upg_kernels.kernels.backends import BACKENDS, FORWARD_PATHS
+
 from .impls import CCE, Eager, Impl, Liger, Ours, environ, objective
 from .memtrace import AllocTracer
 from .problems import DTYPES, Inputs, make_problem
@@ -43,29 +46,29 @@ DEFAULT_N = "table"
 
 @dataclass(frozen=True)
 class OursPath:
-    """One of our code paths: the memory-model name (``ours-...``), the backend names to try (the
-    first one ``resolve_backend`` accepts), whether it is a default path (``backend="auto"`` on CUDA;
-    the memory test asserts the 1% goal for those), and environment settings it runs under."""
+    """One of our code paths: the memory-model name (``ours-...``), its backend (a row of the backend
+    table), whether it is a default path (``backend="auto"`` on CUDA; the memory test asserts the 1%
+    goal for those), and environment settings it runs under."""
     name: str
-    backends: tuple[str, ...]
+    backend: str
     default: bool
     env: tuple[tuple[str, str], ...] = ()
 
 
-# Our paths. Register a new one here (name "ours-<what>"); the memory test covers every row with
-# default=True.
-OURS_PATHS = (
-    OursPath("ours-torch", ("torch",), default=False),                  # the CPU default
-    OursPath("ours-triton", ("triton",), default=True),                 # fused fwd + GEMM bwd
-    OursPath("ours-triton-gemmfwd", ("triton",), default=False,         # GEMM-tiled forward
-             env=(("UPG_KERNELS_TRITON_FORWARD", "gemm"),)),
-    OursPath("ours-triton_atomic", ("triton_atomic",), default=False),  # the atomic backward
-)
+def _ours_paths() -> tuple[OursPath, ...]:
+    """Our paths, from the backend table (kernels/backends.py): ``ours-<backend>`` for each row, and
+    ``ours-<backend>-<path short>`` for each other forward path of the CUDA default."""
+    out = []
+    for b in BACKENDS.values():
+        default = "cuda" in b.auto_on
+        out.append(OursPath(f"ours-{b.name}", b.name, default))
+        if default:
+            out += [OursPath(f"ours-{b.name}-{FORWARD_PATHS[f].short}", b.name, False,
+                             env=((settings.TRITON_FORWARD.name, f),)) for f in b.forwards[1:]]
+    return tuple(out)
 
 
-def _accepted_backend(path: OursPath) -> str | None:
-    from upg_kernels._backend import BACKENDS
-    return next((b for b in path.backends if b in BACKENDS), None)
+OURS_PATHS = _ours_paths()
 
 
 def _ours_impl(path: OursPath, backend: str) -> Impl:
@@ -134,9 +137,7 @@ def implementations(names=None) -> list[tuple[str, Impl | None, str]]:
     peers = [("eager", Eager()), ("liger", liger), ("cce", CCE())]
     ours = []
     for p in OURS_PATHS:
-        b = _accepted_backend(p)
-        ours.append((p.name, _ours_impl(p, b) if b else None,
-                     "" if b else f"missing: no backend among {p.backends} in this checkout"))
+        ours.append((p.name, _ours_impl(p, p.backend), ""))
     rows = [(n, i, "") for n, i in peers] + ours
     if names:
         want = [s for s in names.split(",") if s]
@@ -155,7 +156,7 @@ def _why(e: BaseException) -> str:
 def run(shapes=DEFAULT_SHAPES, N=DEFAULT_N, ops="logprobs,grpo", impls=None, dtype="bf16",
         seq_len=None, group_size=8) -> list[dict]:
     """Memory-model records, one per (shape, N, op, impl)."""
-    os.environ.setdefault("UPG_KERNELS_FUSED_EPILOGUE", "1")
+    os.environ.setdefault(settings.FUSED_EPILOGUE.name, "1")
     records = []
     for shape in resolve_shapes(shapes, N=N):
         for op in [s for s in ops.split(",") if s]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 JSON_NAME = "results.json"
@@ -116,7 +117,9 @@ def plot(meta: dict, rows: list[dict], path: str | os.PathLike) -> str | None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except Exception:
+    except ImportError as e:
+        print(f"bench: no {PNG_NAME} ({e}); install matplotlib (pip install matplotlib) for the plot",
+              file=sys.stderr)
         return None
     groups: dict[tuple, list[dict]] = {}
     for r in rows:

@@ -1,4 +1,4 @@
-"""Benchmark shapes: the lm_head yardsticks of DESIGN.md section 4, by name, plus custom ones.
+"""Benchmark shapes: the lm_head yardsticks of docs/design.md §3, by name, plus custom ones.
 
 A shape is (H, V, N): hidden size, vocabulary size, number of tokens in the batch. The tokens are laid
 out as B sequences of T tokens (N = B * T); the RL ops group the B sequences into prompts of
@@ -21,7 +21,7 @@ class Shape:
         return f"{self.name} N={self.N}"
 
 
-# name -> (H, V, token counts from DESIGN.md section 4; the first is the default)
+# name -> (H, V, token counts of the yardstick table; the first is the default)
 NAMED: dict[str, tuple[int, int, tuple[int, ...]]] = {
     "llama3-8b": (4096, 128256, (8192, 32768)),
     "qwen2.5-7b": (3584, 152064, (8192, 32768)),
@@ -43,7 +43,7 @@ def parse_ints(text: str | None) -> list[int]:
 
 def resolve_shapes(names: str | None, H: int | None = None, V: int | None = None,
                    N: str | None = None) -> list[Shape]:
-    """Shapes from a comma list of names (``"all"`` = the DESIGN.md table), ``--N`` (a comma list of
+    """Shapes from a comma list of names (``"all"`` = the yardstick table), ``--N`` (a comma list of
     token counts that overrides each named shape's default, ``"table"`` = every count the table lists),
     and a custom ``--H --V`` shape (added when both are given; its N comes from ``--N``, default 1024)."""
     out: list[Shape] = []

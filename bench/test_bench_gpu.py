@@ -3,7 +3,7 @@
 Run on a GPU machine: ``pytest -m gpu bench/test_bench_gpu.py`` (``bench/gpu_run.sh`` does). Each case
 times one fwd+bwd call (synchronized, so the wall clock pytest-benchmark reads covers the GPU work) at
 a mid-size shape and checks the result against the float64 reference; a memory test checks that our
-fused path never holds anything near the N x V logits; a CLI test runs ``upg-bench`` end to end.
+fused path never holds anything near the N x V logits; a CLI test runs ``python -m bench`` end to end.
 The authoritative numbers come from ``python -m bench`` (CUDA events), not from these tests.
 """
 import json
@@ -87,7 +87,7 @@ def test_gpu_ours_never_holds_the_logits(op):
 
 
 def test_gpu_cli_end_to_end(tmp_path):
-    """``upg-bench`` on a small custom shape with every default implementation: no adapter errors."""
+    """``python -m bench`` on a small custom shape with every default implementation: no adapter errors."""
     from bench.cli import main
     rc = main(["--H", "1024", "--V", "16384", "--N", "2048", "--ops", "logprobs,sft,grpo,hpt",
                "--impls", "ours,eager,liger,cce", "--iters", "3", "--warmup", "1",

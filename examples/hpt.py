@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 r"""Hybrid Post-Training: per prompt, RL on its 8 rollouts if any is correct (P > gamma = 0),
-else SFT on its demonstration, in one loss (DESIGN.md section 2, "HPT").
+else SFT on its demonstration, in one loss (docs/losses.md, HPT).
 
 Paper setup (8 GPUs, FSDP2, colocated vLLM; see docs/examples.md for resources)::
 

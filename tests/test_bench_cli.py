@@ -1,4 +1,4 @@
-"""CPU smoke tests of the benchmark CLI (``python -m bench`` / ``upg-bench``), end to end on tiny shapes.
+"""CPU smoke tests of the benchmark CLI (``python -m bench``), end to end on tiny shapes.
 
 They check the plumbing (every requested row is reported, missing peers say so, JSON/markdown/PNG are
 written, the numbers are the ones the JSON holds), not performance.
@@ -138,3 +138,15 @@ def test_gpu_run_script_is_valid_bash_and_its_wheels_are_there():
     wheels = sorted(p.name for p in (root / "bench" / "wheels").glob("*.whl"))
     assert any(w.startswith("liger_kernel-") for w in wheels), wheels
     assert any(w.startswith("cut_cross_entropy-") for w in wheels), wheels
+
+
+def test_missing_matplotlib_is_said_not_silent(tmp_path, capsys, monkeypatch):
+    """Without matplotlib the markdown and JSON are still written and stderr says why no PNG."""
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)   # makes `import matplotlib` raise ImportError
+    rows = [{"op": "sft", "mode": "fwd+bwd", "dtype": "fp32", "impl": "ours", "shape": "tiny", "N": 64,
+             "status": "ok", "median_ms": 1.0, "mem_peak_bytes": 1}]
+    assert report.plot({}, rows, tmp_path / report.PNG_NAME) is None
+    err = capsys.readouterr().err
+    assert "results.png" in err and "matplotlib" in err
+    assert not (tmp_path / report.PNG_NAME).exists()

@@ -161,7 +161,7 @@ def test_public_exports():
 
 @pytest.mark.parametrize("backend", ["torch", "triton", "triton_atomic"])
 def test_return_lse_is_differentiable(backend):
-    """return_lse: the per-token log-sum-exp (seed 001's state value V = logsumexp Q) and its
+    """return_lse: the per-token log-sum-exp (the state value V = logsumexp Q of the implicit-reward view) and its
     gradient d lse / dz = p, through every backend, against float64 autograd over materialized logits."""
     g = torch.Generator().manual_seed(11)
     N, H, V = 13, 24, 150

@@ -1,5 +1,5 @@
 """The memory model (bench/memory_model.py): the tracer is right, and our default paths stay within 1%
-of the materialized path's extra memory at the DESIGN.md shapes (traced on the meta device)."""
+of the materialized path's extra memory at the yardstick shapes (docs/design.md §3) (traced on the meta device)."""
 from __future__ import annotations
 
 import json

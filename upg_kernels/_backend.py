@@ -1,29 +1,23 @@
-"""Backend selection: ``"triton"``, ``"triton_atomic"``, ``"torch"`` or ``"auto"``.
+"""Backend selection: a backend name of the table (kernels/backends.py) or ``"auto"``.
 
-``"auto"`` means ``"triton"`` (Triton forward, GEMM backward) on CUDA tensors and the chunked PyTorch
-path everywhere else (also on CUDA when the triton package is not installed; the Triton backends
-then raise an ImportError); ``"triton_atomic"`` is the single-kernel atomic backward
-(kernels/__init__.py).
-The environment variable ``UPG_KERNELS_BACKEND`` sets the default that ``backend="auto"``
-(or ``None``) resolves to. On CPU the Triton backend runs only under ``TRITON_INTERPRET=1``
-(slow; this is how the kernels are tested without a GPU).
+``"auto"`` means the first row of the table whose ``auto_on`` names the device: ``"triton"`` (Triton
+forward, GEMM backward) on CUDA tensors, the chunked PyTorch path everywhere else (also on CUDA when the
+triton package is not installed, and for float64). The environment variable ``UPG_KERNELS_BACKEND``
+sets the default that ``backend="auto"`` (or ``None``) resolves to. A backend whose row says
+``triton`` raises an ImportError without the triton package, and a ValueError for tensors that are
+neither on CUDA nor on ``meta``, unless ``TRITON_INTERPRET=1`` (the interpreter: slow; this is how the
+kernels are tested without a GPU).
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
-BACKENDS = ("auto", "triton", "triton_atomic", "torch")
+from . import settings
+from .kernels.backends import BACKEND_CHOICES as BACKENDS
+from .kernels.backends import auto_backend, get_backend, triton_available
+from .settings import interpreter_on
 
-
-def triton_available() -> bool:
-    """Whether the triton package can be imported (checked without importing it)."""
-    try:
-        return importlib.util.find_spec("triton") is not None
-    except (ImportError, ValueError):
-        return False
+__all__ = ["BACKENDS", "resolve_backend", "require_triton", "triton_available", "interpreter_on"]
 
 
 def require_triton(backend: str = "triton") -> None:
@@ -33,12 +27,8 @@ def require_triton(backend: str = "triton") -> None:
                           "Linux with CUDA); use backend='torch' (or 'auto') on machines without it")
 
 
-def interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """Return ``"triton"`` or ``"torch"`` for a call on ``device`` computing in ``dtype``.
+    """Return the backend name for a call on ``device`` computing in ``dtype``.
 
     ``"auto"`` picks the torch backend for float64 (the Triton kernels take fp32/bf16/fp16)."""
     if backend is None:
@@ -46,19 +36,17 @@ def resolve_backend(backend: str | None, device: torch.device, dtype: torch.dtyp
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        env = os.environ.get("UPG_KERNELS_BACKEND", "auto").strip().lower() or "auto"
+        env = settings.BACKEND.get().lower()
         if env not in BACKENDS:
-            raise ValueError(
-                f"UPG_KERNELS_BACKEND must be one of {BACKENDS}, got {env!r}")
+            raise ValueError(f"{settings.BACKEND.name} must be one of {BACKENDS}, got {env!r}")
         backend = env
     if backend == "auto":
-        use_triton = device.type == "cuda" and dtype != torch.float64 and triton_available()
-        return "triton" if use_triton else "torch"
-    if backend.startswith("triton"):
+        return auto_backend(device, dtype)
+    if get_backend(backend).triton:
         require_triton(backend)
-    # meta: shape-only host runs (the memory model); kernel launches are skipped (kernels/meta.py)
-    if backend.startswith("triton") and device.type not in ("cuda", "meta") and not interpreter_on():
-        raise ValueError(
-            f"backend={backend!r} needs CUDA tensors, or TRITON_INTERPRET=1 set before "
-            f"triton is imported to run the kernels on the CPU (tensors are on {device})")
+        # meta: shape-only host runs (the memory model); kernel launches are skipped (kernels/meta.py)
+        if device.type not in ("cuda", "meta") and not interpreter_on():
+            raise ValueError(
+                f"backend={backend!r} needs CUDA tensors, or TRITON_INTERPRET=1 set before "
+                f"triton is imported to run the kernels on the CPU (tensors are on {device})")
     return backend

@@ -253,7 +253,7 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         ignore_index: target id that marks a row to skip (its outputs are 0, its gradient 0).
         return_entropy: also return the per-token entropy of the distribution.
         return_lse: also return the per-token log-sum-exp of the (scaled) logits, ``lse = log sum_j
-            exp(z_j)`` (seed 001: the state value ``V(s)`` when the logits are read as ``Q(s, a)``);
+            exp(z_j)`` (the state value ``V(s)`` when the logits are read as an implicit ``Q(s, a)``);
             differentiable (``d lse / dz = p``). 0 at ignored rows.
         backend: ``"auto"`` (``"triton"`` on CUDA, chunked PyTorch elsewhere; ``UPG_KERNELS_BACKEND``
             overrides), ``"triton"`` (Triton forward, GEMM backward), ``"triton_atomic"`` (the same

@@ -263,7 +263,7 @@ class PromptSampler:
 
 
 class ReplaySampler:
-    """SFT replay (pretraining-data replay against the alignment tax, seed 002): plain-text rows of
+    """SFT replay (pretraining-data replay against the alignment tax, as InstructGPT's PPO-ptx): plain-text rows of
     ``data.replay_path`` mixed into SFT batches, ``round(batch_size * replay_ratio)`` rows a step.
 
     A replay row is trained with the all-token LM loss: its text (+ EOS) becomes a sample whose

@@ -1,105 +1,16 @@
 """Vocabulary-sized work: per-token log-prob / entropy forward and the logits-recompute backward.
 
-Every backend implements the same two host functions over flat inputs:
-
-``forward(hidden [N,H], weight [V,H], bias [V]|None, targets [N] int64, params)``
-    -> ``(logp [N] f32, entropy [N] f32, lse [N] f32)``
-
-``backward(hidden, weight, bias, targets, lse, entropy, g_logp [N] f32, g_ent [N] f32|None, params,
-           need_hidden, need_weight, need_bias, g_lse=None)``
-    -> ``(dhidden [N,H] | None, dweight [V,H] | None, dbias [V] | None)`` in the inputs' dtypes.
-
-with ``z = softcap(hidden @ weight.T + bias) / temperature``, ``lse = logsumexp(z)``,
-``logp = z[target] - lse`` and ``entropy = lse - sum(p * z)``. Rows whose target is
-``ignore_index`` give 0 for all three and get no gradient. The backward forms
-``dz = g_logp * onehot - (g_logp - g_lse) * p - g_ent * p * (log p + H)`` (then ``/ temperature`` and
-the softcap chain rule), and skips rows whose ``g_logp``, ``g_ent`` and ``g_lse`` are all 0 exactly
-(:func:`active_rows`).
-
-Backends (``BACKEND_NAMES``):
-
-- ``"triton"``: the Triton forward, and the GEMM backward (``gemm_backward``: a Triton kernel forms
-  ``dz`` for a token group x vocabulary slab into a bounded workspace, then ``dh += dz @ W`` and
-  ``dW += dz^T @ h`` run as cuBLAS GEMMs; no atomics, deterministic). The CUDA default.
-- ``"triton_atomic"``: the same forward; the single-kernel backward that adds every tile's products to
-  dh / dW with fp32 atomics (``triton_logprobs_bwd``).
-- ``"torch"``: chunked pure PyTorch (any device; the CPU default).
+- :mod:`.contract`: what every backend implements (``forward`` / ``backward`` over flat inputs),
+  :class:`LogprobParams`, :func:`active_rows`, :func:`zero_grads`.
+- :mod:`.backends`: the backend table (``BACKENDS``, one row per backend: its forward paths, backward,
+  forward partials for the fused loss epilogue, determinism, device needs), :func:`get_backend`.
+- One module per backend or forward path: ``torch_chunked`` ("torch"), ``triton_logprobs_fwd`` (the
+  fused forward), ``triton_gemm_fwd`` (the GEMM-tiled forward), ``gemm_backward`` + ``triton_dz``
+  ("triton"'s backward), ``triton_logprobs_bwd`` ("triton_atomic"'s backward); shared Triton pieces in
+  ``triton_logprobs_common``. docs/kernels.md has the design.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
-
-
-@dataclass(frozen=True)
-class LogprobParams:
-    temperature: float = 1.0
-    ignore_index: int = -100
-    softcap: float = 0.0        # 0 = no final-logit softcapping
-    filter_eps: float = 0.0     # backward tile filter (Triton only); 0 = exact
-
-
-BACKEND_NAMES = ("triton", "triton_atomic", "torch")
-
-
-def get_backend(name: str):
-    """The module implementing ``forward``/``backward`` for backend ``name``."""
-    if name == "torch":
-        from . import torch_chunked
-        return torch_chunked
-    if name == "triton":
-        from . import gemm_backward
-        return gemm_backward
-    if name == "triton_atomic":
-        from . import triton_logprobs
-        return triton_logprobs
-    raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
-
-
-def active_rows(targets, g_logp, g_ent, g_lse, ignore_index):
-    """The rows the backward must run, and the coefficient vectors it needs.
-
-    Returns ``(rows int64 [M], g_logp f32, g_ent f32 | None, g_lse f32 | None)``: rows whose target is
-    not ``ignore_index`` and whose ``g_logp``, ``g_ent`` or ``g_lse`` is non-zero (exact); ``g_ent`` /
-    ``g_lse`` come back as None when they are all zero (autograd hands zeros for unused outputs), so
-    the kernels drop their terms."""
-    from .meta import any_true, nonzero_rows
-    cd = torch.float64 if g_logp.dtype == torch.float64 else torch.float32
-    g_logp = g_logp.to(cd).contiguous()
-    active = g_logp != 0
-    extra = []
-    for g in (g_ent, g_lse):
-        if g is not None:
-            g = g.to(cd).contiguous()
-            nz = g != 0
-            if any_true(nz):
-                active |= nz
-            else:
-                g = None
-        extra.append(g)
-    active &= targets != ignore_index
-    return nonzero_rows(active), g_logp, extra[0], extra[1]
-
-
-# Every module holding @triton.jit kernels, each with an ``aot_variants()`` (kernels/aot.py): the
-# ahead-of-time compile check (python -m upg_kernels.aot_check) builds all of them. A module listed
-# here that fails to import, or lacks aot_variants(), is an error of the check, never skipped.
-TRITON_KERNEL_MODULES = (
-    "triton_logprobs_fwd",     # the fused forward
-    "triton_logprobs_bwd",     # the atomic backward (backend "triton_atomic")
-    "triton_dz",               # the GEMM backward's dz blocks (backend "triton")
-    "triton_gemm_fwd",         # the GEMM-tiled forward's row kernel
-    "triton_epilogue",         # the fused loss epilogue
-)
-
-
-def zero_grads(hidden, weight, bias, need_hidden, need_weight, need_bias):
-    """``(dh, dw, db, need_bias)``: zero-filled outputs for what is asked (None otherwise) in the
-    inputs' dtypes; ``need_bias`` is False without a bias."""
-    dev = hidden.device
-    need_bias = bool(need_bias) and bias is not None
-    dh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=dev) if need_hidden else None
-    dw = torch.zeros(weight.shape, dtype=weight.dtype, device=dev) if need_weight else None
-    db = torch.zeros(weight.shape[0], dtype=bias.dtype, device=dev) if need_bias else None
-    return dh, dw, db, need_bias
+from .backends import (BACKEND_CHOICES, BACKEND_NAMES, BACKENDS, FORWARD_PATHS,  # noqa: F401
+                       TRITON_KERNEL_MODULES, Backend, ForwardPath, get_backend)
+from .contract import LogprobParams, active_rows, zero_grads  # noqa: F401

@@ -34,12 +34,11 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from . import active_rows, zero_grads
+from .contract import active_rows, zero_grads
 from .gemm import mm_acc
 from .workspace import set_workspace_bytes, workspace_bytes  # noqa: F401 (re-export)
 from .triton_dz import dz_block, dz_config
 from .triton_logprobs_common import check_inputs, interpreting
-from .triton_logprobs_fwd import forward  # noqa: F401  (the backend's forward)
 
 _SLAB_COLS = 4096          # vocabulary columns per slab (the K of the dh GEMM)
 _SLAB_COLS_INTERP = 64     # under the interpreter: several slabs at test sizes

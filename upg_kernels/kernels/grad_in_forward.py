@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from . import LogprobParams
+from .contract import LogprobParams
 from .gemm import mm_acc, mm_f32
 from .meta import nonzero_rows
 from .torch_chunked import scale_logits

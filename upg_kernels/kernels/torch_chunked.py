@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from . import LogprobParams, active_rows
+from .contract import LogprobParams, active_rows
 from .meta import nonzero_rows
 
 

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .meta import launch
+from ..settings import TRITON_DZ_CONFIG
 from .triton_logprobs_common import (BlockConfig, dot_precision, env_config, grad_tile, interpreting,
                                      upcast_dot)
 
@@ -40,7 +41,7 @@ def dz_config(dtype: torch.dtype, H: int | None = None, gpu: bool = False) -> Bl
     ``gpu=True``: the CUDA config even under the interpreter)."""
     if interpreting() and not gpu:
         return _DZ_INTERP
-    env = env_config("UPG_KERNELS_TRITON_DZ_CONFIG")
+    env = env_config(TRITON_DZ_CONFIG)
     if env:
         return env
     if dtype == torch.float32:

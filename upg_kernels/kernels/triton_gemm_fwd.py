@@ -1,4 +1,4 @@
-"""GEMM-tiled forward (``UPG_KERNELS_TRITON_FORWARD=gemm``): cuBLAS logits tiles + a Triton row kernel.
+"""The forward path ``"gemm"`` (kernels/backends.py; ``UPG_KERNELS_TRITON_FORWARD=gemm``): cuBLAS logits tiles + a Triton row kernel.
 
 The alternative to the fused forward kernel, for the first GPU run to pick the faster. The non-ignored
 rows go in token groups of ``G`` rows and the vocabulary in slabs of ``S`` columns (the sizes come from
@@ -19,7 +19,6 @@ the operands are upcast exactly and multiplied in float32.
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 import torch
@@ -29,22 +28,13 @@ import triton.language as tl
 from .gemm import mm_f32
 from .meta import launch, nonzero_rows
 from .workspace import workspace_bytes
-from .triton_logprobs_common import _tanh, check_inputs, interpreting, online_update
-from .triton_logprobs_fwd import combine
+from .triton_logprobs_common import _tanh, check_inputs, combine, interpreting, online_update
 
 _BLOCK_R, _BLOCK_C = 8, 1024    # rows x columns per step of the row kernel (GPU)
 STATS_WARPS = 4
 _INTERP_BLOCKS = (4, 32)        # under the interpreter: several steps at test sizes
 _SLAB_COLS = 8192
 _SLAB_COLS_INTERP = 64
-
-
-def forward_impl() -> str:
-    """``UPG_KERNELS_TRITON_FORWARD``: ``"fused"`` (default: the single forward kernel) or ``"gemm"``."""
-    v = os.environ.get("UPG_KERNELS_TRITON_FORWARD", "fused").strip().lower() or "fused"
-    if v not in ("fused", "gemm"):
-        raise ValueError(f"UPG_KERNELS_TRITON_FORWARD must be 'fused' or 'gemm', got {v!r}")
-    return v
 
 
 @triton.jit
@@ -121,7 +111,7 @@ def forward(hidden, weight, bias, targets, p):
                        targets, idx, stg, n, v1 - v0, v0, z.stride(0), float(p.temperature),
                        float(p.softcap or 1.0), HAS_BIAS=bias is not None,
                        HAS_SOFTCAP=bool(p.softcap), BLOCK_R=br, BLOCK_C=bc, num_warps=STATS_WARPS)
-            l, e, zt = combine(stg[:, None, :])   # one "split": the fused forward's combine
+            l, e, zt = combine(stg[:, None, :])   # one "split": the combine of both forward paths
             lse[idx] = l
             ent[idx] = e
             logp[idx] = zt - l

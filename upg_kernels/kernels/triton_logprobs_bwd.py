@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import active_rows, zero_grads
+from .contract import active_rows, zero_grads
 from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant,
                   flag_cover, label, ptr)
 from .meta import launch

@@ -1,18 +1,19 @@
-"""Shared pieces of the Triton log-prob kernels: block configs, input checks, the logits tile.
+"""Shared pieces of the Triton log-prob kernels: block configs, input checks, the logits tile, the
+combine of the forward's split partials.
 
 See docs/kernels.md for the design. Everything here is used by ``triton_logprobs_fwd`` and
 ``triton_logprobs_bwd``; ``triton_logprobs`` re-exports the two host functions.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .._backend import interpreter_on as interpreting   # one definition of "under the interpreter"
+from ..settings import TRITON_BWD_CONFIG, TRITON_FWD_CONFIG
+from ..settings import interpreter_on as interpreting   # one definition of "under the interpreter"
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -46,11 +47,12 @@ _FWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_s
 _BWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1, group_n=2)
 
 
-def env_config(name: str):
-    """``UPG_KERNELS_TRITON_FWD_CONFIG`` / ``..._BWD_CONFIG`` = "BN,BV,BH,warps,stages[,group]"
-    overrides the defaults (for tuning on a new GPU; see ``triton_logprobs_tune``)."""
-    v = os.environ.get(name, "").strip()
-    return BlockConfig(*map(int, v.split(","))) if v else None
+def env_config(setting):
+    """The block config of ``setting`` (``UPG_KERNELS_TRITON_FWD_CONFIG`` / ``_BWD_CONFIG`` /
+    ``_DZ_CONFIG`` = "BN,BV,BH,warps,stages[,group]", see upg_kernels/settings.py), None when unset:
+    it overrides the defaults (for tuning on a new GPU; see ``triton_logprobs_tune``)."""
+    v = setting.get()
+    return BlockConfig(*v) if v else None
 
 
 def _pick(dtype, H, default, odd_h, f32, f32_odd_h) -> BlockConfig:
@@ -63,7 +65,7 @@ def fwd_config(dtype: torch.dtype, H: int | None = None) -> BlockConfig:
     """The forward's block config for ``dtype`` and hidden size ``H`` (None: a multiple of 64)."""
     if interpreting():
         return _FWD_INTERP
-    return (env_config("UPG_KERNELS_TRITON_FWD_CONFIG")
+    return (env_config(TRITON_FWD_CONFIG)
             or _pick(dtype, H, _FWD_GPU, _FWD_GPU_ODD_H, _FWD_GPU_F32, _FWD_GPU_F32))
 
 
@@ -71,7 +73,7 @@ def bwd_config(dtype: torch.dtype, H: int | None = None) -> BlockConfig:
     """The backward's block config for ``dtype`` and hidden size ``H`` (None: a multiple of 64)."""
     if interpreting():
         return _BWD_INTERP
-    return (env_config("UPG_KERNELS_TRITON_BWD_CONFIG")
+    return (env_config(TRITON_BWD_CONFIG)
             or _pick(dtype, H, _BWD_GPU, _BWD_GPU_ODD_H, _BWD_GPU_F32, _BWD_GPU_F32_ODD_H))
 
 
@@ -104,6 +106,19 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 META_SMS = 132   # the meta device (memory model) plans grids for an H100 SXM
+
+
+def combine(part: torch.Tensor):
+    """``[4, splits, M]`` partials (m, s, t, zt per split, see ``online_update``) -> ``(lse, entropy,
+    target logit)`` ``[M]`` float32: each split rescaled to the global max, summed in split order.
+    Both Triton forward paths finish with it; the fused loss epilogue does the same in registers."""
+    m, s, t, zt = part.unbind(0)
+    mx = m.max(0).values
+    alpha = torch.exp(m - mx)
+    s_tot = (alpha * s).sum(0)
+    t_tot = (alpha * (t + torch.where(s > 0, (m - mx) * s, 0.0))).sum(0)   # splits with s = 0: m = -inf
+    log_s = torch.log(s_tot)
+    return mx + log_s, log_s - t_tot / s_tot, zt.sum(0)
 
 
 def num_sms(device: torch.device) -> int:

@@ -9,7 +9,7 @@ folds it into four running per-row statistics, relative to the running max ``m``
     s = sum_j exp(z_j - m)        t = sum_j exp(z_j - m) * (z_j - m)        zt = z[target]
 
 It writes them as partials ``[4, splits, M]``; the combine (a few torch ops on that small tensor)
-rescales to the global max and gives ``lse = m + log s``, ``entropy = log s - t / s``,
+(``triton_logprobs_common.combine``) rescales to the global max and gives ``lse = m + log s``, ``entropy = log s - t / s``,
 ``logp = zt - lse``. Nothing of size N x V (or tokens x V) is ever written to memory.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ import triton.language as tl
 from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant, label,
                   ptr)
 from .meta import launch, nonzero_rows
-from .triton_logprobs_common import (check_inputs, dot_precision, fwd_config, interpreting,
+from .triton_logprobs_common import (check_inputs, combine, dot_precision, fwd_config, interpreting,
                                      logits_tile, num_sms, online_update, upcast_dot)
 
 
@@ -85,17 +85,6 @@ def _num_splits(n_blocks: int, v_tiles: int, sms: int) -> int:
         if best_key is None or key > best_key:
             best, best_key = s, key
     return best
-
-
-def combine(part: torch.Tensor):
-    """[4, splits, M] partials -> (lse, entropy, target logit) [M] float32."""
-    m, s, t, zt = part.unbind(0)
-    mx = m.max(0).values
-    alpha = torch.exp(m - mx)
-    s_tot = (alpha * s).sum(0)
-    t_tot = (alpha * (t + torch.where(s > 0, (m - mx) * s, 0.0))).sum(0)   # splits with s = 0: m = -inf
-    log_s = torch.log(s_tot)
-    return mx + log_s, log_s - t_tot / s_tot, zt.sum(0)
 
 
 def fwd_constexprs(cfg, dtype, *, has_bias: bool, has_softcap: bool, even_h: bool) -> dict:
@@ -167,11 +156,8 @@ def forward_partials(hidden, weight, bias, targets, p):
 
 
 def forward(hidden, weight, bias, targets, p):
-    """The backend forward: this file's fused kernel, or the GEMM-tiled one when
-    ``UPG_KERNELS_TRITON_FORWARD=gemm`` (``triton_gemm_fwd``)."""
-    from . import triton_gemm_fwd
-    if triton_gemm_fwd.forward_impl() == "gemm":
-        return triton_gemm_fwd.forward(hidden, weight, bias, targets, p)
+    """The forward path ``"fused"`` (kernels/backends.py): the kernel's partials, combined by
+    ``combine``."""
     N = hidden.shape[0]
     dev = hidden.device
     logp = torch.zeros(N, dtype=torch.float32, device=dev)

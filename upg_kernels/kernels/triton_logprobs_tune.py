@@ -19,7 +19,8 @@ import os
 
 import torch
 
-from . import LogprobParams, gemm_backward, workspace
+from . import gemm_backward, workspace
+from .contract import LogprobParams
 from . import triton_logprobs_bwd as bwd
 from . import triton_logprobs_fwd as fwd
 

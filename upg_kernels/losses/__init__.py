@@ -1,4 +1,4 @@
-"""Unified policy-gradient losses: every post-training loss as the four UPGE parts (DESIGN.md §1)."""
+"""Unified policy-gradient losses: every post-training loss as the four UPGE parts (docs/design.md §1)."""
 from .advantages import group_advantages
 from .batch import BatchTotals, LossBatch, batch_totals
 from .config import PRESET_NAMES, PRESETS, LossConfig

@@ -1,6 +1,6 @@
 """``LossConfig``: one post-training loss as the four parts of the Unified Policy Gradient Estimator.
 
-    grad = 1_stable * (1 / pi_ref) * A_hat * grad pi_theta                (DESIGN.md §1)
+    grad = 1_stable * (1 / pi_ref) * A_hat * grad pi_theta                (docs/design.md §1)
 
 A config names the four parts (``stabilization``, ``reference``, ``advantage``, ``likelihood``)
 plus how per-token losses are aggregated and the optional extra terms (KL, entropy, rollout

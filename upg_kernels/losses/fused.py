@@ -25,7 +25,7 @@ import torch
 from ..kernels.epilogue_codes import (KL_CODES, LIKELIHOOD_CODES, PART_DEMO_SFT, PART_DEMO_SHAPED,
                                        PART_MAIN, REFERENCE_CODES, ROLLOUT_CODES,
                                        STABILIZATION_CODES, EpilogueParams)
-from ..kernels import LogprobParams
+from ..kernels import LogprobParams, get_backend
 from ..logprobs import _check_target_range, _token_logprobs_backward_op
 from .aggregation import part_weights
 
@@ -86,21 +86,20 @@ def _fused_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
               targets: torch.Tensor, old: torch.Tensor | None, ref: torch.Tensor | None,
               rol: torch.Tensor | None, adv: torch.Tensor, isr: torch.Tensor | None,
               w: torch.Tensor, code: torch.Tensor, temperature: float, ignore_index: int,
-              softcap: float, filter_eps: float, modes: list[int], scalars: list[float]
+              softcap: float, filter_eps: float, backend: str, modes: list[int], scalars: list[float]
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                          torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from ..kernels.triton_epilogue import epilogue
-    from ..kernels.triton_logprobs_fwd import forward_partials
     _check_target_range(targets, weight.shape[0], ignore_index)
     p = LogprobParams(temperature, ignore_index, softcap, filter_eps)
-    part, rows = forward_partials(hidden, weight, bias, targets, p)
+    part, rows = get_backend(backend).forward_partials(hidden, weight, bias, targets, p)
     return epilogue(part, rows, hidden.shape[0], old=old, ref=ref, rol=rol, adv=adv, isr=isr, w=w,
                     code=code, params=_params(modes, scalars))
 
 
 @_fused_op.register_fake
 def _(hidden, weight, bias, targets, old, ref, rol, adv, isr, w, code, temperature, ignore_index,
-      softcap, filter_eps, modes, scalars):
+      softcap, filter_eps, backend, modes, scalars):
     N = hidden.shape[0]
     return (*(hidden.new_empty(N, dtype=torch.float32) for _ in range(N_OUT - 1)),
             hidden.new_empty(N, dtype=torch.int8))
@@ -108,9 +107,9 @@ def _(hidden, weight, bias, targets, old, ref, rol, adv, isr, w, code, temperatu
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, targets = inputs[:4]
-    temperature, ignore_index, softcap, filter_eps = inputs[11:15]
+    temperature, ignore_index, softcap, filter_eps, backend = inputs[11:16]
     ctx.save_for_backward(hidden, weight, bias, targets, output[2], output[1])
-    ctx.args = (temperature, ignore_index, softcap, filter_eps)
+    ctx.args = (temperature, ignore_index, softcap, filter_eps, backend)
 
 
 def _backward(ctx, g_logp, g_ent, *_rest):
@@ -120,18 +119,20 @@ def _backward(ctx, g_logp, g_ent, *_rest):
         g_logp = torch.zeros_like(lse)
     dh, dw, db = _token_logprobs_backward_op(
         hidden, weight, bias, targets, lse, ent, g_logp.float(),
-        None if g_ent is None else g_ent.float(), None, *ctx.args, "triton",
+        None if g_ent is None else g_ent.float(), None, *ctx.args,
         need_h, need_w, need_b and bias is not None)
     return (dh if need_h else None, dw if need_w else None,
-            db if (need_b and bias is not None) else None) + (None,) * 14
+            db if (need_b and bias is not None) else None) + (None,) * 15
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def fused_policy_epilogue(cfg, h2, w, b, t, kp, *, old, ref, rol, adv, isr, w_tok, code):
+def fused_policy_epilogue(cfg, h2, w, b, t, kp, *, old, ref, rol, adv, isr, w_tok, code,
+                          backend="triton"):
     """Run the fused op on prepared flat inputs (``prepare_inputs``'s ``h2, w, b, t`` and the
-    :class:`LogprobParams` ``kp``). Per-token inputs are ``[B, T]`` (or None); returns the op's ten
+    :class:`LogprobParams` ``kp``) with ``backend``'s forward partials (a table row with
+    ``fused_epilogue``; its backward serves the op's own autograd formula). Per-token inputs are ``[B, T]`` (or None); returns the op's ten
     ``[N]`` outputs."""
     def flat(x):
         return None if x is None else x.reshape(-1).to(torch.float32).contiguous()
@@ -139,4 +140,5 @@ def fused_policy_epilogue(cfg, h2, w, b, t, kp, *, old, ref, rol, adv, isr, w_to
     modes, scalars = _params_lists(cfg)
     return _fused_op(h2, w, b, t, flat(old), flat(ref), flat(rol), flat(adv), flat(isr),
                      flat(w_tok), code.reshape(-1).contiguous(), float(kp.temperature),
-                     int(kp.ignore_index), float(kp.softcap), float(kp.filter_eps), modes, scalars)
+                     int(kp.ignore_index), float(kp.softcap), float(kp.filter_eps), backend, modes,
+                     scalars)

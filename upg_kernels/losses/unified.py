@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from .._backend import resolve_backend
-from ..kernels import LogprobParams
+from ..kernels import LogprobParams, get_backend
 from ..kernels.meta import autocast_off
 from ..kernels.workspace import workspace_bytes
 from .. import logprobs as _logprobs   # the ops via the module (tests spy on them)
@@ -120,7 +120,8 @@ def _fused_forward(plan: _Plan, h2, w, b, t):
     B, T = inp.B, inp.T
     w_tok, code = token_weights_and_codes(cfg, inp)
     outs = fused_policy_epilogue(cfg, h2, w, b, t, plan.kp, old=inp.old, ref=inp.ref, rol=inp.rol,
-                                 adv=inp.adv, isr=inp.isr, w_tok=w_tok, code=code)
+                                 adv=inp.adv, isr=inp.isr, w_tok=w_tok, code=code,
+                                 backend=plan.backend)
     logp, ent, lse, ell, g_lp, g_H, ratio, kl, rollw, flags = (x.reshape(B, T) for x in outs)
     zero = torch.zeros_like(ell)
     L_main = torch.where(inp.main_tok, ell, zero).sum()
@@ -247,7 +248,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
             docstring). ``**batch_fields``: the same fields as keyword arguments (shorthand).
             With rewards, **compute advantages before splitting**: each call must hold whole groups.
         temperature: divides the logits. ``backend``: ``"auto"`` or a backend name
-            (:data:`upg_kernels.kernels.BACKEND_NAMES`).
+            (:data:`upg_kernels.kernels.BACKEND_NAMES`, the backend table).
         ignore_index, softcap, filter_eps: passed to :func:`upg_kernels.token_logprobs` (target id
             that masks a position; Gemma-2 final-logit softcap; backward tile filter, 0 = exact).
         fused_epilogue: with a Triton backend and a token-local config, run the loss epilogue
@@ -291,7 +292,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
     name = resolve_backend(backend, hidden.device, h2.dtype)
     kp = LogprobParams(float(temperature), int(ignore_index), float(softcap or 0.0), float(filter_eps))
     use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)
-                 and name.startswith("triton") and h2.shape[0] > 0)
+                 and get_backend(name).fused_epilogue and h2.shape[0] > 0)
     gif = _grad_in_forward(grad_in_forward, cfg)
     plan = _Plan(cfg, inp, kp, name, use_fused and not gif, gif, workspace_bytes() if gif else 0)
     with autocast_off(hidden.device.type):

@@ -1,0 +1,166 @@
+"""Every environment variable that upg-kernels and its benchmarks read, read here and only here.
+
+Each variable is a :class:`Setting` row of :data:`SETTINGS` (name, kind, default, meaning); callers ask
+the row (``settings.WORKSPACE_BYTES.get()``) at call time, so a change of the environment takes effect
+at the next call. One parser per kind: booleans accept ``1/true/yes/on`` and ``0/false/no/off``
+(any case; unset or empty = the default), byte sizes are positive integers, choices are matched
+lower-cased. A value that does not parse raises a ValueError naming the variable and what it expects.
+
+The table in docs/settings.md is this table (``python -m upg_kernels.settings`` prints it; a test
+keeps the two equal). This module imports nothing from the library.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+TRUE = ("1", "true", "yes", "on")
+FALSE = ("0", "false", "no", "off")
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    v = raw.strip().lower()
+    if v in TRUE:
+        return True
+    if v in FALSE:
+        return False
+    raise ValueError(f"{name} must be one of {'/'.join(TRUE)} or {'/'.join(FALSE)}, got {raw!r}")
+
+
+def parse_bytes(name: str, raw: str) -> int:
+    try:
+        n = int(raw.strip())
+    except ValueError:
+        n = -1
+    if n <= 0:
+        raise ValueError(f"{name} must be a positive integer (bytes), got {raw!r}")
+    return n
+
+
+def parse_config(name: str, raw: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in raw.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) not in (5, 6) or min(vals) <= 0:
+        raise ValueError(f"{name} must be 'BLOCK_N,BLOCK_V,BLOCK_H,num_warps,num_stages[,group_n]' "
+                         f"(positive integers), got {raw!r}")
+    return vals
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable: ``kind`` is ``bool``, ``bytes``, ``choice`` (one of ``choices``),
+    ``config`` (a block config, see :func:`parse_config`) or ``text``; ``default`` is the value when
+    it is unset or empty (None: no value, the caller decides); ``scope`` says who reads it."""
+    name: str
+    kind: str
+    default: object
+    meaning: str
+    choices: tuple[str, ...] = ()
+    scope: str = "library"
+
+    def raw(self) -> str | None:
+        """The stripped value in the environment; None when unset or empty."""
+        v = os.environ.get(self.name)
+        return v.strip() if v is not None and v.strip() else None
+
+    def is_set(self) -> bool:
+        return self.raw() is not None
+
+    def get(self):
+        """The parsed value (the default when unset or empty)."""
+        raw = self.raw()
+        if raw is None:
+            return self.default
+        if self.kind == "bool":
+            return parse_bool(self.name, raw)
+        if self.kind == "bytes":
+            return parse_bytes(self.name, raw)
+        if self.kind == "config":
+            return parse_config(self.name, raw)
+        if self.kind == "choice":
+            v = raw.lower()
+            if v not in self.choices:
+                raise ValueError(f"{self.name} must be one of {self.choices}, got {raw!r}")
+            return v
+        return raw
+
+
+MiB = 2**20
+
+BACKEND = Setting(
+    "UPG_KERNELS_BACKEND", "text", "auto",
+    "what `backend=\"auto\"` (or None) resolves to: `auto` or a backend name of the backend table "
+    "(checked by `resolve_backend`)")
+WORKSPACE_BYTES = Setting(
+    "UPG_KERNELS_WORKSPACE_BYTES", "bytes", 64 * MiB,
+    "workspace budget of the GEMM backward, the GEMM-tiled forward and the gradients-in-forward path "
+    "(`set_workspace_bytes` overrides it)")
+TORCH_CHUNK_BYTES = Setting(
+    "UPG_KERNELS_TORCH_CHUNK_BYTES", "bytes", 64 * MiB,
+    "bytes of one float32 chunk x V logits block of the torch backend")
+TRITON_FORWARD = Setting(
+    "UPG_KERNELS_TRITON_FORWARD", "choice", "fused",
+    "forward path of the Triton backends: `fused` (one kernel) or `gemm` (cuBLAS logits slabs + a row "
+    "kernel)", choices=("fused", "gemm"))
+TRITON_FWD_CONFIG = Setting(
+    "UPG_KERNELS_TRITON_FWD_CONFIG", "config", None,
+    "block config of the fused forward kernel, `BN,BV,BH,warps,stages` (tuning; GPU only)")
+TRITON_BWD_CONFIG = Setting(
+    "UPG_KERNELS_TRITON_BWD_CONFIG", "config", None,
+    "block config of the atomic backward kernel, `BN,BV,BH,warps,stages[,group]` (tuning; GPU only)")
+TRITON_DZ_CONFIG = Setting(
+    "UPG_KERNELS_TRITON_DZ_CONFIG", "config", None,
+    "block config of the GEMM backward's dz kernel, `BN,BV,BH,warps,stages[,group]` (tuning; GPU only)")
+TRITON_DW_SLAB_BYTES = Setting(
+    "UPG_KERNELS_TRITON_DW_SLAB_BYTES", "bytes", None,
+    "float32 dW slab per launch of the atomic backward (default 16 MiB, grown up to 4x for small "
+    "batches; a set value is never grown)")
+FUSED_EPILOGUE = Setting(
+    "UPG_KERNELS_FUSED_EPILOGUE", "bool", True,
+    "the fused Triton loss epilogue where it applies (`fused_epilogue=None`); `0` forces the PyTorch "
+    "epilogue")
+GRAD_IN_FORWARD = Setting(
+    "UPG_KERNELS_GRAD_IN_FORWARD", "bool", False,
+    "gradients in the forward pass for token-local losses where it applies (`grad_in_forward=None`)")
+TRITON_INTERPRET = Setting(
+    "TRITON_INTERPRET", "bool", False,
+    "triton's own variable: run the Triton kernels in the CPU interpreter (set before triton is "
+    "imported; the test suite's conftest.py sets it without CUDA)", scope="triton")
+BENCH_GIT_COMMIT = Setting(
+    "UPG_BENCH_GIT_COMMIT", "text", None,
+    "the commit recorded in benchmark results when the tree has no `.git` (bench/gpu_run.sh)",
+    scope="bench")
+
+SETTINGS = (BACKEND, WORKSPACE_BYTES, TORCH_CHUNK_BYTES, TRITON_FORWARD, TRITON_FWD_CONFIG,
+            TRITON_BWD_CONFIG, TRITON_DZ_CONFIG, TRITON_DW_SLAB_BYTES, FUSED_EPILOGUE, GRAD_IN_FORWARD,
+            TRITON_INTERPRET, BENCH_GIT_COMMIT)
+
+
+def interpreter_on() -> bool:
+    """Whether the Triton kernels run in the CPU interpreter (``TRITON_INTERPRET``)."""
+    return bool(TRITON_INTERPRET.get())
+
+
+def _default_text(s: Setting) -> str:
+    if s.default is None:
+        return "unset"
+    if s.kind == "bool":
+        return "1" if s.default else "0"
+    if s.kind == "bytes":
+        return f"{s.default} ({s.default // MiB} MiB)" if s.default % MiB == 0 else str(s.default)
+    return str(s.default)
+
+
+def markdown_table() -> str:
+    """The table of docs/settings.md."""
+    rows = ["| variable | kind | default | read by | meaning |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        kind = s.kind + (f" ({', '.join(s.choices)})" if s.choices else "")
+        rows.append(f"| `{s.name}` | {kind} | {_default_text(s)} | {s.scope} | {s.meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

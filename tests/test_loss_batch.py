@@ -141,7 +141,7 @@ def test_nonfinite_hidden_row_is_named():
     h, w, t = _small(B=5)
     h[3, 1, 2] = float("nan")
     h[1, 0, 0] = float("inf")
-    kw = dict(rewards=torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5]), group_ids=torch.tensor([0, 0, 1, 1, 1]))
+    kw = dict(advantages=torch.tensor([1.0, -1.0, 0.5, 0.0, -0.5], dtype=torch.float64))
     # the loss: an error naming the rows (the loss and dW would be NaN)
     with pytest.raises(FloatingPointError, match=r"rows \[1, 3\] .* dW / db"):
         unified_policy_loss(h, w, t, config="grpo", backend="torch", **kw)

@@ -465,3 +465,20 @@ def test_batch_std_from_rewards_in_a_part_of_the_batch_is_an_error():
     with pytest.raises(ValueError, match="'batch_std' from rewards normalises by the std of the whole batch"):
         unified_policy_loss(h[:4], w, t[:4], config=LossConfig.preset("grpo", advantage="batch_std"),
                             backend="torch", loss_mask=mask[:4], rewards=r[:4], group_size=2, totals=totals)
+
+
+@pytest.mark.parametrize("name", ["dapo", "hpt"])
+def test_fused_epilogue_divides_by_the_totals(name):
+    """The Triton path (fused epilogue: the aggregation weights per token) with totals, float32."""
+    cfg, hid, w, b, tgt, lb = whole_batch_case(name)
+    f32 = {k: (v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.float64 else v)
+           for k, v in dataclasses.asdict(lb).items()}
+    lb = LossBatch(**f32)
+    hid, w, b = hid.float(), w.float(), b.float()
+    parts = [lb.select(s) for s in SPLITS]
+    totals = upg_kernels.batch_totals([p.loss_mask for p in parts],
+                                      is_demo=None if lb.is_demo is None else [p.is_demo for p in parts])
+    ref = unified_policy_loss(hid, w, tgt, config=cfg, bias=b, backend="torch", batch=lb).loss
+    got = sum(unified_policy_loss(hid[s], w, tgt[s], config=cfg, bias=b, backend="triton", batch=p,
+                                  totals=totals, fused_epilogue=True).loss for s, p in zip(SPLITS, parts))
+    torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-6)

@@ -206,7 +206,7 @@ def test_overlong_filtered_rows_grad_accum_independent(tmp_path, preset):
     grad_accum (the micro-batches divide by the totals of the whole batch; it used to differ by 14%)."""
     torch.set_default_dtype(torch.float64)
     try:
-        gs = []
+        gs, ms = [], []
         for ga in (1, 4):
             tr = make_trainer(tmp_path / f"{preset}{ga}", "grpo", **{
                 "train.grad_accum": ga, "train.grad_clip": 0, "rollout.overlong_filter": "true",
@@ -216,8 +216,11 @@ def test_overlong_filtered_rows_grad_accum_independent(tmp_path, preset):
             m = tr.rl_step()
             assert m["overlong_filtered"] == pytest.approx(2 / 16)
             gs.append([p.grad.detach().clone() for p in tr.lm.parameters() if p.grad is not None])
+            ms.append(m)
     finally:
         torch.set_default_dtype(torch.float32)
+    for key in ("loss", "loss_main"):   # the logged loss and its main part do not depend on grad_accum
+        assert ms[0][key] == pytest.approx(ms[1][key], rel=1e-9, abs=1e-12), key
     assert len(gs[0]) == len(gs[1]) > 0
     for a, b in zip(*gs):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)

@@ -380,11 +380,19 @@ class Trainer(PreferenceSteps, PPOSteps):
         cfg_ws = lc if ws == 1 else lc.replace(
             rl_coef=lc.rl_coef * ws, **({"demo_coef": lc.demo_coef * ws} if lc.demo_part is not None else {}))
 
+        n_all = totals.main_tokens + totals.demo_tokens
+
         def loss_of(k, mb, extra):
             box: list = []
             loss = self._micro_loss(mb, cfg_ws, extra if mb.padding else dict(extra, totals=totals), box)
-            # metric weight: the micro-batch's tokens (0 for a padding micro-batch)
-            return loss, box[0].metrics, float(mb.loss_mask.sum())
+            # metric weight: the micro-batch's tokens (0 for a padding micro-batch); its loss parts are its
+            # shares of the batch's, so they enter the token-weighted mean scaled to add up
+            n = float(((mb.loss_mask != 0) & (mb.targets != -100)).sum())
+            metrics = dict(box[0].metrics)
+            for key in ("loss_main", "loss_demo"):
+                if n and key in metrics:
+                    metrics[key] *= n_all / n
+            return loss, metrics, n
         return loss_of
 
     def _update(self, micro: list[tuple[RowBatch, dict]], loss_of=None, *, model=None, opt=None,

@@ -22,7 +22,12 @@ demonstration rows are aggregated separately, each over its own rows and tokens 
     loss = rl_coef * L_main(main rows) + demo_coef * L_demo(demo rows)
 
 so a mixed batch gives exactly the loss and gradients of its two parts computed separately and
-added (given the same per-row advantages).
+added (given the same per-row advantages). Each part divides by this call's token and row counts, or,
+with ``totals=`` (:func:`~upg_kernels.batch_totals`), by the whole batch's: micro-batches and ranks then
+add up to the whole batch.
+
+The per-token and per-row inputs are one :class:`~upg_kernels.LossBatch` (``batch=``, or its fields as
+keyword arguments).
 
 Flat input: ``hidden [N, H]`` with ``targets [N]`` is treated as ``N`` sequences of length 1
 (``[N, 1, H]``); every per-token argument is then ``[N]`` and the per-row ones (``advantages``,

@@ -246,9 +246,9 @@ class OursBigWorkspace(_OursEnv):
 
 class OursGradInForward(_OursEnv):
     name = "ours-gif"
-    description = "unified_policy_loss(grad_in_forward=True), 1 GiB workspace (token-local losses, 6NHV)"
+    description = ("unified_policy_loss(grad_in_forward=True): the one-pass path (6NHV; 1 GiB chunk budget "
+                   "UPG_KERNELS_ONE_PASS_BYTES + a float32 dW accumulator)")
     ops = ("sft", "grpo", "hpt")
-    ENV = {settings.WORKSPACE_BYTES.name: str(2**30)}
     KW = {"grad_in_forward": True}
 
 

@@ -68,7 +68,9 @@ def _ours_paths() -> tuple[OursPath, ...]:
     return tuple(out)
 
 
-OURS_PATHS = _ours_paths()
+# the one-pass path (unified_policy_loss(grad_in_forward=True); token_logprobs is unchanged by it)
+ONE_PASS = OursPath("ours-one-pass", "triton", False, env=((settings.GRAD_IN_FORWARD.name, "1"),))
+OURS_PATHS = _ours_paths() + (ONE_PASS,)
 
 
 def _ours_impl(path: OursPath, backend: str) -> Impl:

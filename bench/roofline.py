@@ -85,10 +85,57 @@ def costs(N: int, H: int, V: int, budget: int | None = None) -> list[Cost]:
     l2 = (N / dzc.block_n) * (V / dzc.block_v) * (dzc.block_n + dzc.block_v) * H * e
     out.append(Cost(f"backward, GEMM (G={G}, S={S}, {ng} group(s), dW {'fp32' if pl.dw_fp32 else 'bf16'})",
                     6 * N * H * V, hbm, l2, 0))
+    kernels = one_pass_kernels(N, H, V)
+    n, C = _one_pass_chunks(N, H, V)
+    out.append(Cost(f"one pass, fwd+bwd (C={C}, {n} chunk(s), dW fp32)", sum(k.flops for k in kernels),
+                    sum(k.hbm for k in kernels), 0, 0))
     return out
 
 
-SHAPES = {"llama3-8b": (4096, 128256), "qwen2.5-7b": (3584, 152064), "gemma2-2b": (2304, 256000)}
+def _one_pass_chunks(N, H, V, budget=None):
+    import torch
+    from upg_kernels.kernels import one_pass
+    pl = one_pass.plan(N, H, V, torch.bfloat16, budget, gpu=True)
+    return pl.n_chunks, pl.chunk_rows
+
+
+def one_pass_kernels(N: int, H: int, V: int, budget: int | None = None) -> list[Cost]:
+    """The one-pass path as built (``kernels/one_pass.py``, bf16, every row active), one entry per
+    kernel summed over the chunks: its GEMMs read their operands and write their result once from HBM
+    (bf16 operands, float32 logits and dW accumulator), the row kernels stream the float32 logits."""
+    n, C = _one_pass_chunks(N, H, V, budget)
+    e, f = 2, 4
+    wh = V * H
+    return [
+        Cost("gather hidden rows", 0, 2 * N * H * e, 0, 0),
+        Cost("logits GEMM z = h_c W^T (float32 out)", 2 * N * H * V, n * wh * e + N * H * e + N * V * f, 0, 0),
+        Cost("stats row kernel (reads z)", 0, N * V * f, 0, 0),
+        Cost("dz row kernel (reads z, writes bf16 dz in place)", 0, N * V * (f + e), 0, 0),
+        Cost("dh GEMM dz W", 2 * N * H * V, N * V * e + n * wh * e + N * H * e, 0, 0),
+        Cost("dW GEMM dW_acc += dz^T h_c (float32 accumulator)", 2 * N * H * V,
+             N * V * e + N * H * e + n * wh * f * 2, 0, 0),
+        Cost("dW accumulator zeroed, scaled and cast once", 0, wh * (f + f + e), 0, 0),
+    ]
+
+
+def one_pass_table(N: int, shapes, budget: int | None = None) -> str:
+    """Per-kernel estimate of the one-pass path: each kernel's time is the larger of its tensor-core
+    and HBM times; the kernels run one after another, so the path's estimate is their sum."""
+    rows = ["| shape | N | kernel (all chunks) | TFLOP | HBM GB | ms (estimate) |", "|---|---|---|---|---|---|"]
+    for name in shapes:
+        H, V = SHAPES[name]
+        total = 0.0
+        for k in one_pass_kernels(N, H, V, budget):
+            t = max(k.times()["tensor cores"], k.times()["HBM"])
+            total += t
+            rows.append(f"| {name} | {N} | {k.path} | {k.flops / 1e12:.1f} | {k.hbm / 1e9:.1f} | {t * 1e3:.1f} |")
+        n, C = _one_pass_chunks(N, H, V, budget)
+        rows.append(f"| {name} | {N} | **sum** ({n} chunks of {C} rows) | | | **{total * 1e3:.1f}** |")
+    return "\n".join(rows)
+
+
+SHAPES = {"llama3-8b": (4096, 128256), "qwen2.5-7b": (3584, 152064), "gemma2-2b": (2304, 256000),
+          "qwen3.5-27b": (5120, 248320)}
 
 
 def table(N: int, shapes, budget: int | None = None) -> str:
@@ -110,7 +157,10 @@ def main(argv=None):
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--budget", type=int, default=None, help="workspace bytes (default: the library's)")
     a = ap.parse_args(argv)
-    print(table(a.N, [s for s in a.shapes.split(",") if s], a.budget))
+    shapes = [s for s in a.shapes.split(",") if s]
+    print(table(a.N, shapes, a.budget))
+    print("\none-pass path, per kernel (run one after another):\n")
+    print(one_pass_table(a.N, shapes))
     print(f"\nassumed rates (not measured): {RATES}")
 
 

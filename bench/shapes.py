@@ -27,12 +27,13 @@ NAMED: dict[str, tuple[int, int, tuple[int, ...]]] = {
     "qwen2.5-7b": (3584, 152064, (8192, 32768)),
     "gemma2-2b": (2304, 256000, (8192,)),
     "qwen2.5-0.5b": (896, 151936, (32768,)),
+    "qwen3.5-27b": (5120, 248320, (8192,)),      # the newest large-vocabulary head
     # small shapes for CPU smoke runs and CI (not yardsticks)
     "tiny": (64, 1000, (256,)),
     "small": (256, 8192, (1024,)),
 }
 
-DESIGN_SHAPES = ("llama3-8b", "qwen2.5-7b", "gemma2-2b", "qwen2.5-0.5b")
+DESIGN_SHAPES = ("llama3-8b", "qwen2.5-7b", "gemma2-2b", "qwen2.5-0.5b", "qwen3.5-27b")
 
 
 def parse_ints(text: str | None) -> list[int]:

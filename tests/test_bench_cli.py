@@ -112,7 +112,9 @@ def test_shapes():
     assert [x.N for x in resolve_shapes("llama3-8b", N="1024,2048")] == [1024, 2048]
     c = resolve_shapes(None, H=8, V=16, N="32")
     assert [(x.H, x.V, x.N) for x in c] == [(8, 16, 32)]
-    assert len(resolve_shapes("all")) == 4
+    assert [x.name for x in resolve_shapes("all")] == ["llama3-8b", "qwen2.5-7b", "gemma2-2b",
+                                                      "qwen2.5-0.5b", "qwen3.5-27b"]
+    assert [(x.H, x.V, x.N) for x in resolve_shapes("qwen3.5-27b")] == [(5120, 248320, 8192)]
     with pytest.raises(ValueError):
         resolve_shapes("gpt5")
     with pytest.raises(ValueError):

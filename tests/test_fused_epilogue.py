@@ -258,14 +258,16 @@ def test_supported_set():
 def test_custom_op_opcheck_and_compile():
     """The op has a schema, a fake (meta) implementation and registered autograd, so torch.compile
     traces it as one node; the loss under torch.compile equals eager."""
+    from upg_kernels import ops
     from upg_kernels.losses import fused as F
     cfg, hid, w, b, tgt, kw = make_case("grpo", 0, dtype=torch.float32, overrides=dict(kl_coef=0.05))
     N = B * T
     g = torch.Generator().manual_seed(0)
     args = (hid.reshape(N, -1).contiguous().requires_grad_(True), w.contiguous(), b, tgt.reshape(-1).contiguous(),
             None, None, None, torch.randn(N, generator=g), None, torch.rand(N, generator=g),
-            torch.ones(N, dtype=torch.int8), 1.0, -100, 0.0, 0.0, "triton", *F._params_lists(cfg))
-    res = torch.library.opcheck(F._fused_op, args, test_utils=("test_schema", "test_faketensor",
+            torch.ones(N, dtype=torch.int8), 1.0, -100, 0.0, 0.0, "triton",
+            *F.EpilogueParams.from_config(cfg).to_lists())
+    res = torch.library.opcheck(ops.fused_policy_epilogue_op, args, test_utils=("test_schema", "test_faketensor",
                                                                "test_autograd_registration"))
     assert all(v == "SUCCESS" for v in res.values()), res
     kw = {k: (v.float() if isinstance(v, torch.Tensor) and v.dtype.is_floating_point and k != "rewards" else v)

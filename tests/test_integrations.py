@@ -570,13 +570,13 @@ def test_trl_patch_rejects_non_trainer():
 @pytest.mark.parametrize("loss_mode", [False, True])
 def test_trl_patched_trainer_trains(tmp_path, monkeypatch, loss_mode):
     """End to end: a patched GRPOTrainer generates, scores, and takes an optimizer step through upg-kernels."""
-    import upg_kernels.logprobs
+    import upg_kernels.ops
     from upg_kernels.integrations import trl as upg_trl
 
     trainer = _tiny_trainer(tmp_path, loss_type="dapo", beta=0.0)
     calls = []
-    real = upg_kernels.logprobs._token_logprobs_op
-    monkeypatch.setattr(upg_kernels.logprobs, "_token_logprobs_op", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = upg_kernels.ops.token_logprobs_op
+    monkeypatch.setattr(upg_kernels.ops, "token_logprobs_op", lambda *a, **k: calls.append(1) or real(*a, **k))
     upg_trl.patch_grpo_trainer(trainer, loss=loss_mode)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()

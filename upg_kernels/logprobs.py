@@ -1,9 +1,10 @@
 """``token_logprobs``: per-token log-probs (and entropy) straight from hidden states and the lm_head.
 
 The public function validates its inputs, flattens them and calls the custom op
-``upg_kernels::token_logprobs``, whose autograd formula calls ``upg_kernels::token_logprobs_backward``.
-Both dispatch to a backend in :mod:`upg_kernels.kernels` (Triton or chunked PyTorch); neither ever
-holds an N x V logits tensor.
+``upg_kernels::token_logprobs`` (:mod:`upg_kernels.ops`), whose autograd formula calls
+``upg_kernels::token_logprobs_backward``. Both dispatch to a backend of the table in
+:mod:`upg_kernels.kernels.backends` (Triton or chunked PyTorch); neither ever holds an N x V logits
+tensor.
 """
 from __future__ import annotations
 
@@ -13,81 +14,11 @@ import warnings
 
 import torch
 
+from . import ops
 from ._backend import resolve_backend
-from .kernels import LogprobParams, get_backend
 from .kernels.meta import autocast_enabled, autocast_off
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-# ----------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("upg_kernels::token_logprobs", mutates_args=())
-def _token_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       targets: torch.Tensor, temperature: float, ignore_index: int,
-                       softcap: float, filter_eps: float, backend: str
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # checked here, on real data, so that torch.compile traces the caller without a data-dependent branch
-    _check_target_range(targets, weight.shape[0], ignore_index)
-    p = LogprobParams(temperature, ignore_index, softcap, filter_eps)
-    return get_backend(backend).forward(hidden, weight, bias, targets, p)
-
-
-@_token_logprobs_op.register_fake
-def _(hidden, weight, bias, targets, temperature, ignore_index, softcap, filter_eps, backend):
-    N = hidden.shape[0]
-    dt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-    return tuple(hidden.new_empty(N, dtype=dt) for _ in range(3))
-
-
-@torch.library.custom_op("upg_kernels::token_logprobs_backward", mutates_args=())
-def _token_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                targets: torch.Tensor, lse: torch.Tensor, ent: torch.Tensor,
-                                g_logp: torch.Tensor, g_ent: torch.Tensor | None,
-                                g_lse: torch.Tensor | None, temperature: float,
-                                ignore_index: int, softcap: float,
-                                filter_eps: float, backend: str, need_hidden: bool,
-                                need_weight: bool, need_bias: bool
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    p = LogprobParams(temperature, ignore_index, softcap, filter_eps)
-    dh, dw, db = get_backend(backend).backward(
-        hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
-        need_hidden, need_weight, need_bias and bias is not None, g_lse=g_lse)
-    # custom ops cannot return None: hand back (distinct) empty tensors for what was not asked for
-    return (dh if dh is not None else hidden.new_empty(0),
-            dw if dw is not None else hidden.new_empty(0),
-            db if db is not None else hidden.new_empty(0))
-
-
-@_token_logprobs_backward_op.register_fake
-def _(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, g_lse, temperature, ignore_index,
-      softcap, filter_eps, backend, need_hidden, need_weight, need_bias):
-    return (torch.empty_like(hidden) if need_hidden else hidden.new_empty(0),
-            torch.empty_like(weight) if need_weight else hidden.new_empty(0),
-            torch.empty_like(bias) if (need_bias and bias is not None) else hidden.new_empty(0))
-
-
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, targets, temperature, ignore_index, softcap, filter_eps, backend = inputs
-    _, ent, lse = output
-    ctx.save_for_backward(hidden, weight, bias, targets, lse, ent)
-    ctx.args = (temperature, ignore_index, softcap, filter_eps, backend)
-
-
-def _backward(ctx, g_logp, g_ent, g_lse):
-    hidden, weight, bias, targets, lse, ent = ctx.saved_tensors
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    if g_logp is None:
-        g_logp = torch.zeros_like(lse)
-    dh, dw, db = _token_logprobs_backward_op(
-        hidden, weight, bias, targets, lse, ent, g_logp.to(lse.dtype),
-        None if g_ent is None else g_ent.to(lse.dtype),
-        None if g_lse is None else g_lse.to(lse.dtype), *ctx.args,
-        need_h, need_w, need_b and bias is not None)
-    return (dh if need_h else None, dw if need_w else None,
-            db if (need_b and bias is not None) else None, None, None, None, None, None, None)
-
-
-_token_logprobs_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -204,17 +135,6 @@ def check_ignore_index(ignore_index) -> int:
     return ignore_index
 
 
-def _check_target_range(flat_targets, V, ignore_index):
-    if flat_targets.numel() == 0 or flat_targets.device.type == "meta":   # meta: no values to check
-        return
-    valid = flat_targets != ignore_index
-    bad = valid & ((flat_targets < 0) | (flat_targets >= V))
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"targets holds id {int(flat_targets[i])} at flat position {i}, outside "
-                         f"[0, V={V}) and not ignore_index={ignore_index}")
-
-
 def _common_dtype(hidden, weight, bias):
     """The compute dtype: autocast's when it is on for this device, else the promoted input dtype."""
     dev = hidden.device.type
@@ -282,7 +202,7 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         ent = lse = logp.clone()
     else:
         with autocast_off(hidden.device.type):
-            logp, ent, lse = _token_logprobs_op(
+            logp, ent, lse = ops.token_logprobs_op(
                 h2, w, b, t, float(temperature), int(ignore_index), float(softcap or 0.0),
                 float(filter_eps), name)
         logp, ent, lse = logp.reshape(lead), ent.reshape(lead), lse.reshape(lead)

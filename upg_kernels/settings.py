@@ -6,8 +6,7 @@ at the next call. One parser per kind: booleans accept ``1/true/yes/on`` and ``0
 (any case; unset or empty = the default), byte sizes are positive integers, choices are matched
 lower-cased. A value that does not parse raises a ValueError naming the variable and what it expects.
 
-The table in docs/settings.md is this table (``python -m upg_kernels.settings`` prints it; a test
-keeps the two equal). This module imports nothing from the library.
+The table in docs/settings.md is :func:`markdown_table` (tests/test_settings.py keeps the two equal). This module imports nothing from the library.
 """
 from __future__ import annotations
 
@@ -123,7 +122,13 @@ FUSED_EPILOGUE = Setting(
     "epilogue")
 GRAD_IN_FORWARD = Setting(
     "UPG_KERNELS_GRAD_IN_FORWARD", "bool", False,
-    "gradients in the forward pass for token-local losses where it applies (`grad_in_forward=None`)")
+    "the one-pass path (gradients in the forward pass) for `unified_policy_loss` calls with "
+    "`grad_in_forward=None`; where a sequence-level config's sequence does not fit a chunk, the two-pass "
+    "path runs")
+ONE_PASS_BYTES = Setting(
+    "UPG_KERNELS_ONE_PASS_BYTES", "bytes", 1024 * MiB,
+    "chunk workspace of the one-pass path (float32 logits chunks; `one_pass.set_one_pass_bytes` "
+    "overrides it); bf16/fp16 weights also get a float32 [V, H] dW accumulator beside it")
 TRITON_INTERPRET = Setting(
     "TRITON_INTERPRET", "bool", False,
     "triton's own variable: run the Triton kernels in the CPU interpreter (set before triton is "
@@ -135,6 +140,7 @@ BENCH_GIT_COMMIT = Setting(
 
 SETTINGS = (BACKEND, WORKSPACE_BYTES, TORCH_CHUNK_BYTES, TRITON_FORWARD, TRITON_FWD_CONFIG,
             TRITON_BWD_CONFIG, TRITON_DZ_CONFIG, TRITON_DW_SLAB_BYTES, FUSED_EPILOGUE, GRAD_IN_FORWARD,
+            ONE_PASS_BYTES,
             TRITON_INTERPRET, BENCH_GIT_COMMIT)
 
 
@@ -161,6 +167,3 @@ def markdown_table() -> str:
         rows.append(f"| `{s.name}` | {kind} | {_default_text(s)} | {s.scope} | {s.meaning} |")
     return "\n".join(rows) + "\n"
 
-
-if __name__ == "__main__":
-    print(markdown_table(), end="")

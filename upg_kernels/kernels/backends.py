@@ -128,6 +128,7 @@ TRITON_KERNEL_MODULES = (
     "triton_dz",               # the GEMM backward's dz blocks (backend "triton")
     "triton_gemm_fwd",         # the GEMM-tiled forward's row kernel (forward path "gemm")
     "triton_epilogue",         # the fused loss epilogue
+    "triton_onepass",          # the one-pass path's row kernels (stats, dz in place)
 )
 
 

@@ -7,16 +7,16 @@ keeps a float32 ``[V, H]`` dweight accumulator (plus a float32 copy of a bf16/fp
 """
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ..settings import TORCH_CHUNK_BYTES
 
 from .contract import LogprobParams, active_rows
 from .meta import nonzero_rows
 
 
 def chunk_rows(V: int) -> int:
-    budget = int(os.environ.get("UPG_KERNELS_TORCH_CHUNK_BYTES", 64 * 2**20))
+    budget = TORCH_CHUNK_BYTES.get()
     return max(1, budget // (4 * max(V, 1)))
 
 
@@ -26,19 +26,52 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _logits(h, weight, bias, p: LogprobParams):
     """Scaled logits of a chunk, in float32 (float64 for float64 inputs), and tanh for the softcap."""
-    return scale_logits((h @ weight.T).to(_compute_dtype(h.dtype)), bias, p)
+    return scale_logits_((h @ weight.T).to(_compute_dtype(h.dtype)), bias, p)
 
 
-def scale_logits(z, bias, p: LogprobParams):
-    """``(softcap(z + bias) / temperature, tanh)`` of raw logits ``z`` (tanh = None without a softcap;
-    the backward's chain-rule factor is ``1 - tanh^2``). Shared with ``grad_in_forward``."""
+def scale_logits_(z, bias, p: LogprobParams):
+    """``(softcap(z + bias) / temperature, tanh)`` of raw logits ``z``, **in place** in ``z`` (tanh = None
+    without a softcap; the backward's chain-rule factor is ``1 - tanh^2``). The one owner of this step in
+    PyTorch: the torch backend and the one-pass path's PyTorch rows call it."""
     if bias is not None:
-        z = z + bias.to(z.dtype)
+        z += bias.to(z.dtype)
     t = None
     if p.softcap:
         t = torch.tanh(z / p.softcap)
-        z = p.softcap * t
-    return z / p.temperature, t
+        torch.mul(t, p.softcap, out=z)
+    if p.temperature != 1.0:
+        z /= p.temperature
+    return z, t
+
+
+def logits_grad_(logp, targets, gl, gp, ge, ent, temperature, tanh=None, prob=None):
+    """The logits gradient of a chunk of rows: the one owner of the formula in PyTorch (the torch
+    backend's backward and the one-pass path's PyTorch rows call it)::
+
+        dz = (gl * onehot - gp * p - ge * p * (log p + H)) / temperature   [* (1 - tanh^2) softcap]
+
+    ``logp [R, V]``: the chunk's log-probabilities (float32 / float64), **overwritten** (scratch);
+    ``targets [R]``; per-row ``gl = dL/dlogp``, ``gp = gl - dL/dlse`` (``gl`` without an lse
+    gradient), ``ge = dL/dH`` (None: no entropy term) and the entropy ``ent``; ``tanh`` the softcap's
+    (None without one); ``prob = exp(logp)`` when the caller has it (it is then overwritten too).
+    Returns ``dz [R, V]`` (in ``prob``'s storage: one new block at most). Columns of probability 0
+    (-inf logits) give exactly ``gl * onehot`` (no ``0 * -inf``)."""
+    if prob is None:
+        prob = torch.exp(logp)
+    if ge is not None:
+        logp += ent[:, None]
+        logp *= prob
+        logp.masked_fill_(prob == 0, 0.0)
+        logp *= ge[:, None]              # ge * p * (log p + H)
+    prob *= gp[:, None]
+    if ge is not None:
+        prob += logp
+    prob.neg_()
+    prob.scatter_add_(1, targets[:, None], gl[:, None])
+    prob /= temperature
+    if tanh is not None:
+        prob *= 1.0 - tanh * tanh
+    return prob
 
 
 def forward(hidden, weight, bias, targets, p: LogprobParams):
@@ -81,19 +114,12 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p: LogprobP
         idx = rows[s:s + step]
         h = hidden[idx]
         z, t = _logits(h, weight, bias, p)
-        logprob = z - lse[idx].to(cd).unsqueeze(1)
-        prob = torch.exp(logprob)
-        gl = g_logp[idx].to(cd).unsqueeze(1)
-        gp = gl if g_lse is None else gl - g_lse[idx].to(cd).unsqueeze(1)
-        dz = -gp * prob
-        dz.scatter_add_(1, targets[idx].unsqueeze(1), gl)
-        if g_ent is not None:
-            ge = g_ent[idx].to(cd).unsqueeze(1)
-            dz -= ge * torch.where(prob > 0, prob * (logprob + ent[idx].to(cd).unsqueeze(1)), 0.0)
-        dz /= p.temperature
-        if t is not None:
-            dz *= 1.0 - t * t
-        del z, prob, logprob
+        z -= lse[idx].to(cd).unsqueeze(1)                 # log p
+        gl = g_logp[idx].to(cd)
+        gp = gl if g_lse is None else gl - g_lse[idx].to(cd)
+        ge = None if g_ent is None else g_ent[idx].to(cd)
+        dz = logits_grad_(z, targets[idx], gl, gp, ge, ent[idx].to(cd), p.temperature, t)
+        del z, t
         if need_hidden:
             dh[idx] = (dz @ wmat).to(hidden.dtype)
         if need_weight:

@@ -35,7 +35,8 @@ import triton.language as tl
 
 from .epilogue_codes import (EpilogueParams, FLAG_DUAL, FLAG_HIGH, FLAG_LOW,  # noqa: F401 (re-export)
                              KL_CODES, LIKELIHOOD_CODES, PART_DEMO_SFT, PART_DEMO_SHAPED, PART_MAIN,
-                             PART_NONE, REFERENCE_CODES, ROLLOUT_CODES, STABILIZATION_CODES)
+                             PART_NONE, REFERENCE_CODES, ROLLOUT_CODES, SCALAR_FIELDS,
+                             STABILIZATION_CODES)
 from .aot import KernelVariant, flag_cover
 from .meta import launch
 from .triton_logprobs_common import interpreting
@@ -234,10 +235,10 @@ EPILOGUE_WARPS, EPILOGUE_STAGES = 4, 3
 
 
 def epilogue_constexprs(prm: EpilogueParams, *, has_old, has_ref, has_rol, has_isr) -> dict:
-    """The constexpr arguments of ``_epilogue_kernel`` (the launcher and :func:`aot_variants`)."""
-    return dict(STAB=prm.stabilization, REF=prm.reference, LIK=prm.likelihood,
-                KL_TYPE=prm.kl_type, KL_ON=prm.kl_coef > 0, KL_BC=bool(prm.kl_bias_correction),
-                ROLL=prm.rollout_is, HAS_DELTA=bool(prm.delta), HAS_DUAL=bool(prm.dual_clip),
+    """The constexpr arguments of ``_epilogue_kernel`` (the launcher and :func:`aot_variants`): the
+    mode fields' (``EpilogueParams.mode_constexprs``), the flags of optional inputs and terms."""
+    return dict(**prm.mode_constexprs(), KL_ON=prm.kl_coef > 0,
+                HAS_DELTA=bool(prm.delta), HAS_DUAL=bool(prm.dual_clip),
                 HAS_OLD=has_old, HAS_REF=has_ref, HAS_ROL=has_rol, HAS_ISR=has_isr,
                 ENT_ON=prm.entropy_coef > 0, BLOCK=16 if interpreting() else 256)
 
@@ -259,13 +260,12 @@ def aot_variants() -> list[KernelVariant]:
                                   "logp_ptr", "ent_ptr", "lse_ptr", "ell_ptr", "glp_ptr", "gh_ptr",
                                   "ratio_ptr", "kl_ptr", "rollw_ptr", "part_ptr")}
     types.update(rows_ptr="*i64", code_ptr="*i8", flags_ptr="*i8", M="i32", n_splits="i32")
-    types.update({a: "fp32" for a in ("eps_low", "eps_high", "delta", "dual_clip", "tau_pos",
-                                      "tau_neg", "kl_coef", "entropy_coef", "log_cap",
-                                      "fdiv_beta", "shaping_gamma", "rl_coef", "demo_coef")})
+    types.update({a: "fp32" for a in SCALAR_FIELDS})      # the scalar arguments, by name
     out = []
     for c in cover:
-        prm = EpilogueParams(c["stabilization"], c["reference"], c["likelihood"], c["kl_type"],
-                             c["rollout_is"], c["kl_bias_correction"],
+        prm = EpilogueParams(stabilization=c["stabilization"], reference=c["reference"],
+                             likelihood=c["likelihood"], kl_type=c["kl_type"],
+                             rollout_is=c["rollout_is"], kl_bias_correction=c["kl_bias_correction"],
                              delta=1.5 if c["delta"] else 0.0,
                              dual_clip=3.0 if c["dual_clip"] else 0.0,
                              kl_coef=0.1 if c["kl"] else 0.0,
@@ -309,11 +309,7 @@ def epilogue(part, rows, N, *, old, ref, rol, adv, isr, w, code, params: Epilogu
                part, rows, M, splits,
                old if old is not None else dummy, ref if ref is not None else dummy,
                rol if rol is not None else dummy, adv, isr if isr is not None else dummy, w,
-               code.contiguous(), *outs, flags,
-               float(prm.eps_low), float(prm.eps_high), float(prm.delta or 1.0),
-               float(prm.dual_clip or 1.0), float(prm.tau_pos), float(prm.tau_neg),
-               float(prm.kl_coef), float(prm.entropy_coef), float(prm.log_cap),
-               float(prm.fdiv_beta), float(prm.shaping_gamma), float(prm.rl_coef),
-               float(prm.demo_coef), **flags_cx, num_warps=EPILOGUE_WARPS,
+               code.contiguous(), *outs, flags, **prm.kernel_scalars(), **flags_cx,
+               num_warps=EPILOGUE_WARPS,
                num_stages=EPILOGUE_STAGES)
     return (*outs, flags)

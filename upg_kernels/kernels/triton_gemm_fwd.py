@@ -28,7 +28,7 @@ import triton.language as tl
 from .gemm import mm_f32
 from .meta import launch, nonzero_rows
 from .workspace import workspace_bytes
-from .triton_logprobs_common import _tanh, check_inputs, combine, interpreting, online_update
+from .triton_logprobs_common import tanh, check_inputs, combine, interpreting, online_update
 
 _BLOCK_R, _BLOCK_C = 8, 1024    # rows x columns per step of the row kernel (GPU)
 STATS_WARPS = 4
@@ -60,7 +60,7 @@ def _stats_kernel(z_ptr, b_ptr, tgt_ptr, rows_ptr, st_ptr, G, S, v_lo, stride_z,
         if HAS_BIAS:
             z += tl.load(b_ptr + v_lo + c0 + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
+            z = softcap * tanh(z / softcap)
         z = z / temperature
         m_i, s_i, t_i, zt_i = online_update(m_i, s_i, t_i, zt_i, z, cols, mask_c,
                                             tgt - (v_lo + c0))

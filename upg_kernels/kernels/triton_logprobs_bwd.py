@@ -20,13 +20,13 @@ slab by slab, so the float32 copy of a ``[V, H]`` weight gradient never exists a
 """
 from __future__ import annotations
 
-import os
 from contextlib import nullcontext
 
 import torch
 import triton
 import triton.language as tl
 
+from ..settings import TRITON_DW_SLAB_BYTES
 from .contract import active_rows, zero_grads
 from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant,
                   flag_cover, label, ptr)
@@ -106,11 +106,11 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
 def _slab_rows(V: int, H: int, block_v: int, n_blocks: int = 1 << 30, sms: int = 1) -> int:
     """Vocabulary rows per backward launch: ``DW_SLAB_BYTES`` of float32 dW, grown (up to 4x)
     when few token blocks would leave the GPU under two waves of programs."""
-    budget = int(os.environ.get("UPG_KERNELS_TRITON_DW_SLAB_BYTES", DW_SLAB_BYTES))
+    budget = TRITON_DW_SLAB_BYTES.get() or DW_SLAB_BYTES
     row_bytes = 4 * max(H, 1)
     rows = max(block_v, (budget // row_bytes) // block_v * block_v)
     fill = triton.cdiv(2 * sms, n_blocks) * block_v
-    if fill > rows and "UPG_KERNELS_TRITON_DW_SLAB_BYTES" not in os.environ:
+    if fill > rows and not TRITON_DW_SLAB_BYTES.is_set():
         rows = max(rows, min(fill, (4 * budget // row_bytes) // block_v * block_v))
     return min(rows, triton.cdiv(V, block_v) * block_v)
 

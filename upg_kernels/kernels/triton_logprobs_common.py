@@ -130,7 +130,7 @@ def num_sms(device: torch.device) -> int:
 
 
 @triton.jit
-def _tanh(x):
+def tanh(x):
     # tanh without libdevice (the interpreter has none): sign(x) * (1 - e) / (1 + e), e = exp(-2|x|)
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
@@ -182,7 +182,7 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h
         z += tl.load(b_ptr + v0 + cols, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     t = z
     if HAS_SOFTCAP:
-        t = _tanh(z / softcap)
+        t = tanh(z / softcap)
         z = softcap * t
     z = z / temperature
     return z, t

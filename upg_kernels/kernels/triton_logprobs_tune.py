@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from .. import settings
 from . import gemm_backward, workspace
 from .contract import LogprobParams
 from . import triton_logprobs_bwd as bwd
@@ -60,7 +61,7 @@ def main(argv=None):
     p = LogprobParams()
     flop = 2.0 * N * H * V
     for cfg in a.fwd:
-        os.environ["UPG_KERNELS_TRITON_FWD_CONFIG"] = cfg
+        os.environ[settings.TRITON_FWD_CONFIG.name] = cfg
         fwd.forward(h, w, None, t, p)                  # compile
         ms = _median_ms(lambda: fwd.forward(h, w, None, t, p), a.reps)
         print(f"fwd {cfg or 'default':>22}: {ms:8.2f} ms  {flop / ms / 1e9:7.1f} TFLOP/s")
@@ -76,13 +77,13 @@ def main(argv=None):
               f"extra memory {extra / 2**20:8.1f} MiB")
 
     for cfg in a.bwd:
-        os.environ["UPG_KERNELS_TRITON_BWD_CONFIG"] = cfg
+        os.environ[settings.TRITON_BWD_CONFIG.name] = cfg
         time_bwd(f"bwd atomic {cfg or 'default':>22}",
                  lambda: bwd.backward(h, w, None, t, lse, ent, gl, ge, p, True, True, False))
     for ws in a.workspace:
         workspace.set_workspace_bytes(ws or None)
         for cfg in a.dz:
-            os.environ["UPG_KERNELS_TRITON_DZ_CONFIG"] = cfg
+            os.environ[settings.TRITON_DZ_CONFIG.name] = cfg
             time_bwd(f"bwd gemm ws={ws or 'default'} dz {cfg or 'default':>22}",
                      lambda: gemm_backward.backward(h, w, None, t, lse, ent, gl, ge, p, True, True, False))
     workspace.set_workspace_bytes(None)

@@ -7,9 +7,9 @@ float32 dW accumulator once ``4·V·H`` more bytes fit).
 """
 from __future__ import annotations
 
-import os
+from ..settings import WORKSPACE_BYTES as _SETTING
 
-WORKSPACE_BYTES = 64 * 2**20
+WORKSPACE_BYTES = _SETTING.default
 _override = None
 
 
@@ -24,13 +24,4 @@ def set_workspace_bytes(n: int | None) -> None:
 def workspace_bytes() -> int:
     if _override is not None:
         return _override
-    v = os.environ.get("UPG_KERNELS_WORKSPACE_BYTES", "").strip()
-    if not v:
-        return WORKSPACE_BYTES
-    try:
-        n = int(v)
-    except ValueError:
-        n = -1
-    if n <= 0:
-        raise ValueError(f"UPG_KERNELS_WORKSPACE_BYTES must be a positive integer, got {v!r}")
-    return n
+    return _SETTING.get()

@@ -22,7 +22,8 @@ def _aggregate(loss_bt, cfg, inp, part):
     return (part_weights(cfg, inp, part, dtype=loss_bt.dtype) * loss_bt).sum()
 
 
-def _kl(d, kind):
+def kl_estimate(d, kind):
+    """The KL estimator ``kind`` (k1 / k2 / k3) of ``d = logp - ref_logp``, per token."""
     if kind == "k1":
         return d
     if kind == "k2":
@@ -155,11 +156,11 @@ def _main_token_loss(cfg, lp, H, old, ref, rol, isr_pair, adv, valid, main_tok):
     # KL to the reference, optionally times the (unclamped, differentiable) ratio: the bias-corrected
     # estimator of TRL/Liger use_bias_correction_kl
     if cfg.kl_coef > 0:
-        kl = _kl(lp - ref, cfg.kl_type)
+        kl = kl_estimate(lp - ref, cfg.kl_type)
         if cfg.kl_bias_correction:
             kl = kl * r
         loss = loss + cfg.kl_coef * kl
-    kl_m = _kl(lp - ref, cfg.kl_type).detach()
+    kl_m = kl_estimate(lp - ref, cfg.kl_type).detach()
     if cfg.kl_bias_correction:
         kl_m = kl_m * r.detach()
     aux["kl"] = kl_m

@@ -43,8 +43,9 @@ import torch
 from .._backend import resolve_backend
 from ..kernels import LogprobParams, get_backend
 from ..kernels.meta import autocast_off
-from ..kernels.workspace import workspace_bytes
-from .. import logprobs as _logprobs   # the ops via the module (tests spy on them)
+from ..settings import GRAD_IN_FORWARD
+from .. import ops   # the custom ops via the module (tests spy on them)
+from ..kernels.one_pass import one_pass_bytes
 from ..logprobs import as_number, nonfinite_rows, prepare_inputs
 from .epilogue import loss_metrics, pytorch_coefficients, vespo_gamma_weight  # noqa: F401 (re-export)
 from .fused import fused_enabled, fused_policy_epilogue, fused_supported, token_weights_and_codes
@@ -89,7 +90,7 @@ class _Plan:
     kp: LogprobParams
     backend: str
     fused: bool
-    grad_in_forward: bool = False
+    grad_in_forward: object = False      # False, True (asked for) or "env" (turned on by the environment)
     workspace: int = 0
 
     def aux_keys(self) -> tuple:
@@ -115,7 +116,7 @@ def _kernel_forward(plan: _Plan, h2, w, b, t):
     if h2.shape[0] == 0:
         z = h2.new_zeros(0, dtype=plan.inp.cd)
         return z, z, z
-    return _logprobs._token_logprobs_op(h2, w, b, t, kp.temperature, kp.ignore_index, kp.softcap,
+    return ops.token_logprobs_op(h2, w, b, t, kp.temperature, kp.ignore_index, kp.softcap,
                               kp.filter_eps, plan.backend)
 
 
@@ -156,7 +157,9 @@ class _PolicyLoss(torch.autograd.Function):
     def forward(ctx, h2, w, b, t, plan: _Plan):
         ctx.grads = None
         if plan.grad_in_forward:
-            return _PolicyLoss._forward_with_grads(ctx, h2, w, b, t, plan)
+            out = _PolicyLoss._forward_with_grads(ctx, h2, w, b, t, plan)
+            if out is not None:
+                return out
         if plan.fused:
             total, side, aux, lse = _fused_forward(plan, h2, w, b, t)
         else:
@@ -174,31 +177,44 @@ class _PolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def _forward_with_grads(ctx, h2, w, b, t, plan: _Plan):
-        """Token-local configs with ``grad_in_forward``: one pass computes values and gradients
-        (kernels/grad_in_forward.py); the backward scales them by ``grad_output``."""
-        from ..kernels.grad_in_forward import forward_with_grads
+        """``grad_in_forward``: the one-pass path (kernels/one_pass.py) computes values and
+        gradients; the backward scales them by ``grad_output``. Token-local configs chunk any rows;
+        the others whole sequences. None when an environment-enabled run cannot chunk whole
+        sequences (the caller then runs the two-pass path)."""
+        from ..kernels.one_pass import SequenceTooLong, forward_with_grads
         cfg, B, T = plan.cfg, plan.inp.B, plan.inp.T
 
-        def coef_fn(logp, ent, done):   # token-local: the rows of ``done`` are final
+        def coef_fn(logp, ent, done):   # the rows of ``done`` (whole sequences) are final
             inp = plan.inp.to_dtype(logp.dtype)
             out = pytorch_coefficients(cfg, inp, logp.reshape(B, T), ent.reshape(B, T))
             return out[3].reshape(-1), out[4].reshape(-1)
 
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        logp, ent, _lse, dh, dw, db = forward_with_grads(
-            h2, w, b, t, plan.kp, coef_fn, plan.workspace, need_hidden=need_h, need_weight=need_w,
-            need_bias=need_b and b is not None)
+        triton_rows = get_backend(plan.backend).triton and h2.dtype != torch.float64
+        try:
+            logp, ent, _lse, dh, dw, db = forward_with_grads(
+                h2, w, b, t, plan.kp, coef_fn, budget=plan.workspace,
+                rows_impl="triton" if triton_rows else "torch", hint=_coefficient_hint(plan, h2),
+                seq_len=None if fused_supported(cfg) else T, need_hidden=need_h,
+                need_weight=need_w, need_bias=need_b and b is not None)
+        except SequenceTooLong:
+            if plan.grad_in_forward == "env":
+                return None
+            raise
         logp_bt, ent_bt = logp.reshape(B, T), ent.reshape(B, T)
         inp = plan.inp.to_dtype(logp.dtype)
         total, parts, aux, g_lp, g_H, ent_d = pytorch_coefficients(cfg, inp, logp_bt, ent_bt)
         side = (logp_bt, ent_bt, ent_d, g_lp, g_H, *parts)
         ctx.grads = (dh, dw, db)
+        ctx.grad_dtypes = (h2.dtype, w.dtype, None if b is None else b.dtype)
         return _outputs(ctx, plan, total, side, aux)
 
     @staticmethod
     def backward(ctx, grad, *_side_grads):
-        if ctx.grads is not None:   # computed in the forward: scale by grad_output
-            return tuple(None if x is None else (grad.to(x.dtype) * x) for x in ctx.grads) + (None, None)
+        if ctx.grads is not None:   # computed in the forward: scale by grad_output (and cast once)
+            return tuple(None if x is None else torch.mul(x, grad.to(x.dtype),
+                                                          out=torch.empty(x.shape, dtype=dt, device=x.device))
+                         for x, dt in zip(ctx.grads, ctx.grad_dtypes)) + (None, None)
         h2, w, b, t, lse, ent, g_lp, g_H = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and b is not None
@@ -210,7 +226,7 @@ class _PolicyLoss(torch.autograd.Function):
         g_logp = (grad * g_lp).to(lse.dtype)
         g_ent = (grad * g_H).to(lse.dtype) if ctx.use_ent else None
         kp = ctx.plan.kp
-        dh, dw, db = _logprobs._token_logprobs_backward_op(
+        dh, dw, db = ops.token_logprobs_backward_op(
             h2, w, b, t, lse, ent, g_logp, g_ent, None, kp.temperature, kp.ignore_index, kp.softcap,
             kp.filter_eps, ctx.plan.backend, need_h, need_w, need_b)
         return (dh if need_h else None, dw if need_w else None, db if need_b else None, None, None)
@@ -259,11 +275,13 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
         fused_epilogue: with a Triton backend and a token-local config, run the loss epilogue
             inside a Triton kernel (docs/losses.md "Fused epilogue"). ``None`` (default): on unless
             ``UPG_KERNELS_FUSED_EPILOGUE=0``; ``False`` forces the PyTorch epilogue.
-        grad_in_forward: token-local configs only: compute the gradients in the forward pass (one
-            logits pass, 6NHV instead of 8NHV flops; the backward scales them by ``grad_output``),
-            in chunks of the whole vocabulary within the workspace budget
-            (``UPG_KERNELS_WORKSPACE_BYTES``, which must be granted: hundreds of MiB at V ~ 128k).
-            ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off).
+        grad_in_forward: run the one-pass path (docs/kernels.md section 1c): the gradients in the
+            forward pass (one logits pass, 6NHV instead of 8NHV flops; the backward scales them by
+            ``grad_output``), in float32 chunks of rows x the vocabulary within
+            ``UPG_KERNELS_ONE_PASS_BYTES`` (default 1 GiB), plus a float32 dW accumulator for
+            bf16/fp16 weights. Sequence-level configs chunk whole sequences (a longer sequence is a
+            ValueError). ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off; then
+            a sequence that does not fit runs the two-pass path).
 
     Returns:
         :class:`LossOutput`.
@@ -299,22 +317,30 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
     use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)
                  and get_backend(name).fused_epilogue and h2.shape[0] > 0)
     gif = _grad_in_forward(grad_in_forward, cfg)
-    plan = _Plan(cfg, inp, kp, name, use_fused and not gif, gif, workspace_bytes() if gif else 0)
+    plan = _Plan(cfg, inp, kp, name, use_fused, gif, one_pass_bytes() if gif else 0)
     with autocast_off(hidden.device.type):
         outs = _PolicyLoss.apply(h2, w, b, t, plan)
     return _output(outs, plan, tuple(targets.shape))
 
 
-def _grad_in_forward(flag, cfg) -> bool:
-    import os
-    if flag is None:
-        flag = os.environ.get("UPG_KERNELS_GRAD_IN_FORWARD", "0").strip().lower() in ("1", "true", "on", "yes")
-        if flag and not fused_supported(cfg):
-            return False          # the environment asks for it where it applies
-    if flag and not fused_supported(cfg):
-        raise ValueError("grad_in_forward needs a token-local config (token-level ratio, no sequence-"
-                         f"level IS or VESPO); this config is not: {cfg!r}")
-    return bool(flag)
+def _grad_in_forward(flag, cfg):
+    """The ``grad_in_forward`` argument: True / False, or (None) ``"env"`` when
+    ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on."""
+    if flag is not None:
+        return bool(flag)
+    return "env" if GRAD_IN_FORWARD.get() else False
+
+
+def _coefficient_hint(plan: _Plan, h2):
+    """``[N]`` bool: rows whose coefficients are non-zero at a probe point (log-probs at the
+    sampler's, ratio 1, entropy 1). It only orders the one-pass path's rows (zero-coefficient rows
+    last, where the chunks skip them); the result never depends on it."""
+    cd = torch.float64 if h2.dtype == torch.float64 else torch.float32
+    inp = plan.inp.to_dtype(cd)
+    zero = torch.zeros(inp.B, inp.T, dtype=cd, device=h2.device)
+    probe = zero if inp.old is None else torch.where(inp.main_tok, inp.old, zero)
+    out = pytorch_coefficients(plan.cfg, inp, probe, torch.ones_like(probe))
+    return ((out[3] != 0) | (out[4] != 0)).reshape(-1)
 
 
 def policy_loss_from_logprobs(logprobs, *, config, entropy=None, batch: Optional[LossBatch] = None,

@@ -34,7 +34,8 @@ def _float_dtype(*ts):
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
-def _check_bt(name, t, shape=None):
+def check_bt(name, t, shape=None):
+    """TypeError / ValueError naming ``name`` unless ``t`` is a ``[B, T]`` tensor (of ``shape``)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 2:
@@ -43,8 +44,9 @@ def _check_bt(name, t, shape=None):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
 
 
-def _check_mask(mask, shape):
-    _check_bt("mask", mask, shape)
+def check_mask(mask, shape):
+    """A ``[B, T]`` mask of ``shape``: bool, or numbers that are all 0 or 1."""
+    check_bt("mask", mask, shape)
     if mask.dtype.is_floating_point and not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask must be boolean (or 0/1)")
     return mask.bool()
@@ -57,9 +59,9 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
     where ``next(t)`` is the row's next valid position (none after the last: ``V = A = 0``).
     ``rewards`` / ``values`` at masked positions are ignored (may be NaN); outputs are 0 there.
     Computed without gradient in float32 (float64 if an input is), returned detached."""
-    _check_bt("rewards", rewards)
-    _check_bt("values", values, rewards.shape)
-    m = _check_mask(mask, rewards.shape)
+    check_bt("rewards", rewards)
+    check_bt("values", values, rewards.shape)
+    m = check_mask(mask, rewards.shape)
     for name, v in (("gamma", gamma), ("lam", lam)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
             raise ValueError(f"{name} must be a number in [0, 1], got {v!r}")
@@ -81,8 +83,8 @@ def gae(rewards, values, mask, gamma=1.0, lam=0.95):
 def whiten(x, mask, shift_mean=True, eps=1e-8):
     """``(x - mean) / sqrt(var + eps)`` over the valid positions (TRL's ``masked_whiten``: unbiased
     variance); ``shift_mean=False`` adds the mean back. 0 at masked positions. Needs >= 2 valid."""
-    _check_bt("x", x)
-    m = _check_mask(mask, x.shape)
+    check_bt("x", x)
+    m = check_mask(mask, x.shape)
     n = m.sum()
     if int(n) < 2:
         raise ValueError(f"whiten needs at least 2 valid positions in mask, got {int(n)}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from ..losses.config import KL_TYPES
-from ..losses.epilogue import _kl as kl_estimate
-from .gae import _check_bt, _check_mask
+from ..losses.epilogue import kl_estimate
+from .gae import check_bt, check_mask
 
 
 def kl_penalty_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_type="k1"):
@@ -13,9 +13,9 @@ def kl_penalty_rewards(scores, logprobs, ref_logprobs, mask, kl_coef, kl_type="k
     last valid token. ``kl_t`` is the estimator ``kl_type`` of ``d = logprobs - ref_logprobs`` (k1 =
     ``d``, k2 = ``d^2/2``, k3 = ``exp(-d) + d - 1``; as in :class:`LossConfig`). 0 at masked positions;
     a row without a valid token is all 0 (its score has no token to land on). Detached, float32."""
-    _check_bt("logprobs", logprobs)
-    _check_bt("ref_logprobs", ref_logprobs, logprobs.shape)
-    m = _check_mask(mask, logprobs.shape)
+    check_bt("logprobs", logprobs)
+    check_bt("ref_logprobs", ref_logprobs, logprobs.shape)
+    m = check_mask(mask, logprobs.shape)
     B, T = logprobs.shape
     scores = torch.as_tensor(scores, device=logprobs.device)
     if scores.dim() == 2 and scores.shape[1] == 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ..losses.aggregation import aggregation_weights
-from .gae import _check_bt, _check_mask
+from .gae import check_bt, check_mask
 
 VALUE_AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
@@ -17,10 +17,10 @@ def value_loss(values, old_values, returns, mask, clip_range=0.2, aggregation="t
     ``vf_loss``, ``vf_clipfrac`` (share of valid tokens where the clipped term is the larger),
     ``value_mean``, ``return_mean``, ``explained_variance`` (``1 - Var(R - v) / Var(R)``, NaN when
     ``Var(R) = 0``)."""
-    _check_bt("values", values)
-    _check_bt("old_values", old_values, values.shape)
-    _check_bt("returns", returns, values.shape)
-    m = _check_mask(mask, values.shape)
+    check_bt("values", values)
+    check_bt("old_values", old_values, values.shape)
+    check_bt("returns", returns, values.shape)
+    m = check_mask(mask, values.shape)
     if clip_range is not None and (isinstance(clip_range, bool) or not isinstance(clip_range, (int, float))
                                    or not clip_range > 0):
         raise ValueError(f"clip_range must be a number > 0 or None, got {clip_range!r}")

@@ -38,7 +38,7 @@ import functools
 import torch
 
 from ...losses.aggregation import aggregation_weights
-from .losses import _clip_range, _get, _verl_metrics, _verl_scale, sapo_agg_mode, verl_loss
+from .losses import clip_range, config_get, verl_metrics, verl_scale, sapo_agg_mode, verl_loss
 
 __all__ = ["upg_ppo_loss", "VERL_KL_TYPES", "install_engine_loss", "FUSED_PREFIX"]
 
@@ -48,7 +48,7 @@ FUSED_PREFIX = "upg_fused_"   # loss_mode=upg_fused_<preset>: the engine worker 
 
 
 def _preset(config) -> str:
-    mode = _get(_get(config, "policy_loss"), "loss_mode", "vanilla")
+    mode = config_get(config_get(config, "policy_loss"), "loss_mode", "vanilla")
     for prefix in (FUSED_PREFIX, "upg_"):
         if isinstance(mode, str) and mode.startswith(prefix):
             return mode[len(prefix):]
@@ -57,7 +57,7 @@ def _preset(config) -> str:
 
 
 def _kl_type(config) -> str:
-    kind = _get(config, "kl_loss_type", "low_var_kl")
+    kind = config_get(config, "kl_loss_type", "low_var_kl")
     if kind not in VERL_KL_TYPES:
         raise ValueError(f"actor.kl_loss_type must be one of {list(VERL_KL_TYPES)} with upg_ppo_loss, got {kind!r}")
     return VERL_KL_TYPES[kind]
@@ -65,7 +65,7 @@ def _kl_type(config) -> str:
 
 def _agg_like_verl(x, mask, mode, info):
     """verl's ``agg_loss(x, mask, mode, **info)`` of a detached per-token tensor, by our aggregation."""
-    agg, n_items, factor = _verl_scale(mode, mask, info)
+    agg, n_items, factor = verl_scale(mode, mask, info)
     rows = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
     w = aggregation_weights(mask, rows, agg, None, "verl metric", n_tokens=n_items,
                             dtype=torch.float32)
@@ -118,8 +118,8 @@ def upg_ppo_loss(config, model_output, data, dp_group=None):
                                config, batch.get("rollout_is_weights", None), entropy=entropy, ref_log_prob=ref,
                                **kw)
 
-    low, high = _clip_range(config)
-    metrics = Metric.from_dict(_verl_metrics(cfg, out, log_prob, batch["old_log_probs"].detach(), mask, low, high),
+    low, high = clip_range(config)
+    metrics = Metric.from_dict(verl_metrics(cfg, out, log_prob, batch["old_log_probs"].detach(), mask, low, high),
                                aggregation=AggregationType.MEAN)
     pg_loss = loss.detach()
     if entropy is not None:
@@ -140,7 +140,7 @@ def _dispatching(original):
 
     @functools.wraps(original)
     def ppo_loss(config, model_output, data, dp_group=None):
-        mode = _get(_get(config, "policy_loss"), "loss_mode", "vanilla")
+        mode = config_get(config_get(config, "policy_loss"), "loss_mode", "vanilla")
         if isinstance(mode, str) and mode.startswith(FUSED_PREFIX):
             return upg_ppo_loss(config, model_output, data, dp_group)
         return original(config, model_output, data, dp_group)

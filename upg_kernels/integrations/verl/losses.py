@@ -46,7 +46,8 @@ VERL_PRESETS = tuple(name for name, row in PRESETS.items()
                      if row["advantage"] != "one" and row["likelihood"] not in ("chi2", "hellinger"))
 
 
-def _get(config, name, default=None):
+def config_get(config, name, default=None):
+    """``config[name]`` / ``config.name`` of a verl config (dict, dataclass or OmegaConf), else ``default``."""
     if config is None:
         return default
     if isinstance(config, dict):
@@ -57,10 +58,11 @@ def _get(config, name, default=None):
         return getattr(config, name, default)
 
 
-def _clip_range(config):
-    clip = _get(config, "clip_ratio", 0.2)
-    low = _get(config, "clip_ratio_low")
-    high = _get(config, "clip_ratio_high")
+def clip_range(config):
+    """``(low, high)`` clip epsilons of verl's actor ``config`` (``clip_ratio``, ``clip_ratio_low/high``)."""
+    clip = config_get(config, "clip_ratio", 0.2)
+    low = config_get(config, "clip_ratio_low")
+    high = config_get(config, "clip_ratio_high")
     return float(clip if low is None else low), float(clip if high is None else high)
 
 
@@ -68,24 +70,24 @@ def verl_loss_config(preset: str, config=None) -> LossConfig:
     """The :class:`LossConfig` of ``upg_<preset>`` under verl's actor ``config`` (its policy term only)."""
     if preset not in VERL_PRESETS:
         raise ValueError(f"unknown verl preset {preset!r}; valid: {list(VERL_PRESETS)}")
-    low, high = _clip_range(config)
+    low, high = clip_range(config)
     row = PRESETS[preset]
     kw = dict(advantage="given", kl_coef=0.0, entropy_coef=0.0, demo_part=None)
     if row["stabilization"] in ("clip", "seq_clip"):
         kw.update(eps_low=low, eps_high=high)
     if row["stabilization"] == "clip":
-        kw["dual_clip"] = float(_get(config, "clip_ratio_c", 3.0))
+        kw["dual_clip"] = float(config_get(config, "clip_ratio_c", 3.0))
     if row["stabilization"] == "cispo":
         kw["eps_high"] = 1.0 + high   # absolute cap; the lower clamp 1 - low is applied in verl_policy_loss
     if row["stabilization"] == "sapo":
-        kw.update(tau_pos=float(_get(config, "tau_pos", row.get("tau_pos", 1.0))),
-                  tau_neg=float(_get(config, "tau_neg", row.get("tau_neg", 1.05))))
+        kw.update(tau_pos=float(config_get(config, "tau_pos", row.get("tau_pos", 1.0))),
+                  tau_neg=float(config_get(config, "tau_neg", row.get("tau_neg", 1.05))))
     # aggregation is applied by _aggregate_like_verl (token sums or per-row token means, then verl's scale)
     kw["aggregation"] = "seq_mean_token_mean"
     return LossConfig.preset(preset, **kw)
 
 
-def _verl_scale(mode, mask, info):
+def verl_scale(mode, mask, info):
     """Our loss -> verl's ``agg_loss``: ``(our aggregation, num_items_in_batch, factor)``."""
     dp = float(info.get("dp_size") or 1)
     rows = (mask.sum(-1) > 0).sum().to(torch.float32)
@@ -124,8 +126,8 @@ def verl_policy_loss(preset, old_log_prob, log_prob, advantages, response_mask, 
         loss_agg_mode = sapo_agg_mode(preset)   # verl's sapo ignores loss_agg_mode
     loss, out, cfg = verl_loss(preset, log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config,
                                rollout_is_weights)
-    low, high = _clip_range(config)
-    return loss, _verl_metrics(cfg, out, log_prob, old_log_prob.detach(), response_mask.to(torch.bool), low, high)
+    low, high = clip_range(config)
+    return loss, verl_metrics(cfg, out, log_prob, old_log_prob.detach(), response_mask.to(torch.bool), low, high)
 
 
 def verl_loss(preset, log_prob, old_log_prob, advantages, response_mask, loss_agg_mode, config,
@@ -140,12 +142,12 @@ def verl_loss(preset, log_prob, old_log_prob, advantages, response_mask, loss_ag
 
     cfg = verl_loss_config(preset, config)
     mask = response_mask.to(torch.bool)
-    info = dict(_get(config, "global_batch_info", None) or {})
-    agg, n_items, factor = _verl_scale(loss_agg_mode, mask, info)
+    info = dict(config_get(config, "global_batch_info", None) or {})
+    agg, n_items, factor = verl_scale(loss_agg_mode, mask, info)
     cfg = cfg.replace(aggregation=agg, **overrides)
     old = old_log_prob.detach()
     is_ratio = None if rollout_is_weights is None else rollout_is_weights.detach().to(torch.float32)
-    low, high = _clip_range(config)
+    low, high = clip_range(config)
     if cfg.stabilization == "cispo":
         # verl's cispo weight is sg(clamp(r, 1 - low, 1 + high)); our cispo caps r at 1 + high, and the
         # floor is the detached factor max(1, (1 - low) / r) folded into the importance weight
@@ -160,7 +162,8 @@ def verl_loss(preset, log_prob, old_log_prob, advantages, response_mask, loss_ag
     return out.loss * factor, out, cfg
 
 
-def _verl_metrics(cfg, out, log_prob, old, mask, low, high):
+def verl_metrics(cfg, out, log_prob, old, mask, low, high):
+    """verl's policy-loss metrics (clip fractions, approx KL) from our :class:`LossOutput`."""
     with torch.no_grad():
         m = mask.to(torch.float32)
         n = m.sum().clamp(min=1.0)

@@ -1,0 +1,356 @@
+"""The one-pass path (grad_in_forward=True, kernels/one_pass.py + triton_onepass.py): every preset
+against the two-pass path in float64 (token-local and sequence-level), the Triton row kernels under the
+interpreter against float64, odd shapes, zero-coefficient rows left out, NaN hygiene, bf16 with dW
+rounded once, the memory plan and its refusals, and a trace on ``meta`` at llama3-8b N=8192 (6NHV
+GEMM flops, no PyTorch pass over the logits chunk)."""
+import pytest
+import torch
+
+from upg_kernels import LossConfig, unified_policy_loss
+from upg_kernels.kernels import LogprobParams, one_pass
+from upg_kernels.losses import PRESETS
+from upg_kernels.losses.fused import fused_supported
+
+from test_losses import T, H, V, make_case
+
+ALL = sorted(PRESETS)
+SEQUENCE_LEVEL = [n for n in ALL if not fused_supported(LossConfig.preset(n, max_completion_length=16))]
+
+
+def _budget_rows(n, dtype, torch_rows, softcap=False, Vv=V, Hh=H):
+    return n * one_pass.row_bytes(Vv, Hh, dtype, torch_rows=torch_rows, softcap=softcap)
+
+
+@pytest.fixture
+def chunks():
+    """A budget of ``n`` rows per chunk for the next call (several chunks at test sizes)."""
+    def set_rows(n, dtype=torch.float64, torch_rows=True, softcap=False):
+        one_pass.set_one_pass_bytes(_budget_rows(n, dtype, torch_rows, softcap))
+    yield set_rows
+    one_pass.set_one_pass_bytes(None)
+
+
+def _run(cfg, hid, w, b, tgt, kw, backend="torch", **extra):
+    h = hid.clone().requires_grad_(True)
+    ww = w.clone().requires_grad_(True)
+    bb = None if b is None else b.clone().requires_grad_(True)
+    out = unified_policy_loss(h, ww, tgt, config=cfg, bias=bb, backend=backend, **kw, **extra)
+    (1.7 * out.loss).backward()
+    return out, (h.grad, ww.grad, None if bb is None else bb.grad)
+
+
+def _rel(a, r):
+    return float((a.double() - r.double()).abs().max() / r.double().abs().max().clamp(min=1e-30))
+
+
+def _to64(kw):
+    return {k: (v.double() if isinstance(v, torch.Tensor) and v.dtype.is_floating_point else v)
+            for k, v in kw.items()}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_float64_equals_two_pass(name, chunks):
+    """PyTorch row steps in float64, 8 rows a chunk (sequence-level presets: whole sequences of 5)."""
+    cfg, hid, w, b, tgt, kw = make_case(name, 4, dtype=torch.float64)
+    o1, g1 = _run(cfg, hid, w, b, tgt, kw, grad_in_forward=False)
+    chunks(8)
+    o2, g2 = _run(cfg, hid, w, b, tgt, kw, grad_in_forward=True)
+    assert torch.allclose(o1.loss, o2.loss, rtol=1e-12, atol=1e-14)
+    for a, r in zip(g1, g2):
+        assert torch.allclose(a, r, rtol=1e-9, atol=1e-12)
+    assert torch.equal(o1.coef_logp == 0, o2.coef_logp == 0)
+    assert o1.metrics == pytest.approx(o2.metrics, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_triton_rows_against_float64(name, chunks):
+    """The Triton row kernels (interpreter), float32 inputs, against the float64 two-pass path."""
+    cfg, hid, w, b, tgt, kw = make_case(name, 5, dtype=torch.float32)
+    chunks(7, torch.float32, torch_rows=False)
+    o, g = _run(cfg, hid, w, b, tgt, kw, backend="triton", grad_in_forward=True)
+    o64, g64 = _run(cfg, hid.double(), w.double(), b.double(), tgt, _to64(kw), grad_in_forward=False)
+    assert abs(o.loss.item() - o64.loss.item()) <= 1e-5 * max(1.0, abs(o64.loss.item()))
+    for a, r in zip(g, g64):
+        assert _rel(a, r) <= 1e-5
+    assert torch.allclose(o.logprobs.double(), o64.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("opts", [dict(temperature=0.7), dict(softcap=2.0),
+                                  dict(temperature=1.3, softcap=3.0), dict(no_bias=True)])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("entropy", [0.0, 0.05])
+def test_options(opts, backend, entropy, chunks):
+    opts = dict(opts)
+    no_bias = opts.pop("no_bias", False)
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 6, overrides=dict(entropy_coef=entropy),
+                                        with_bias=not no_bias)
+    chunks(5, torch.float32, torch_rows=backend == "torch", softcap=bool(opts.get("softcap")))
+    o, g = _run(cfg, hid, w, b, tgt, kw, backend=backend, grad_in_forward=True, **opts)
+    o64, g64 = _run(cfg, hid.double(), w.double(), None if b is None else b.double(), tgt,
+                    _to64(kw), grad_in_forward=False, **opts)
+    assert abs(o.loss.item() - o64.loss.item()) <= 1e-5 * max(1.0, abs(o64.loss.item()))
+    for a, r in zip(g, g64):
+        if r is None:
+            assert a is None and no_bias
+            continue
+        assert _rel(a, r) <= 1e-5
+    assert torch.allclose(o.entropy.double(), o64.entropy, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_odd_shapes(backend, chunks):
+    """N = 1; every row ignored; every row masked out of the loss; a NaN hidden state in a
+    zero-coefficient row (equal-reward group) that shares a chunk with live rows."""
+    cfg = LossConfig.preset("grpo")
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    h1 = torch.randn(1, H, generator=g, dtype=torch.float64)
+    chunks(4, torch.float32, torch_rows=backend == "torch")
+    for tgt, mask in ((torch.tensor([3]), None), (torch.tensor([-100]), None),
+                      (torch.tensor([3]), torch.tensor([False]))):
+        kw = dict(advantages=torch.tensor([0.7]), loss_mask=mask)
+        o, gr = _run(cfg, h1.float(), w.float(), None, tgt, kw, backend=backend, grad_in_forward=True)
+        o64, g64 = _run(cfg, h1, w, None, tgt, _to64(kw), grad_in_forward=False)
+        assert abs(o.loss.item() - o64.loss.item()) <= 1e-6
+        for a, r in zip(gr[:2], g64[:2]):
+            assert torch.allclose(a.double(), r, atol=1e-6)
+    # rows 3..5: equal rewards (advantage 0, no KL / entropy): zero coefficients; row 4 is NaN
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 7)
+    hid = hid.clone()
+    hid[4] = float("nan")
+    o, gr = _run(cfg, hid, w, b, tgt, kw, backend=backend, grad_in_forward=True)
+    o64, g64 = _run(cfg, hid.double(), w.double(), b.double(), tgt, _to64(kw), grad_in_forward=False)
+    assert torch.isfinite(o.loss)
+    for a, r in zip(gr, g64):
+        assert torch.isfinite(a).all() and _rel(a, r) <= 1e-5
+
+
+def test_zero_coefficient_rows_left_out(monkeypatch, chunks):
+    """Rows whose coefficients are all zero never reach dz or the GEMMs: with the hint (exact here:
+    no clipping, so masked rows and the equal-reward group are the zero rows), each chunk's
+    dz step runs exactly up to its last live row, and the live rows come first."""
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 8, overrides=dict(entropy_coef=0.0, stabilization="none"))
+    seen = []
+    orig = one_pass.TorchRows.dz
+
+    def spy(self, z, dtype, bias, tgt_c, st, gl, ge, p, K):
+        seen.append((K, int(((gl != 0) | (ge != 0 if ge is not None else gl != 0)).sum())))
+        return orig(self, z, dtype, bias, tgt_c, st, gl, ge, p, K)
+    monkeypatch.setattr(one_pass.TorchRows, "dz", spy)
+    chunks(4, torch.float32)
+    o, _ = _run(cfg, hid, w, b, tgt, kw, grad_in_forward=True)
+    live = int((o.coef_logp != 0).sum())
+    assert 0 < live < (tgt != -100).sum()
+    assert sum(k for k, _ in seen) == live                 # no dead row inside any prefix
+    assert all(k == n for k, n in seen)
+
+
+def test_sequence_level_whole_sequences(monkeypatch, chunks):
+    """GSPO: chunks hold whole sequences; a sequence longer than a chunk is refused when asked for
+    explicitly, and the environment switch falls back to the two-pass path."""
+    cfg, hid, w, b, tgt, kw = make_case("gspo", 2)
+    chunks(T - 1, torch.float32)                           # a chunk is shorter than a sequence
+    with pytest.raises(ValueError, match="whole sequences.*UPG_KERNELS_ONE_PASS_BYTES"):
+        _run(cfg, hid, w, b, tgt, kw, grad_in_forward=True)
+    monkeypatch.setenv("UPG_KERNELS_GRAD_IN_FORWARD", "1")
+    o_env, g_env = _run(cfg, hid, w, b, tgt, kw)
+    monkeypatch.delenv("UPG_KERNELS_GRAD_IN_FORWARD")
+    o2, g2 = _run(cfg, hid, w, b, tgt, kw, grad_in_forward=False)
+    assert torch.equal(o_env.loss, o2.loss) and all(torch.equal(a, r) for a, r in zip(g_env, g2))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bf16_dweight_rounded_once(backend, chunks):
+    """bf16: float32 logits, bf16 dz, a float32 dW accumulator (one rounding at the end), against
+    float64 on the same rounded inputs; dW's error stays at one bf16 rounding's size."""
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 9, dtype=torch.bfloat16)
+    chunks(3, torch.bfloat16, torch_rows=backend == "torch")
+    o, g = _run(cfg, hid, w, b, tgt, kw, backend=backend, grad_in_forward=True)
+    o64, g64 = _run(cfg, hid.double(), w.double(), b.double(), tgt, _to64(kw), grad_in_forward=False)
+    assert abs(o.loss.item() - o64.loss.item()) <= 1e-5 * max(1.0, abs(o64.loss.item()))
+    for a, r in zip(g, g64):
+        assert a.dtype == torch.bfloat16 and _rel(a, r) < 1e-2
+    assert _rel(g[1], g64[1]) < 2 * 2.0 ** -8            # one rounding of dW (plus bf16 dz)
+
+
+# ------------------------------------------------------------------------------ the row kernels
+@pytest.mark.parametrize("Vv", [1, 37, 100])
+@pytest.mark.parametrize("flags", [dict(), dict(bias=True), dict(softcap=2.5, temperature=0.8),
+                                   dict(bias=True, softcap=3.0, gent=True), dict(gent=True)])
+def test_row_kernels_against_float64(Vv, flags):
+    """TritonRows (interpreter) and TorchRows against float64 formulas: stats of every row, dz of
+    the first K rows (zero-coefficient rows exactly 0), dz written over the logits' bytes."""
+    from upg_kernels.kernels.triton_onepass import TritonRows
+    g = torch.Generator().manual_seed(Vv)
+    G, K = 7, 5
+    z0 = torch.randn(G, Vv, generator=g, dtype=torch.float64) * 3
+    bias = torch.randn(Vv, generator=g, dtype=torch.float64) if flags.get("bias") else None
+    tgt = torch.randint(0, Vv, (G,), generator=g)
+    gl = torch.randn(G, generator=g, dtype=torch.float64)
+    gl[1] = 0.0
+    ge = torch.randn(G, generator=g, dtype=torch.float64) if flags.get("gent") else None
+    if ge is not None:
+        ge[1] = 0.0
+    p = LogprobParams(temperature=flags.get("temperature", 1.0), softcap=flags.get("softcap", 0.0))
+    # float64 reference: z = softcap(z0 + b) / T
+    zz = z0 + (bias if bias is not None else 0)
+    zz = p.softcap * torch.tanh(zz / p.softcap) if p.softcap else zz
+    zz = zz / p.temperature
+    lse = torch.logsumexp(zz, -1)
+    logp = zz - lse[:, None]
+    prob = logp.exp()
+    ent = -(prob * logp).sum(-1)
+    gev = ge if ge is not None else torch.zeros(G, dtype=torch.float64)
+    dz = -gl[:, None] * prob - gev[:, None] * prob * (logp + ent[:, None])
+    dz[torch.arange(G), tgt] += gl
+    dz /= p.temperature
+    if p.softcap:
+        dz *= 1 - torch.tanh((z0 + (bias if bias is not None else 0)) / p.softcap) ** 2
+    for rows in (TritonRows(), one_pass.TorchRows()):
+        for dt in (torch.float32, torch.bfloat16):
+            z = z0.float().clone()
+            b = None if bias is None else bias.to(dt)
+            bref = None if bias is None else bias.to(dt).double()
+            st = rows.stats(z, b, tgt, p)
+            if bref is None or dt == torch.float32:
+                assert torch.allclose(st[0].double(), lse, atol=1e-5)
+                assert torch.allclose(st[1].double(), ent, atol=1e-5)
+                assert torch.allclose(st[2].double(), logp[torch.arange(G), tgt], atol=1e-5)
+            out = rows.dz(z, dt, b, tgt, st, gl.float(), None if ge is None else ge.float(), p, K)
+            assert out.shape == (K, Vv) and out.dtype == dt
+            if bref is None or dt == torch.float32:
+                tol = 1e-5 if dt == torch.float32 else 1e-2
+                assert torch.allclose(out.double(), dz[:K], atol=tol * dz.abs().max().item())
+            assert (out[1] == 0).all()                         # zero coefficients: exact zeros
+            if isinstance(rows, TritonRows):                   # in place: the logits' storage
+                assert out.untyped_storage().data_ptr() == z.untyped_storage().data_ptr()
+
+
+# ------------------------------------------------------------------------------ the memory plan
+def test_plan_default_budget_and_refusal():
+    Hl, Vl = 4096, 128256
+    pl = one_pass.plan(8192, Hl, Vl, torch.bfloat16, gpu=True)
+    assert pl.chunk_bytes <= one_pass.ONE_PASS_BYTES == 2**30
+    assert pl.chunk_rows >= 1024 and pl.chunk_rows % 16 == 0
+    assert pl.n_chunks == 5 and pl.chunk_rows * (pl.n_chunks - 1) < 8192 <= pl.chunk_rows * pl.n_chunks
+    assert pl.dw_fp32 and pl.acc_bytes == 4 * Vl * Hl
+    with pytest.raises(ValueError, match="UPG_KERNELS_ONE_PASS_BYTES"):
+        one_pass.plan(8192, Hl, Vl, torch.bfloat16, budget=64 * 2**20, gpu=True)
+    assert one_pass.plan(100, Hl, Vl, torch.bfloat16, budget=64 * 2**20, gpu=True).chunk_rows == 100
+    assert not one_pass.plan(8192, Hl, Vl, torch.float32, gpu=True).dw_fp32
+
+
+def test_budget_errors(monkeypatch):
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_BYTES", "lots")
+    with pytest.raises(ValueError, match="UPG_KERNELS_ONE_PASS_BYTES"):
+        one_pass.one_pass_bytes()
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_BYTES", "12345")
+    assert one_pass.one_pass_bytes() == 12345
+    with pytest.raises(ValueError, match="positive int"):
+        one_pass.set_one_pass_bytes(-1)
+    monkeypatch.delenv("UPG_KERNELS_ONE_PASS_BYTES")
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 0)
+    one_pass.set_one_pass_bytes(8)
+    try:
+        with pytest.raises(ValueError, match="UPG_KERNELS_ONE_PASS_BYTES"):
+            _run(cfg, hid, w, b, tgt, kw, grad_in_forward=True)
+    finally:
+        one_pass.set_one_pass_bytes(None)
+
+
+# ------------------------------------------------------------------------------ the meta trace
+LLAMA = dict(B=16, T=512, H=4096, V=128256)      # llama3-8b's head, N = 8192
+
+
+def _trace_llama3_8b(backend):
+    """One forward + backward of GRPO with entropy, bf16, at llama3-8b N=8192 on ``meta`` with the
+    GPU plan: ``(GEMM flops, non-GEMM bytes other than [V, H]-shaped, [V, H] bytes, non-GEMM ops that
+    touch a [rows, V] tensor of 64 rows or more)``. Views and allocations are not traffic."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+    from bench.memory_model import gpu_planning
+
+    Bq, Tq, Hl, Vl = LLAMA["B"], LLAMA["T"], LLAMA["H"], LLAMA["V"]
+    gemms = {"mm", "addmm", "bmm", "baddbmm"}
+    free = {"empty", "empty_strided", "empty_like", "lift_fresh", "alias", "detach"}
+    st = dict(flops=0, nh=0, vh=0, big=[])
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if name in gemms:
+                a, b2 = args[1:3] if name in ("addmm", "baddbmm") else args[:2]
+                st["flops"] += 2 * a.shape[-2] * a.shape[-1] * b2.shape[-1] * (a.shape[0] if a.dim() == 3 else 1)
+                return out
+            if func.is_view or name in free:
+                return out
+            for t in tree_flatten((args, kwargs, out))[0]:
+                if not isinstance(t, torch.Tensor):
+                    continue
+                if tuple(t.shape) == (Vl, Hl):
+                    st["vh"] += t.numel() * t.element_size()
+                else:
+                    st["nh"] += t.numel() * t.element_size()
+                    if t.dim() and t.shape[-1] in (Vl, 2 * Vl) and t.numel() >= 64 * Vl:
+                        st["big"].append((name, tuple(t.shape)))
+            return out
+
+    dev = "meta"
+    h = torch.empty(Bq, Tq, Hl, dtype=torch.bfloat16, device=dev).requires_grad_(True)
+    w = torch.empty(Vl, Hl, dtype=torch.bfloat16, device=dev).requires_grad_(True)
+    tgt = torch.empty(Bq, Tq, dtype=torch.int64, device=dev)
+    kw = dict(loss_mask=torch.empty(Bq, Tq, dtype=torch.float32, device=dev),
+              advantages=torch.empty(Bq, dtype=torch.float32, device=dev),
+              old_logprobs=torch.empty(Bq, Tq, dtype=torch.float32, device=dev))
+    cfg = LossConfig.preset("grpo", entropy_coef=0.01)
+    with gpu_planning(), Spy():
+        out = unified_policy_loss(h, w, tgt, config=cfg, backend=backend, grad_in_forward=True, **kw)
+        out.loss.backward()
+    assert h.grad is not None and w.grad is not None
+    return st
+
+
+def test_meta_trace_llama3_8b():
+    """The one-pass path at llama3-8b N=8192: the GEMMs do 6·N·H·V flops (±5%); no non-GEMM aten op
+    reads or writes a logits-chunk-sized tensor (the row kernels do that work); the non-GEMM traffic
+    is O(N·H) (gathers, scatters, the per-chunk epilogue on [N] vectors) plus a constant number of
+    passes over [V, H] (zeroing the float32 dW accumulator, the final scale-and-cast)."""
+    N, Hl, Vl = LLAMA["B"] * LLAMA["T"], LLAMA["H"], LLAMA["V"]
+    st = _trace_llama3_8b("triton")
+    assert abs(st["flops"] / (6 * N * Hl * Vl) - 1) <= 0.05, st["flops"] / (6 * N * Hl * Vl)
+    assert not st["big"], st["big"][:5]
+    assert st["nh"] <= 64 * N * Hl, st["nh"] / (N * Hl)
+    assert st["vh"] <= 16 * Vl * Hl, st["vh"] / (Vl * Hl)
+
+
+def test_meta_trace_sees_pytorch_passes():
+    """The trace's check can fail: the PyTorch row steps (the CPU form) make passes over the chunk."""
+    st = _trace_llama3_8b("torch")
+    assert st["big"] and any(op == "exp" for op, _ in st["big"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias,softcap,entropy", [(False, None, 0.0), (True, 30.0, 0.01)])
+def test_launches_are_registered(monkeypatch, dtype, bias, softcap, entropy):
+    """Every row-kernel launch of the one-pass path (captured on meta) is a registered variant of
+    the compile check (the full flag product is registered)."""
+    from test_aot_check import _launched_constexprs, _variants
+    N, Hh, Vv = 64, 256, 1000
+    dev = "meta"
+    h = torch.empty(N, Hh, dtype=dtype, device=dev, requires_grad=True)
+    w = torch.empty(Vv, Hh, dtype=dtype, device=dev, requires_grad=True)
+    b = torch.empty(Vv, dtype=dtype, device=dev, requires_grad=True) if bias else None
+    t = torch.empty(N, dtype=torch.int64, device=dev)
+    cfg = LossConfig.preset("grpo", entropy_coef=entropy)
+
+    def run():
+        out = unified_policy_loss(h, w, t, config=cfg, bias=b, softcap=softcap, backend="triton",
+                                  advantages=torch.empty(N, device=dev), grad_in_forward=True)
+        out.loss.backward()
+
+    launched = _launched_constexprs(monkeypatch, "triton_onepass", run)
+    registered = [v.constexprs for v in _variants("triton_onepass")]
+    assert len(launched) >= 2
+    for cx in launched:
+        assert cx in registered, f"unregistered one-pass launch {cx}"

@@ -1,0 +1,322 @@
+"""The one-pass path (``unified_policy_loss(..., grad_in_forward=True)``, path name ``"one_pass"``):
+loss values and gradients in one pass over the logits, 6·N·H·V flops instead of 8·N·H·V.
+
+The two-pass path computes the logits twice (forward, then recomputed in the backward). When the
+loss's per-token coefficients ``g_lp = dL/dlogp``, ``g_H = dL/dH`` of a chunk of rows are known as soon
+as the chunk's log-probs and entropies are -- every token-local loss, and every sequence-level one
+(GSPO, sequence IS, VESPO) once the chunk holds whole sequences -- one pass does everything::
+
+    for each chunk c of rows (C rows; the whole vocabulary):
+        h_c = hidden[rows of c]                      gather, [C, H]
+        z   = h_c @ W^T                              cuBLAS, float32 [C, V] in the workspace
+        lse, H, logp = stats(z)                      row kernel 1: reads z once
+        g_lp, g_H    = coef_fn(...) at the rows      the loss epilogue on [rows] tensors (O(C))
+        dz  = dz(z, coefficients)                    row kernel 2: reads z once, writes dz in place
+                                                     (the GEMM operand dtype), zero-coefficient rows 0
+        dh[rows] = dz @ W ;  dW_acc += dz^T h_c ;  db += 1^T dz          cuBLAS GEMMs
+
+The backward only scales the stored ``dh, dW, db`` by ``grad_output``. On CUDA (and under the
+Triton interpreter) the two row steps are the kernels of ``triton_onepass.py``; elsewhere (the CPU)
+they are :class:`TorchRows`, a few torch passes over the chunk.
+
+**Rows.** Ignored rows (``targets == ignore_index``) are never computed. The caller may pass a
+``hint`` (rows whose coefficients are probably non-zero; it only orders the work, never changes the
+result): hinted rows go first, so the rows whose coefficients come out all zero collect at the end of
+the chunks, and each chunk runs dz and the gradient GEMMs only on its prefix up to its last row with a
+non-zero coefficient. A zero-coefficient row inside that prefix gets an exact zero dz row and a
+zeroed hidden row in the GEMMs (a NaN hidden state there cannot reach dW).
+
+**Sequences.** ``seq_len=T`` (configs whose coefficients need a whole sequence) packs whole
+sequences (``T`` consecutive rows) into the chunks; a sequence with more non-ignored tokens than a
+chunk holds is refused (:class:`SequenceTooLong`), naming the budget.
+
+**Memory** (:func:`plan`). The chunk workspace -- float32 logits ``4·V`` bytes a row (8 for float64),
+the gathered hidden rows and the dh staging rows -- is bounded by ``UPG_KERNELS_ONE_PASS_BYTES``
+(default 1 GiB, :data:`ONE_PASS_BYTES`; :func:`set_one_pass_bytes`). Chunks are balanced
+(``ceil(M / ceil(M / C_max))`` rows, a multiple of 16). Besides the chunks, bf16 / fp16 weights get a
+float32 ``[V, H]`` dW accumulator (``4·V·H`` bytes), so dW is rounded once, not once per chunk;
+float32 / float64 weights accumulate in the output itself. On CUDA a budget that gives chunks of
+fewer than :data:`MIN_CHUNK_ROWS` rows (where the dW GEMM's float32 read-modify-write of ``[V, H]``
+per chunk costs more than its math) is refused with a ``ValueError`` naming the variable.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import settings
+from .contract import LogprobParams
+from .gemm import mm_acc, mm_f32
+from .meta import any_true, is_meta, nonzero_rows
+from .torch_chunked import logits_grad_, scale_logits_
+
+PATH_NAME = "one_pass"
+ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 1 GiB: ~2000 rows at llama3-8b (V = 128256)
+MIN_CHUNK_ROWS = 256            # CUDA: smaller chunks make the per-chunk dW update memory-bound
+_override = None
+
+
+def set_one_pass_bytes(n: int | None) -> None:
+    """Set the one-pass chunk workspace in bytes (None: back to the environment / default)."""
+    global _override
+    if n is not None and (not isinstance(n, int) or n <= 0):
+        raise ValueError(f"one-pass workspace bytes must be a positive int or None, got {n!r}")
+    _override = n
+
+
+def one_pass_bytes() -> int:
+    """The chunk budget: :func:`set_one_pass_bytes`, else ``UPG_KERNELS_ONE_PASS_BYTES`` (1 GiB)."""
+    if _override is not None:
+        return _override
+    return settings.ONE_PASS_BYTES.get()
+
+
+class SequenceTooLong(ValueError):
+    """A sequence-level config's sequence does not fit one chunk of the one-pass workspace."""
+
+
+@dataclass(frozen=True)
+class OnePassPlan:
+    chunk_rows: int        # rows per chunk (balanced)
+    max_rows: int          # rows the budget allows in one chunk (whole-sequence packing)
+    n_chunks: int
+    dw_fp32: bool          # dW accumulates in a float32 [V, H] buffer (bf16/fp16 weights)
+    chunk_bytes: int       # the chunk workspace (logits, gathered hidden, dh staging)
+    acc_bytes: int         # the float32 dW accumulator (0 without one)
+
+
+def row_bytes(V: int, H: int, dtype: torch.dtype, *, torch_rows: bool, softcap: bool = False,
+              need_hidden: bool = True) -> int:
+    """Workspace bytes per chunk row: the float32 (float64) logits row, the gathered hidden row and
+    the dh staging row; the PyTorch row steps also hold ``exp(z - m)`` (and tanh with a softcap)."""
+    ce = 8 if dtype == torch.float64 else 4
+    e = torch.empty((), dtype=dtype).element_size()
+    per = ce * V + e * H + (e * H if need_hidden else 0)
+    if torch_rows:                                # exp(z - m), tanh, a 2-byte dz copy
+        per += ce * V * (2 if softcap else 1) + (e * V if e < ce else 0)
+    return per
+
+
+def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, *,
+         need_hidden: bool = True, need_weight: bool = True, torch_rows: bool = False,
+         softcap: bool = False, gpu: bool = False) -> OnePassPlan:
+    """Chunk size for ``M`` rows within ``budget`` bytes (default :func:`one_pass_bytes`). ``gpu``:
+    the CUDA rules (refuse chunks under :data:`MIN_CHUNK_ROWS` rows)."""
+    budget = one_pass_bytes() if budget is None else budget
+    per = row_bytes(V, H, dtype, torch_rows=torch_rows, softcap=softcap, need_hidden=need_hidden)
+    cmax = budget // per
+    if cmax >= 16:
+        cmax = cmax // 16 * 16
+    need = max(1, min(M, MIN_CHUNK_ROWS) if gpu else 1)
+    if cmax < need:
+        raise ValueError(
+            f"the one-pass path needs a workspace of at least {need * per} bytes ({need} rows of "
+            f"{per} bytes at V={V}, H={H}: smaller chunks are slow) but UPG_KERNELS_ONE_PASS_BYTES "
+            f"(or set_one_pass_bytes) grants {budget}: raise it (default {ONE_PASS_BYTES}) or use the "
+            "two-pass path (grad_in_forward=False)")
+    n = -(-max(M, 1) // cmax)
+    c = -(-max(M, 1) // n)
+    if n > 1 and c > 16:
+        c = min(cmax, -(-c // 16) * 16)
+    dw32 = need_weight and dtype in (torch.bfloat16, torch.float16)
+    return OnePassPlan(int(c), int(cmax), int(-(-M // c)) if M else 0, bool(dw32), int(c * per),
+                       4 * V * H if dw32 else 0)
+
+
+# ------------------------------------------------------------------------------ the row steps
+class TorchRows:
+    """The two row steps in torch ops (the CPU form; any device), on torch_chunked's shared helpers
+    (``scale_logits_``, ``logits_grad_``). ``stats`` leaves ``z - max`` in ``z`` and ``exp(z - max)``
+    beside it for ``dz``."""
+
+    def stats(self, z, bias, tgt, p: LogprobParams):
+        z, self.t = scale_logits_(z, bias, p)
+        m = z.amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        z -= m
+        if bias is not None:                          # -inf logits (bias): keep 0 * z finite
+            z.clamp_(min=torch.finfo(z.dtype).min)
+        self.e = torch.exp(z)
+        s = self.e.sum(-1)
+        t = torch.bmm(self.e.unsqueeze(1), z.unsqueeze(2)).reshape(-1)
+        self.log_s = torch.log(s)
+        self.s = s
+        lse = m.squeeze(1) + self.log_s
+        ent = self.log_s - t / s
+        logp = z.gather(1, tgt.unsqueeze(1)).squeeze(1) - self.log_s
+        return torch.stack([lse, ent, logp])
+
+    def dz(self, z, dtype, bias, tgt, st, gl, ge, p, K):
+        """``dz [K, V]`` of the first ``K`` rows in ``dtype``: in place in the ``exp`` buffer of
+        ``stats`` (a copy for a narrower ``dtype``); ``z`` is scratch."""
+        z, e = z[:K], self.e[:K]
+        gl = gl[:K]
+        z -= self.log_s[:K].unsqueeze(1)              # log p
+        e /= self.s[:K].unsqueeze(1)                  # p
+        t = None if self.t is None else self.t[:K]
+        z = logits_grad_(z, tgt[:K], gl, gl, None if ge is None else ge[:K], st[1, :K], p.temperature,
+                         tanh=t, prob=e)
+        dead = (gl == 0) if ge is None else ((gl == 0) & (ge[:K] == 0))
+        if any_true(dead):                            # exact zeros (NaN rows included)
+            z.index_fill_(0, nonzero_rows(dead), 0.0)
+        self.e = self.t = None
+        return z if dtype == z.dtype else z.to(dtype)
+
+
+def _rows_impl(kind: str):
+    if kind == "triton":
+        from .triton_onepass import TritonRows
+        return TritonRows()
+    return TorchRows()
+
+
+# ------------------------------------------------------------------------------ host plan
+def _host_ints(x: torch.Tensor, meta_value: int) -> list[int]:
+    """``x.tolist()`` (one sync); on ``meta`` every entry is ``meta_value``."""
+    if is_meta(x):
+        return [meta_value] * x.numel()
+    return [int(v) for v in x.tolist()]
+
+
+def _last_true(mask: torch.Tensor) -> int:
+    """1 + the index of the last True of a 1-D mask (0 if none); the whole length on ``meta``."""
+    if is_meta(mask):
+        return mask.numel()
+    nz = mask.nonzero()
+    return int(nz[-1, 0]) + 1 if nz.numel() else 0
+
+
+def row_order(targets, ignore_index, hint=None, seq_len=None):
+    """``(rows int64 [M], chunk sizes or None)``: the non-ignored rows, hinted rows (sequences) first.
+    With ``seq_len`` the rows of each sequence stay together and the per-sequence row counts are
+    returned (for packing whole sequences)."""
+    valid = targets != ignore_index
+    if seq_len is None:
+        rows = nonzero_rows(valid)
+        if hint is not None:
+            rows = rows[torch.argsort((~hint[rows]).to(torch.int8), stable=True)]
+        return rows, None
+    T = seq_len
+    B = targets.numel() // T
+    vb = valid.reshape(B, T)
+    seqs = torch.arange(B, device=targets.device)
+    if hint is not None:
+        seqs = torch.argsort((~(hint.reshape(B, T) & vb).any(-1)).to(torch.int8), stable=True)
+    perm = (seqs[:, None] * T + torch.arange(T, device=targets.device)).reshape(-1)
+    rows = perm[nonzero_rows(vb[seqs].reshape(-1))]
+    return rows, _host_ints(vb[seqs].sum(-1), T)
+
+
+def chunks_of(M: int, C: int, seq_counts=None, budget_rows: int | None = None):
+    """``[(start, end)]`` over the ordered rows: balanced chunks of ``C`` rows, or whole sequences
+    packed greedily into chunks of at most ``budget_rows`` rows."""
+    if seq_counts is None:
+        return [(s, min(M, s + C)) for s in range(0, M, C)]
+    cap = budget_rows or C
+    out, s, cur = [], 0, 0
+    for n in seq_counts:
+        if n > cap:
+            raise SequenceTooLong(
+                f"the one-pass path needs whole sequences in a chunk for this config (its coefficients "
+                f"depend on the whole sequence), but a sequence has {n} tokens and a chunk holds {cap} "
+                "rows: raise UPG_KERNELS_ONE_PASS_BYTES or use the two-pass path")
+        if cur + n > cap and cur:
+            out.append((s, s + cur))
+            s, cur = s + cur, 0
+        cur += n
+    if cur:
+        out.append((s, s + cur))
+    return out
+
+
+def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn, *, budget=None,
+                       rows_impl: str = "torch", hint=None, seq_len=None, need_hidden=True,
+                       need_weight=True, need_bias=True):
+    """``(logp, ent, lse, dh, dw, db)`` with the gradients of the loss whose coefficients
+    ``coef_fn(logp [N], ent [N], done [N] bool) -> (g_lp [N], g_H [N])`` gives (read at the rows of
+    ``done``, the current chunk: token-local configs, or whole sequences with ``seq_len``).
+    ``dw`` is float32 for bf16/fp16 weights (the accumulator; the caller casts it once), else in the
+    weight's dtype; ``dh`` and ``db`` are in the inputs' dtypes. ``rows_impl``: ``"triton"`` (the row
+    kernels) or ``"torch"`` (:class:`TorchRows`)."""
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    op_dt = hidden.dtype
+    need_bias = need_bias and bias is not None
+    rows, seq_counts = row_order(targets, p.ignore_index, hint, seq_len)
+    M = rows.numel()
+    torch_rows = rows_impl != "triton"
+    gpu = (dev.type in ("cuda", "meta")) and not _interp()
+    pl = plan(M, H, V, hidden.dtype, budget, need_hidden=need_hidden, need_weight=need_weight,
+              torch_rows=torch_rows, softcap=bool(p.softcap), gpu=gpu)
+    spans = chunks_of(M, pl.chunk_rows, seq_counts, pl.max_rows)
+    C = max((b - a for a, b in spans), default=0)
+
+    logp = torch.zeros(N, dtype=cd, device=dev)
+    ent = torch.zeros(N, dtype=cd, device=dev)
+    lse = torch.zeros(N, dtype=cd, device=dev)
+    dh = torch.zeros(N, H, dtype=hidden.dtype, device=dev) if need_hidden else None
+    dw = None
+    if need_weight:
+        dw = torch.zeros(V, H, dtype=torch.float32 if pl.dw_fp32 else weight.dtype, device=dev)
+    db_acc = torch.zeros(1, V, dtype=cd, device=dev) if need_bias else None
+    if M == 0:
+        return _finish(logp, ent, lse, dh, dw, db_acc, bias)
+    zbuf = torch.empty(C * V, dtype=cd, device=dev)
+    hbuf = torch.empty(C, H, dtype=hidden.dtype, device=dev)
+    dhbuf = torch.empty(C, H, dtype=hidden.dtype, device=dev) if need_hidden else None
+    ones = torch.ones(1, C, dtype=op_dt, device=dev) if need_bias else None
+    done = torch.zeros(N, dtype=torch.bool, device=dev)
+    ops = _rows_impl(rows_impl)
+    wt = weight.t()
+    for a, b in spans:
+        g = b - a
+        idx = rows[a:b]
+        h_c = torch.index_select(hidden, 0, idx, out=hbuf[:g])
+        z = zbuf[:g * V].view(g, V)
+        if cd == torch.float64:
+            torch.mm(h_c, wt, out=z)
+        else:
+            mm_f32(h_c, wt, out=z)
+        tgt = targets.index_select(0, idx)
+        st = ops.stats(z, bias, tgt, p)
+        lse.index_copy_(0, idx, st[0].to(cd))
+        ent.index_copy_(0, idx, st[1].to(cd))
+        logp.index_copy_(0, idx, st[2].to(cd))
+        done.zero_()
+        done.index_fill_(0, idx, True)
+        g_lp, g_H = coef_fn(logp, ent, done)
+        gl = g_lp.index_select(0, idx).to(cd).contiguous()
+        ge = g_H.index_select(0, idx).to(gl.dtype).contiguous()
+        act = (gl != 0) | (ge != 0)
+        K = _last_true(act)
+        if K == 0:
+            continue
+        dzk = ops.dz(z, op_dt, bias, tgt, st, gl, ge if _any(ge) else None, p, K)
+        hk = h_c[:K]
+        if not is_meta(act) and not bool(act[:K].all()):
+            hk.masked_fill_(~act[:K].unsqueeze(1), 0)        # 0 * NaN: keep dW finite
+        if need_hidden:
+            torch.mm(dzk, weight, out=dhbuf[:K])
+            dh.index_copy_(0, idx[:K], dhbuf[:K])
+        if need_weight:
+            mm_acc(dw, dzk.t(), hk)
+        if need_bias:
+            mm_acc(db_acc, ones[:, :K], dzk)
+    return _finish(logp, ent, lse, dh, dw, db_acc, bias)
+
+
+def _any(x: torch.Tensor) -> bool:
+    return any_true(x != 0)
+
+
+def _interp() -> bool:
+    from .._backend import interpreter_on
+    return interpreter_on()
+
+
+def _finish(logp, ent, lse, dh, dw, db_acc, bias):
+    db = None if db_acc is None else db_acc[0].to(bias.dtype)
+    return logp, ent, lse, dh, dw, db

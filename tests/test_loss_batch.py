@@ -482,3 +482,18 @@ def test_fused_epilogue_divides_by_the_totals(name):
     got = sum(unified_policy_loss(hid[s], w, tgt[s], config=cfg, bias=b, backend="triton", batch=p,
                                   totals=totals, fused_epilogue=True).loss for s, p in zip(SPLITS, parts))
     torch.testing.assert_close(got, ref, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["grpo", "gspo", "hpt"])
+def test_grad_in_forward_divides_by_the_totals(name):
+    """The one-pass path (gradients in the forward) with totals: micro-batches add up (float64)."""
+    cfg, hid, w, b, tgt, lb = whole_batch_case(name)
+    parts = [lb.select(s) for s in SPLITS]
+    totals = upg_kernels.batch_totals([p.loss_mask for p in parts],
+                                      is_demo=None if lb.is_demo is None else [p.is_demo for p in parts])
+    _, L, dh, dw, db = _loss_and_grads(cfg, hid, w, b, tgt, lb)
+    acc = [_loss_and_grads(cfg, hid[s], w, b, tgt[s], p, totals=totals, grad_in_forward=True)
+           for s, p in zip(SPLITS, parts)]
+    _close(sum(a[1] for a in acc), L, f"{name} loss")
+    _close(torch.cat([a[2] for a in acc]), dh, f"{name} dh")
+    _close(sum(a[3] for a in acc), dw, f"{name} dW")

@@ -22,7 +22,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
-def _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps, ignore_index=-100):
+def check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps, ignore_index=-100):
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if not isinstance(weight, torch.Tensor):
@@ -146,7 +146,7 @@ def _common_dtype(hidden, weight, bias):
 def prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps, ignore_index=-100):
     """Validate, then flatten to ``[N, H]`` / ``[N]`` and cast to the compute dtype (autocast's, else the
     promoted one), contiguous: ``(hidden2d, weight, bias, targets int64)``. Shared by every op entry."""
-    _check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps, ignore_index)
+    check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps, ignore_index)
     dt = _common_dtype(hidden, weight, bias)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     h2 = (h2 if h2.dtype == dt else h2.to(dt)).contiguous()
@@ -160,7 +160,7 @@ def prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_e
 # ----------------------------------------------------------------------------- public API
 def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignore_index=-100,
                    return_entropy=False, return_lse=False, backend="auto", softcap=None,
-                   filter_eps=0.0):
+                   filter_eps=0.0, vocab_parallel=None):
     """Per-token log-probs of ``targets`` under ``softmax(softcap(hidden @ weight.T + bias) / temperature)``.
 
     Args:
@@ -183,17 +183,28 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         filter_eps: backward tile filter (Triton backend): skip logit tiles whose every element has
             ``|dz| <= filter_eps * (|g_logp| + |g_ent|) / temperature`` of its row, i.e. CCE's
             ``|onehot - p| <= filter_eps`` (docs/kernels.md has the error bound). 0 = exact.
+        vocab_parallel: a :class:`upg_kernels.VocabParallelOptions` for a vocabulary-parallel
+            (tensor-parallel) head: ``weight``/``bias`` then hold rows ``[start, stop)`` of the head,
+            ``targets`` stay global ids, and the outputs are those of the full vocabulary (one
+            all-gather of ``[3, N]`` per call; docs/distributed.md).
 
     Returns:
         ``logp`` float32 ``[...]``; with ``return_entropy`` and/or ``return_lse`` a tuple
         ``(logp, entropy)``, ``(logp, lse)`` or ``(logp, entropy, lse)``. Differentiable with respect
         to ``hidden``, ``weight`` and ``bias`` through every output.
     """
+    check_ignore_index(ignore_index)
+    temperature, filter_eps = as_number("temperature", temperature), as_number("filter_eps", filter_eps)
+    softcap = None if softcap is None else as_number("softcap", softcap)
+    if vocab_parallel is not None:
+        from .parallel.vocab import vocab_parallel_logprobs
+        logp, ent, lse = vocab_parallel_logprobs(
+            hidden, weight, targets, vocab_parallel, bias=bias, temperature=temperature,
+            ignore_index=ignore_index, backend=backend, softcap=softcap, filter_eps=filter_eps)
+        extra = ((ent,) if return_entropy else ()) + ((lse,) if return_lse else ())
+        return (logp, *extra) if extra else logp
     h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps,
                                  ignore_index)
-    temperature, softcap, filter_eps = (as_number("temperature", temperature),
-                                        None if softcap is None else as_number("softcap", softcap),
-                                        as_number("filter_eps", filter_eps))
     lead = tuple(hidden.shape[:-1])
     name = resolve_backend(backend, hidden.device, h2.dtype)
     if h2.shape[0] == 0:

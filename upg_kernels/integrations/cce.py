@@ -18,13 +18,17 @@ Differences from CCE 25.1.1 (see docs/integrations.md):
 * ``filter_eps`` defaults to ``None`` (exact gradients) where CCE defaults to ``"high"`` (gradient
   filtering on); ``"auto"``/``"high"`` give CCE's value ``finfo(dtype).eps / 32``, applied like CCE's
   to ``|onehot - p|`` (relative to each row's incoming gradient; docs/kernels.md §3);
-* ``impl`` is accepted and ignored (the backend is chosen by ``backend``).
+* ``impl`` is accepted and ignored (the backend is chosen by ``backend``);
+* ``vocab_parallel_options`` takes our :class:`upg_kernels.VocabParallelOptions` or CCE's (same fields;
+  CCE's ``reduce_e_grad`` is our ``reduce_hidden_grad``); targets are global ids, the loss is the same on
+  every rank of the group, and ``reduction="mean"`` counts the (global) non-ignored targets.
 """
 from __future__ import annotations
 
 import torch
 
 from ..logprobs import token_logprobs
+from ..parallel.vocab import VocabParallelOptions
 
 __all__ = ["linear_cross_entropy", "LinearCrossEntropy"]
 
@@ -56,7 +60,7 @@ def linear_cross_entropy(e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor
                          bias: torch.Tensor | None = None, ignore_index: int = -100,
                          softcap: float | None = None, reduction: str = "mean", shift: bool | int = 0,
                          filter_eps: float | str | None = None, impl: object = None,
-                         backend: str = "auto") -> torch.Tensor:
+                         backend: str = "auto", vocab_parallel_options=None) -> torch.Tensor:
     """Cross-entropy of ``softcap(e @ c.T + bias)`` against ``targets``, never materializing the logits.
 
     Args:
@@ -74,6 +78,8 @@ def linear_cross_entropy(e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor
         filter_eps: backward tile filter (see :func:`upg_kernels.token_logprobs`); ``None`` = exact.
         impl: accepted for CCE compatibility, ignored.
         backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see :func:`upg_kernels.token_logprobs`).
+        vocab_parallel_options: ``c`` (and ``bias``) are this rank's rows ``[start, stop)`` of a
+            vocabulary-parallel classifier (:class:`upg_kernels.VocabParallelOptions`, or CCE's).
 
     Returns:
         A float32 scalar for ``"mean"``/``"sum"``; for ``"none"`` a float32 tensor of ``targets``'s shape,
@@ -102,7 +108,8 @@ def linear_cross_entropy(e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor
         targets = targets[..., kk:]
     eps = _resolve_filter_eps(filter_eps, torch.promote_types(e.dtype, c.dtype))
     logp = token_logprobs(e, c, targets, bias=bias, ignore_index=ignore_index, softcap=softcap,
-                          backend=backend, filter_eps=eps)
+                          backend=backend, filter_eps=eps,
+                          vocab_parallel=_vocab_options(vocab_parallel_options))
     nll = -logp  # 0 at ignored positions
     if reduction == "none":
         return nll
@@ -113,12 +120,31 @@ def linear_cross_entropy(e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor
     return total / n_valid.to(total.dtype)
 
 
+def _vocab_options(opts):
+    """Ours as is; CCE's ``VocabParallelOptions`` (``start``, ``stop``, ``group``, ``reduce_e_grad``)
+    converted once (the conversion is kept on the object, so the shard-tiling check runs once)."""
+    if opts is None or isinstance(opts, VocabParallelOptions):
+        return opts
+    if not all(hasattr(opts, k) for k in ("start", "stop", "group")):
+        raise TypeError("vocab_parallel_options must be a VocabParallelOptions (ours or CCE's: start, stop, "
+                        f"group), got {type(opts).__name__}")
+    mine = getattr(opts, "_upg_options", None)
+    if mine is None or (mine.start, mine.stop, mine.group) != (opts.start, opts.stop, opts.group):
+        mine = VocabParallelOptions(opts.start, opts.stop, opts.group,
+                                    bool(getattr(opts, "reduce_e_grad", True)))
+        try:
+            opts._upg_options = mine
+        except AttributeError:   # slotted / frozen: convert at every call
+            pass
+    return mine
+
+
 class LinearCrossEntropy(torch.nn.Module):
     """``nn.Module`` form, mirroring ``cut_cross_entropy.LinearCrossEntropy``."""
 
     def __init__(self, ignore_index: int = -100, softcap: float | None = None, reduction: str = "mean",
                  filter_eps: float | str | None = None, shift: bool | int = 0, impl: object = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", vocab_parallel_options=None):
         super().__init__()
         if reduction not in _REDUCTIONS:
             raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -129,9 +155,11 @@ class LinearCrossEntropy(torch.nn.Module):
         self.shift = _resolve_shift(shift)
         self.impl = impl
         self.backend = backend
+        self.vocab_parallel_options = vocab_parallel_options
 
     def forward(self, e: torch.Tensor, c: torch.Tensor, targets: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear_cross_entropy(e, c, targets, bias=bias, ignore_index=self.ignore_index,
                                     softcap=self.softcap, reduction=self.reduction, shift=self.shift,
-                                    filter_eps=self.filter_eps, backend=self.backend)
+                                    filter_eps=self.filter_eps, backend=self.backend,
+                                    vocab_parallel_options=self.vocab_parallel_options)

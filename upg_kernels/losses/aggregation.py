@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import torch
 
+from ..parallel.comm import cp_sum, seq_sum
+
 
 def aggregation_weights(tok, rows, mode, max_len, part, *, n_tokens=None, n_rows=None,
-                        dtype=torch.float32):
+                        dtype=torch.float32, cp_group=None):
     """``w [B, T]`` (0 outside ``tok``) with ``L = sum(w * l)`` for aggregation ``mode`` over ``rows`` [B].
 
     ``tok`` is the [B, T] bool mask of the part's tokens, ``max_len`` Dr.GRPO's ``L_max``, ``part`` the
     part's name for error messages. ``n_tokens`` / ``n_rows``: the token_mean / sequence-mean
-    denominators when they are not this call's own counts (global totals, ``num_items_in_batch``)."""
+    denominators when they are not this call's own counts (global totals, ``num_items_in_batch``).
+    ``cp_group``: the context-parallel group holding the other parts of the same rows (token counts are
+    summed over it; rows are the same on every rank of it)."""
     if n_rows is None:
         n_rows = rows.sum().clamp(min=1).to(dtype)
     else:
@@ -25,10 +29,10 @@ def aggregation_weights(tok, rows, mode, max_len, part, *, n_tokens=None, n_rows
         if n_tokens is not None:
             denom = torch.as_tensor(n_tokens, dtype=dtype, device=tok.device).clamp(min=1.0)
         else:
-            denom = tok.sum().to(dtype).clamp(min=1.0)
+            denom = cp_sum(tok.sum().to(dtype), cp_group).clamp(min=1.0)
         w = (1.0 / denom).expand(B, T)
     elif mode == "seq_mean_token_mean":
-        w = ((1.0 / n_rows) / tok.sum(-1).to(dtype).clamp(min=1.0))[:, None].expand(B, T)
+        w = ((1.0 / n_rows) / seq_sum(tok.to(dtype), cp_group).clamp(min=1.0)).expand(B, T)
     elif mode == "seq_mean_token_sum":
         w = (1.0 / n_rows).expand(B, T)
     elif mode == "seq_mean_token_sum_norm":
@@ -55,4 +59,4 @@ def part_weights(cfg, inp, part, dtype=torch.float32):
         mode = cfg.demo_aggregation if cfg.demo_part == "sft" else cfg.aggregation
         n_tok, n_rows = (t.demo_tokens, t.demo_rows) if t else (None, None)
     return aggregation_weights(tok, rows, mode, cfg.max_completion_length, part, n_tokens=n_tok,
-                               n_rows=n_rows, dtype=dtype)
+                               n_rows=n_rows, dtype=dtype, cp_group=inp.cp_group)

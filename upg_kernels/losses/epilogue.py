@@ -13,6 +13,7 @@ import math
 
 import torch
 
+from ..parallel.comm import cp_min_max, cp_sum, seq_sum
 from .aggregation import part_weights
 from .inputs import LossInputs
 
@@ -53,11 +54,11 @@ def vespo_gamma_weight(log_w, adv, *, k_pos, lambda_pos, k_neg, lambda_neg):
         return torch.nan_to_num(phi, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _rollout_weight(cfg, old, rol, main_tok):
+def _rollout_weight(cfg, old, rol, main_tok, cp=None):
     """The detached sampler-vs-trainer IS weight of ``cfg.rollout_is`` (token or per-sequence, broadcast)."""
     log_w = torch.where(main_tok, old - rol, torch.zeros_like(old))
     if cfg.rollout_is.startswith("sequence"):
-        log_w = log_w.sum(-1, keepdim=True).expand_as(old)
+        log_w = seq_sum(log_w, cp).expand_as(old)
     log_cap = math.log(cfg.rollout_is_cap)
     w_trunc = torch.exp(torch.clamp(log_w, max=log_cap))
     if cfg.rollout_is.endswith("truncate"):
@@ -67,8 +68,9 @@ def _rollout_weight(cfg, old, rol, main_tok):
     return w.detach()
 
 
-def _main_token_loss(cfg, lp, H, old, ref, rol, isr_pair, adv, valid, main_tok):
-    """Per-token loss of the main part (before masking) and auxiliaries for the metrics."""
+def _main_token_loss(cfg, lp, H, old, ref, rol, isr_pair, adv, valid, main_tok, cp=None):
+    """Per-token loss of the main part (before masking) and auxiliaries for the metrics. ``cp``: the
+    context-parallel group; every sum over a sequence goes through :func:`seq_sum`."""
     isr, isr_rows = isr_pair
     aux = {}
     A = adv
@@ -76,14 +78,14 @@ def _main_token_loss(cfg, lp, H, old, ref, rol, isr_pair, adv, valid, main_tok):
     one = torch.ones_like(lp)
     w_roll = None
     if cfg.rollout_is is not None and rol is not None:
-        w_roll = _rollout_weight(cfg, old, rol, main_tok)
+        w_roll = _rollout_weight(cfg, old, rol, main_tok, cp)
         aux["rollout_w"] = w_roll
     r = None
     if cfg.reference == "old":
         log_ratio = torch.where(main_tok, lp - old, torch.zeros_like(lp))
         if cfg.ratio_level == "sequence":
-            n = main_tok.sum(-1, keepdim=True).to(lp.dtype).clamp(min=1.0)
-            log_ratio = (log_ratio.sum(-1, keepdim=True) / n).expand_as(lp)
+            n = seq_sum(main_tok.to(lp.dtype), cp).clamp(min=1.0)
+            log_ratio = (seq_sum(log_ratio, cp) / n).expand_as(lp)
         r = torch.exp(log_ratio)
         aux["ratio"] = r.detach()
         zero_b = torch.zeros_like(lp, dtype=torch.bool)
@@ -111,15 +113,16 @@ def _main_token_loss(cfg, lp, H, old, ref, rol, isr_pair, adv, valid, main_tok):
             # token rollout_is weights) are folded into it in log space instead of multiplying the loss
             zero = torch.zeros_like(lp)
             with torch.no_grad():
-                s = torch.where(main_tok, torch.clamp(lp - old, -20.0, 20.0), zero).sum(-1, keepdim=True)
+                s_tok = torch.where(main_tok, torch.clamp(lp - old, -20.0, 20.0), zero)
+                if isr_rows is None and isr is not None:
+                    s_tok = s_tok + torch.where(main_tok, torch.clamp(torch.log(isr), _VESPO_LOG_FLOOR, 20.0),
+                                                zero)
+                if w_roll is not None:
+                    s_tok = s_tok + torch.where(main_tok, torch.clamp(torch.log(w_roll), _VESPO_LOG_FLOOR,
+                                                                      20.0), zero)
+                s = seq_sum(s_tok, cp)
                 if isr_rows is not None:
                     s = s + torch.clamp(torch.log(isr_rows), _VESPO_LOG_FLOOR, 20.0)
-                elif isr is not None:
-                    s = s + torch.where(main_tok, torch.clamp(torch.log(isr), _VESPO_LOG_FLOOR, 20.0),
-                                        zero).sum(-1, keepdim=True)
-                if w_roll is not None:
-                    s = s + torch.where(main_tok, torch.clamp(torch.log(w_roll), _VESPO_LOG_FLOOR, 20.0),
-                                        zero).sum(-1, keepdim=True)
             phi = vespo_gamma_weight(s, A, k_pos=cfg.vespo_k_pos, lambda_pos=cfg.vespo_lambda_pos,
                                      k_neg=cfg.vespo_k_neg, lambda_neg=cfg.vespo_lambda_neg)
             phi = phi.expand_as(lp)
@@ -173,7 +176,7 @@ def _epilogue(cfg, inp: LossInputs, lp, H, old, ref, rol):
     zero = torch.zeros_like(lp)
     main_tok, demo_tok, adv = inp.main_tok, inp.demo_tok, inp.adv
     ell, aux = _main_token_loss(cfg, lp, H, old, ref, rol, (inp.isr, inp.isr_rows), adv, inp.valid,
-                                main_tok)
+                                main_tok, inp.cp_group)
     ell = torch.where(main_tok, ell, zero)
     L_main = _aggregate(ell, cfg, inp, "main")
     if cfg.demo_part == "sft":
@@ -217,19 +220,21 @@ def pytorch_coefficients(cfg, inp: LossInputs, logp_bt, ent_bt):
 def loss_metrics(cfg, inp: LossInputs, aux, parts, ent_d, g_lp, g_H) -> dict:
     """The metrics dict (python floats, one device sync) of one loss call."""
     return _metrics(cfg, aux, parts, inp.valid, inp.main_tok, inp.demo_tok, inp.main_rows,
-                    inp.demo_rows, inp.adv, inp.adv_per_row, ent_d, g_lp, g_H, inp.have_ref)
+                    inp.demo_rows, inp.adv, inp.adv_per_row, ent_d, g_lp, g_H, inp.have_ref, inp.cp_group)
 
 
 def _metrics(cfg, aux, parts, valid, main_tok, demo_tok, main_rows, demo_rows, adv, adv_per_row, ent,
-             g_lp, g_H, have_ref):
+             g_lp, g_H, have_ref, cp=None):
+    """Under context parallelism (``cp``) every token sum is completed over the group (:func:`cp_sum`),
+    so every rank reports the metrics of the whole sequences (``loss_*``: the sum of the ranks' parts)."""
     dt = ent.dtype
     mt = main_tok
-    n_main = mt.sum().to(dt)
+    n_main = cp_sum(mt.sum().to(dt), cp)
     n_main1 = n_main.clamp(min=1.0)
-    n_valid = valid.sum().to(dt)
+    n_valid = cp_sum(valid.sum().to(dt), cp)
 
     def mmean(x):
-        return torch.where(mt, x.to(dt), torch.zeros((), dtype=dt, device=x.device)).sum() / n_main1
+        return cp_sum(torch.where(mt, x.to(dt), torch.zeros((), dtype=dt, device=x.device)).sum(), cp) / n_main1
 
     names, vals = [], []
 
@@ -237,8 +242,8 @@ def _metrics(cfg, aux, parts, valid, main_tok, demo_tok, main_rows, demo_rows, a
         names.append(name)
         vals.append(v.to(dt) if isinstance(v, torch.Tensor) else torch.tensor(float(v), dtype=dt))
 
-    put("loss_main", parts[0])
-    put("loss_demo", parts[1])
+    put("loss_main", cp_sum(parts[0], cp))
+    put("loss_demo", cp_sum(parts[1], cp))
     if "ratio" in aux:
         r = aux["ratio"]
         big = torch.tensor(torch.finfo(dt).max, dtype=dt, device=r.device)
@@ -248,6 +253,7 @@ def _metrics(cfg, aux, parts, valid, main_tok, demo_tok, main_rows, demo_rows, a
         # the appended sentinel keeps min/max defined on an empty batch
         r_min = torch.cat([torch.where(mt, r, big).flatten(), big.view(1)]).min()
         r_max = torch.cat([torch.where(mt, r, -big).flatten(), -big.view(1)]).max()
+        r_min, r_max = cp_min_max(r_min, r_max, cp)
         put("ratio_min", torch.where(has, r_min, one[0]))
         put("ratio_max", torch.where(has, r_max, one[0]))
         lo, hi = mmean(aux["clip_low"]), mmean(aux["clip_high"])
@@ -261,11 +267,12 @@ def _metrics(cfg, aux, parts, valid, main_tok, demo_tok, main_rows, demo_rows, a
         for n in ("clip_frac_low", "clip_frac_high", "clip_frac", "dual_clip_frac"):
             put(n, 0.0)
     put("kl_mean", mmean(aux["kl"]) if have_ref else 0.0)
-    put("entropy_mean", torch.where(valid, ent, torch.zeros_like(ent)).sum() / n_valid.clamp(min=1.0))
+    put("entropy_mean", cp_sum(torch.where(valid, ent, torch.zeros_like(ent)).sum(), cp) / n_valid.clamp(min=1.0))
     if adv_per_row:
         # per-row advantages (they were zeroed at invalid tokens): rows with a valid main token
-        sel = main_rows & valid.any(-1)
-        a = torch.where(valid, adv, torch.zeros_like(adv)).sum(-1) / valid.sum(-1).clamp(min=1).to(dt)
+        n_row = seq_sum(valid.to(dt), cp)[:, 0]
+        sel = main_rows & (n_row > 0)
+        a = seq_sum(torch.where(valid, adv, torch.zeros_like(adv)), cp)[:, 0] / n_row.clamp(min=1.0)
         n = sel.sum().to(dt).clamp(min=1.0)
         am = torch.where(sel, a, torch.zeros_like(a)).sum() / n
         av = torch.where(sel, (a - am) ** 2, torch.zeros_like(a)).sum() / n
@@ -275,9 +282,9 @@ def _metrics(cfg, aux, parts, valid, main_tok, demo_tok, main_rows, demo_rows, a
     put("adv_mean", am)
     put("adv_std", torch.sqrt(av))
     zero_coef = valid & (g_lp == 0) & (g_H == 0)
-    put("zero_coef_frac", zero_coef.sum().to(dt) / n_valid.clamp(min=1.0))
+    put("zero_coef_frac", cp_sum(zero_coef.sum().to(dt), cp) / n_valid.clamp(min=1.0))
     put("rollout_tokens", n_main)
-    put("demo_tokens", demo_tok.sum().to(dt))
+    put("demo_tokens", cp_sum(demo_tok.sum().to(dt), cp))
     put("rollout_rows", main_rows.sum().to(dt))
     put("demo_rows", demo_rows.sum().to(dt))
     put("sft_share", demo_rows.sum().to(dt) / max(demo_rows.numel(), 1))

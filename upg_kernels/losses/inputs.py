@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from ..kernels.meta import any_bad, any_true
+from ..parallel.comm import check_group
 from .advantages import group_advantages
 from .batch import BatchTotals, LossBatch
 from .config import GROUP_ADVANTAGES, LossConfig
@@ -39,6 +40,7 @@ class LossInputs:
     isr_rows: Optional[torch.Tensor]   # [B, 1] when is_ratio is per sequence
     num_items: object = None
     totals: Optional[BatchTotals] = None
+    cp_group: object = None        # context-parallel group (sequence sums are completed over it)
 
     @property
     def have_ref(self) -> bool:
@@ -181,17 +183,22 @@ def _advantages_bt(advantages, B, T, flat, device, dtype):
 
 
 def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torch.Tensor,
-                        cd: torch.dtype, batch: LossBatch) -> LossInputs:
+                        cd: torch.dtype, batch: LossBatch, *, cp_group=None) -> LossInputs:
     """Check the per-token / per-row arguments of ``batch`` and build masks and advantages.
 
     ``valid`` is the ``[B, T]`` bool mask of the positions the caller can score (targets not
     ``ignore_index``); ``loss_mask`` narrows it. ``flat``: the caller's per-token tensors are ``[N]``
-    (``B = N`` sequences of length ``T = 1``)."""
+    (``B = N`` sequences of length ``T = 1``). ``cp_group``: the context-parallel process group whose
+    ranks hold the other tokens of the same rows (None: the rows are whole here)."""
+    check_group(cp_group, "cp_group")
     b = batch
     loss_mask, advantages, rewards, group_size, group_ids = (
         b.loss_mask, b.advantages, b.rewards, b.group_size, b.group_ids)
     old_logprobs, ref_logprobs, rollout_logprobs = b.old_logprobs, b.ref_logprobs, b.rollout_logprobs
     is_demo, is_ratio, num_items_in_batch, totals = b.is_demo, b.is_ratio, b.num_items_in_batch, b.totals
+    if totals is not None and cp_group is not None:
+        raise ValueError("totals and cp_group together are not supported: batch_totals counts whole rows, "
+                         "while under context parallelism a row's tokens are spread over the cp_group")
     dev = valid.device
     _check_num_items(num_items_in_batch)
     if totals is not None:
@@ -300,4 +307,4 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
     return LossInputs(B=B, T=T, cd=cd, valid=valid, main_tok=main_tok, demo_tok=demo_tok,
                       main_rows=main_rows, demo_rows=demo_rows, adv=adv, adv_per_row=adv_per_row,
                       old=old, ref=ref, rol=rol, isr=isr, isr_rows=isr_rows,
-                      num_items=num_items_in_batch, totals=totals)
+                      num_items=num_items_in_batch, totals=totals, cp_group=cp_group)

@@ -46,7 +46,7 @@ from ..kernels.meta import autocast_off
 from ..settings import GRAD_IN_FORWARD
 from .. import ops   # the custom ops via the module (tests spy on them)
 from ..kernels.one_pass import one_pass_bytes
-from ..logprobs import as_number, nonfinite_rows, prepare_inputs
+from ..logprobs import as_number, check_ignore_index, nonfinite_rows, prepare_inputs
 from .epilogue import loss_metrics, pytorch_coefficients, vespo_gamma_weight  # noqa: F401 (re-export)
 from .fused import fused_enabled, fused_policy_epilogue, fused_supported, token_weights_and_codes
 from .batch import LossBatch
@@ -255,7 +255,7 @@ class _PolicyLossFromLogprobs(torch.autograd.Function):
 def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[LossBatch] = None,
                         bias=None, temperature=1.0, backend="auto", ignore_index=-100, softcap=None,
                         filter_eps=0.0, fused_epilogue=None, grad_in_forward=None,
-                        **batch_fields) -> LossOutput:
+                        vocab_parallel=None, cp_group=None, **batch_fields) -> LossOutput:
     """The loss of ``config`` (a :class:`LossConfig` or a preset name) from hidden states and the lm_head.
 
     Args:
@@ -282,6 +282,17 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
             bf16/fp16 weights. Sequence-level configs chunk whole sequences (a longer sequence is a
             ValueError). ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off; then
             a sequence that does not fit runs the two-pass path).
+        vocab_parallel: a :class:`upg_kernels.VocabParallelOptions`: ``weight``/``bias`` hold rows
+            ``[start, stop)`` of a vocabulary-parallel head (tensor parallelism); ``targets`` stay global
+            ids. The log-probs and entropy of the full vocabulary come from one all-gather of ``[3, N]``
+            per call (:func:`upg_kernels.parallel.vocab_parallel_logprobs`); the loss, identical on every
+            rank of the group, goes through the PyTorch epilogue (the fused epilogue and
+            ``grad_in_forward`` are refused under it). Every backend and preset works.
+        cp_group: context parallelism: the process group whose ranks hold the other tokens of the same
+            rows (every rank the same rows, its own positions). The sequence-level reductions (per-row
+            and token_mean counts, GSPO/LUSPO ratios, VESPO's sum, sequence-level IS, demo counts) and the
+            metrics are completed over it; each rank's ``loss`` is its part, and the sum over the group
+            of the losses and gradients equals the unsplit call (docs/distributed.md).
 
     Returns:
         :class:`LossOutput`.
@@ -307,28 +318,61 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
     w_dt = weight.dtype if isinstance(weight, torch.Tensor) else hidden.dtype
     cd = torch.float64 if torch.promote_types(hidden.dtype, w_dt) == torch.float64 else torch.float32
     lb = LossBatch.of(batch, batch_fields, "unified_policy_loss")
-    h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps,
-                                 ignore_index)
+    check_ignore_index(ignore_index)
     temperature, filter_eps = as_number("temperature", temperature), as_number("filter_eps", filter_eps)
     softcap = None if softcap is None else as_number("softcap", softcap)
-    inp = prepare_loss_inputs(cfg, B, T, flat, targets.reshape(B, T) != ignore_index, cd, lb)
+    inp = prepare_loss_inputs(cfg, B, T, flat, targets.reshape(B, T) != ignore_index, cd, lb,
+                              cp_group=cp_group)
+
+    if vocab_parallel is not None:
+        return _vocab_parallel_loss(cfg, inp, hidden, weight, targets, bias, vocab_parallel,
+                                    temperature=temperature, ignore_index=ignore_index, backend=backend,
+                                    softcap=softcap, filter_eps=filter_eps, fused_epilogue=fused_epilogue,
+                                    grad_in_forward=grad_in_forward)
+    h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps,
+                                 ignore_index)
     name = resolve_backend(backend, hidden.device, h2.dtype)
     kp = LogprobParams(float(temperature), int(ignore_index), float(softcap or 0.0), float(filter_eps))
     use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)
                  and get_backend(name).fused_epilogue and h2.shape[0] > 0)
-    gif = _grad_in_forward(grad_in_forward, cfg)
+    gif = _grad_in_forward(grad_in_forward, cfg, cp_group is not None)
     plan = _Plan(cfg, inp, kp, name, use_fused, gif, one_pass_bytes() if gif else 0)
     with autocast_off(hidden.device.type):
         outs = _PolicyLoss.apply(h2, w, b, t, plan)
     return _output(outs, plan, tuple(targets.shape))
 
 
-def _grad_in_forward(flag, cfg):
+def _vocab_parallel_loss(cfg, inp, hidden, weight, targets, bias, opts, *, fused_epilogue,
+                         grad_in_forward, **kw) -> LossOutput:
+    """The loss over a vocabulary-parallel head: the full-vocabulary ``logp`` / ``H`` (differentiable,
+    one all-gather) into the PyTorch epilogue of :class:`_PolicyLossFromLogprobs`."""
+    from ..parallel.vocab import vocab_parallel_logprobs
+    if fused_epilogue:
+        raise ValueError("fused_epilogue=True is not supported with vocab_parallel (the fused Triton "
+                         "epilogue needs the whole vocabulary in one kernel); pass fused_epilogue=None/False")
+    if grad_in_forward:
+        raise ValueError("grad_in_forward=True is not supported with vocab_parallel (the one-pass "
+                         "gradients need the global log-sum-exp before the pass); pass None/False")
+    logp, ent, _ = vocab_parallel_logprobs(hidden, weight, targets, opts, bias=bias, **kw)
+    B, T = inp.B, inp.T
+    if cfg.entropy_coef == 0:
+        ent = ent.detach()          # H enters the loss only through the bonus: no entropy backward
+    plan = _Plan(cfg, inp, LogprobParams(), "torch", False)
+    outs = _PolicyLossFromLogprobs.apply(logp.reshape(B, T).to(inp.cd), ent.reshape(B, T).to(inp.cd), plan)
+    return _output(outs, plan, tuple(targets.shape))
+
+
+def _grad_in_forward(flag, cfg, cp=False):
     """The ``grad_in_forward`` argument: True / False, or (None) ``"env"`` when
-    ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on."""
+    ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on. Refused under context parallelism (``cp``): the
+    one-pass chunks would run the sequence reductions' collectives a rank-dependent number of times."""
     if flag is not None:
+        if flag and cp:
+            raise ValueError("grad_in_forward=True is not supported with cp_group (the one-pass chunks "
+                             "would run the sequence reductions' collectives a rank-dependent number of "
+                             "times); pass None/False")
         return bool(flag)
-    return "env" if GRAD_IN_FORWARD.get() else False
+    return "env" if (GRAD_IN_FORWARD.get() and not cp) else False
 
 
 def _coefficient_hint(plan: _Plan, h2):
@@ -344,7 +388,7 @@ def _coefficient_hint(plan: _Plan, h2):
 
 
 def policy_loss_from_logprobs(logprobs, *, config, entropy=None, batch: Optional[LossBatch] = None,
-                              **batch_fields) -> LossOutput:
+                              cp_group=None, **batch_fields) -> LossOutput:
     """The loss of ``config`` from per-token log-probs that the caller already has.
 
     The same presets, batch fields (a :class:`LossBatch` as ``batch=`` or its fields as keyword
@@ -353,7 +397,8 @@ def policy_loss_from_logprobs(logprobs, *, config, entropy=None, batch: Optional
     ``entropy``) themselves. ``logprobs``: ``[B, T]`` (or flat ``[N]``) float log-probs of the
     taken tokens; ``entropy``: optional ``[B, T]`` per-token entropy (needed when the config has
     ``entropy_coef > 0``). The loss is differentiable w.r.t. both; positions outside ``loss_mask``
-    get exactly zero gradient, and a NaN there cannot reach the loss.
+    get exactly zero gradient, and a NaN there cannot reach the loss. ``cp_group``: context
+    parallelism, as in :func:`unified_policy_loss`.
     """
     cfg = as_config(config)
     if not isinstance(logprobs, torch.Tensor) or not logprobs.dtype.is_floating_point:
@@ -377,7 +422,8 @@ def policy_loss_from_logprobs(logprobs, *, config, entropy=None, batch: Optional
     cd = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     valid = torch.ones(B, T, dtype=torch.bool, device=logprobs.device)
     inp = prepare_loss_inputs(cfg, B, T, flat, valid, cd,
-                              LossBatch.of(batch, batch_fields, "policy_loss_from_logprobs"))
+                              LossBatch.of(batch, batch_fields, "policy_loss_from_logprobs"),
+                              cp_group=cp_group)
     plan = _Plan(cfg, inp, LogprobParams(), "torch", False)
     lp = logprobs.reshape(B, T).to(cd)
     ent = None if entropy is None else entropy.reshape(B, T).to(cd)

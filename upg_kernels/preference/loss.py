@@ -92,7 +92,7 @@ def _denominators(totals, B, n_chosen):
 
 def preference_loss(hidden, weight, targets, *, config, ref_chosen_logps=None, ref_rejected_logps=None,
                     loss_mask=None, bias=None, temperature=1.0, ignore_index=-100,
-                    backend="auto", totals=None) -> PreferenceOutput:
+                    backend="auto", vocab_parallel=None, totals=None) -> PreferenceOutput:
     """The pairwise preference loss of ``config`` (a preset name or :class:`PreferenceConfig`).
 
     Args:
@@ -103,6 +103,8 @@ def preference_loss(hidden, weight, targets, *, config, ref_chosen_logps=None, r
             :func:`sequence_logprobs` of the reference model, under no_grad); required iff
             ``config.use_reference``. With ``length_normalize`` they are divided by the same token counts.
         loss_mask: optional ``[2B, T]`` bool, ANDed with ``targets != ignore_index``.
+        vocab_parallel: a :class:`upg_kernels.VocabParallelOptions` when ``weight``/``bias`` are this
+            rank's rows of a vocabulary-parallel head (the loss is then the same on every rank).
         totals: the whole batch's counts, ``upg_kernels.batch_totals(mask, paired=True, group=...)`` of
             the micro-batches' masks (``mask = loss_mask & (targets != ignore_index)``): the pair mean
             divides by every pair of the batch and the NLL term by every chosen token, so micro-batch
@@ -119,7 +121,8 @@ def preference_loss(hidden, weight, targets, *, config, ref_chosen_logps=None, r
                          f"rejected), got {hidden.shape[0]}")
     B = hidden.shape[0] // 2
     seq = sequence_token_logprobs(hidden, weight, targets, loss_mask=loss_mask, bias=bias,
-                                  temperature=temperature, ignore_index=ignore_index, backend=backend)
+                                  temperature=temperature, ignore_index=ignore_index, backend=backend,
+                                  vocab_parallel=vocab_parallel)
     empty = seq.counts == 0
     if bool(empty.any()):
         rows = empty.nonzero().flatten().tolist()

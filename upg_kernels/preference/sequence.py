@@ -38,7 +38,7 @@ def check_mask(loss_mask, shape, name="loss_mask"):
 
 
 def sequence_token_logprobs(hidden, weight, targets, *, loss_mask=None, bias=None, temperature=1.0,
-                            ignore_index=-100, backend="auto") -> SequenceLogprobs:
+                            ignore_index=-100, backend="auto", vocab_parallel=None) -> SequenceLogprobs:
     """Per-token log-probs of ``targets`` [B, T] and their per-row sums (shared by every sequence loss)."""
     if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
         raise ValueError(f"hidden must have shape [B, T, H], got "
@@ -48,7 +48,7 @@ def sequence_token_logprobs(hidden, weight, targets, *, loss_mask=None, bias=Non
         raise ValueError(f"targets must have shape {list(hidden.shape[:2])} (hidden's [B, T]), got {got}")
     mask = check_mask(loss_mask, targets.shape)
     logp = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature,
-                          ignore_index=ignore_index, backend=backend)
+                          ignore_index=ignore_index, backend=backend, vocab_parallel=vocab_parallel)
     valid = targets != ignore_index
     if mask is not None:
         valid = valid & mask.to(valid.device)
@@ -57,11 +57,14 @@ def sequence_token_logprobs(hidden, weight, targets, *, loss_mask=None, bias=Non
 
 
 def sequence_logprobs(hidden, weight, targets, *, loss_mask=None, average=False, bias=None,
-                      temperature=1.0, ignore_index=-100, backend="auto") -> torch.Tensor:
+                      temperature=1.0, ignore_index=-100, backend="auto", vocab_parallel=None) -> torch.Tensor:
     """``[B]`` float32 log-prob of each row's completion: the sum over valid tokens (``targets !=
     ignore_index`` and ``loss_mask``), or their mean with ``average=True`` (0 for a row without a valid
     token). ``hidden`` [B, T, H], ``weight`` [V, H], ``targets`` [B, T]. Differentiable with respect to
-    ``hidden``, ``weight`` and ``bias`` through the fused kernel's backward."""
+    ``hidden``, ``weight`` and ``bias`` through the fused kernel's backward. ``vocab_parallel``: a
+    :class:`upg_kernels.VocabParallelOptions` when ``weight``/``bias`` are this rank's rows of a
+    vocabulary-parallel head (see :func:`upg_kernels.token_logprobs`)."""
     s = sequence_token_logprobs(hidden, weight, targets, loss_mask=loss_mask, bias=bias,
-                                temperature=temperature, ignore_index=ignore_index, backend=backend)
+                                temperature=temperature, ignore_index=ignore_index, backend=backend,
+                                vocab_parallel=vocab_parallel)
     return s.means() if average else s.sums

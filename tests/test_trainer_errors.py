@@ -48,7 +48,7 @@ def test_reward_function_errors(tmp_path):
     for fn, msg in (("bad", "returned 1 values for 4 completions"), ("boom", "'.*boom' raised ValueError: nope")):
         tr = Trainer(cfg(tmp_path / fn, "grpo", **{"reward.funcs": f"[{tmp_path / 'rw.py'}:{fn}]"}))
         with pytest.raises((ValueError, RuntimeError), match=msg):
-            tr.rl_step()
+            tr.train_step()
     with pytest.raises(ValueError, match="no callable 'missing'"):
         Trainer(cfg(tmp_path / "m", "grpo", **{"reward.funcs": f"[{tmp_path / 'rw.py'}:missing]"}))
 

@@ -84,7 +84,7 @@ def test_ppo_with_critic_raises_return(tmp_path):
     assert (tmp_path / "separate" / "final" / "critic" / "value_head.safetensors").exists()
     # the value head on the policy trunk: trained with the policy (its loss in the same backward)
     tr, rows = run("ppo", tmp_path / "shared", **common, **{"train.max_steps": 2, "ppo.critic": "shared"})
-    assert tr.critic is None and float(tr.value_head.weight.detach().abs().sum()) > 0   # moved from its zero init
+    assert tr.method.critic is None and float(tr.method.value_head.weight.detach().abs().sum()) > 0   # moved from its zero init
     assert all("vf_loss" in r for r in rows if r["kind"] == "train")
     final = load_file(str(tmp_path / "shared" / "final" / "model.safetensors"))
     assert not any(k.startswith("upg_value_head") for k in final)
@@ -160,7 +160,7 @@ def test_bad_preference_data_is_refused(tmp_path):
     tr = make([{"prompt": [{"role": "user", "content": "Tom has 3 apples."}],
                 "chosen": [{"role": "assistant", "content": "3"}],
                 "rejected": [{"role": "assistant", "content": "4"}]}] * 4, name="chat.jsonl")()
-    p, c, r = tr._pair_ids(tr.train_rows[0])
+    p, c, r = tr.method.pair_ids(tr.train_rows[0])
     assert c[-1] == r[-1] == tr.tok.eos_token_id and c != r
 
 

@@ -6,38 +6,24 @@ import math
 import pytest
 import torch
 
-import upg_trainer.trainer as trainer_mod
 from upg_trainer.checkpoint import read_metrics
 
-from test_trainer_steps import FakeEngine, make_trainer
+from test_trainer_steps import make_trainer
+from trainer_fakes import AnswerEngine, spy  # noqa: F401  (spy: a fixture)
 
 KL = {"loss.overrides": "{kl_coef: 0.1}", "train.lr": 5e-2}
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """Every unified_policy_loss call: its keyword arguments and its output."""
-    out = []
-    real = trainer_mod.unified_policy_loss
-
-    def wrapped(hidden, weight, targets, **kw):
-        res = real(hidden, weight, targets, **kw)
-        out.append(dict(kw, targets=targets, out=res))
-        return res
-    monkeypatch.setattr(trainer_mod, "unified_policy_loss", wrapped)
-    return out
 
 
 def _capture_rows(tr):
     """The row batches whose reference log-probs the trainer computes."""
     seen = []
-    real = tr._fill_logprobs
+    real = tr.fill_logprobs
 
     def fill(micro, key, *a, **kw):
         if key == "ref_logprobs":
             seen.extend(mb for mb, _ in micro)
         return real(micro, key, *a, **kw)
-    tr._fill_logprobs = fill
+    tr.fill_logprobs = fill
     return seen
 
 
@@ -50,18 +36,18 @@ def _direct_logprobs(model, mb, temperature):
     return torch.log_softmax(logits / temperature, -1).gather(-1, t[..., None])[..., 0]
 
 
-def test_grpo_kl_uses_initial_model(tmp_path, calls):
+def test_grpo_kl_uses_initial_model(tmp_path, spy):
     tr = make_trainer(tmp_path, "grpo", **KL, **{"rollout.temperature": 0.7})
     assert tr.ref is not None and tr.ref is not tr.lm
     assert all(not p.requires_grad for p in tr.ref.parameters()) and not tr.ref.training
-    tr.engine = FakeEngine(tr, correct=[0, 1, 2, 4])
+    tr.engine = AnswerEngine(tr, correct=[0, 1, 2, 4])
     init = copy.deepcopy(tr.lm).eval()
     rows = _capture_rows(tr)
     kls = []
     for step in range(4):
-        m = tr.rl_step()
+        m = tr.train_step()
         kls.append(m["kl_mean"])
-        c = calls[-1]
+        c = spy[-1]
         assert c["config"].kl_coef == 0.1 and c["ref_logprobs"] is not None
         # the reference log-probs are the initial model's, at the loss's temperature, every step
         want = _direct_logprobs(init, rows[-1], 0.7)
@@ -76,21 +62,21 @@ def test_grpo_kl_uses_initial_model(tmp_path, calls):
     assert any(not torch.equal(a, b) for a, b in zip(init.parameters(), tr.lm.parameters()))
 
 
-def test_kl_off_builds_no_reference(tmp_path, calls):
+def test_kl_off_builds_no_reference(tmp_path, spy):
     tr = make_trainer(tmp_path, "grpo")
-    tr.engine = FakeEngine(tr, correct=[0, 1, 2, 4])
-    tr.rl_step()
-    assert tr.ref is None and calls[0].get("ref_logprobs") is None
+    tr.engine = AnswerEngine(tr, correct=[0, 1, 2, 4])
+    tr.train_step()
+    assert tr.ref is None and spy[0].get("ref_logprobs") is None
 
 
 @pytest.mark.parametrize("preset", ["chi2_sft", "hellinger_sft"])
-def test_fdiv_sft_step(tmp_path, calls, preset):
+def test_fdiv_sft_step(tmp_path, spy, preset):
     tr = make_trainer(tmp_path, "sft", **{"loss.preset": preset, "train.lr": 1e-2})
     rows = _capture_rows(tr)
     init = copy.deepcopy(tr.lm).eval()
-    losses = [tr.sft_step()["loss"] for _ in range(3)]
+    losses = [tr.train_step()["loss"] for _ in range(3)]
     assert all(math.isfinite(x) for x in losses)
-    c = calls[-1]
+    c = spy[-1]
     assert c["config"].likelihood == preset.split("_")[0] and c["ref_logprobs"] is not None
     mask = rows[-1].loss_mask.bool()   # packed rows (4D mask): the reference sees the same layout
     torch.testing.assert_close(c["ref_logprobs"].cpu()[mask], _direct_logprobs(init, rows[-1], 1.0)[mask],
@@ -100,7 +86,7 @@ def test_fdiv_sft_step(tmp_path, calls, preset):
 def test_resume_keeps_reference(tmp_path):
     flags = dict(KL, **{"train.max_steps": 2, "output.save_every": 1})
     tr = make_trainer(tmp_path, "grpo", **flags)
-    tr.engine = FakeEngine(tr, correct=[0, 1, 2, 4])
+    tr.engine = AnswerEngine(tr, correct=[0, 1, 2, 4])
     ref0 = {k: v.clone() for k, v in tr.ref.state_dict().items()}
     tr.train()
     rows = [r for r in read_metrics(str(tmp_path / "grpo" / "metrics.jsonl")) if r["kind"] == "train"]

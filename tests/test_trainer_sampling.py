@@ -6,9 +6,8 @@ import math
 import pytest
 import torch
 
-import upg_trainer.trainer as trainer_mod
+from trainer_fakes import ScriptedEngine, spy  # noqa: F401  (spy: a fixture)
 from upg_trainer.config import build_config
-from upg_trainer.rollout import Rollout
 from upg_trainer.samples import keep_informative_groups, process_advantages, soft_overlong_punishment, step_ends
 from upg_trainer.trainer import Trainer
 
@@ -19,46 +18,6 @@ def make_trainer(tmp_path, command, **flags):
             "rollout.max_new_tokens": "6", "output.save_every": "0"}
     base.update({k: str(v) for k, v in flags.items()})
     return Trainer(build_config(command, None, base))
-
-
-class ScriptedEngine:
-    """Completions by a script: ``script(prompt_number, j) -> (text, finish_reason)``; records calls."""
-
-    def __init__(self, tr, script):
-        self.tr, self.script, self.calls, self.k = tr, script, [], 0
-
-    def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, seed=None):
-        self.calls.append(len(prompts))
-        out = []
-        for i, p in enumerate(prompts):
-            for j in range(n):
-                text, fin = self.script(self.k, j)
-                ids = self.tr.tok(text, add_special_tokens=False)["input_ids"]
-                ids = ids + ([self.tr.tok.eos_token_id] if fin == "stop" else [])
-                out.append(Rollout(list(p), ids, [-1.0] * len(ids), fin, i))
-            self.k += 1
-        return out
-
-    def sync_weights(self, model):
-        pass
-
-    def sleep(self):
-        pass
-
-    def wake(self):
-        pass
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    calls = []
-    real = trainer_mod.unified_policy_loss
-
-    def wrapped(hidden, weight, targets, **kw):
-        calls.append(dict(kw, targets=targets))
-        return real(hidden, weight, targets, **kw)
-    monkeypatch.setattr(trainer_mod, "unified_policy_loss", wrapped)
-    return calls
 
 
 # ------------------------------------------------------------------------------------ unit
@@ -118,7 +77,7 @@ def test_dynamic_sampling_drops_equal_groups_and_caps(tmp_path, spy):
     def script(k, j):  # prompts 0, 1, 3 get all-equal rewards (dropped), prompt 2 and 4+ are mixed
         return ("\\boxed{1}" if (k in (2,) or k >= 4) and j == 0 else "\\boxed{x}"), "stop"
     tr.engine = ScriptedEngine(tr, script)
-    m = tr.rl_step()
+    m = tr.train_step()
     # round 1: prompts 0,1 (both dropped); round 2: prompts 2,3 (2 kept); round 3: one prompt (kept)
     assert tr.engine.calls == [2, 2, 1]
     assert m["sampling_rounds"] == 3 and m["dropped_groups"] == 3
@@ -127,12 +86,11 @@ def test_dynamic_sampling_drops_equal_groups_and_caps(tmp_path, spy):
     tr2 = make_trainer(tmp_path / "b", "grpo", **{"rollout.dynamic_sampling": "true",
                                                    "rollout.max_sampling_rounds": 2, "reward.funcs": f"[{rw}:has1]"})
     tr2.engine = ScriptedEngine(tr2, lambda k, j: ("\\boxed{x}", "stop"))
-    m2 = tr2.rl_step()
+    m2 = tr2.train_step()
     assert tr2.engine.calls == [2, 2] and m2["dropped_groups"] == 4 and m2["sampling_rounds"] == 2
 
 
 def test_overlong_filter_and_punishment_and_reward_columns(tmp_path, spy):
-    seen = {}
     rw = tmp_path / "rw.py"
     rw.write_text("SEEN = {}\n"
                   "def f(prompts, completions, completion_length=None, truncated=None, completion_ids=None, **kw):\n"
@@ -141,7 +99,7 @@ def test_overlong_filter_and_punishment_and_reward_columns(tmp_path, spy):
     tr = make_trainer(tmp_path, "grpo", **{"rollout.overlong_filter": "true", "reward.overlong_buffer": 3,
                                            "reward.funcs": f"[{rw}:f]"})
     tr.engine = ScriptedEngine(tr, lambda k, j: ("123456", "length") if j == 1 else ("1", "stop"))
-    m = tr.rl_step()
+    m = tr.train_step()
     mod = tr.rewards.funcs[0].__globals__["SEEN"]
     assert mod["trunc"] == [False, True, False, True]
     assert mod["len"][0] == 2 and mod["len"][1] == 6     # '1' + EOS; six digit tokens (no EOS)
@@ -159,7 +117,7 @@ def test_process_rewards_train_per_token_advantages(tmp_path, spy):
                   "            for c in completions]\n")
     tr = make_trainer(tmp_path, "grpo", **{"reward.funcs": f"[{rw}:steps]", "reward.step_delimiter": "."})
     tr.engine = ScriptedEngine(tr, lambda k, j: ("1.2.", "stop") if j == 0 else ("2.1.", "stop"))
-    tr.rl_step()
+    tr.train_step()
     adv = torch.cat([c["advantages"] for c in spy])
     assert adv.dim() == 2
     # "1.2." + EOS = 5 tokens, steps end at t=1 ("1.") and t=4 ("2." + EOS): scores [1, 0]; "2.1." the reverse
@@ -175,7 +133,7 @@ def test_replay_rows_mixed_into_sft_batches(tmp_path, spy):
                                                                 "How many cups are there?"]) + "\n")
     tr = make_trainer(tmp_path, "sft", **{"data.replay_path": str(rp), "data.replay_ratio": 0.5,
                                           "train.batch_size": 4, "data.packing": "false"})
-    m = tr.sft_step()
+    m = tr.train_step()
     assert m["replay_share"] == 0.5
     tg = spy[0]["targets"]
     assert tg.shape[0] == 4
@@ -184,7 +142,7 @@ def test_replay_rows_mixed_into_sft_batches(tmp_path, spy):
         assert any(txt.startswith(src.split(" ", 1)[1][:5]) or src.endswith(txt.replace("<|end|>", "")[-8:])
                    for src in ["Tom has 3 apples.", "Ann buys 4 pens.", "How many cups are there?"])
     ids = tr.tok("Tom has 3 apples.", add_special_tokens=False)["input_ids"]
-    s = tr.replay.sample(tr.replay.rows.index({"text": "Tom has 3 apples."}))
+    s = tr.method.replay.sample(tr.method.replay.rows.index({"text": "Tom has 3 apples."}))
     assert s.prompt_ids == ids[:1] and s.completion_ids == ids[1:] + [tr.tok.eos_token_id]
     with pytest.raises(ValueError, match="replay_ratio > 0 needs data.replay_path"):
         build_config("sft", None, {"data.replay_ratio": "0.2"})

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import upg_trainer.trainer as trainer_mod
+from trainer_fakes import spy  # noqa: F401  (spy: a fixture)
 from upg_trainer.config import build_config
 from upg_trainer.samples import Sample
 from upg_trainer.model import check_fused_logprobs, get_head, load_model_and_tokenizer
@@ -31,18 +31,6 @@ def tiny_gemma2(tok, seed=0):
     return model
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    out = []
-    real = trainer_mod.unified_policy_loss
-
-    def wrapped(hidden, weight, targets, **kw):
-        out.append(kw)
-        return real(hidden, weight, targets, **kw)
-    monkeypatch.setattr(trainer_mod, "unified_policy_loss", wrapped)
-    return out
-
-
 def test_gemma2_fused_logprobs_match_model_logits():
     tok = load_tokenizer()
     model = tiny_gemma2(tok).eval()
@@ -64,20 +52,20 @@ def test_gemma2_fused_logprobs_match_model_logits():
         check_fused_logprobs(model, None)
 
 
-def test_gemma2_trains_with_softcap(tmp_path, calls):
+def test_gemma2_trains_with_softcap(tmp_path, spy):
     tok = load_tokenizer()
     model = tiny_gemma2(tok)
     tr = Trainer(build_config("hpt", None, dict(FAST, **{"output.dir": str(tmp_path / "g"),
                                                           "loss.overrides": "{kl_coef: 0.05}"})),
                  model=model, tokenizer=tok)
     assert tr.softcap == CAP and tr.ref_softcap == CAP
-    m = tr.rl_step()            # real rollouts from HF generate (which applies the cap itself)
+    m = tr.train_step()            # real rollouts from HF generate (which applies the cap itself)
     assert math.isfinite(m["loss"])
-    assert all(c["softcap"] == CAP for c in calls)
+    assert all(c["softcap"] == CAP for c in spy)
     tr2 = Trainer(build_config("sft", None, dict(FAST, **{"output.dir": str(tmp_path / "s")})),
                   model=tiny_gemma2(tok), tokenizer=tok)
     before = [p.detach().clone() for p in tr2.lm.parameters()]
-    assert math.isfinite(tr2.sft_step()["loss"])
+    assert math.isfinite(tr2.train_step()["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, tr2.lm.parameters()))
 
 
@@ -87,11 +75,11 @@ def test_sampler_logprobs_match_trainer_with_softcap(tmp_path):
     tok = load_tokenizer()
     tr = Trainer(build_config("grpo", None, dict(FAST, **{"output.dir": str(tmp_path / "g")})),
                  model=tiny_gemma2(tok), tokenizer=tok)
-    prompts = [tr._prompt_ids(r) for r in tr.train_rows[:2]]
+    prompts = [tr.prompt_ids(r) for r in tr.train_rows[:2]]
     tr.engine.return_logprobs = True   # the trainer asks for them only with loss.rollout_is
     ro = tr.engine.generate(prompts, n=2, max_new_tokens=6, temperature=0.8, seed=3)
-    mb, extra = tr._rl_micro([Sample(r.prompt_ids, r.completion_ids, logprobs=r.logprobs) for r in ro])
-    tr._fill_logprobs([(mb, extra)], "old_logprobs", tr.model, tr.softcap)
+    mb, extra = tr.method.micro([Sample(r.prompt_ids, r.completion_ids, logprobs=r.logprobs) for r in ro])
+    tr.fill_logprobs([(mb, extra)], "old_logprobs", tr.model, tr.softcap)
     for i, r in enumerate(ro):
         torch.testing.assert_close(extra["old_logprobs"][i, :len(r.logprobs)], torch.tensor(r.logprobs),
                                    atol=1e-4, rtol=1e-4)

@@ -4,9 +4,8 @@ import math
 import pytest
 import torch
 
-import upg_trainer.trainer as trainer_mod
+from trainer_fakes import AnswerEngine, spy  # noqa: F401  (spy: a fixture)
 from upg_trainer.config import build_config
-from upg_trainer.rollout import Rollout
 from upg_trainer.trainer import Trainer
 
 
@@ -18,45 +17,6 @@ def make_trainer(tmp_path, command, **flags):
     return Trainer(build_config(command, None, base))
 
 
-class FakeEngine:
-    """Completions chosen per prompt: prompt i gets ``correct[i]`` right answers out of n."""
-
-    def __init__(self, trainer, correct):
-        self.tr, self.correct = trainer, correct
-
-    def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, seed=None):
-        tok, out = self.tr.tok, []
-        by_ids = {tuple(self.tr._prompt_ids(r)): r for r in self.tr.train_rows}
-        for i, p in enumerate(prompts):
-            ans = int(by_ids[tuple(p)]["answer"])
-            for j in range(n):
-                text = f"\\boxed{{{ans if j < self.correct[i] else ans + 1}}}"
-                ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-                out.append(Rollout(list(p), ids, [-1.0] * len(ids), "stop", i))
-        return out
-
-    def sync_weights(self, model):
-        pass
-
-    def sleep(self):
-        pass
-
-    def wake(self):
-        pass
-
-
-@pytest.fixture
-def spy(monkeypatch):
-    calls = []
-    real = trainer_mod.unified_policy_loss
-
-    def wrapped(hidden, weight, targets, **kw):
-        calls.append(dict(kw, hidden=hidden, weight=weight, targets=targets))
-        return real(hidden, weight, targets, **kw)
-    monkeypatch.setattr(trainer_mod, "unified_policy_loss", wrapped)
-    return calls
-
-
 def _no_logits(tr):
     def boom(*a, **k):
         raise AssertionError("the trainer asked the model for full logits")
@@ -66,7 +26,7 @@ def _no_logits(tr):
 def test_sft_steps_decrease_loss(tmp_path, spy):
     tr = make_trainer(tmp_path, "sft", **{"train.lr": 1e-2})
     _no_logits(tr)
-    losses = [tr.sft_step()["loss"] for _ in range(4)]
+    losses = [tr.train_step()["loss"] for _ in range(4)]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     c = spy[0]
     assert c["config"].advantage == "one" and c["hidden"].shape[-1] == tr.lm.config.hidden_size
@@ -75,10 +35,10 @@ def test_sft_steps_decrease_loss(tmp_path, spy):
 
 def test_grpo_step(tmp_path, spy):
     tr = make_trainer(tmp_path, "grpo", **{"train.lr": 1e-2})
-    tr.engine = FakeEngine(tr, correct=[0, 1, 2, 4])
+    tr.engine = AnswerEngine(tr, correct=[0, 1, 2, 4])
     _no_logits(tr)
     before = [p.detach().clone() for p in tr.lm.parameters()]
-    m = tr.rl_step()
+    m = tr.train_step()
     assert math.isfinite(m["loss"]) and m["grad_norm"] > 0
     assert m["reward"] == pytest.approx(7 / 16) and m["sft_share"] == 0.0
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.lm.parameters()))
@@ -96,10 +56,10 @@ def test_grpo_step(tmp_path, spy):
 ])
 def test_hpt_gate(tmp_path, spy, gamma, correct, expect_rl):
     tr = make_trainer(tmp_path, "hpt", **{"hpt.gamma": gamma, "train.lr": 1e-3})
-    tr.engine = FakeEngine(tr, correct=correct)
+    tr.engine = AnswerEngine(tr, correct=correct)
     _no_logits(tr)
     idx = list(tr.sampler._perm(0))  # the step's prompts, in order
-    m = tr.rl_step()
+    m = tr.train_step()
     c = spy[0]
     demo = c.get("is_demo")
     demo = torch.zeros(c["targets"].shape[0], dtype=torch.bool) if demo is None else demo.cpu()
@@ -119,8 +79,8 @@ def test_hpt_gate(tmp_path, spy, gamma, correct, expect_rl):
 
 def test_hpt_release_preset(tmp_path, spy):
     tr = make_trainer(tmp_path, "hpt", **{"loss.preset": "hpt_release"})
-    tr.engine = FakeEngine(tr, correct=[0, 1, 3, 4])
-    m = tr.rl_step()
+    tr.engine = AnswerEngine(tr, correct=[0, 1, 3, 4])
+    m = tr.train_step()
     cfg = spy[0]["config"]
     assert cfg.stabilization == "none" and cfg.advantage == "mean" and cfg.entropy_coef == 0.001
     assert cfg.max_completion_length == 8   # Dr.GRPO normaliser = rollout.max_new_tokens here
@@ -132,8 +92,8 @@ def test_grad_accum_matches_one_batch(tmp_path):
     gs = []
     for ga in (1, 2):
         tr = make_trainer(tmp_path / f"ga{ga}", "hpt", **{"train.grad_accum": ga, "train.grad_clip": 0})
-        tr.engine = FakeEngine(tr, correct=[0, 1, 3, 0])
-        tr.rl_step()
+        tr.engine = AnswerEngine(tr, correct=[0, 1, 3, 0])
+        tr.train_step()
         gs.append([p.grad.detach().clone() for p in tr.lm.parameters()])
     for a, b in zip(*gs):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
@@ -142,7 +102,7 @@ def test_grad_accum_matches_one_batch(tmp_path):
 def test_real_rollouts_one_step(tmp_path):
     """The default HF engine end to end (random model: rewards 0, HPT falls back to SFT)."""
     tr = make_trainer(tmp_path, "hpt", **{"train.batch_size": 2, "rollout.n": 2})
-    m = tr.rl_step()
+    m = tr.train_step()
     assert math.isfinite(m["loss"]) and m["sft_share"] == 1.0 and m["completion_len"] > 0
 
 
@@ -150,8 +110,8 @@ def test_two_mini_batches_use_old_logprobs(tmp_path, spy):
     """mini_batches=2: two updates per rollout batch; the second sees ratio != 1 against pi_old."""
     tr = make_trainer(tmp_path, "grpo", **{"train.mini_batches": 2, "train.lr": 5e-2,
                                             "loss.overrides": "{rollout_is: token_truncate}"})
-    tr.engine = FakeEngine(tr, correct=[1, 2, 3, 1])
-    m = tr.rl_step()
+    tr.engine = AnswerEngine(tr, correct=[1, 2, 3, 1])
+    m = tr.train_step()
     assert len(spy) == 2 and all(c["old_logprobs"] is not None for c in spy)
     assert all(c["rollout_logprobs"] is not None for c in spy)
     assert math.isfinite(m["loss"]) and "ratio_mean" in m

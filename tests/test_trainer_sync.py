@@ -30,7 +30,7 @@ def _rows(out, kind="train"):
 def test_split_gives_exactly_k_chunks():
     for n in range(0, 7):
         for k in range(1, 5):
-            ch = Trainer._split(list(range(n)), k)
+            ch = Trainer.split(list(range(n)), k)
             assert len(ch) == k and sum(ch, []) == list(range(n))
             assert max(map(len, ch)) - min(map(len, ch)) <= 1
 
@@ -41,23 +41,23 @@ def _params(tr):
 
 @pytest.mark.parametrize("command", ["sft", "hpt"])
 def test_padding_micro_batch_adds_exactly_zero(tmp_path, command):
-    """_update([real]) and _update([real, pad]) give the same loss, metrics and updated weights."""
+    """update([real]) and update([real, pad]) give the same loss, metrics and updated weights."""
     trs = [make(tmp_path, command, name=f"{command}{i}", **{"train.lr": "1e-2"}) for i in range(2)]
     tr = trs[0]
-    p = tr._prompt_ids(tr.train_rows[0])
+    p = tr.prompt_ids(tr.train_rows[0])
     q = tr.tok("the answer is 7", add_special_tokens=False)["input_ids"]
     if command == "sft":
         from upg_trainer.data import build_rows
         micro = lambda t: [(build_rows([p], [q], t.tok.pad_token_id), {})]  # noqa: E731
-        pad = lambda t: (t._pad_batch(), {})  # noqa: E731
+        pad = lambda t: (t.pad_batch(), {})  # noqa: E731
     else:  # one RL row and one demonstration, then a padding micro-batch
         items = [Sample(p, q, advantage=0.7), Sample(p, q[:3], is_demo=True)]
-        micro = lambda t: [t._rl_micro(items)]  # noqa: E731
-        pad = lambda t: t._rl_micro([])  # noqa: E731
+        micro = lambda t: [t.method.micro(items)]  # noqa: E731
+        pad = lambda t: t.method.micro([])  # noqa: E731
     pb, _ = pad(tr)
     assert pb.loss_mask.sum() == 0
-    m1 = trs[0]._update(micro(trs[0]))
-    m2 = trs[1]._update(micro(trs[1]) + [pad(trs[1])])
+    m1 = trs[0].update(micro(trs[0]))
+    m2 = trs[1].update(micro(trs[1]) + [pad(trs[1])])
     assert m2["loss"] == pytest.approx(m1["loss"], abs=1e-7)
     assert set(m1) == set(m2)
     for k in m1:
@@ -92,14 +92,14 @@ def test_hpt_gamma_override_rejected(tmp_path):
 
 def test_rollout_is_without_sampler_logprobs_raises(tmp_path):
     tr = make(tmp_path, "grpo", **{"loss.overrides": "{rollout_is: token_truncate}"})
-    p = tr._prompt_ids(tr.train_rows[0])
+    p = tr.prompt_ids(tr.train_rows[0])
     q = [5, 6, 7]
-    mb, extra = tr._rl_micro([Sample(p, q, advantage=1.0, logprobs=[-0.5, -0.25, -1.0])])  # with log-probs: used as given
+    mb, extra = tr.method.micro([Sample(p, q, advantage=1.0, logprobs=[-0.5, -0.25, -1.0])])  # with log-probs: used as given
     torch.testing.assert_close(extra["rollout_logprobs"][0, :3], torch.tensor([-0.5, -0.25, -1.0]))
     with pytest.raises(ValueError, match="needs the sampler's log-probs.*1 RL row"):
-        tr._rl_micro([Sample(p, q, advantage=1.0, logprobs=[-0.5, -0.25, -1.0]), Sample(p, q, advantage=1.0)])
+        tr.method.micro([Sample(p, q, advantage=1.0, logprobs=[-0.5, -0.25, -1.0]), Sample(p, q, advantage=1.0)])
     tr2 = make(tmp_path, "hpt", name="h", **{"loss.overrides": "{rollout_is: token_truncate}"})
-    tr2._rl_micro([Sample(p, q, advantage=1.0, logprobs=[-0.5] * 3), Sample(p, q, is_demo=True)])  # a demo row needs none
+    tr2.method.micro([Sample(p, q, advantage=1.0, logprobs=[-0.5] * 3), Sample(p, q, is_demo=True)])  # a demo row needs none
 
 
 def test_failed_start_is_not_a_run(tmp_path):
@@ -134,16 +134,16 @@ def test_old_logprobs_in_eval_mode_and_mode_restored(tmp_path):
     for mod in tr.lm.modules():
         if hasattr(mod, "attention_dropout"):
             mod.attention_dropout = 0.5
-    p = tr._prompt_ids(tr.train_rows[0])
-    micro = [tr._rl_micro([Sample(p, [5, 6, 7, 8], advantage=1.0)])]
+    p = tr.prompt_ids(tr.train_rows[0])
+    micro = [tr.method.micro([Sample(p, [5, 6, 7, 8], advantage=1.0)])]
     tr.model.train()
-    tr._fill_logprobs(micro, "old_logprobs", tr.model, tr.softcap)
+    tr.fill_logprobs(micro, "old_logprobs", tr.model, tr.softcap)
     a = micro[0][1]["old_logprobs"].clone()
-    tr._fill_logprobs(micro, "old_logprobs", tr.model, tr.softcap)
+    tr.fill_logprobs(micro, "old_logprobs", tr.model, tr.softcap)
     torch.testing.assert_close(micro[0][1]["old_logprobs"], a, atol=0, rtol=0)  # no dropout noise
     assert tr.model.training and all(m.training for m in tr.model.modules())
     tr.model.eval()
-    tr._fill_logprobs(micro, "old_logprobs", tr.model, tr.softcap)
+    tr.fill_logprobs(micro, "old_logprobs", tr.model, tr.softcap)
     assert not tr.model.training
 
 

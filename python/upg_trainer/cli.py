@@ -1,4 +1,5 @@
-"""``upg-train``: SFT, GRPO and HPT through the fused unified loss.
+"""``upg-train``: the reference trainer's command line (a sub-command per method of ``methods/``,
+plus ``demo``).
 
 Every option of the config tree (``config.py``) is a ``--section.field VALUE`` flag; ``--config
 FILE.yaml`` sets any of them from a file (same nesting), and flags override the file.
@@ -6,31 +7,21 @@ FILE.yaml`` sets any of them from a file (same nesting), and flags override the 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 
-from .config import SECTIONS, Config, build_config, section_fields  # noqa: F401
+TRAINER_EXTRA = "pip install 'upg-kernels[trainer]'"
+# the [trainer] extra's modules that the command line needs before it can say anything else
+EXTRA_MODULES = {"yaml": "pyyaml", "transformers": "transformers", "safetensors": "safetensors", "tqdm": "tqdm"}
 
-COMMANDS = {
-    "sft": "supervised fine-tuning on the demonstration column (loss only on completion tokens, packed)",
-    "grpo": "RL with verifiable rewards: n rollouts per prompt, group advantages, clipped policy loss",
-    "hpt": "Hybrid Post-Training: per prompt, RL on its rollouts if their accuracy P > gamma, else SFT "
-           "on its demonstration (presets: hpt = paper, hpt_release = released code)",
-    "rm": "reward model: a scalar head on a causal LM (or a sequence-classification model), Bradley-Terry "
-          "loss on prompt/chosen/rejected pairs, pairwise accuracy on held-out pairs",
-    "dpo": "preference optimisation (DPO, IPO, hinge, robust, SimPO, ORPO presets) from an SFT checkpoint; "
-           "the reference is that checkpoint",
-    "ppo": "RLHF-PPO: actor, critic (separate or a value head), frozen reference, KL-in-reward, GAE; rewards "
-           "from verifiers or an rm:PATH reward model",
-    "eval": "greedy accuracy of a model (model.path) on the held-out set (data.eval_path)",
-    "demo": "the embedded task end to end on CPU: SFT warm-up, then SFT vs GRPO vs HPT, table + PNG; "
-            "--demo.suite preference: SFT -> DPO and SFT -> RM -> PPO",
-}
+DEMO_HELP = ("the embedded task end to end on CPU: SFT warm-up, then SFT vs GRPO vs HPT, table + PNG; "
+             "--demo.suite preference: SFT -> DPO and SFT -> RM -> PPO")
 
 EPILOG = """\
 examples:
-  upg-train demo                                    # ~5 min on a 2-core CPU, writes runs/demo/
+  upg-train demo                                    # ~2 min on an idle 2-core CPU (README), writes runs/demo/
   upg-train sft  --train.max_steps 200              # the embedded task, tiny model
   upg-train grpo --model.path runs/sft/final --loss.preset dr_grpo
   upg-train hpt  --config my_hpt.yaml --train.lr 5e-6 --hpt.gamma 0
@@ -61,7 +52,37 @@ def _type_name(v) -> str:
     return "STR"
 
 
+def _missing_extra() -> list[str]:
+    """Distributions of the ``[trainer]`` extra whose modules cannot be imported."""
+    out = []
+    for mod, dist in EXTRA_MODULES.items():
+        try:
+            if importlib.util.find_spec(mod) is None:
+                out.append(dist)
+        except ImportError:
+            out.append(dist)
+    return out
+
+
+def commands() -> dict[str, str]:
+    """Every sub-command and its help: the methods' (``methods.METHODS``), then ``demo``."""
+    from .methods import METHODS
+    return {**{name: m.help for name, m in METHODS.items()}, "demo": DEMO_HELP}
+
+
+def _shows(command: str, section: str) -> bool:
+    """A method's --help shows the shared sections and its own (``Method.sections``); demo shows all."""
+    from .methods import METHODS
+    if command == "demo":
+        return True
+    if section == "demo":
+        return False
+    owned = {s for m in METHODS.values() for s in m.sections}
+    return section not in owned or section in METHODS[command].sections
+
+
 def _add_options(p: argparse.ArgumentParser, command: str) -> None:
+    from .config import SECTIONS, build_config, section_fields
     p.add_argument("--config", metavar="FILE.yaml", help="YAML file with any of the options below "
                    "(nested: 'train: {lr: 1e-4}'); command-line flags override it")
     p.add_argument("--resume", action="store_true", help="same as --output.resume true")
@@ -72,12 +93,7 @@ def _add_options(p: argparse.ArgumentParser, command: str) -> None:
                        help="same as --demo.suite: main (SFT vs GRPO vs HPT) or preference (SFT -> DPO, "
                             "SFT -> RM -> PPO)")
     for sec in SECTIONS:
-        if command in ("sft", "eval", "rm", "dpo", "ppo") and sec == "hpt":
-            continue
-        if (sec == "pref" and command not in ("dpo", "demo")) or (sec == "rm" and command not in ("rm", "demo")) \
-                or (sec == "ppo" and command not in ("ppo", "demo")):
-            continue
-        if command != "demo" and sec == "demo":
+        if not _shows(command, sec):
             continue
         g = p.add_argument_group(f"{sec} options")
         for f in section_fields(sec):
@@ -94,18 +110,19 @@ def make_parser() -> argparse.ArgumentParser:
         description="Reference trainer of upg-kernels: SFT, GRPO, HPT, RM, DPO and PPO on any transformers causal LM, "
                     "trained through upg_kernels.unified_policy_loss (decoder hidden states + lm_head "
                     "weight; the vocab-sized logits are never materialised).\n\ncommands:\n" +
-                    "\n".join(f"  {k:<5} {v}" for k, v in COMMANDS.items()) +
+                    "\n".join(f"  {k:<5} {v}" for k, v in commands().items()) +
                     "\n\nRun `upg-train COMMAND --help` for every option of a command.",
         epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, desc in COMMANDS.items():
+    for name, desc in commands().items():
         sp = sub.add_parser(name, help=desc, description=desc, epilog=EPILOG,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_options(sp, name)
     return parser
 
 
-def parse_config(argv=None) -> Config:
+def parse_config(argv=None):
+    from .config import build_config
     parser = make_parser()
     args = parser.parse_args(argv)
     if not args.command:
@@ -123,14 +140,20 @@ def parse_config(argv=None) -> Config:
 
 
 def main(argv=None) -> int:
+    missing = _missing_extra()
+    if missing:
+        print(f"upg-train needs the trainer's dependencies, which are not installed ({', '.join(missing)}): "
+              f"{TRAINER_EXTRA}", file=sys.stderr)
+        return 1
     cfg = parse_config(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _quiet_transformers()
+    from .methods import get_method
     try:
         if cfg.command == "demo":
             from .demo import run_demo
             run_demo(cfg)
-        elif cfg.command == "eval":
+        elif not get_method(cfg.command).trains:  # eval
             from .trainer import Trainer
             tr = Trainer(cfg)
             m = tr.evaluate()

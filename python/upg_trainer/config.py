@@ -1,6 +1,7 @@
 """One config dataclass tree for every ``upg-train`` command.
 
-Precedence (lowest first): the dataclass defaults, the command's defaults (``COMMAND_DEFAULTS``),
+Precedence (lowest first): the dataclass defaults, the command's defaults (``command_defaults``: a
+method's ``Method.defaults``),
 the YAML file given with ``--config``, then ``--section.field value`` options on the command line.
 ``Config.to_dict()`` is what a run writes to ``<output.dir>/config.yaml``.
 """
@@ -11,6 +12,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 import yaml
+
+from upg_kernels.losses.config import KL_TYPES
+
+from .methods import METHODS
+from .task import LEVELS
 
 
 def _f(default, help: str, **kw):
@@ -46,7 +52,8 @@ class DataConfig:
     system_prompt: str = _f("", "optional system message put before every prompt")
     num_train: int = _f(20000, "embedded task: number of training problems")
     num_eval: int = _f(200, "embedded task / any eval set: at most this many held-out problems")
-    levels: list = _f([1, 2, 3], "embedded task: difficulty levels of training problems (1-4)")
+    levels: list = _f([1, 2, 3], "embedded task: difficulty levels of training problems "
+                      f"({min(LEVELS)}-{max(LEVELS)})")
     eval_levels: list = _f([1, 2, 3], "embedded task: difficulty levels of held-out problems")
     max_prompt_tokens: int = _f(1024, "prompts longer than this are cut to their last max_prompt_tokens "
                                 "tokens (with a warning)")
@@ -137,7 +144,7 @@ class PPOConfig:
     gamma: float = _f(1.0, "ppo: GAE discount")
     lam: float = _f(0.95, "ppo: GAE lambda")
     kl_coef: float = _f(0.05, "ppo: initial coefficient beta of the per-token KL penalty in the reward")
-    kl_type: str = _f("k1", "ppo: per-token KL estimator in the reward: k1 | k2 | k3 | abs")
+    kl_type: str = _f("k1", "ppo: per-token KL estimator in the reward: " + " | ".join(KL_TYPES))
     adaptive_kl: bool = _f(False, "ppo: adapt beta to reach kl_target (Ziegler et al. 2019)")
     kl_target: float = _f(0.1, "ppo adaptive KL: target KL per sequence")
     kl_horizon: int = _f(10000, "ppo adaptive KL: horizon in samples")
@@ -221,23 +228,19 @@ class Config:
         return dataclasses.asdict(self)
 
     def loss_preset(self) -> str:
-        return self.loss.preset or {"sft": "sft", "grpo": "grpo", "hpt": "hpt", "ppo": "ppo"}.get(self.command,
-                                                                                                  "grpo")
+        """``loss.preset``, else the method's default preset (grpo for a command that has none)."""
+        m = METHODS.get(self.command)
+        return self.loss.preset or (m.loss_preset if m is not None else "") or "grpo"
 
 
 SECTIONS = [f.name for f in fields(Config) if f.name != "command"]
 
-# per-command defaults (applied before the YAML file)
-COMMAND_DEFAULTS: dict[str, dict] = {
-    "sft": {"train": {"lr": 1e-3, "batch_size": 32}, "output": {"dir": "runs/sft"}},
-    "grpo": {"train": {"lr": 2e-4}, "output": {"dir": "runs/grpo"}},
-    "hpt": {"train": {"lr": 2e-4}, "output": {"dir": "runs/hpt"}},
-    "rm": {"train": {"lr": 1e-3, "batch_size": 16}, "output": {"dir": "runs/rm"}},
-    "dpo": {"train": {"lr": 1e-4, "batch_size": 16}, "output": {"dir": "runs/dpo"}},
-    "ppo": {"train": {"lr": 2e-4}, "rollout": {"n": 4}, "output": {"dir": "runs/ppo"}},
-    "eval": {"output": {"dir": "runs/eval"}},
-    "demo": {"output": {"dir": "runs/demo"}},
-}
+DEMO_DEFAULTS = {"output": {"dir": "runs/demo"}}
+
+
+def command_defaults(command: str) -> dict:
+    """The command's defaults (applied before the YAML file): the method's, or the demo's."""
+    return METHODS[command].defaults if command in METHODS else DEMO_DEFAULTS if command == "demo" else {}
 
 
 def section_fields(name: str):
@@ -324,7 +327,7 @@ def build_config(command: str, yaml_path: Optional[str] = None,
                  cli: Optional[dict] = None) -> Config:
     """defaults -> command defaults -> YAML -> command line (``{"train.lr": "1e-4"}``)."""
     cfg = Config(command=command)
-    apply_updates(cfg, COMMAND_DEFAULTS.get(command, {}), f"defaults of {command!r}")
+    apply_updates(cfg, command_defaults(command), f"defaults of {command!r}")
     if yaml_path:
         apply_updates(cfg, load_yaml(yaml_path), yaml_path)
     nested: dict = {}
@@ -372,20 +375,13 @@ def validate(cfg: Config) -> None:
         (0 <= cfg.reward.overlong_buffer < r.max_new_tokens or cfg.reward.overlong_buffer == 0,
          "reward.overlong_buffer must be >= 0 and < rollout.max_new_tokens"),
         (cfg.ppo.critic in ("separate", "shared"), "ppo.critic must be separate or shared"),
-        (cfg.ppo.kl_type in ("k1", "k2", "k3", "abs"), "ppo.kl_type must be k1, k2, k3 or abs"),
+        (cfg.ppo.kl_type in KL_TYPES, f"ppo.kl_type must be one of {', '.join(KL_TYPES)} (the estimators of "
+         f"upg_kernels.kl_penalty_rewards), got {cfg.ppo.kl_type!r}"),
         (0 <= cfg.ppo.lam <= 1 and 0 <= cfg.ppo.gamma <= 1, "ppo.gamma and ppo.lam must be in [0, 1]"),
     ]
     more.append((cfg.demo.suite in ("main", "preference"), "demo.suite must be main or preference"))
     for ok, msg in more:
         if not ok:
             raise ValueError(msg)
-    if cfg.data.replay_path and cfg.command not in ("sft", "demo"):
-        raise ValueError(f"data.replay_path is SFT replay: it is used by `upg-train sft`, not {cfg.command!r}")
-    if cfg.command in ("sft", "rm", "dpo") and t.mini_batches != 1:
-        raise ValueError(f"train.mini_batches is for grpo/hpt/ppo (updates per rollout batch); {cfg.command} "
-                         "makes one update per step: leave it at 1 and use train.batch_size / train.grad_accum")
-    if cfg.command == "sft" and t.mini_batches != 1:
-        raise ValueError("train.mini_batches is for grpo/hpt (updates per rollout batch); sft makes one "
-                         "update per step: leave it at 1 and use train.batch_size / train.grad_accum")
-    if cfg.command in ("grpo", "hpt", "ppo") and t.batch_size * r.n % (t.grad_accum * t.mini_batches):
-        raise ValueError("train.batch_size * rollout.n must be divisible by train.grad_accum * train.mini_batches")
+    if cfg.command in METHODS:
+        METHODS[cfg.command].validate(cfg)

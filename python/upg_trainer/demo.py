@@ -12,50 +12,12 @@ prompts to SFT on their demonstrations and keeps RL where the model already succ
 """
 from __future__ import annotations
 
-import copy
-import json
 import os
 import time
 
 from .checkpoint import read_metrics
-from .config import Config, validate
-
-
-def _derive(cfg: Config, command: str, out: str, **sections) -> Config:
-    c = copy.deepcopy(cfg)
-    c.command = command
-    c.output.dir = out
-    c.output.overwrite = True
-    c.output.resume = False
-    for sec, vals in sections.items():
-        for k, v in vals.items():
-            setattr(getattr(c, sec), k, v)
-    if command in ("sft", "rm", "dpo"):
-        c.train.mini_batches = 1  # one update per step (train.mini_batches is grpo/hpt/ppo's)
-    validate(c)
-    return c
-
-
-def run_environment() -> dict:
-    """What the demo's numbers depend on beyond the seed (README: what is reproducible): library versions,
-    torch threads, the CPU kernels' instruction set and BLAS. Written into demo.json."""
-    import platform
-
-    import torch
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-           "python": platform.python_version()}
-    try:
-        import transformers
-        env["transformers"] = transformers.__version__
-    except ImportError:  # pragma: no cover
-        pass
-    try:
-        env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
-    except Exception:  # pragma: no cover
-        pass
-    cfg = torch.__config__.show()
-    env["blas"] = "mkl" if "BLAS_INFO=mkl" in cfg else ("openblas" if "openblas" in cfg.lower() else "other")
-    return env
+from .config import Config
+from .demo_common import _derive, run_environment, save_report  # noqa: F401  (their home before)
 
 
 def _summary(name: str, out: str, seconds: float) -> dict:
@@ -148,13 +110,3 @@ def run_demo(cfg: Config) -> list[dict]:
     print(f"\nheld-out: {cfg.data.num_eval} problems, greedy decoding; train reward = mean of the last 10 steps; "
           f"total {total:.0f} s\ncurves: {png}\nruns: {root}/<method>/metrics.jsonl, plots.png, final/")
     return summaries
-
-
-def save_report(root, rows, table, total):
-    """``demo.json`` (rows, wall time, environment) and ``demo.md`` (the table) under ``root``; prints
-    the table. Shared by both demo suites."""
-    with open(os.path.join(root, "demo.json"), "w") as f:
-        json.dump({"runs": rows, "total_seconds": total, "environment": run_environment()}, f, indent=2)
-    with open(os.path.join(root, "demo.md"), "w") as f:
-        f.write(table + f"\n\ntotal wall time: {total:.0f} s\n")
-    print("\n" + table)

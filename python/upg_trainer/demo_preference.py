@@ -19,7 +19,7 @@ import time
 
 from .checkpoint import read_metrics
 from .config import Config
-from .demo import _derive, save_report
+from .demo_common import _derive, save_report
 
 PANELS = [("eval", "eval/accuracy", "held-out accuracy (greedy, verifier)"),
           ("eval", "eval/pair_accuracy", "held-out pair accuracy"),

@@ -81,3 +81,13 @@ def test_example_script_runs_on_cpu(tmp_path, script, config):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "step 2: loss" in proc.stdout
     assert os.path.isfile(os.path.join(tmp_path, "final", "model.safetensors"))
+
+
+def test_micro_batches_example_runs():
+    """examples/micro_batches.py: accumulated micro-batch gradients with batch_totals equal one call."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "micro_batches.py")], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "3 micro-batches x 1 rank(s) vs one call" in proc.stdout

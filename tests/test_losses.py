@@ -70,7 +70,7 @@ def make_case(name, seed=0, *, dtype=torch.float32, flat=False, overrides=None, 
         if cfg.demo_part is not None:
             kw["is_demo"] = torch.tensor([False, False, True, False, False, True])
             kw["rewards"] = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 0.5], dtype=torch.float64)
-            kw["group_ids"] = torch.tensor([7, 7, 9, 3, 3, 7])   # {0,1,(5)} mixed, {3,4} equal
+            kw["group_ids"] = torch.tensor([7, 7, 9, 3, 3, 9])   # {0,1} mixed, {3,4} equal, demos {2,5}
         else:
             kw["rewards"] = torch.tensor([1.0, 0.0, 0.5, 1.0, 1.0, 1.0], dtype=torch.float64)
             kw["group_size"] = 3                                  # second group: equal rewards
@@ -680,7 +680,9 @@ def random_configs(draw):
               demo_part=draw(st.sampled_from([None, "sft", "shaped"])),
               delta=draw(st.sampled_from([None, 1.4])) if stab == "clip" else None,
               dual_clip=draw(st.sampled_from([None, 3.0])) if stab == "clip" else None,
-              demo_coef=0.5, rl_coef=1.5)
+              rl_coef=1.5)
+    if kw["demo_part"] is not None:
+        kw["demo_coef"] = 0.5
     if kw["demo_part"] == "shaped" and kw["advantage"] == "one":
         kw["advantage"] = "given"
     if stab == "vespo" and kw["rollout_is"] == "sequence_mask":
@@ -717,7 +719,11 @@ def test_fuzz_random_configs_vs_reference(cfg_seed):
             kw["advantages"] = torch.randn(B, dtype=torch.float64)
             del kw["rewards"]
         elif cfg.demo_part == "sft":
-            kw["group_ids"] = torch.tensor([0, 1, 0, 1, 0, 1])
+            # groups of the main rows (demonstrations stay out of them), of one size: whole groups
+            main = (~kw["is_demo"]).nonzero().flatten()
+            gid = torch.full((B,), 9)
+            gid[main] = torch.arange(len(main)) % (2 if len(main) % 2 == 0 else 1)
+            kw["group_ids"] = gid
         else:
             kw["group_size"] = 3
     out, gh, gw, gb = run_ours(cfg, hid, w, b, tgt, kw)

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import upg_kernels
 from upg_kernels import PREFERENCE_PRESETS, PreferenceConfig, preference_loss, sequence_logprobs
 from upg_kernels.preference.config import PREFERENCE_COLUMNS
+from upg_kernels.preference.reference import preference_loss_reference as reference_preference_loss
+from upg_kernels.preference.reference import preference_token_logprobs_reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 B, T, H, V = 3, 7, 16, 37          # B pairs -> 2B rows; V is not a power of two
@@ -43,45 +45,7 @@ def make_batch(seed=0, dtype=torch.float64, *, bias=True, loss_mask=False):
     return cast(h), cast(w), cast(b), t, m, ref_h, ref_w
 
 
-def ref_token_logps(h, w, b, t, m=None, temperature=1.0):
-    """float64, materialized logits: log softmax((h W^T + b) / temperature)[target], and the valid mask."""
-    z = h.double() @ w.double().T
-    if b is not None:
-        z = z + b.double()
-    z = z / temperature
-    valid = t != -100
-    if m is not None:
-        valid = valid & m
-    lp = torch.log_softmax(z, -1).gather(-1, t.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, lp, torch.zeros_like(lp)), valid
-
-
-def reference_preference_loss(h, w, b, t, m, ref_c, ref_r, cfg):
-    """Independent float64 transcription of the papers' formulas (docs/losses.md)."""
-    lp, valid = ref_token_logps(h, w, b, t, m)
-    n = valid.sum(-1).double()
-    seq = lp.sum(-1) / (n if cfg.length_normalize else 1.0)
-    c, r = seq[:B], seq[B:]
-    if cfg.use_reference:
-        k = n if cfg.length_normalize else torch.ones_like(n)
-        c, r = c - ref_c.double() / k[:B], r - ref_r.double() / k[B:]
-    beta, eps, gam = cfg.beta, cfg.label_smoothing, cfg.gamma
-    sig = lambda x: 1.0 / (1.0 + torch.exp(-x))  # noqa: E731
-    if cfg.loss_type == "sigmoid":      # DPO / cDPO (Mitchell 2023) / SimPO (Meng et al. 2024)
-        zz = beta * (c - r) - gam
-        per = -(1 - eps) * torch.log(sig(zz)) - eps * torch.log(sig(-zz))
-    elif cfg.loss_type == "robust":     # Chowdhury et al. 2024
-        zz = beta * (c - r) - gam
-        per = ((1 - eps) * -torch.log(sig(zz)) - eps * -torch.log(sig(-zz))) / (1 - 2 * eps)
-    elif cfg.loss_type == "hinge":      # SLiC-HF
-        per = torch.clamp(1 - (beta * (c - r) - gam), min=0)
-    elif cfg.loss_type == "ipo":        # Azar et al. 2023, Eq. 17
-        per = (c - r - 1 / (2 * beta)) ** 2
-    else:                               # ORPO (Hong et al. 2024), Eqs. 4 and 7
-        odds = lambda s: torch.exp(s) / (1 - torch.exp(s))  # noqa: E731
-        per = -beta * torch.log(sig(torch.log(odds(c) / odds(r))))
-    nll = -lp[:B].sum() / valid[:B].sum()
-    return per.mean() + cfg.nll_coef * nll
+ref_token_logps = preference_token_logprobs_reference
 
 
 def ref_sums(ref_h, ref_w, b, t, m=None):

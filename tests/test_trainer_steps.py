@@ -6,6 +6,7 @@ import torch
 
 from trainer_fakes import AnswerEngine, spy  # noqa: F401  (spy: a fixture)
 from upg_trainer.config import build_config
+from upg_trainer.rollout import Rollout
 from upg_trainer.trainer import Trainer
 
 
@@ -145,3 +146,42 @@ def test_cli_user_jsonl_end_to_end(tmp_path):
                  "--output.dir", str(tmp_path / "ev")]) == 0
     m = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert 0.0 <= m["eval/accuracy"] <= 1.0
+
+
+class TruncatingEngine(AnswerEngine):
+    """AnswerEngine whose rollouts ``truncated`` (indices into the flat rollout list) end by length."""
+
+    def __init__(self, trainer, correct, truncated):
+        super().__init__(trainer, correct)
+        self.truncated = set(truncated)
+
+    def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, seed=None):
+        out = super().generate(prompts, n, max_new_tokens, temperature, top_p, seed)
+        return [Rollout(r.prompt_ids, r.completion_ids, r.logprobs, "length" if i in self.truncated
+                        else r.finish_reason, r.prompt_index) for i, r in enumerate(out)]
+
+
+@pytest.mark.parametrize("preset", ["grpo", "dr_grpo", "dapo"])
+def test_overlong_filtered_rows_grad_accum_independent(tmp_path, preset):
+    """rollout.overlong_filter zeroes the mask of truncated rollouts: the gradient must not depend on
+    grad_accum (the micro-batches divide by the totals of the whole batch; it used to differ by 14%)."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        gs, ms = [], []
+        for ga in (1, 4):
+            tr = make_trainer(tmp_path / f"{preset}{ga}", "grpo", **{
+                "train.grad_accum": ga, "train.grad_clip": 0, "rollout.overlong_filter": "true",
+                "loss.preset": preset})
+            tr.lm.double()
+            tr.engine = TruncatingEngine(tr, correct=[1, 2, 3, 1], truncated=[0, 5])
+            m = tr.train_step()
+            assert m["overlong_filtered"] == pytest.approx(2 / 16)
+            gs.append([p.grad.detach().clone() for p in tr.lm.parameters() if p.grad is not None])
+            ms.append(m)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for key in ("loss", "loss_main"):   # the logged loss and its main part do not depend on grad_accum
+        assert ms[0][key] == pytest.approx(ms[1][key], rel=1e-9, abs=1e-12), key
+    assert len(gs[0]) == len(gs[1]) > 0
+    for a, b in zip(*gs):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)

@@ -9,6 +9,8 @@ tensor.
 from __future__ import annotations
 
 import math
+import operator
+import warnings
 
 import torch
 
@@ -20,7 +22,7 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 # ----------------------------------------------------------------------------- validation
-def check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps):
+def check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps, ignore_index=-100):
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if not isinstance(weight, torch.Tensor):
@@ -59,16 +61,78 @@ def check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
         if bias.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"bias must be a floating tensor, got {bias.dtype}")
+    temperature = as_number("temperature", temperature)
     if not (_is_number(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    softcap = None if softcap is None else as_number("softcap", softcap)
     if softcap is not None and not (_is_number(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    filter_eps = as_number("filter_eps", filter_eps)
     if not (_is_number(filter_eps) and filter_eps >= 0):
         raise ValueError(f"filter_eps must be a finite number >= 0, got {filter_eps!r}")
+    check_ignore_index(ignore_index)
 
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def as_number(name, x):
+    """A python number from ``x``: numbers pass; a 0-d tensor (not requiring grad) or a numpy scalar is
+    read as its value (one device sync for a GPU tensor); anything else is a ``TypeError`` naming
+    ``name``."""
+    if isinstance(x, (int, float)):   # bool included: the range checks name it
+        return x
+    if isinstance(x, torch.Tensor):
+        if x.dim() != 0 or x.dtype == torch.bool or x.is_complex():
+            raise TypeError(f"{name} must be a number or a 0-d real tensor, got a tensor of shape "
+                            f"{list(x.shape)} and dtype {x.dtype}")
+        if x.requires_grad:
+            raise TypeError(f"{name} is a tensor that requires grad; it is a hyper-parameter, not "
+                            "differentiable: pass a float (or x.detach())")
+        if x.device.type == "meta":
+            raise TypeError(f"{name} is a meta tensor (no value); pass a float")
+        return x.item()
+    try:
+        import numpy as np
+    except ImportError:   # numpy is a dependency, but the check must not need it
+        np = None
+    if np is not None and isinstance(x, (np.generic, np.ndarray)) and np.ndim(x) == 0 \
+            and np.issubdtype(np.asarray(x).dtype, np.number) and not np.issubdtype(np.asarray(x).dtype, np.bool_):
+        return np.asarray(x).item()
+    raise TypeError(f"{name} must be a number (or a 0-d tensor / numpy scalar), got {type(x).__name__}")
+
+
+def nonfinite_rows(valid, *values, limit: int = 8) -> list:
+    """The first ``limit`` row indices (leading dimension) where a ``valid`` position of one of ``values``
+    is NaN / inf: one elementwise pass and one device sync; [] on ``meta`` and while torch.compile traces."""
+    if valid.device.type == "meta" or valid.numel() == 0 or torch.compiler.is_compiling():
+        return []
+    bad = torch.zeros_like(valid)
+    for v in values:
+        bad |= ~torch.isfinite(v)
+    bad &= valid
+    if not bool(bad.any()):
+        return []
+    rows = bad.reshape(bad.shape[0], -1).any(-1) if bad.dim() > 1 else bad
+    return rows.nonzero().flatten()[:limit].tolist()
+
+
+def check_ignore_index(ignore_index) -> int:
+    """``ignore_index`` as an int (``TypeError`` otherwise: None is not "no position ignored"; pass an id
+    no target uses, e.g. -100, and mask with ``loss_mask``)."""
+    if isinstance(ignore_index, bool) or ignore_index is None:
+        ok = False
+    else:
+        try:
+            ignore_index = operator.index(ignore_index)
+            ok = True
+        except TypeError:
+            ok = False
+    if not ok:
+        raise TypeError(f"ignore_index must be an int (a target id no token uses, e.g. -100; mask positions "
+                        f"with loss_mask), got {ignore_index!r}")
+    return ignore_index
 
 
 def _common_dtype(hidden, weight, bias):
@@ -79,10 +143,10 @@ def _common_dtype(hidden, weight, bias):
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps):
+def prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps, ignore_index=-100):
     """Validate, then flatten to ``[N, H]`` / ``[N]`` and cast to the compute dtype (autocast's, else the
     promoted one), contiguous: ``(hidden2d, weight, bias, targets int64)``. Shared by every op entry."""
-    check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
+    check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps, ignore_index)
     dt = _common_dtype(hidden, weight, bias)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     h2 = (h2 if h2.dtype == dt else h2.to(dt)).contiguous()
@@ -104,7 +168,8 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         weight: ``[V, H]`` lm_head weight.
         targets: ``[...]`` integer token ids (``hidden``'s leading shape); ``ignore_index`` rows are skipped.
         bias: optional ``[V]`` lm_head bias.
-        temperature: positive float dividing the logits (the sampler's temperature).
+        temperature: positive float dividing the logits (the sampler's temperature); a 0-d tensor or
+            numpy scalar is read as its value.
         ignore_index: target id that marks a row to skip (its outputs are 0, its gradient 0).
         return_entropy: also return the per-token entropy of the distribution.
         return_lse: also return the per-token log-sum-exp of the (scaled) logits, ``lse = log sum_j
@@ -135,7 +200,11 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
             ignore_index=ignore_index, backend=backend, softcap=softcap, filter_eps=filter_eps)
         extra = ((ent,) if return_entropy else ()) + ((lse,) if return_lse else ())
         return (logp, *extra) if extra else logp
-    h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
+    h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps,
+                                 ignore_index)
+    temperature, softcap, filter_eps = (as_number("temperature", temperature),
+                                        None if softcap is None else as_number("softcap", softcap),
+                                        as_number("filter_eps", filter_eps))
     lead = tuple(hidden.shape[:-1])
     name = resolve_backend(backend, hidden.device, h2.dtype)
     if h2.shape[0] == 0:
@@ -148,5 +217,12 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
                 h2, w, b, t, float(temperature), int(ignore_index), float(softcap or 0.0),
                 float(filter_eps), name)
         logp, ent, lse = logp.reshape(lead), ent.reshape(lead), lse.reshape(lead)
+        rows = nonfinite_rows(targets != ignore_index, logp.detach(), ent.detach(), lse.detach())
+        if rows:
+            warnings.warn(f"token_logprobs: non-finite log-probs / entropy at rows {rows} (of targets' "
+                          "leading dimension; NaN/inf in those rows' hidden states, or in weight/bias). "
+                          "The other rows' outputs and hidden-state gradients are unaffected, but dW and db "
+                          "sum over every row and absorb them: exclude those rows (ignore_index) or find the "
+                          "source", RuntimeWarning, stacklevel=2)
     extra = ((ent,) if return_entropy else ()) + ((lse,) if return_lse else ())
     return (logp, *extra) if extra else logp

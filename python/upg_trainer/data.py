@@ -143,11 +143,12 @@ class RowBatch:
     targets: torch.Tensor          # [B, L] completion ids (ignore_index=-100 where masked)
     loss_mask: torch.Tensor        # [B, L] float
     segments: Optional[list] = None  # packed: per sample (row, offset, length), in input order
+    padding: bool = False            # a padding micro-batch (no sample): counts in no loss total
 
     def to(self, device):
         f = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return RowBatch(f(self.input_ids), f(self.attention_mask), f(self.position_ids), self.start,
-                        f(self.targets), f(self.loss_mask), self.segments)
+                        f(self.targets), f(self.loss_mask), self.segments, self.padding)
 
     @property
     def num_tokens(self) -> int:

@@ -38,8 +38,31 @@ def _group_index(B, group_size, group_ids, device):
     return inv, int(inv.max()) + 1 if B else 0
 
 
-def group_advantages(rewards, *, group_size=None, group_ids=None, mode="mean_std", eps=1e-4):
+def _batch_std(r, group):
+    """Unbiased std of the float64 rewards ``r``, over every rank of ``group`` when given (two small
+    all-reduces: count and sum, then the squared deviations from the global mean)."""
+    if group is None:
+        return r.std() if r.shape[0] > 1 else r.new_zeros(())
+    import torch.distributed as dist
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group_advantages(group=...) needs an initialized torch.distributed process group")
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else r.device
+    t = torch.stack([r.new_tensor(float(r.shape[0])), r.sum()]).to(dev)
+    dist.all_reduce(t, group=group)
+    n, mean = t[0], t[1] / t[0].clamp(min=1)
+    sq = ((r.to(dev) - mean) ** 2).sum().reshape(1)
+    dist.all_reduce(sq, group=group)
+    return torch.sqrt(sq[0] / (n - 1)).to(r.device) if float(n) > 1 else r.new_zeros(())
+
+
+def group_advantages(rewards, *, group_size=None, group_ids=None, mode="mean_std", eps=1e-4, group=None):
     """Per-rollout advantages ``[B]`` from rewards ``[B]``.
+
+    **Compute advantages before splitting** a batch into micro-batches or ranks: every group's rows must
+    be in ``rewards`` (a partial group silently gets other advantages), then pass the result as the
+    loss's ``advantages``. ``group``: a ``torch.distributed`` process group whose ranks each hold whole
+    groups of one batch: ``"batch_std"`` then divides by the std over every rank's rewards (the other
+    modes are per group, hence already exact per rank).
 
     Modes (``R`` a group's rewards, ``G`` its size):
 
@@ -71,6 +94,8 @@ def group_advantages(rewards, *, group_size=None, group_ids=None, mode="mean_std
         raise ValueError(f"rewards holds a non-finite value {float(r[i])} at row {i}; "
                          "filter such rollouts out (NaN/inf rewards are rejected, not zeroed)")
     inv, ng = _group_index(B, group_size, group_ids, r.device)
+    if group is not None and mode == "batch_std":
+        std_all = _batch_std(r, group)      # every rank joins the collectives, even with B = 0
     if B == 0:
         return torch.zeros(0, dtype=out_dtype, device=rewards.device)
     zeros = torch.zeros(ng, dtype=torch.float64, device=r.device)
@@ -95,7 +120,7 @@ def group_advantages(rewards, *, group_size=None, group_ids=None, mode="mean_std
         std = torch.sqrt(var / (cnt - 1).clamp(min=1))
         adv = centered / (std[inv] + eps)
     else:  # batch_std
-        std = r.std() if B > 1 else r.new_zeros(())
+        std = std_all if group is not None else _batch_std(r, None)
         adv = centered / (std + eps)
     adv = torch.where(equal, torch.zeros_like(adv), adv)
     return adv.to(out_dtype)

@@ -156,6 +156,15 @@ class LossConfig:
         number("hpt_gamma", nonneg=True, optional=True)
         if self.hpt_gamma is not None and self.hpt_gamma >= 1:
             raise ValueError(f"LossConfig.hpt_gamma is a pass-rate threshold in [0, 1), got {self.hpt_gamma!r}")
+        # fields that only a demonstration part reads: refused where nothing would read them
+        if self.demo_part is None and self.demo_coef != 1.0:
+            raise ValueError(f"LossConfig.demo_coef={self.demo_coef!r} has no effect: demo_part is None (no "
+                             "demonstration rows); use a preset with demonstrations (hpt, hpt_release, "
+                             "luffy) or set demo_part")
+        if self.hpt_gamma is not None and self.demo_part != "sft":
+            raise ValueError(f"LossConfig.hpt_gamma={self.hpt_gamma!r} is HPT's gate between RL and SFT on "
+                             f"demonstrations and needs demo_part='sft' (hpt, hpt_release), got "
+                             f"demo_part={self.demo_part!r}")
         if self.stabilization == "seq_clip":
             object.__setattr__(self, "ratio_level", "sequence")
         if self.stabilization != "none" and self.reference != "old":

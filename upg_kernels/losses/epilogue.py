@@ -14,14 +14,13 @@ import math
 import torch
 
 from ..parallel.comm import cp_min_max, cp_sum, seq_sum
-from .aggregation import aggregation_weights
+from .aggregation import part_weights
 from .inputs import LossInputs
 
 
-def _aggregate(loss_bt, tok, rows, mode, n_items, max_len, part, cp=None):
-    """Aggregate per-token losses (already 0 outside ``tok``) over the rows ``rows`` [B] bool."""
-    w = aggregation_weights(tok, rows, mode, n_items, max_len, part, dtype=loss_bt.dtype, cp_group=cp)
-    return (w * loss_bt).sum()
+def _aggregate(loss_bt, cfg, inp, part):
+    """Aggregate per-token losses (already 0 outside the part's tokens) with the part's weights."""
+    return (part_weights(cfg, inp, part, dtype=loss_bt.dtype) * loss_bt).sum()
 
 
 def kl_estimate(d, kind):
@@ -173,22 +172,19 @@ def _main_token_loss(cfg, lp, H, old, ref, rol, isr_pair, adv, valid, main_tok, 
     return loss, aux
 
 
-def _epilogue(cfg, lp, H, old, ref, rol, isr_pair, adv, valid, main_tok, demo_tok, main_rows, demo_rows,
-              num_items, cp=None):
+def _epilogue(cfg, inp: LossInputs, lp, H, old, ref, rol):
     zero = torch.zeros_like(lp)
-    ell, aux = _main_token_loss(cfg, lp, H, old, ref, rol, isr_pair, adv, valid, main_tok, cp)
+    main_tok, demo_tok, adv = inp.main_tok, inp.demo_tok, inp.adv
+    ell, aux = _main_token_loss(cfg, lp, H, old, ref, rol, (inp.isr, inp.isr_rows), adv, inp.valid,
+                                main_tok, inp.cp_group)
     ell = torch.where(main_tok, ell, zero)
-    L_main = _aggregate(ell, main_tok, main_rows, cfg.aggregation, num_items,
-                        cfg.max_completion_length, "main", cp)
+    L_main = _aggregate(ell, cfg, inp, "main")
     if cfg.demo_part == "sft":
-        ell_d = torch.where(demo_tok, -lp, zero)
-        L_demo = _aggregate(ell_d, demo_tok, demo_rows, cfg.demo_aggregation, None,
-                            cfg.max_completion_length, "demo", cp)
+        L_demo = _aggregate(torch.where(demo_tok, -lp, zero), cfg, inp, "demo")
     elif cfg.demo_part == "shaped":
         p = torch.exp(lp)
-        ell_d = torch.where(demo_tok, -adv * p / (p + cfg.shaping_gamma), zero)
-        L_demo = _aggregate(ell_d, demo_tok, demo_rows, cfg.aggregation, None,
-                            cfg.max_completion_length, "demo", cp)
+        L_demo = _aggregate(torch.where(demo_tok, -adv * p / (p + cfg.shaping_gamma), zero), cfg, inp,
+                            "demo")
     else:
         L_demo = torch.zeros((), dtype=lp.dtype, device=lp.device)
     total = cfg.rl_coef * L_main + cfg.demo_coef * L_demo
@@ -214,9 +210,7 @@ def pytorch_coefficients(cfg, inp: LossInputs, logp_bt, ent_bt):
     with torch.enable_grad():
         lp = lp_d.clone().requires_grad_(True)
         H = ent_d.clone().requires_grad_(True)
-        total, parts, aux = _epilogue(cfg, lp, H, old, ref, rol, (inp.isr, inp.isr_rows), inp.adv,
-                                      valid, main_tok, inp.demo_tok, inp.main_rows, inp.demo_rows,
-                                      inp.num_items, inp.cp_group)
+        total, parts, aux = _epilogue(cfg, inp, lp, H, old, ref, rol)
         g_lp, g_H = torch.autograd.grad(total, [lp, H], allow_unused=True)
     g_lp = torch.zeros_like(lp_d) if g_lp is None else g_lp.detach()
     g_H = torch.zeros_like(lp_d) if g_H is None else g_H.detach()

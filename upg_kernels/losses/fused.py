@@ -24,7 +24,7 @@ from ..kernels.epilogue_codes import (LIKELIHOOD_CODES, PART_DEMO_SFT, PART_DEMO
                                        EpilogueParams)
 from .. import ops
 from ..settings import FUSED_EPILOGUE
-from .aggregation import aggregation_weights
+from .aggregation import part_weights
 
 
 def fused_supported(cfg) -> bool:
@@ -44,17 +44,14 @@ def fused_enabled(flag) -> bool:
 
 
 # ----------------------------------------------------------------------------- per-token weights
-def token_weights_and_codes(cfg, main_tok, demo_tok, main_rows, demo_rows, num_items, cp_group=None):
-    """``(w [B, T] float32, code [B, T] int8)``: aggregation weights (0 outside the valid tokens;
-    rl_coef / demo_coef are applied in the kernel) and part codes."""
-    w = aggregation_weights(main_tok, main_rows, cfg.aggregation, num_items, cfg.max_completion_length, "main",
-                            cp_group=cp_group)
+def token_weights_and_codes(cfg, inp):
+    """``(w [B, T] float32, code [B, T] int8)`` of the checked inputs ``inp``: aggregation weights (0
+    outside the valid tokens; rl_coef / demo_coef are applied in the kernel) and part codes."""
+    main_tok, demo_tok = inp.main_tok, inp.demo_tok
+    w = part_weights(cfg, inp, "main")
     code = torch.where(main_tok, PART_MAIN, 0)
     if cfg.demo_part is not None:
-        agg = cfg.demo_aggregation if cfg.demo_part == "sft" else cfg.aggregation
-        wd = aggregation_weights(demo_tok, demo_rows, agg, None, cfg.max_completion_length, "demo",
-                                 cp_group=cp_group)
-        w = torch.where(demo_tok, wd, w)
+        w = torch.where(demo_tok, part_weights(cfg, inp, "demo"), w)
         code = torch.where(demo_tok, PART_DEMO_SFT if cfg.demo_part == "sft" else PART_DEMO_SHAPED,
                            code)
     return w.contiguous(), code.to(torch.int8).contiguous()

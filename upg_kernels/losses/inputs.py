@@ -2,8 +2,9 @@
 
 :func:`upg_kernels.unified_policy_loss` (from hidden states) and
 :func:`upg_kernels.policy_loss_from_logprobs` (from ``[B, T]`` log-probs) take the same per-token and
-per-row arguments; :func:`prepare_loss_inputs` checks them, builds the masks and the advantages and
-returns a :class:`LossInputs`. Everything here is O(B*T): nothing vocabulary-sized.
+per-row arguments (the fields of :class:`~upg_kernels.losses.batch.LossBatch`);
+:func:`prepare_loss_inputs` checks them, builds the masks and the advantages and returns a
+:class:`LossInputs`. Everything here is O(B*T): nothing vocabulary-sized.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from ..kernels.meta import any_bad, any_true
 from ..parallel.comm import check_group
 from .advantages import group_advantages
+from .batch import BatchTotals, LossBatch
 from .config import GROUP_ADVANTAGES, LossConfig
 
 
@@ -38,6 +40,7 @@ class LossInputs:
     isr_rows: Optional[torch.Tensor]   # [B, 1] when is_ratio is per sequence
     num_items: object = None
     cp_group: object = None        # context-parallel group (sequence sums are completed over it)
+    totals: Optional[BatchTotals] = None
 
     @property
     def have_ref(self) -> bool:
@@ -60,12 +63,20 @@ def as_config(config) -> LossConfig:
     raise TypeError(f"config must be a LossConfig or a preset name, got {type(config).__name__}")
 
 
+def _same_device(name, x, device):
+    """A tensor argument on another device than hidden is an error (no silent copy between devices)."""
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but hidden (the loss's input) is on {device}; move it "
+                         f"there (e.g. {name}.to(hidden.device))")
+
+
 def _per_token(name, x, B, T, flat, device, dtype=None):
     """Check an optional per-token tensor and return it as [B, T]."""
     if x is None:
         return None
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or None, got {type(x).__name__}")
+    _same_device(name, x, device)
     want = (B,) if flat else (B, T)
     if tuple(x.shape) != want:
         raise ValueError(f"{name} must have shape {list(want)} (like targets), got {list(x.shape)}")
@@ -79,15 +90,84 @@ def _per_row(name, x, B, device):
     if x is None:
         return None
     if not isinstance(x, torch.Tensor):
-        x = torch.as_tensor(x)
+        x = torch.as_tensor(x, device=device)
+    _same_device(name, x, device)
     if tuple(x.shape) != (B,):
         raise ValueError(f"{name} must have shape [B={B}] (one value per sequence), got {list(x.shape)}")
     return x.to(device)
 
 
+def check_totals(totals: BatchTotals, main_tok, demo_tok, main_rows, demo_rows):
+    """This call's counts must fit in the whole batch's ``totals`` (else they are another batch's)."""
+    if main_tok.device.type == "meta":
+        return
+    local = torch.stack([main_tok.sum(), demo_tok.sum(), main_rows.sum(), demo_rows.sum()]).tolist()
+    names = ("main_tokens", "demo_tokens", "main_rows", "demo_rows")
+    over = [f"{n}: {int(v)} here > {getattr(totals, n)}" for n, v in zip(names, local) if v > getattr(totals, n)]
+    if over:
+        raise ValueError(f"totals do not cover this call ({'; '.join(over)}): they were counted over another "
+                         "batch, or over a loss_mask / is_demo other than this call's (batch_totals counts "
+                         "every micro-batch of the step, on every rank of its group)")
+
+
+_WHOLE_GROUPS = ("compute advantages before splitting: group_advantages over whole groups (group= for "
+                 "batch_std), then pass advantages=")
+
+
+def check_whole_groups(cfg, gid, in_groups, totals):
+    """Rewards turn into advantages inside the loss only when this call holds whole groups.
+
+    With ``totals`` counted with ``group_ids``, each label's rows here must be all of that label's rows in
+    the whole batch (a group split across micro-batches or ranks is an error). Without them, the groups
+    of one call must have one size (a smaller one is a partial or split group). ``batch_std`` needs the
+    whole batch's std: with totals, a call holding only part of the batch is an error."""
+    if gid is None or gid.device.type == "meta":
+        pass
+    elif totals is not None and totals.group_ids is not None:
+        ids, cnt = torch.unique(gid, return_counts=True)
+        whole = totals.group_count()
+        bad = [(int(i), int(c), whole.get(int(i), 0)) for i, c in zip(ids.tolist(), cnt.tolist())
+               if whole.get(int(i), 0) != c]
+        if bad:
+            i, c, n = bad[0]
+            raise ValueError(f"group {i} has {c} row(s) in this call but {n} in the whole batch (totals): a "
+                             f"group split across calls; every call must hold whole groups, or {_WHOLE_GROUPS}")
+    else:
+        ids, cnt = torch.unique(gid[in_groups], return_counts=True)
+        if cnt.numel() > 1 and int(cnt.min()) != int(cnt.max()):
+            small = int(ids[cnt.argmin()])
+            raise ValueError(f"group sizes differ in this call (group {small}: {int(cnt.min())} row(s), another: "
+                             f"{int(cnt.max())}): a partial group, or one split across calls, would silently get "
+                             f"other advantages; pass whole groups, or {_WHOLE_GROUPS}, or (groups of different "
+                             "sizes on purpose) totals=batch_totals(..., group_ids=...) of the whole batch")
+    if cfg.advantage == "batch_std" and totals is not None and \
+            int(in_groups.sum()) < (totals.main_rows + (totals.demo_rows if cfg.demo_part != "sft" else 0)):
+        raise ValueError("advantage='batch_std' from rewards normalises by the std of the whole batch, but this "
+                         f"call holds only part of it (totals); {_WHOLE_GROUPS}")
+
+
+def _check_num_items(n):
+    """``num_items_in_batch``: None, a number > 0 or a one-element tensor > 0 (TRL's convention)."""
+    if n is None:
+        return
+    if isinstance(n, torch.Tensor):
+        if n.numel() != 1 or n.dtype == torch.bool or n.is_complex():
+            raise TypeError(f"num_items_in_batch must be a number or a one-element tensor, got a tensor of "
+                            f"shape {list(n.shape)} and dtype {n.dtype}")
+        bad = any_bad(~(n > 0)) if n.device.type != "meta" else False
+    elif isinstance(n, (int, float)) and not isinstance(n, bool):
+        bad = not n > 0
+    else:
+        raise TypeError(f"num_items_in_batch must be a number or a one-element tensor, got {type(n).__name__}")
+    if bad:
+        raise ValueError(f"num_items_in_batch must be > 0 (the token count the main part's token_mean "
+                         f"divides by), got {n if not isinstance(n, torch.Tensor) else n.item()!r}")
+
+
 def _advantages_bt(advantages, B, T, flat, device, dtype):
     if not isinstance(advantages, torch.Tensor):
         raise TypeError(f"advantages must be a torch.Tensor or None, got {type(advantages).__name__}")
+    _same_device("advantages", advantages, device)
     s = tuple(advantages.shape)
     if flat:
         if s != (B,):
@@ -103,20 +183,36 @@ def _advantages_bt(advantages, B, T, flat, device, dtype):
 
 
 def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torch.Tensor,
-                        cd: torch.dtype, *, loss_mask=None, advantages=None, rewards=None,
-                        group_size=None, group_ids=None, old_logprobs=None, ref_logprobs=None,
-                        rollout_logprobs=None, is_demo=None, is_ratio=None,
-                        num_items_in_batch=None, cp_group=None) -> LossInputs:
-    """Check the per-token / per-row arguments and build masks and advantages.
+                        cd: torch.dtype, batch: LossBatch, *, cp_group=None) -> LossInputs:
+    """Check the per-token / per-row arguments of ``batch`` and build masks and advantages.
 
     ``valid`` is the ``[B, T]`` bool mask of the positions the caller can score (targets not
     ``ignore_index``); ``loss_mask`` narrows it. ``flat``: the caller's per-token tensors are ``[N]``
     (``B = N`` sequences of length ``T = 1``). ``cp_group``: the context-parallel process group whose
     ranks hold the other tokens of the same rows (None: the rows are whole here)."""
     check_group(cp_group, "cp_group")
+    b = batch
+    loss_mask, advantages, rewards, group_size, group_ids = (
+        b.loss_mask, b.advantages, b.rewards, b.group_size, b.group_ids)
+    old_logprobs, ref_logprobs, rollout_logprobs = b.old_logprobs, b.ref_logprobs, b.rollout_logprobs
+    is_demo, is_ratio, num_items_in_batch, totals = b.is_demo, b.is_ratio, b.num_items_in_batch, b.totals
     dev = valid.device
+    _check_num_items(num_items_in_batch)
+    if totals is not None:
+        if num_items_in_batch is not None:
+            raise ValueError("pass totals (global counts of every part) or num_items_in_batch (TRL's main "
+                             "token_mean denominator), not both")
+        if not isinstance(totals, BatchTotals):
+            raise TypeError(f"totals must be a BatchTotals (upg_kernels.batch_totals), got {type(totals).__name__}")
+        if totals.paired:
+            raise ValueError("totals were counted with paired=True (for preference_loss); count the policy "
+                             "loss's batch with batch_totals(loss_mask, is_demo=...)")
     lm = _per_token("loss_mask", loss_mask, B, T, flat, dev)
     if lm is not None:
+        if totals is not None and any_bad((lm != 0) & ~valid):
+            raise ValueError("with totals, loss_mask must be the mask batch_totals counted, which excludes the "
+                             "positions whose target is ignore_index; this loss_mask includes some (pass "
+                             "loss_mask & (targets != ignore_index) to both)")
         valid = valid & (lm != 0)
     demo_rows = _per_row("is_demo", is_demo, B, dev)
     if demo_rows is None:
@@ -132,6 +228,8 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
     main_rows = ~demo_rows
     main_tok = valid & main_rows[:, None]
     demo_tok = valid & demo_rows[:, None]
+    if totals is not None:
+        check_totals(totals, main_tok, demo_tok, main_rows, demo_rows)
     has_main = any_true(main_rows)          # meta (memory model): True, the worst case
     has_demo = any_true(demo_rows)
 
@@ -154,6 +252,7 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
     if is_ratio is not None:
         if not isinstance(is_ratio, torch.Tensor):
             raise TypeError("is_ratio must be a torch.Tensor or None")
+        _same_device("is_ratio", is_ratio, dev)
         s = tuple(is_ratio.shape)
         if s in ((B,), (B, 1)):
             isr_rows = is_ratio.reshape(B, 1).to(dev, cd)
@@ -187,6 +286,7 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
                              "a group)")
         gid = _per_row("group_ids", group_ids, B, dev)
         in_groups = main_rows if cfg.demo_part == "sft" else torch.ones_like(main_rows)
+        check_whole_groups(cfg, gid, in_groups, totals)
         a_rows = torch.zeros(B, dtype=cd, device=dev)
         if any_true(in_groups):
             a_sel = group_advantages(rw[in_groups], group_size=group_size,
@@ -204,4 +304,4 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
     return LossInputs(B=B, T=T, cd=cd, valid=valid, main_tok=main_tok, demo_tok=demo_tok,
                       main_rows=main_rows, demo_rows=demo_rows, adv=adv, adv_per_row=adv_per_row,
                       old=old, ref=ref, rol=rol, isr=isr, isr_rows=isr_rows,
-                      num_items=num_items_in_batch, cp_group=cp_group)
+                      num_items=num_items_in_batch, cp_group=cp_group, totals=totals)

@@ -8,7 +8,10 @@ from .unified import LossOutput, unified_policy_loss
 
 
 class UnifiedPolicyLoss(torch.nn.Module):
-    """``UnifiedPolicyLoss(config)(hidden, weight, targets, **kw) -> LossOutput``.
+    """``UnifiedPolicyLoss(config)(hidden, weight, targets, batch=None, **kw) -> LossOutput``.
+
+    ``batch``: a :class:`LossBatch` (or its fields as keyword arguments), as for
+    :func:`unified_policy_loss`.
 
     ``config`` is a :class:`LossConfig` or a preset name; ``overrides`` apply to a preset name.
     ``backend`` and ``temperature`` set defaults for every call (a call may override them).
@@ -26,10 +29,10 @@ class UnifiedPolicyLoss(torch.nn.Module):
         self.backend = backend
         self.temperature = temperature
 
-    def forward(self, hidden, weight, targets, **kw) -> LossOutput:
+    def forward(self, hidden, weight, targets, batch=None, **kw) -> LossOutput:
         kw.setdefault("backend", self.backend)
         kw.setdefault("temperature", self.temperature)
-        return unified_policy_loss(hidden, weight, targets, config=self.config, **kw)
+        return unified_policy_loss(hidden, weight, targets, config=self.config, batch=batch, **kw)
 
     def extra_repr(self) -> str:
         return repr(self.config)

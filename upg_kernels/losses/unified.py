@@ -22,7 +22,12 @@ demonstration rows are aggregated separately, each over its own rows and tokens 
     loss = rl_coef * L_main(main rows) + demo_coef * L_demo(demo rows)
 
 so a mixed batch gives exactly the loss and gradients of its two parts computed separately and
-added (given the same per-row advantages).
+added (given the same per-row advantages). Each part divides by this call's token and row counts, or,
+with ``totals=`` (:func:`~upg_kernels.batch_totals`), by the whole batch's: micro-batches and ranks then
+add up to the whole batch.
+
+The per-token and per-row inputs are one :class:`~upg_kernels.LossBatch` (``batch=``, or its fields as
+keyword arguments).
 
 Flat input: ``hidden [N, H]`` with ``targets [N]`` is treated as ``N`` sequences of length 1
 (``[N, 1, H]``); every per-token argument is then ``[N]`` and the per-row ones (``advantages``,
@@ -41,9 +46,10 @@ from ..kernels.meta import autocast_off
 from ..settings import GRAD_IN_FORWARD
 from .. import ops   # the custom ops via the module (tests spy on them)
 from ..kernels.one_pass import one_pass_bytes
-from ..logprobs import prepare_inputs
+from ..logprobs import as_number, nonfinite_rows, prepare_inputs
 from .epilogue import loss_metrics, pytorch_coefficients, vespo_gamma_weight  # noqa: F401 (re-export)
 from .fused import fused_enabled, fused_policy_epilogue, fused_supported, token_weights_and_codes
+from .batch import LossBatch
 from .inputs import LossInputs, as_config, prepare_loss_inputs
 
 
@@ -118,8 +124,7 @@ def _fused_forward(plan: _Plan, h2, w, b, t):
     """Triton forward + the fused epilogue kernel (token-local configs; losses/fused.py)."""
     cfg, inp = plan.cfg, plan.inp
     B, T = inp.B, inp.T
-    w_tok, code = token_weights_and_codes(cfg, inp.main_tok, inp.demo_tok, inp.main_rows,
-                                          inp.demo_rows, inp.num_items, inp.cp_group)
+    w_tok, code = token_weights_and_codes(cfg, inp)
     outs = fused_policy_epilogue(cfg, h2, w, b, t, plan.kp, old=inp.old, ref=inp.ref, rol=inp.rol,
                                  adv=inp.adv, isr=inp.isr, w_tok=w_tok, code=code,
                                  backend=plan.backend)
@@ -247,13 +252,10 @@ class _PolicyLossFromLogprobs(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------- public
-def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, advantages=None,
-                        rewards=None, group_size=None, group_ids=None, old_logprobs=None,
-                        ref_logprobs=None, rollout_logprobs=None, is_demo=None, bias=None,
-                        temperature=1.0, num_items_in_batch=None, backend="auto",
-                        is_ratio=None, ignore_index=-100, softcap=None,
+def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[LossBatch] = None,
+                        bias=None, temperature=1.0, backend="auto", ignore_index=-100, softcap=None,
                         filter_eps=0.0, fused_epilogue=None, grad_in_forward=None,
-                        vocab_parallel=None, cp_group=None) -> LossOutput:
+                        vocab_parallel=None, cp_group=None, **batch_fields) -> LossOutput:
     """The loss of ``config`` (a :class:`LossConfig` or a preset name) from hidden states and the lm_head.
 
     Args:
@@ -261,22 +263,13 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
         weight: ``[V, H]`` lm_head weight; ``bias``: optional ``[V]``.
         targets: ``[B, T]`` (``[N]``) token ids; ``ignore_index`` positions are masked.
         config: the loss (see :class:`LossConfig`).
-        loss_mask: ``[B, T]`` mask (bool or numbers; nonzero = in the loss). Default: all in.
-        advantages: ``[B]``, ``[B, 1]`` or ``[B, T]``; needed by ``advantage="given"``, optional
-            (precomputed) for the group modes, refused by ``advantage="one"``.
-        rewards: ``[B]``; with ``group_size`` (consecutive groups) or ``group_ids`` ``[B]`` the
-            advantages are computed here with ``config.advantage``'s group mode. With
-            ``demo_part="sft"`` the demo rows are left out of the groups (``group_size`` then counts
-            main rows); with ``demo_part="shaped"`` they are in their groups (LUFFY).
-        old_logprobs: ``[B, T]`` log-probs of the policy that sampled (``None`` = on-policy:
-            ``old = sg(logp)``). ``ref_logprobs``: reference-model log-probs (KL, chi2/hellinger).
-            ``rollout_logprobs``: the sampler's (vLLM) log-probs for ``config.rollout_is``.
-        is_demo: ``[B]`` bool, demonstration rows (take ``config.demo_part``).
-        temperature: divides the logits. ``num_items_in_batch``: token_mean denominator of the
-            main part (DAPO; pass the per-process count). ``backend``: ``"auto"`` or a backend name
+        batch: the per-token and per-row inputs, a :class:`LossBatch` (``loss_mask``, ``advantages``,
+            ``rewards`` with ``group_size``/``group_ids``, ``old_logprobs``, ``ref_logprobs``,
+            ``rollout_logprobs``, ``is_demo``, ``is_ratio``, ``num_items_in_batch``, ``totals``; see its
+            docstring). ``**batch_fields``: the same fields as keyword arguments (shorthand).
+            With rewards, **compute advantages before splitting**: each call must hold whole groups.
+        temperature: divides the logits. ``backend``: ``"auto"`` or a backend name
             (:data:`upg_kernels.kernels.BACKEND_NAMES`, the backend table).
-        is_ratio: optional explicit importance weight ``[B]``, ``[B, 1]`` or ``[B, T]`` multiplying
-            the main policy term (Liger's ``vllm_is_ratio``).
         ignore_index, softcap, filter_eps: passed to :func:`upg_kernels.token_logprobs` (target id
             that masks a position; Gemma-2 final-logit softcap; backward tile filter, 0 = exact).
         fused_epilogue: with a Triton backend and a token-local config, run the loss epilogue
@@ -324,18 +317,18 @@ def unified_policy_loss(hidden, weight, targets, *, config, loss_mask=None, adva
     # the epilogue's dtype: what the kernels return (float64 for float64 inputs, else float32)
     w_dt = weight.dtype if isinstance(weight, torch.Tensor) else hidden.dtype
     cd = torch.float64 if torch.promote_types(hidden.dtype, w_dt) == torch.float64 else torch.float32
-    inp = prepare_loss_inputs(
-        cfg, B, T, flat, targets.reshape(B, T) != ignore_index, cd, loss_mask=loss_mask,
-        advantages=advantages, rewards=rewards, group_size=group_size, group_ids=group_ids,
-        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs,
-        is_demo=is_demo, is_ratio=is_ratio, num_items_in_batch=num_items_in_batch, cp_group=cp_group)
-
+    lb = LossBatch.of(batch, batch_fields, "unified_policy_loss")
+    inp = prepare_loss_inputs(cfg, B, T, flat, targets.reshape(B, T) != ignore_index, cd, lb,
+                              cp_group=cp_group)
     if vocab_parallel is not None:
         return _vocab_parallel_loss(cfg, inp, hidden, weight, targets, bias, vocab_parallel,
                                     temperature=temperature, ignore_index=ignore_index, backend=backend,
                                     softcap=softcap, filter_eps=filter_eps, fused_epilogue=fused_epilogue,
                                     grad_in_forward=grad_in_forward)
-    h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
+    h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps,
+                                 ignore_index)
+    temperature, filter_eps = as_number("temperature", temperature), as_number("filter_eps", filter_eps)
+    softcap = None if softcap is None else as_number("softcap", softcap)
     name = resolve_backend(backend, hidden.device, h2.dtype)
     kp = LogprobParams(float(temperature), int(ignore_index), float(softcap or 0.0), float(filter_eps))
     use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)
@@ -392,13 +385,12 @@ def _coefficient_hint(plan: _Plan, h2):
     return ((out[3] != 0) | (out[4] != 0)).reshape(-1)
 
 
-def policy_loss_from_logprobs(logprobs, *, config, entropy=None, loss_mask=None, advantages=None,
-                              rewards=None, group_size=None, group_ids=None, old_logprobs=None,
-                              ref_logprobs=None, rollout_logprobs=None, is_demo=None,
-                              num_items_in_batch=None, is_ratio=None, cp_group=None) -> LossOutput:
+def policy_loss_from_logprobs(logprobs, *, config, entropy=None, batch: Optional[LossBatch] = None,
+                              cp_group=None, **batch_fields) -> LossOutput:
     """The loss of ``config`` from per-token log-probs that the caller already has.
 
-    The same presets, arguments (see :func:`unified_policy_loss`), validation, metrics and
+    The same presets, batch fields (a :class:`LossBatch` as ``batch=`` or its fields as keyword
+    arguments; see :func:`unified_policy_loss`), validation, metrics and
     :class:`LossOutput` as the hidden-state entry, for frameworks that compute ``logprobs`` (and
     ``entropy``) themselves. ``logprobs``: ``[B, T]`` (or flat ``[N]``) float log-probs of the
     taken tokens; ``entropy``: optional ``[B, T]`` per-token entropy (needed when the config has
@@ -427,11 +419,9 @@ def policy_loss_from_logprobs(logprobs, *, config, entropy=None, loss_mask=None,
                          "(pass entropy=...)")
     cd = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     valid = torch.ones(B, T, dtype=torch.bool, device=logprobs.device)
-    inp = prepare_loss_inputs(
-        cfg, B, T, flat, valid, cd, loss_mask=loss_mask, advantages=advantages, rewards=rewards,
-        group_size=group_size, group_ids=group_ids, old_logprobs=old_logprobs,
-        ref_logprobs=ref_logprobs, rollout_logprobs=rollout_logprobs, is_demo=is_demo,
-        is_ratio=is_ratio, num_items_in_batch=num_items_in_batch, cp_group=cp_group)
+    inp = prepare_loss_inputs(cfg, B, T, flat, valid, cd,
+                              LossBatch.of(batch, batch_fields, "policy_loss_from_logprobs"),
+                              cp_group=cp_group)
     plan = _Plan(cfg, inp, LogprobParams(), "torch", False)
     lp = logprobs.reshape(B, T).to(cd)
     ent = None if entropy is None else entropy.reshape(B, T).to(cd)
@@ -442,6 +432,14 @@ def policy_loss_from_logprobs(logprobs, *, config, entropy=None, loss_mask=None,
 def _output(outs, plan: _Plan, shape) -> LossOutput:
     loss, rest = outs[0], outs[1:]
     side = dict(zip(_SIDE, rest[:len(_SIDE)]))
+    bad = nonfinite_rows(plan.inp.valid, side["logp"], side["ent"])
+    if bad:
+        raise FloatingPointError(
+            f"non-finite log-probs / entropy at rows {bad} of the batch, at tokens in the loss (NaN/inf in "
+            "those rows' hidden states or in the given log-probs, or in weight/bias): the loss would be "
+            "NaN, and dW / db, which sum over every row, would be NaN too. The other rows' values are "
+            "unaffected; exclude the bad rows with loss_mask (a masked row cannot reach the loss or any "
+            "gradient) or find the source")
     aux = dict(zip(plan.aux_keys(), rest[len(_SIDE):]))
     inp = plan.inp.to_dtype(side["logp"].dtype)
     parts = (side["L_main"], side["L_demo"])

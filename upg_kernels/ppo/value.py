@@ -38,7 +38,7 @@ def value_loss(values, old_values, returns, mask, clip_range=0.2, aggregation="t
         vc = old + (v - old).clamp(-clip_range, clip_range)
         clipped = (vc - R) ** 2
         per_tok, clipped_more = 0.5 * torch.maximum(unclipped, clipped), clipped > unclipped
-    w = aggregation_weights(m, m.any(-1), aggregation, None, None, "value", dtype=dt)
+    w = aggregation_weights(m, m.any(-1), aggregation, None, "value", dtype=dt)
     loss = (w * per_tok).sum()
     with torch.no_grad():
         n = m.sum().clamp(min=1)

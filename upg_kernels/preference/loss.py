@@ -74,9 +74,25 @@ def _check_ref(ref, name, B, device, needed):
     return ref.detach().to(device=device, dtype=torch.float32 if ref.dtype != torch.float64 else ref.dtype)
 
 
+def _denominators(totals, B, n_chosen):
+    """``(pairs, chosen tokens)`` the loss divides by: this call's, or the whole batch's ``totals``."""
+    if totals is None:
+        return B, n_chosen
+    from ..losses.batch import BatchTotals
+    if not isinstance(totals, BatchTotals):
+        raise TypeError(f"totals must be a BatchTotals (upg_kernels.batch_totals), got {type(totals).__name__}")
+    if not totals.paired:
+        raise ValueError("preference_loss needs totals counted by pairs: batch_totals(mask, paired=True)")
+    if B > totals.main_rows or int(n_chosen) > totals.main_tokens:
+        raise ValueError(f"totals do not cover this call ({B} pairs and {int(n_chosen)} chosen tokens here, "
+                         f"{totals.main_rows} and {totals.main_tokens} in totals): another batch's totals, "
+                         "or a mask without ignore_index positions removed")
+    return totals.main_rows, n_chosen.new_tensor(float(totals.main_tokens))
+
+
 def preference_loss(hidden, weight, targets, *, config, ref_chosen_logps=None, ref_rejected_logps=None,
                     loss_mask=None, bias=None, temperature=1.0, ignore_index=-100,
-                    backend="auto", vocab_parallel=None) -> PreferenceOutput:
+                    backend="auto", vocab_parallel=None, totals=None) -> PreferenceOutput:
     """The pairwise preference loss of ``config`` (a preset name or :class:`PreferenceConfig`).
 
     Args:
@@ -89,6 +105,11 @@ def preference_loss(hidden, weight, targets, *, config, ref_chosen_logps=None, r
         loss_mask: optional ``[2B, T]`` bool, ANDed with ``targets != ignore_index``.
         vocab_parallel: a :class:`upg_kernels.VocabParallelOptions` when ``weight``/``bias`` are this
             rank's rows of a vocabulary-parallel head (the loss is then the same on every rank).
+        totals: the whole batch's counts, ``upg_kernels.batch_totals(mask, paired=True, group=...)`` of
+            the micro-batches' masks (``mask = loss_mask & (targets != ignore_index)``): the pair mean
+            divides by every pair of the batch and the NLL term by every chosen token, so micro-batch
+            (and, with ``group``, per-rank) losses add up to the whole batch's; under DDP multiply the
+            loss by ``totals.world_size`` before ``backward``. Default: this call's own counts.
 
     Every chosen and rejected row needs at least one valid target token.
     """
@@ -118,9 +139,9 @@ def preference_loss(hidden, weight, targets, *, config, ref_chosen_logps=None, r
         s_c = chosen - ref_c.to(chosen.dtype) / norm[:B]
         s_r = rejected - ref_r.to(chosen.dtype) / norm[B:]
     per_pair = pair_losses(s_c, s_r, cfg)
-    n_chosen = seq.counts[:B].sum()
+    n_pairs, n_chosen = _denominators(totals, B, seq.counts[:B].sum())
     nll = -seq.token[:B].sum() / n_chosen
-    loss = per_pair.mean() + (cfg.nll_coef * nll if cfg.nll_coef else 0.0)
+    loss = per_pair.sum() / n_pairs + (cfg.nll_coef * nll if cfg.nll_coef else 0.0)
 
     r_c, r_r = (cfg.beta * s_c).detach(), (cfg.beta * s_r).detach()
     metrics = {

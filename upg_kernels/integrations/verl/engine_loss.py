@@ -67,7 +67,8 @@ def _agg_like_verl(x, mask, mode, info):
     """verl's ``agg_loss(x, mask, mode, **info)`` of a detached per-token tensor, by our aggregation."""
     agg, n_items, factor = verl_scale(mode, mask, info)
     rows = torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
-    w = aggregation_weights(mask, rows, agg, n_items, None, "verl metric", dtype=torch.float32)
+    w = aggregation_weights(mask, rows, agg, None, "verl metric", n_tokens=n_items,
+                            dtype=torch.float32)
     return (w * torch.where(mask, x.detach().float(), torch.zeros_like(w))).sum() * factor
 
 

@@ -46,7 +46,7 @@ from ..kernels.meta import autocast_off
 from ..settings import GRAD_IN_FORWARD
 from .. import ops   # the custom ops via the module (tests spy on them)
 from ..kernels.one_pass import one_pass_bytes
-from ..logprobs import as_number, nonfinite_rows, prepare_inputs
+from ..logprobs import as_number, check_ignore_index, nonfinite_rows, prepare_inputs
 from .epilogue import loss_metrics, pytorch_coefficients, vespo_gamma_weight  # noqa: F401 (re-export)
 from .fused import fused_enabled, fused_policy_epilogue, fused_supported, token_weights_and_codes
 from .batch import LossBatch
@@ -318,6 +318,7 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
     w_dt = weight.dtype if isinstance(weight, torch.Tensor) else hidden.dtype
     cd = torch.float64 if torch.promote_types(hidden.dtype, w_dt) == torch.float64 else torch.float32
     lb = LossBatch.of(batch, batch_fields, "unified_policy_loss")
+    check_ignore_index(ignore_index)   # before the masks are built from targets != ignore_index
     inp = prepare_loss_inputs(cfg, B, T, flat, targets.reshape(B, T) != ignore_index, cd, lb,
                               cp_group=cp_group)
     if vocab_parallel is not None:

@@ -94,3 +94,5 @@ def test_two_processes_equal_one(tmp_path, command):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-10)
         if command == "hpt":
             assert a["sft_share"] == pytest.approx(b["sft_share"], abs=1e-12)
+    if command == "hpt":   # the gate mixed RL prompts and demonstrations in some step
+        assert any(0.0 < a["sft_share"] < 1.0 for a in m1), [a["sft_share"] for a in m1]

@@ -193,6 +193,9 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         ``(logp, entropy)``, ``(logp, lse)`` or ``(logp, entropy, lse)``. Differentiable with respect
         to ``hidden``, ``weight`` and ``bias`` through every output.
     """
+    check_ignore_index(ignore_index)
+    temperature, filter_eps = as_number("temperature", temperature), as_number("filter_eps", filter_eps)
+    softcap = None if softcap is None else as_number("softcap", softcap)
     if vocab_parallel is not None:
         from .parallel.vocab import vocab_parallel_logprobs
         logp, ent, lse = vocab_parallel_logprobs(
@@ -202,9 +205,6 @@ def token_logprobs(hidden, weight, targets, *, bias=None, temperature=1.0, ignor
         return (logp, *extra) if extra else logp
     h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps,
                                  ignore_index)
-    temperature, softcap, filter_eps = (as_number("temperature", temperature),
-                                        None if softcap is None else as_number("softcap", softcap),
-                                        as_number("filter_eps", filter_eps))
     lead = tuple(hidden.shape[:-1])
     name = resolve_backend(backend, hidden.device, h2.dtype)
     if h2.shape[0] == 0:

@@ -39,8 +39,8 @@ class LossInputs:
     isr: Optional[torch.Tensor]    # [B, T] explicit IS ratio (1 outside the main tokens)
     isr_rows: Optional[torch.Tensor]   # [B, 1] when is_ratio is per sequence
     num_items: object = None
-    cp_group: object = None        # context-parallel group (sequence sums are completed over it)
     totals: Optional[BatchTotals] = None
+    cp_group: object = None        # context-parallel group (sequence sums are completed over it)
 
     @property
     def have_ref(self) -> bool:
@@ -196,6 +196,9 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
         b.loss_mask, b.advantages, b.rewards, b.group_size, b.group_ids)
     old_logprobs, ref_logprobs, rollout_logprobs = b.old_logprobs, b.ref_logprobs, b.rollout_logprobs
     is_demo, is_ratio, num_items_in_batch, totals = b.is_demo, b.is_ratio, b.num_items_in_batch, b.totals
+    if totals is not None and cp_group is not None:
+        raise ValueError("totals and cp_group together are not supported: batch_totals counts whole rows, "
+                         "while under context parallelism a row's tokens are spread over the cp_group")
     dev = valid.device
     _check_num_items(num_items_in_batch)
     if totals is not None:
@@ -304,4 +307,4 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
     return LossInputs(B=B, T=T, cd=cd, valid=valid, main_tok=main_tok, demo_tok=demo_tok,
                       main_rows=main_rows, demo_rows=demo_rows, adv=adv, adv_per_row=adv_per_row,
                       old=old, ref=ref, rol=rol, isr=isr, isr_rows=isr_rows,
-                      num_items=num_items_in_batch, cp_group=cp_group, totals=totals)
+                      num_items=num_items_in_batch, totals=totals, cp_group=cp_group)

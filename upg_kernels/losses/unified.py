@@ -318,9 +318,12 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
     w_dt = weight.dtype if isinstance(weight, torch.Tensor) else hidden.dtype
     cd = torch.float64 if torch.promote_types(hidden.dtype, w_dt) == torch.float64 else torch.float32
     lb = LossBatch.of(batch, batch_fields, "unified_policy_loss")
-    check_ignore_index(ignore_index)   # before the masks are built from targets != ignore_index
+    check_ignore_index(ignore_index)
+    temperature, filter_eps = as_number("temperature", temperature), as_number("filter_eps", filter_eps)
+    softcap = None if softcap is None else as_number("softcap", softcap)
     inp = prepare_loss_inputs(cfg, B, T, flat, targets.reshape(B, T) != ignore_index, cd, lb,
                               cp_group=cp_group)
+
     if vocab_parallel is not None:
         return _vocab_parallel_loss(cfg, inp, hidden, weight, targets, bias, vocab_parallel,
                                     temperature=temperature, ignore_index=ignore_index, backend=backend,
@@ -328,8 +331,6 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
                                     grad_in_forward=grad_in_forward)
     h2, w, b, t = prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps,
                                  ignore_index)
-    temperature, filter_eps = as_number("temperature", temperature), as_number("filter_eps", filter_eps)
-    softcap = None if softcap is None else as_number("softcap", softcap)
     name = resolve_backend(backend, hidden.device, h2.dtype)
     kp = LogprobParams(float(temperature), int(ignore_index), float(softcap or 0.0), float(filter_eps))
     use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)

@@ -213,7 +213,7 @@ def vocab_parallel_logprobs(hidden, weight, targets, options: VocabParallelOptio
     from ..logprobs import check_inputs
     from ..ops import check_target_range
     check_options(options, weight, bias)
-    check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps, ignore_index)
+    check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps)
     V = options.vocab_size(weight.device)
     t = targets.reshape(-1)
     check_target_range(t if t.dtype == torch.int64 else t.long(), V, ignore_index)

@@ -96,3 +96,9 @@ def test_two_processes_equal_one(tmp_path, command):
             assert a["sft_share"] == pytest.approx(b["sft_share"], abs=1e-12)
     if command == "hpt":   # the gate mixed RL prompts and demonstrations in some step
         assert any(0.0 < a["sft_share"] < 1.0 for a in m1), [a["sft_share"] for a in m1]
+
+
+def test_seed_mode_is_checked():
+    from upg_trainer.config import build_config
+    with pytest.raises(ValueError, match="rollout.seed_mode must be one of per_rank, global"):
+        build_config("grpo", None, {"rollout.seed_mode": "rank"})

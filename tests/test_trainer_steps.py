@@ -6,6 +6,7 @@ import torch
 
 from trainer_fakes import AnswerEngine, spy  # noqa: F401  (spy: a fixture)
 from upg_trainer.config import build_config
+from upg_trainer.rollout import Rollout
 from upg_trainer.trainer import Trainer
 
 
@@ -147,8 +148,8 @@ def test_cli_user_jsonl_end_to_end(tmp_path):
     assert 0.0 <= m["eval/accuracy"] <= 1.0
 
 
-class TruncatingEngine(FakeEngine):
-    """FakeEngine whose rollouts ``truncated`` (indices into the flat rollout list) end by length."""
+class TruncatingEngine(AnswerEngine):
+    """AnswerEngine whose rollouts ``truncated`` (indices into the flat rollout list) end by length."""
 
     def __init__(self, trainer, correct, truncated):
         super().__init__(trainer, correct)
@@ -173,7 +174,7 @@ def test_overlong_filtered_rows_grad_accum_independent(tmp_path, preset):
                 "loss.preset": preset})
             tr.lm.double()
             tr.engine = TruncatingEngine(tr, correct=[1, 2, 3, 1], truncated=[0, 5])
-            m = tr.rl_step()
+            m = tr.train_step()
             assert m["overlong_filtered"] == pytest.approx(2 / 16)
             gs.append([p.grad.detach().clone() for p in tr.lm.parameters() if p.grad is not None])
             ms.append(m)

@@ -6,7 +6,6 @@ import torch
 
 from trainer_fakes import AnswerEngine, spy  # noqa: F401  (spy: a fixture)
 from upg_trainer.config import build_config
-from upg_trainer.rollout import Rollout
 from upg_trainer.trainer import Trainer
 
 
@@ -149,16 +148,15 @@ def test_cli_user_jsonl_end_to_end(tmp_path):
 
 
 class TruncatingEngine(AnswerEngine):
-    """AnswerEngine whose rollouts ``truncated`` (indices into the flat rollout list) end by length."""
+    """AnswerEngine whose rollouts ``truncated`` ((prompt, rollout) pairs) end by length."""
 
-    def __init__(self, trainer, correct, truncated):
-        super().__init__(trainer, correct)
+    def __init__(self, tr, correct, truncated):
+        super().__init__(tr, correct)
         self.truncated = set(truncated)
 
-    def generate(self, prompts, n, max_new_tokens, temperature=1.0, top_p=1.0, seed=None):
-        out = super().generate(prompts, n, max_new_tokens, temperature, top_p, seed)
-        return [Rollout(r.prompt_ids, r.completion_ids, r.logprobs, "length" if i in self.truncated
-                        else r.finish_reason, r.prompt_index) for i, r in enumerate(out)]
+    def completion(self, i, prompt_ids, j):
+        text, reason = super().completion(i, prompt_ids, j)
+        return text, "length" if (i, j) in self.truncated else reason
 
 
 @pytest.mark.parametrize("preset", ["grpo", "dr_grpo", "dapo"])
@@ -173,7 +171,7 @@ def test_overlong_filtered_rows_grad_accum_independent(tmp_path, preset):
                 "train.grad_accum": ga, "train.grad_clip": 0, "rollout.overlong_filter": "true",
                 "loss.preset": preset})
             tr.lm.double()
-            tr.engine = TruncatingEngine(tr, correct=[1, 2, 3, 1], truncated=[0, 5])
+            tr.engine = TruncatingEngine(tr, correct=[1, 2, 3, 1], truncated=[(0, 0), (1, 1)])
             m = tr.train_step()
             assert m["overlong_filtered"] == pytest.approx(2 / 16)
             gs.append([p.grad.detach().clone() for p in tr.lm.parameters() if p.grad is not None])

@@ -18,6 +18,8 @@ from upg_kernels.losses.config import KL_TYPES
 from .methods import METHODS
 from .task import LEVELS
 
+SEED_MODES = ("per_rank", "global")  # rollout.seed_mode (methods/rl.py RLMethod.generate)
+
 
 def _f(default, help: str, **kw):
     if isinstance(default, (list, dict)):
@@ -29,7 +31,8 @@ def _f(default, help: str, **kw):
 class ModelConfig:
     path: str = _f("embedded", "transformers causal LM: local directory or hub name; 'embedded' = the "
                    "shipped tiny Qwen2-style model (random init from train.seed) and its tokenizer")
-    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16")
+    dtype: str = _f("auto", "auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16 | "
+                   "float64 (CPU checks of exactness, e.g. multi-process runs against one process)")
     device: str = _f("auto", "auto | cpu | cuda | cuda:N")
     attn_implementation: str = _f("sdpa", "sdpa | eager | flash_attention_2 | auto")
     trust_remote_code: bool = _f(False, "passed to from_pretrained")
@@ -78,6 +81,10 @@ class RolloutConfig:
     max_new_tokens: int = _f(32, "maximum completion length")
     temperature: float = _f(1.0, "sampling temperature (the loss uses the same temperature)")
     top_p: float = _f(1.0, "nucleus sampling")
+    seed_mode: str = _f("per_rank", " | ".join(SEED_MODES) + ": per_rank = one batched generate call per "
+                        "rank, seeded by (train.seed, step, rank); global = one call per prompt, seeded by "
+                        "(train.seed, step, the prompt's index in the global batch): the same prompts get the "
+                        "same rollouts at any number of ranks (for comparing runs; slower)")
     batch_size: int = _f(256, "hf engine: sequences per generate call")
     gpu_memory_utilization: float = _f(0.3, "vllm engine: fraction of GPU memory for vLLM")
     max_model_len: int = _f(0, "vllm engine: longest prompt + completion in tokens "
@@ -365,6 +372,7 @@ def validate(cfg: Config) -> None:
         (r.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
         (r.temperature > 0, "rollout.temperature must be > 0"),
         (0 < r.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+        (r.seed_mode in SEED_MODES, f"rollout.seed_mode must be one of {', '.join(SEED_MODES)}, got {r.seed_mode!r}"),
         (r.engine in ("hf", "transformers", "vllm"), "rollout.engine must be hf or vllm"),
         (cfg.output.save_every >= 0, "output.save_every must be >= 0"),
         (cfg.output.keep_last >= 1, "output.keep_last must be >= 1"),

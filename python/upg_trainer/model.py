@@ -29,9 +29,10 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+             "float64": torch.float64}
     if name not in table:
-        raise ValueError(f"unknown dtype {name!r}: use auto, float32, bfloat16 or float16")
+        raise ValueError(f"unknown dtype {name!r}: use auto, float32, bfloat16, float16 or float64")
     return table[name]
 
 

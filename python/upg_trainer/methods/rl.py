@@ -43,16 +43,29 @@ class RLMethod(Method):
         self._flat_steps = 0  # leading steps whose rewards were all equal (``check_signal``)
 
     # ------------------------------------------------------------------------------ sampling
-    def generate(self, rows: list[dict], n: int, round_: int = 0):
+    def generate(self, rows: list[dict], n: int, round_: int = 0, positions=None):
+        """Rollouts of ``rows`` (``n`` each). ``rollout.seed_mode``: ``per_rank``, one batched generate call
+        seeded by (train.seed, step, rank, round); ``global``, one call per prompt seeded by (train.seed,
+        step, the prompt's index ``positions[i]`` in the global batch, round), so a prompt's rollouts do
+        not depend on the rank that holds it or on the number of ranks."""
         c, tr = self.cfg, self.tr
         prompts = [tr.prompt_ids(r) for r in rows]
+        kw = dict(n=n, max_new_tokens=c.rollout.max_new_tokens, temperature=c.rollout.temperature,
+                  top_p=c.rollout.top_p)
         tr.engine.wake()
-        ro = tr.engine.generate(prompts, n=n, max_new_tokens=c.rollout.max_new_tokens,
-                                temperature=c.rollout.temperature, top_p=c.rollout.top_p,
-                                seed=(c.train.seed * 1_000_003 + tr.step * 7919 + dist.rank()
-                                      + round_ * 104_729) % 2**31)
+        if c.rollout.seed_mode == "global":
+            ro = []
+            for i, (p, pos) in enumerate(zip(prompts, positions)):
+                ro += [dataclasses.replace(r, prompt_index=i)
+                       for r in tr.engine.generate([p], seed=self.sample_seed(pos, round_), **kw)]
+        else:
+            ro = tr.engine.generate(prompts, seed=self.sample_seed(dist.rank(), round_), **kw)
         tr.engine.sleep()
         return ro
+
+    def sample_seed(self, key: int, round_: int) -> int:
+        """The sampling seed of this step for ``key`` (the rank, or a global prompt index) and round."""
+        return (self.cfg.train.seed * 1_000_003 + self.tr.step * 7919 + key + round_ * 104_729) % 2**31
 
     def score(self, rows: list[dict], ro) -> tuple[list[float], dict, list[str]]:
         """Rewards of rollouts ``ro`` of ``rows`` (reward functions + DAPO soft overlong punishment);
@@ -81,8 +94,10 @@ class RLMethod(Method):
         rows, ro, reward, per, texts = [], [], [], {}, []
         dropped = rounds = 0
         while len(rows) < want and rounds < (c.rollout.max_sampling_rounds if c.rollout.dynamic_sampling else 1):
-            new_rows = [tr.train_rows[i] for i in dist.shard_batch(tr.sampler.take(want - len(rows)))]
-            new_ro = self.generate(new_rows, n, rounds)
+            taken = tr.sampler.take(want - len(rows))
+            mine = dist.shard_batch(list(range(len(taken))))  # positions in the global batch
+            new_rows = [tr.train_rows[taken[i]] for i in mine]
+            new_ro = self.generate(new_rows, n, rounds, positions=mine)
             rounds += 1
             r_new, per_new, t_new = self.score(new_rows, new_ro)
             keep = (keep_informative_groups(r_new, n) if c.rollout.dynamic_sampling

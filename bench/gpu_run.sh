@@ -118,7 +118,7 @@ fi
 # Three passes, most important first, each into its own folder (each has results.json/.md/.png):
 #   paths/     every forward/backward path of ours beside eager, compile, Liger, CCE: grpo + logprobs, llama3-8b
 #   zero_adv/  grpo with half the groups at zero advantage (the backward skips their rows), ours vs eager
-#   shapes/    the remaining DESIGN shapes and ops, default impls
+#   shapes/    the remaining yardstick shapes and ops, default impls
 OURS_ALL=ours,ours-atomic,ours-gemmfwd,ours-ws1g,ours-gif
 PASS_PATHS=(--ops grpo,logprobs --shapes llama3-8b --N 8192 --dtype bf16 --impls $OURS_ALL,eager,compile,liger,cce)
 PASS_ZERO=(--ops grpo --shapes llama3-8b --N 8192 --dtype bf16 --impls ours,ours-ws1g,eager --zero-adv-frac 0.5 --no-peak)

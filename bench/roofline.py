@@ -1,4 +1,4 @@
-"""Roofline model of every kernel path at the DESIGN shapes, from the code's own tiling.
+"""Roofline model of every kernel path at the yardstick shapes, from the code's own tiling.
 
     python -m bench.roofline [--N 8192] [--shapes llama3-8b,qwen2.5-7b,gemma2-2b] [--budget BYTES]
 

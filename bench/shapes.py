@@ -33,7 +33,7 @@ NAMED: dict[str, tuple[int, int, tuple[int, ...]]] = {
     "small": (256, 8192, (1024,)),
 }
 
-DESIGN_SHAPES = ("llama3-8b", "qwen2.5-7b", "gemma2-2b", "qwen2.5-0.5b", "qwen3.5-27b")
+YARDSTICK_SHAPES = ("llama3-8b", "qwen2.5-7b", "gemma2-2b", "qwen2.5-0.5b", "qwen3.5-27b")
 
 
 def parse_ints(text: str | None) -> list[int]:
@@ -52,7 +52,7 @@ def resolve_shapes(names: str | None, H: int | None = None, V: int | None = None
     Ns = [] if Ns_all else parse_ints(N)
     for name in [s for s in (names or "").replace(" ", "").split(",") if s]:
         if name == "all":
-            for n in DESIGN_SHAPES:
+            for n in YARDSTICK_SHAPES:
                 out.extend(_named(n, Ns, Ns_all))
             continue
         if name not in NAMED:

@@ -149,7 +149,7 @@ def test_int_specialization_is_the_jits():
                                              ("gemma2-2b", 8192, None), ("qwen2.5-0.5b", 32768, None),
                                              ("llama3-8b", 8191, "128x64")])
 def test_registry_holds_the_real_specializations_at_design_shapes(monkeypatch, shape, N, dz_tile):
-    """What the plans launch at the DESIGN shapes (bf16, no bias; both Triton backends and the
+    """What the plans launch at the yardstick shapes (bf16, no bias; both Triton backends and the
     GEMM-tiled forward), with the JIT's specialization of the REAL integer values (group sizes, slab
     bounds, row counts; N - 1 gives the tails), is registered (up to the feature flags, see
     _without_flags): the compile check builds what the GPU builds."""

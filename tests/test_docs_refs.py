@@ -4,7 +4,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTSIDE = re.compile(r"\bDESIGN\.md|\b[Ss]eeds?[ _]?0\d\d\b|\.\./shared/")
+OUTSIDE = re.compile(r"\bDESIGN\b|\b[Ss]eeds?[ _]?0\d\d\b|\.\./shared/")
 
 
 def test_no_reference_to_documents_outside_the_repository():

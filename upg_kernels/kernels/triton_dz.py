@@ -117,7 +117,7 @@ def aot_variants():
     """For bf16 and fp32: all flags off (the GRPO/SFT case), each of bias / softcap / entropy
     gradient / lse gradient / odd H alone, all on; fp16: all off and all on (``aot.flag_cover``);
     ``dz_config(dtype, H)``'s GPU block config. Integers as the plans launch them: G (a group of the
-    balanced plan), v_lo, v_hi (slab bounds, V of every DESIGN model), H and the strides multiples of
+    balanced plan), v_lo, v_hi (slab bounds, V of every yardstick model), H and the strides multiples of
     16; for each dtype the flags-off case with G not a multiple of 16 (``tail``: the last group of an
     odd row count). The other bf16 tile of :data:`DZ_TILES` too (flags off, its tail, all on), so
     that either setting is checked."""

@@ -100,7 +100,7 @@ POINTERS = ("h_ptr", "w_ptr", "b_ptr", "tgt_ptr", "rows_ptr", "part_ptr")
 
 
 # integers that the launches at real shapes make multiples of 16 (the JIT specializes on them):
-# the row count M (a "tail" variant covers other M), V (all DESIGN vocabularies), v_per_split
+# the row count M (a "tail" variant covers other M), V (all yardstick vocabularies), v_per_split
 # (a multiple of BLOCK_V); H and the strides for even H
 REAL_DIVISIBLE = ("M", "V", "v_per_split")
 

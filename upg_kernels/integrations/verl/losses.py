@@ -72,7 +72,8 @@ def verl_loss_config(preset: str, config=None) -> LossConfig:
         raise ValueError(f"unknown verl preset {preset!r}; valid: {list(VERL_PRESETS)}")
     low, high = clip_range(config)
     row = PRESETS[preset]
-    kw = dict(advantage="given", kl_coef=0.0, entropy_coef=0.0, demo_part=None)
+    # verl's batches have no demonstration rows: the demonstration part and the fields only it reads go
+    kw = dict(advantage="given", kl_coef=0.0, entropy_coef=0.0, demo_part=None, demo_coef=1.0, hpt_gamma=None)
     if row["stabilization"] in ("clip", "seq_clip"):
         kw.update(eps_low=low, eps_high=high)
     if row["stabilization"] == "clip":

@@ -29,7 +29,7 @@ from .gemm import mm_f32
 from .capturable import finish_forward, forward_rows
 from .meta import launch
 from .workspace import balanced_rows, group_bounds, workspace_bytes
-from .triton_logprobs_common import tanh, check_inputs, combine, interpreting, online_update
+from .triton_logprobs_common import check_inputs, combine, interpreting, online_update, scale_logits_tile
 
 _BLOCK_R, _BLOCK_C = 8, 1024    # rows x columns per step of the row kernel (GPU)
 STATS_WARPS = 4
@@ -58,11 +58,8 @@ def _stats_kernel(z_ptr, b_ptr, tgt_ptr, rows_ptr, st_ptr, G, S, v_lo, stride_z,
         mask_c = cols < S - c0
         z = tl.load(z_ptr + offs_r[:, None] * stride_z + (c0 + cols)[None, :],
                     mask=mask_r[:, None] & mask_c[None, :], other=0.0)
-        if HAS_BIAS:
-            z += tl.load(b_ptr + v_lo + c0 + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-        if HAS_SOFTCAP:
-            z = softcap * tanh(z / softcap)
-        z = z / temperature
+        z, _t = scale_logits_tile(z, b_ptr, v_lo + c0, cols, mask_c, temperature, softcap,
+                                  HAS_BIAS, HAS_SOFTCAP)
         m_i, s_i, t_i, zt_i = online_update(m_i, s_i, t_i, zt_i, z, cols, mask_c,
                                             tgt - (v_lo + c0))
     tl.store(st_ptr + offs_r, m_i, mask=mask_r)

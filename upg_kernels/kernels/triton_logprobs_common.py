@@ -186,15 +186,22 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h
         acc = dot(a, b, acc, PREC, UPCAST)
         h_ptrs += BLOCK_H
         w_ptrs += BLOCK_H
-    z = acc
+    return scale_logits_tile(acc, b_ptr, v0, cols, mask_v, temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def scale_logits_tile(z, b_ptr, c0, cols, mask_c, temperature, softcap,
+                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """``(softcap(z + b[c0 + cols]) / temperature, tanh)`` of a float32 tile of raw logits (tanh = the
+    logits themselves without a softcap): the one owner of this step in Triton (the fused forward, the
+    backward kernels, the GEMM-tiled forward's and the one-pass path's row kernels)."""
     if HAS_BIAS:
-        z += tl.load(b_ptr + v0 + cols, mask=mask_v, other=0.0).to(tl.float32)[None, :]
+        z += tl.load(b_ptr + c0 + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     t = z
     if HAS_SOFTCAP:
         t = tanh(z / softcap)
         z = softcap * t
-    z = z / temperature
-    return z, t
+    return z / temperature, t
 
 
 @triton.jit

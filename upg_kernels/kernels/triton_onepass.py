@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .meta import launch
-from .triton_logprobs_common import dz_tile, interpreting, online_update, tanh
+from .triton_logprobs_common import dz_tile, interpreting, online_update, scale_logits_tile
 
 
 @dataclass(frozen=True)
@@ -53,19 +53,6 @@ def row_config(gpu: bool = False) -> RowConfig:
 
 
 @triton.jit
-def _scaled(z, b_ptr, c0, cols, mask_c, temperature, softcap,
-            HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    """``(softcap(z + b) / T, tanh)`` of a raw logits tile (tanh = z without a softcap)."""
-    if HAS_BIAS:
-        z += tl.load(b_ptr + c0 + cols, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    t = z
-    if HAS_SOFTCAP:
-        t = tanh(z / softcap)
-        z = softcap * t
-    return z / temperature, t
-
-
-@triton.jit
 def _op_stats_kernel(z_ptr, b_ptr, tgt_ptr, st_ptr, G, V, stride_z, temperature, softcap,
                      HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -84,7 +71,7 @@ def _op_stats_kernel(z_ptr, b_ptr, tgt_ptr, st_ptr, G, V, stride_z, temperature,
     for c0 in range(0, V, BLOCK_C):
         mask_c = cols < V - c0
         z = tl.load(row_ptr + (c0 + cols)[None, :], mask=mask_r[:, None] & mask_c[None, :], other=0.0)
-        z, _t = _scaled(z, b_ptr, c0, cols, mask_c, temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+        z, _t = scale_logits_tile(z, b_ptr, c0, cols, mask_c, temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
         m_i, s_i, t_i, zt_i = online_update(m_i, s_i, t_i, zt_i, z, cols, mask_c, tgt - c0)
     log_s = tl.log(s_i)
     lse = m_i + log_s
@@ -121,7 +108,7 @@ def _op_dz_kernel(z_ptr, dz_ptr, b_ptr, tgt_ptr, st_ptr, gl_ptr, ge_ptr, G, K, V
     for c0 in range(0, V, BLOCK_C):
         mask_c = cols < V - c0
         z = tl.load(zrow + (c0 + cols)[None, :], mask=live[:, None] & mask_c[None, :], other=0.0)
-        z, t = _scaled(z, b_ptr, c0, cols, mask_c, temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
+        z, t = scale_logits_tile(z, b_ptr, c0, cols, mask_c, temperature, softcap, HAS_BIAS, HAS_SOFTCAP)
         dz = dz_tile(z, t, cols, tgt, c0, lse, gl, gl, ge, ent, live, mask_c, temperature,
                      HAS_GENT, HAS_SOFTCAP)
         tl.debug_barrier()                 # every warp's loads of this tile precede the store

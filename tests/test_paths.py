@@ -208,10 +208,10 @@ def test_model_mode_rule(monkeypatch):
         t = torch.zeros(N, dtype=torch.long)
         got = select.resolve(None, backend="torch", hidden=h, weight=w, bias=None, targets=t, p=p,
                              loss=True, grads="hw", entropy=False)
-        assert got == want
+        assert got == (want, None)
         got = select.resolve(None, backend="torch", hidden=h, weight=w, bias=None, targets=t, p=p,
                              loss=False, grads="hw", entropy=False)
-        assert got == "two_pass"
+        assert got == ("two_pass", None)
 
 
 # ------------------------------------------------------------------------------ every path, float64

@@ -9,7 +9,8 @@ Example::
 ``--shapes``: ``HxV`` pairs, or in a source checkout the names of ``bench/shapes.py``. Each shape runs
 ``unified_policy_loss`` (``--config``, with ``--entropy`` its entropy bonus) once on random inputs
 with measuring on (``UPG_KERNELS_AUTOTUNE=measure``); the selection writes the keys it measured (one
-per shape, dtype and N bucket) with each path's best time.
+per shape, dtype and N bucket): the path, the dz tile where the GEMM backward's tile was timed
+(``dz_tile``, else null) and each candidate's best time.
 """
 from __future__ import annotations
 
@@ -65,10 +66,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    from .settings import DETERMINISTIC, PATH, PATH_TABLE
-    pins = [s.name for s in (PATH, DETERMINISTIC, PATH_TABLE) if s.is_set()]
+    from .settings import DETERMINISTIC, PATH, PATH_TABLE, TRITON_DZ_CONFIG
+    pins = [s.name for s in (PATH, DETERMINISTIC, PATH_TABLE, TRITON_DZ_CONFIG) if s.is_set()]
     if pins:
-        p.error(f"unset {', '.join(pins)} to tune (they pin the path or load a table)")
+        p.error(f"unset {', '.join(pins)} to tune (they pin the path or the dz tile, or load a table)")
     import tempfile
     select.clear()
     select.force("measure", tempfile.mkdtemp(prefix="upg-tune-"))    # measure, never read a cache
@@ -78,10 +79,12 @@ def main(argv=None) -> int:
         for n in a.N.split(","):
             before = set(select.measured())
             tune_shape(H, V, int(n), dt, dev, a.config, a.entropy)
-            for k, times in select.measured().items():
+            for k, entry in select.measured().items():
                 if k not in before:
-                    entries[k] = {"path": min(times, key=times.get), "times_ms": times}
-                    print(f"{label} N={n}: {k} -> {entries[k]['path']}  {times}", flush=True)
+                    entries[k] = entry
+                    tile = f" (dz tile {entry['dz_tile']})" if entry["dz_tile"] else ""
+                    print(f"{label} N={n}: {k} -> {entry['path']}{tile}  {entry['times_ms']}",
+                          flush=True)
     from pathlib import Path
     select.write_entries(Path(a.out), entries)
     select.force(None)

@@ -40,7 +40,7 @@ def parse_shape(text: str) -> tuple[str, int, int]:
 
 
 def tune_shape(H: int, V: int, N: int, dtype: torch.dtype, device: torch.device, config: str,
-               entropy: bool, seed: int = 0) -> None:
+               entropy: bool, seed: int = 0, backend: str = "auto") -> None:
     from . import LossConfig, unified_policy_loss
     g = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(N, H, generator=g, device=device).to(dtype).requires_grad_(True)
@@ -50,7 +50,7 @@ def tune_shape(H: int, V: int, N: int, dtype: torch.dtype, device: torch.device,
     over = {"entropy_coef": 0.01} if entropy else {"entropy_coef": 0.0}
     cfg = LossConfig.preset(config, **over)
     kw = {} if cfg.advantage == "one" else {"advantages": adv}
-    out = unified_policy_loss(hidden, weight, targets, config=cfg, **kw)
+    out = unified_policy_loss(hidden, weight, targets, config=cfg, backend=backend, **kw)
     out.loss.backward()
 
 
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="grpo", help="loss preset (default grpo)")
     p.add_argument("--entropy", action="store_true", help="with an entropy bonus")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--backend", default="auto", help="backend of the loss calls (default auto)")
     p.add_argument("--out", required=True, help="the table file to write (JSON)")
     a = p.parse_args(argv)
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         label, H, V = parse_shape(text)
         for n in a.N.split(","):
             before = set(select.measured())
-            tune_shape(H, V, int(n), dt, dev, a.config, a.entropy)
+            tune_shape(H, V, int(n), dt, dev, a.config, a.entropy, backend=a.backend)
             for k, entry in select.measured().items():
                 if k not in before:
                     entries[k] = entry

@@ -489,7 +489,7 @@ def test_cpu_auto_measures_large_calls_on_a_row_sample(monkeypatch):
 
 def test_cpu_sample_is_sized_by_the_probe(monkeypatch):
     """Real timing on the CPU: the probe runs each part on PROBE_ROWS rows and sizes the sample
-    (between PROBE_ROWS and M rows); a probe over SAMPLE_RUN_S stops measuring: the rule, cached in
+    (between PROBE_ROWS and M rows); a probe over PROBE_MAX_S stops measuring: the rule, cached in
     memory only."""
     from upg_kernels.kernels.contract import LogprobParams
     g = torch.Generator().manual_seed(1)
@@ -502,11 +502,14 @@ def test_cpu_sample_is_sized_by_the_probe(monkeypatch):
     p = LogprobParams()
     from upg_kernels.kernels.backends import get_backend
     be = get_backend("torch")
-    got = select.sample_runners(be, h, w, None, t, p, t != -100, M, grads="hw", entropy=True)
-    runs, scale, rows = got
-    assert set(runs) == {"two_pass", "one_pass"} and select.PROBE_ROWS <= rows <= M
-    assert scale == pytest.approx(M / rows)
-    monkeypatch.setattr(select, "SAMPLE_RUN_S", 0.0)
+    monkeypatch.setattr(select, "PROBE_MAX_S", 60.0)     # a loaded machine: never too slow here
+    for run_s in (1e-6, 60.0):                             # the sample: the probe's rows .. all rows
+        monkeypatch.setattr(select, "SAMPLE_RUN_S", run_s)
+        got = select.sample_runners(be, h, w, None, t, p, t != -100, M, grads="hw", entropy=True)
+        runs, scale, rows = got
+        assert set(runs) == {"two_pass", "one_pass"}
+        assert rows == (select.PROBE_ROWS if run_s < 1 else M) and scale == pytest.approx(M / rows)
+    monkeypatch.setattr(select, "PROBE_MAX_S", 0.0)
     assert select.sample_runners(be, h, w, None, t, p, t != -100, M, grads="hw", entropy=True) is None
     got = select.resolve(None, backend="torch", hidden=h.requires_grad_(True), weight=w, bias=None,
                          targets=t, p=p, loss=True, grads="h", entropy=True)

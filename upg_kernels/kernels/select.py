@@ -45,6 +45,7 @@ BUDGET_S = 1.0       # measuring cost per key, all parts together (after each pa
 ITERS = 3            # timed runs per part at most
 SAMPLE_RUN_S = 0.1   # off CUDA: the row sample makes one run of the slowest part about this long
 PROBE_ROWS = 16      # off CUDA: the rows of the probe run that sizes the sample
+PROBE_MAX_S = 0.25   # off CUDA: a probe run longer than this stops the measuring (the rule decides)
 CPU_MEASURE_MIN_WORK = 2**27   # auto mode on the CPU measures from N·H·V (smaller: the model)
 
 _memory: dict[str, str] = {}                 # key -> candidate ("path" or "path@tile")
@@ -480,8 +481,9 @@ def sample_runners(be, hidden, weight, bias, targets, p, valid, M: int, *, hint=
     hinted share is the call's), as ``(runners, M / rows, rows)``; None when even the probe is over
     the budget. A probe of :data:`PROBE_ROWS` rows runs each part (warm-up, then one timed run); the
     sample is then sized so that the slowest part's run takes about :data:`SAMPLE_RUN_S` (at most M
-    rows) and timed without another warm-up. A probe run over :data:`SAMPLE_RUN_S` stops the
-    measuring (the caller takes the rule)."""
+    rows) and timed without another warm-up. A probe run over :data:`PROBE_MAX_S` stops the
+    measuring (the caller takes the rule): then even :data:`PROBE_ROWS` rows of each part would
+    spend the budget in one or two rounds."""
     act = valid.nonzero()[:, 0]
 
     def on(R):
@@ -498,7 +500,7 @@ def sample_runners(be, hidden, weight, bias, targets, p, valid, M: int, *, hint=
         if not _warm_up({name: run}):
             continue                  # raised: left out (warned)
         t = _real_timer(name, run)
-        if t > SAMPLE_RUN_S:
+        if t > PROBE_MAX_S:
             return None
         worst = max(worst, t)
         live.append(name)

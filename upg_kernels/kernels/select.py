@@ -8,8 +8,8 @@ The tile changes only the backward and the forward path only the forward, so suc
 each two-pass forward (``fwd:<path>``), the backward once per tile (``bwd:<tile>``) and the one-pass
 path whole; a candidate's time is the sum of its parts. Each part: one untimed warm-up, then up to
 :data:`ITERS` interleaved timed runs, stopping early once the key has spent :data:`BUDGET_S` seconds.
-On CUDA the parts run on the call's real inputs; elsewhere on two row samples of them, the line
-through the two times extrapolated to the call's rows (:func:`sample_runners`). The fastest
+On CUDA the parts run on the call's real inputs; elsewhere on a row sample of them, the times scaled
+to the call's rows (:func:`sample_runners`). The fastest
 candidate is kept in memory and in ``paths.json`` under the cache directory
 (``UPG_KERNELS_CACHE_DIR``, default ``~/.cache/upg_kernels``; written atomically, format
 :data:`CACHE_FORMAT`, versioned by the library, torch and triton versions). A table written by
@@ -44,9 +44,8 @@ from .paths import ONE_PASS, PATH_NAMES, TWO_PASS
 CACHE_FORMAT = 2     # 2: entries carry the dz tile ("dz_tile"); format 1 files are ignored
 BUDGET_S = 1.0       # measuring cost per key, all parts together (after each part's warm-up)
 ITERS = 3            # timed runs per part at most
-SAMPLE_RUN_S = 0.2   # off CUDA: the larger row sample is sized so that the slowest part's run takes
-                     # about this long (at least 3 x PROBE_ROWS rows)
-PROBE_ROWS = 16      # off CUDA: the rows of the probe run (and of the smaller sample)
+SAMPLE_RUN_S = 0.25  # off CUDA: the row sample is sized so that the slowest part's run takes about this
+PROBE_ROWS = 16      # off CUDA: the rows of the probe run that sizes the sample
 PROBE_MAX_S = 0.5    # off CUDA: a probe run longer than this stops the measuring (the rule decides)
 CPU_MEASURE_MIN_WORK = 2**27   # auto mode on the CPU measures from N·H·V (smaller: the model)
 
@@ -372,7 +371,7 @@ def _lookup_or_measure(k, options, runners, mode, fallback) -> str:
     if built is None:                      # even a row sample is over the budget: the rule
         return _accept(fallback, options) or _model_choice(options)
     if isinstance(built, Sample):          # off CUDA: estimated from row samples (warmed by the probe)
-        times = totals(built.estimate(measure(built.runners, warm=len(built.rows) == 1)), options)
+        times = totals(built.estimate(measure(built.runners, warm=not built.warmed)), options)
     else:
         times = totals(measure(built), options)
     if not times:
@@ -382,7 +381,7 @@ def _lookup_or_measure(k, options, runners, mode, fallback) -> str:
     entry = {"path": path, "dz_tile": tile,
              "times_ms": {c: round(t * 1e3, 4) for c, t in times.items()}}
     if isinstance(built, Sample):
-        entry["sample_rows"] = list(built.rows)
+        entry["sample_rows"] = built.rows
     _measured[k] = entry
     try:
         write_entries(cf, {k: entry})
@@ -482,41 +481,26 @@ def _compiling() -> bool:
 
 @dataclass
 class Sample:
-    """Parts timed on row samples of a call (off CUDA): ``runners`` maps ``"<part>#<rows>"`` to a
-    callable on that many rows (plain part names when the sample is the whole call, ``rows == (M,)``)."""
+    """Parts timed on a row sample of a call (off CUDA): ``runners`` on ``rows`` of the call's M active
+    rows (all of them for a small call)."""
     runners: dict
-    rows: tuple[int, ...]
+    rows: int
     M: int
+    warmed: bool = False      # the probe has run each part (no warm-up needed)
 
     def estimate(self, times: dict[str, float]) -> dict[str, float]:
-        """Each part's seconds for the call's M rows from its sample times: with two sizes
-        ``R1 < R2`` the line through them, ``t(R2) + (M - R2) * (t(R2) - t(R1)) / (R2 - R1)`` (a
-        run's fixed cost, W read and dW written whatever the rows, counted once; where noise makes
-        the slope not positive, ``t(R2) * M / R2``); with one size ``t(R) * M / R``."""
-        out = {}
-        for name in {n.partition("#")[0] for n in times}:
-            ts = [(R, times[f"{name}#{R}"]) for R in self.rows if f"{name}#{R}" in times]
-            if name in times:
-                ts = [(self.rows[0], times[name])]
-            if len(ts) == 2 and ts[1][1] > ts[0][1]:
-                (r1, t1), (r2, t2) = ts
-                out[name] = t2 + (self.M - r2) * (t2 - t1) / (r2 - r1)
-            elif ts:
-                r, t = ts[-1]
-                out[name] = t * self.M / r
-        return out
+        """Each part's seconds scaled to the call's rows: ``t * M / rows``."""
+        return {name: t * self.M / self.rows for name, t in times.items()}
 
 
 def sample_runners(be, hidden, weight, bias, targets, p, valid, M: int, *, hint=None, **kw):
-    """Off CUDA: :func:`runners` on row samples of the call's active rows (evenly spaced, so the
+    """Off CUDA: :func:`runners` on a row sample of the call's active rows (evenly spaced, so the
     hinted share is the call's), as a :class:`Sample`; None when even the probe is over the budget.
-    Up to ``3 x`` :data:`PROBE_ROWS` active rows: the whole call, each part timed as is. Else a probe
-    runs each part once on :data:`PROBE_ROWS` rows (the warm-up; a run over :data:`PROBE_MAX_S` stops
-    the measuring: the caller takes the rule), and the rounds time each part on two samples,
-    :data:`PROBE_ROWS` and ``R2`` rows (``R2`` at least ``3 x`` that, more where the slowest probe
-    took under :data:`SAMPLE_RUN_S` / 3, at most M): :meth:`Sample.estimate` draws the line
-    through them to M rows, since a run's fixed cost (W read, dW written) is not proportional to its
-    rows."""
+    Up to ``2 x`` :data:`PROBE_ROWS` active rows: the whole call. Else a probe runs each part once on
+    :data:`PROBE_ROWS` rows (the warm-up; a run over :data:`PROBE_MAX_S` stops the measuring: the
+    caller takes the rule), and the sample is sized so that the slowest part's run takes about
+    :data:`SAMPLE_RUN_S` as if time were proportional to rows (at least ``2 x`` :data:`PROBE_ROWS`,
+    at most M rows)."""
     act = valid.nonzero()[:, 0]
 
     def on(R):
@@ -525,9 +509,9 @@ def sample_runners(be, hidden, weight, bias, targets, p, valid, M: int, *, hint=
                        hint=None if hint is None else hint[idx], **kw)
 
     R1 = PROBE_ROWS
-    if M <= 3 * R1 or _timer is not None:       # small: the whole call; injected timings: nothing runs
-        R = M if M <= 3 * R1 else R1
-        return Sample(on(R), (R,), M)
+    if M <= 2 * R1 or _timer is not None:       # small: the whole call; injected timings: nothing runs
+        R = M if M <= 2 * R1 else 2 * R1
+        return Sample(on(R), R, M)
     probe = on(R1)
     worst, live = 0.0, []
     for name, run in probe.items():
@@ -538,13 +522,9 @@ def sample_runners(be, hidden, weight, bias, targets, p, valid, M: int, *, hint=
             return None
         worst = max(worst, done[name])
         live.append(name)
-    R2 = min(M, max(3 * R1, int(R1 * SAMPLE_RUN_S / max(worst, 1e-9))))
-    big = on(R2)
-    parts = {}
-    for name in live:
-        parts[f"{name}#{R1}"] = probe[name]
-        parts[f"{name}#{R2}"] = big[name]
-    return Sample(parts, (R1, R2), M)
+    R = min(M, max(2 * R1, int(R1 * SAMPLE_RUN_S / max(worst, 1e-9))))
+    sample = on(R)
+    return Sample({n: sample[n] for n in live}, R, M, warmed=True)
 
 
 def runners(be, hidden, weight, bias, targets, p, *, grads: str, entropy: bool, hint=None,

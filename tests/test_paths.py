@@ -288,8 +288,14 @@ def _worker(rank, port, out_dir):
     got = select.choose("dev|k", ("two_pass", "one_pass"),
                         lambda: {p: (lambda: None) for p in ("two_pass", "one_pass")})
     k = select.key(torch.device("cpu"), torch.float32, 8, 16, 123, "hw", False, "torch", True)
+    # the dz tile too: rank 0 finds 128x64 fastest, rank 1 128x128
+    tiles = {"fwd:two_pass": 1.0, "bwd:128x128": 2.0 if rank == 0 else 0.5,
+             "bwd:128x64": 0.5 if rank == 0 else 2.0, "one_pass": 9.0}
+    select.set_timer(FakeClock(tiles))
+    got2 = select.choose("dev|t", ("two_pass@128x128", "two_pass@128x64", "one_pass"),
+                         lambda: {p: (lambda: None) for p in tiles})
     with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
-        json.dump({"choice": got, "timed": len(clock.calls), "key": k}, f)
+        json.dump({"choice": got, "timed": len(clock.calls), "key": k, "tile_choice": got2}, f)
     dist.destroy_process_group()
 
 
@@ -298,6 +304,7 @@ def test_rank0_choice_is_broadcast(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     r = [json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(2)]
     assert r[0]["choice"] == r[1]["choice"] == "one_pass"
+    assert r[0]["tile_choice"] == r[1]["tile_choice"] == "two_pass@128x64"     # rank 0's tile
     assert r[0]["timed"] > 0 and r[1]["timed"] == 0        # only rank 0 measures
     assert "Many" in r[0]["key"] and "Many" in r[1]["key"]                         # distributed keys drop M's bucket
 

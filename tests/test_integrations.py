@@ -818,3 +818,40 @@ def test_trl_global_normalization_bad_settings(tmp_path):
     trainer.model.train()
     with pytest.raises(RuntimeError, match="buffered generation batch"):
         trainer.compute_loss(trainer.model, _trl_inputs(trainer))   # not from _prepare_inputs
+
+
+@pytest.mark.parametrize("loss_type,level", [(lt, "token") for lt in _TRL_TYPES] + [("grpo", "sequence"),
+                                                                                      ("luspo", "sequence")])
+def test_liger_totals_micro_batches_add_up(loss_type, level):
+    """FusedLinearGRPOLoss(..., totals=batch_totals(masks)): uneven micro-batches' losses and gradients add up to
+    the whole batch's call, which is Liger's own normalisation of that batch (luspo: TRL's masked form,
+    padded_luspo=False); with world_size=2 in the totals the loss is doubled (DDP's mean compensated)."""
+    from upg_kernels import BatchTotals, batch_totals
+
+    case = _grpo_case(41, B=7, T=6, dtype=torch.float64)
+    case["mask"][5, 2:] = 0
+    ctor = dict(beta=0.1, loss_type=loss_type, importance_sampling_level=level, epsilon_high=0.28,
+                max_completion_length=6, padded_luspo=False)
+    fwd = dict(old_per_token_logps=case["old"], ref_per_token_logps=case["ref"], vllm_is_ratio=case["is_tok"])
+    l_whole, _, g_whole = _run_grpo(FusedLinearGRPOLoss, case, ctor, fwd)
+    cuts = [slice(0, 1), slice(1, 4), slice(4, 7)]
+    totals = batch_totals([case["mask"][s] for s in cuts])
+    x = case["hidden"].clone().requires_grad_(True)
+    w = case["weight"].clone().requires_grad_(True)
+    b = case["bias"].clone().requires_grad_(True)
+    mod = FusedLinearGRPOLoss(**ctor)
+    total = 0.0
+    for s in cuts:
+        loss, _ = mod(x[s], w, case["ids"][s], case["mask"][s], case["adv"][s], b,
+                      **{k: v[s] for k, v in fwd.items()}, totals=totals)
+        loss.backward()
+        total = total + loss.detach()
+    _close("liger totals: micro-batch losses", total, l_whole, 1e-6, 1e-5)
+    for a, r in zip((x.grad, w.grad, b.grad), g_whole):
+        _close("liger totals: micro-batch grads", a, r, 1e-7, 1e-5)
+    l2, _ = mod(case["hidden"], case["weight"], case["ids"], case["mask"], case["adv"], case["bias"], **fwd,
+                totals=BatchTotals(**{**vars(totals), "world_size": 2}))
+    _close("liger totals: world_size 2", l2.detach(), 2 * l_whole, 1e-6, 1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        mod(case["hidden"], case["weight"], case["ids"], case["mask"], case["adv"], case["bias"], **fwd,
+            totals=totals, num_items_in_batch=10)

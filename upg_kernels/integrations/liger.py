@@ -22,6 +22,10 @@ for ``importance_sampling_level="sequence"`` ``r_i = exp(sum_t m (logp - old) / 
   dr_grpo ``sum(l m) / (B * max_completion_length)``; dapo/cispo/vespo ``sum(l m) / max(n / world, 1)`` with
   ``n = num_items_in_batch`` or the mask's token count summed over the process group; luspo
   ``sum_i len_i l_i / B`` (``len_i = sum_t m``), i.e. ``sum(l m) / B``;
+  these normalisers are passed to :func:`unified_policy_loss` as the call's :class:`upg_kernels.BatchTotals`
+  (:func:`normalizer_totals`); ``forward(..., totals=batch_totals(...))`` replaces them by the whole batch's
+  counts, exact over micro-batches and ranks for every loss type (the loss is then multiplied by
+  ``totals.world_size``, which compensates DDP's mean, as Liger's ``/ world`` does for dapo);
 * metrics, in this order: ``[mean KL]`` (only when ``beta != 0``: ``sum(kl m) / max(sum(m), 1)``, ``kl`` the term
   as added, bias-corrected or not), then the clip fraction ``sum(clipped m) / max(sum(m), 1)`` with
   ``clipped = (r < 1-eps_low & A < 0) | (r > 1+eps_high & A > 0)`` (cispo: ``r > eps_high & A > 0``; sapo and
@@ -207,10 +211,17 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     (``"auto"``, ``"triton"``, ``"torch"``). ``compiled`` and ``chunk_size`` are accepted no-ops.
     ``forward(_input [B, T, H], lin_weight [V, H], selected_token_ids [B, T], attention_mask [B, T],
     advantages [B], bias=None, ref_per_token_logps=None, old_per_token_logps=None, ref_input=None,
-    ref_weight=None, ref_bias=None, vllm_is_ratio=None, num_items_in_batch=None)`` returns
+    ref_weight=None, ref_bias=None, vllm_is_ratio=None, num_items_in_batch=None, totals=None)`` returns
     ``(loss, metrics)``: a float32 scalar with gradients to ``_input``, ``lin_weight`` and ``bias``, and the
     tuple ``(kl_mean, clip_ratio)`` (``(clip_ratio,)`` when ``beta == 0``). See the module docstring for the
     exact semantics.
+
+    ``totals`` (ours; not with ``num_items_in_batch``): the :class:`upg_kernels.BatchTotals` of the whole batch
+    of the optimizer step, from :func:`upg_kernels.batch_totals` (the attention masks of every micro-batch;
+    ``group=`` under DDP). Every loss type then divides by those counts: the micro-batches' (and ranks')
+    losses and gradients add up to the whole batch's call; the loss is multiplied by ``totals.world_size``
+    (DDP averages the ranks' gradients). luspo then takes the masked form (``padded_luspo`` does not apply:
+    Liger's padded weighting depends on each call's padded length).
     """
 
     def __init__(self, *args, backend: str = "auto", padded_luspo: bool = True, **kwargs):

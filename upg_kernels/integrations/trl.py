@@ -19,15 +19,18 @@ and stored it as ``trainer.liger_grpo_loss``, the same call also replaces that m
 
 With ``loss=True`` the trainer's ``_compute_loss`` is also replaced: the policy loss of the supported
 loss types (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo; token or sequence level; beta, with or
-without ``use_bias_correction_kl``; delta; vLLM IS correction) is then computed by :func:`upg_kernels.unified_policy_loss` from the backbone's last hidden
-states and the lm_head (one fused pass; the backward skips rows whose gradient coefficient is 0), with TRL's
-normalizers (gradient accumulation, ``num_items_in_batch``) and TRL's logged metrics. Options this mode
-does not cover raise ``NotImplementedError`` when patching (see :func:`patch_grpo_trainer`).
+without ``use_bias_correction_kl``; delta; vLLM IS correction) is then computed by
+:func:`upg_kernels.unified_policy_loss` from the backbone's last hidden states and the lm_head (one fused pass;
+the backward skips rows whose gradient coefficient is 0), with TRL's logged metrics. The loss divides by a
+:class:`upg_kernels.BatchTotals`: TRL's own normalisers expressed as totals (``normalization="trl"``, the
+default: the loss equals TRL's), or the exact totals of the optimizer step over every micro-batch and process
+(``normalization="global"``: the gradient is independent of gradient accumulation and of the process count).
+Options this mode does not cover raise ``NotImplementedError`` when patching (see :func:`patch_grpo_trainer`).
 
 Usage::
 
     trainer = GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
-    patch_grpo_trainer(trainer)            # or patch_grpo_trainer(trainer, loss=True)
+    patch_grpo_trainer(trainer)            # or patch_grpo_trainer(trainer, loss=True[, normalization="global"])
     trainer.train()
 """
 from __future__ import annotations

@@ -329,9 +329,9 @@ class _Head(torch.nn.Module):
         self.bias = torch.nn.Parameter(b.clone())
         self.cfg = cfg
 
-    def forward(self, h, tgt, lb, totals):
+    def forward(self, h, tgt, lb, totals, **kw):   # kw: cp_group=, vocab_parallel= (test_parallel_totals.py)
         return unified_policy_loss(h, self.weight, tgt, config=self.cfg, bias=self.bias, backend="torch",
-                                   batch=lb, totals=totals).loss
+                                   batch=lb, totals=totals, **kw).loss
 
 
 def _ddp_worker(rank, port, out_path):

@@ -37,25 +37,28 @@ def parity(prompts, completions, **_):
 '''
 
 
-def _flags(command: str, out: str, reward: str, world: int) -> dict:
-    return {"output.dir": out, "output.progress": "false", "output.plots": "false", "output.save_every": "0",
+def _flags(command: str, out: str, reward: str, world: int, dtype: str = DTYPE, **extra) -> dict:
+    return {**{"output.dir": out, "output.progress": "false", "output.plots": "false", "output.save_every": "0",
             "data.eval_path": "", "data.num_train": "16", "train.batch_size": "4", "rollout.n": "2",
             "rollout.max_new_tokens": "6", "train.max_steps": str(STEPS), "train.grad_accum": "2",
             "train.lr": "1e-3", "train.grad_clip": "0", "rollout.seed_mode": "global",
             "reward.funcs": f"[{reward}:parity]", "train.strategy": "ddp" if world > 1 else "none",
-            "model.dtype": DTYPE}
+            "model.dtype": dtype}, **extra}
 
 
-def _worker(rank: int, world: int, command: str, tmp: str, reward: str) -> dict:
+def _worker(rank: int, world: int, command: str, tmp: str, reward: str, tag: str = "", dtype: str = DTYPE,
+            extra: dict | None = None) -> dict:
+    """One run; its final weights go to ``{command}-{world}{tag}.pt`` in ``tmp``."""
     from upg_trainer import distributed as D
     from upg_trainer.config import build_config
     from upg_trainer.trainer import Trainer
-    tr = Trainer(build_config(command, None, _flags(command, os.path.join(tmp, f"{command}-{world}"), reward,
-                                                   world)))
+    name = f"{command}-{world}{tag}"
+    tr = Trainer(build_config(command, None, _flags(command, os.path.join(tmp, name), reward, world, dtype,
+                                                   **(extra or {}))))
     tr.train()
     sd = D.full_state_dict(tr.model)
     if rank == 0:
-        torch.save({k: v.detach().cpu() for k, v in sd.items()}, os.path.join(tmp, f"{command}-{world}.pt"))
+        torch.save({k: v.detach().cpu() for k, v in sd.items()}, os.path.join(tmp, f"{name}.pt"))
     rows = [l for l in open(tr.metrics.path)] if rank == 0 else []
     return {"metrics": rows}
 

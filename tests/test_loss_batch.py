@@ -313,6 +313,11 @@ def test_preference_micro_batches_with_totals_add_up():
         preference_loss(h, w, t, config="dpo", loss_mask=m, bias=b, backend="torch",
                         ref_chosen_logps=torch.zeros(P), ref_rejected_logps=torch.zeros(P),
                         totals=upg_kernels.batch_totals(mask))
+    # totals of another (smaller) batch: the whole batch's call holds more pairs than they counted
+    with pytest.raises(ValueError, match=r"totals do not cover this call \(3 pairs .* 1 and"):
+        preference_loss(h, w, t, config="dpo", loss_mask=m, bias=b, backend="torch",
+                        ref_chosen_logps=torch.zeros(P), ref_rejected_logps=torch.zeros(P),
+                        totals=upg_kernels.batch_totals(mask[rows(slice(0, 1))], paired=True))
 
 
 # ----------------------------------------------------------------------------------------- C: 2 gloo ranks

@@ -171,6 +171,7 @@ def _errors(dp_rank, cp_rank, dp, cp):
     # every CP rank must count the same rows (rank 1 passes one row fewer)
     catch("cp_rows_differ", lambda: upg_kernels.batch_totals(part.loss_mask[:6 - cp_rank], group=dp, cp_group=cp))
     catch("cp_paired", lambda: upg_kernels.batch_totals(part.loss_mask, paired=True, cp_group=cp))
+    catch("group_not_a_group", lambda: upg_kernels.batch_totals(part.loss_mask, group="world"))
     return res
 
 
@@ -218,7 +219,8 @@ def test_dpo_with_tensor_parallel_and_totals(results):
     ("totals_without_cp", r"group of 1 rank\(s\) but this call's cp_group has 2: count them with "
                           r"batch_totals\(\.\.\., cp_group=cp_group\)"),
     ("cp_rows_differ", "the ranks of cp_group hold different numbers of main / demonstration rows"),
-    ("cp_paired", "paired=True\\) does not take cp_group")])
+    ("cp_paired", "paired=True\\) does not take cp_group"),
+    ("group_not_a_group", r"batch_totals\(group=...\) must be a torch.distributed.ProcessGroup or None, got str")])
 def test_totals_and_groups_that_do_not_fit(results, key, match):
     import re
     for r in results:

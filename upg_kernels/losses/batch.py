@@ -173,6 +173,7 @@ def batch_totals(loss_mask, *, is_demo=None, group=None, cp_group=None, group_id
         import torch.distributed as dist
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("batch_totals(group=...) needs an initialized torch.distributed process group")
+        check_group(group, "batch_totals(group=...)")
         world = dist.get_world_size(group)
         counts = _all_reduce(counts, group, dev)
         if group_ids is not None:

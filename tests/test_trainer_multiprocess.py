@@ -105,3 +105,43 @@ def test_seed_mode_is_checked():
     from upg_trainer.config import build_config
     with pytest.raises(ValueError, match="rollout.seed_mode must be one of per_rank, global"):
         build_config("grpo", None, {"rollout.seed_mode": "rank"})
+
+
+# ----------------------------------------------------------------------------- DAPO dynamic sampling at 2 ranks
+def _dynamic_sampling_worker(rank: int, world: int, tmp: str, reward: str) -> dict:
+    """A 2-process grpo run with ``rollout.dynamic_sampling``; records what each rank's sampling did."""
+    from upg_trainer.methods.rl import RLMethod
+    seen = []
+    orig = RLMethod.sample_groups
+
+    def recording(self, n):
+        pos = self.tr.sampler.pos
+        rows, ro, reward_, per, texts, stats = orig(self, n)
+        seen.append(dict(stats, groups=len(rows), taken=self.tr.sampler.pos - pos,
+                         flat=sum(len(set(reward_[g * n:(g + 1) * n])) == 1 for g in range(len(rows)))))
+        return rows, ro, reward_, per, texts, stats
+    RLMethod.sample_groups = recording
+    out = _worker(rank, world, "grpo", tmp, reward, "-ds", "float32",
+                  {"rollout.dynamic_sampling": "true", "rollout.max_sampling_rounds": "4", "train.max_steps": "3"})
+    return dict(out, seen=seen)
+
+
+def test_dynamic_sampling_decides_over_every_rank(tmp_path):
+    """Every rank runs the same rounds and takes the same prompts; the kept groups over both ranks fill the
+    batch (4 prompts) unless the round cap was reached; no kept group has equal rewards; the logged
+    ``dropped_groups`` / ``sampling_rounds`` are the global ones (the same on both ranks)."""
+    reward = tmp_path / "reward_parity.py"
+    reward.write_text(REWARD)
+    res = run_world(_dynamic_sampling_worker, 2, str(tmp_path), str(reward))
+    a, b = res[0]["seen"], res[1]["seen"]
+    assert len(a) == len(b) == 3
+    multi = 0
+    for sa, sb in zip(a, b):
+        for k in ("sampling_rounds", "dropped_groups", "taken"):
+            assert sa[k] == sb[k], (k, sa, sb)
+        total = sa["groups"] + sb["groups"]
+        assert total == 4 or (total < 4 and sa["sampling_rounds"] == 4), (sa, sb)
+        assert sa["flat"] == sb["flat"] == 0, (sa, sb)
+        multi += sa["sampling_rounds"] > 1
+    assert multi, f"no step needed a second round: {a}"   # the refill ran
+    print("dynamic sampling, rank 0 then rank 1:", a, b)

@@ -10,7 +10,8 @@ groups {0, 1}, {2, 3} hold the same rows.
   (row 5). ``batch_totals(..., group=dp, cp_group=cp)`` counts each row once and the tokens of every CP
   rank; one DDP over all 4 ranks averages the gradients, compensated by ``world_size * cp_size``. The sum
   over all ranks and micro-batches of the losses, the DDP-averaged dW and db, and each rank's dh equal the
-  whole-batch single-process float64 call.
+  whole-batch single-process float64 call. Also (5 presets) the other layout: DDP over the DP group,
+  compensated by ``world_size``, the CP ranks' gradients summed by hand.
 * DP x TP, every preset: each TP rank holds its rows of the head (V=19: shards of 10 and 9); the totals
   count over the DP group only (TP ranks hold the same tokens); DDP over the DP group, compensated by
   ``world_size``; also DPO through ``preference_loss(..., vocab_parallel=, totals=)``.
@@ -28,6 +29,7 @@ from test_loss_batch import ALL_PRESETS, RANK_MICRO, RANK_ROWS, _Head, _loss_and
 from test_parallel_context import COLS, _rel, _split_kw
 
 TOL = 1e-10
+DDP_OVER_DP = ("grpo", "gspo", "hpt", "luffy", "vespo")   # the other gradient layout, a representative set
 
 
 def _groups(rank):
@@ -59,7 +61,9 @@ def _sum(x, group):
     return y
 
 
-def _dp_cp(name, dp_rank, cp_rank, dp, cp):
+def _dp_cp(name, dp_rank, cp_rank, dp, cp, ddp_over="all"):
+    """``ddp_over="all"``: one DDP over every DP and CP rank (loss x ``world_size * cp_size``); ``"dp"``: DDP
+    over the DP group (loss x ``world_size``), the CP ranks' gradients then summed by hand."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     import upg_kernels
@@ -70,8 +74,12 @@ def _dp_cp(name, dp_rank, cp_rank, dp, cp):
     totals = upg_kernels.batch_totals([p.loss_mask for p in parts], group=dp, cp_group=cp,
                                       is_demo=None if lb.is_demo is None else [p.is_demo for p in parts])
     whole = upg_kernels.batch_totals(lb.loss_mask, is_demo=lb.is_demo)
-    model = DDP(_Head(w, b, cfg))                      # one gradient all-reduce over every DP and CP rank
-    scale = totals.world_size * totals.cp_size
+    if ddp_over == "all":
+        model = DDP(_Head(w, b, cfg))                  # one gradient all-reduce over every DP and CP rank
+        scale = totals.world_size * totals.cp_size
+    else:
+        model = DDP(_Head(w, b, cfg), process_group=dp)
+        scale = totals.world_size
     acc, dhs = torch.zeros((), dtype=torch.float64), []
     for k, (s, p) in enumerate(zip(micro, parts)):
         h = hid[s][:, cols].clone().requires_grad_(True)
@@ -80,8 +88,10 @@ def _dp_cp(name, dp_rank, cp_rank, dp, cp):
             (loss * scale).backward()
         acc += loss.detach()
         dhs.append(h.grad)
-    return dict(loss=_rel(_sum(acc, dist.group.WORLD), L), dw=_rel(model.module.weight.grad, dw),
-                db=_rel(model.module.bias.grad, db),
+    dw_k, db_k = model.module.weight.grad, model.module.bias.grad
+    if ddp_over == "dp":
+        dw_k, db_k = _sum(dw_k, cp), _sum(db_k, cp)
+    return dict(loss=_rel(_sum(acc, dist.group.WORLD), L), dw=_rel(dw_k, dw), db=_rel(db_k, db),
                 dh=_rel(torch.cat(dhs) / scale, dh[RANK_ROWS[dp_rank]][:, cols]),
                 counts=[totals.main_tokens, totals.demo_tokens, totals.main_rows, totals.demo_rows,
                         totals.world_size, totals.cp_size],
@@ -180,6 +190,8 @@ def _worker(rank, world):
     res = {}
     for name in ALL_PRESETS:
         res[f"cp-{name}"] = _dp_cp(name, dp_rank, inner, dp, grp)
+    for name in DDP_OVER_DP:
+        res[f"cp-dp-{name}"] = _dp_cp(name, dp_rank, inner, dp, grp, ddp_over="dp")
     res["errors"] = _errors(dp_rank, inner, dp, grp)
     for name in ALL_PRESETS:
         res[f"tp-{name}"] = _dp_tp(name, dp_rank, dp, grp)
@@ -197,6 +209,13 @@ def test_data_and_context_parallel_with_totals_equal_the_whole_batch(results, na
     for rank, r in enumerate(results):
         d = r[f"cp-{name}"]
         assert d["counts"] == d["whole"], (rank, d)        # each row once, every CP rank's tokens
+        assert max(d["loss"], d["dw"], d["db"], d["dh"]) < TOL, (rank, d)
+
+
+@pytest.mark.parametrize("name", DDP_OVER_DP)
+def test_ddp_over_the_data_parallel_group_with_cp_gradients_summed(results, name):
+    for rank, r in enumerate(results):
+        d = r[f"cp-dp-{name}"]
         assert max(d["loss"], d["dw"], d["db"], d["dh"]) < TOL, (rank, d)
 
 

@@ -23,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..parallel.comm import check_group, group_size
+
 
 @dataclass(frozen=True)
 class BatchTotals:
@@ -113,7 +115,6 @@ def batch_totals(loss_mask, *, is_demo=None, group=None, cp_group=None, group_id
     One small all-reduce over ``group`` (and an all-gather of the labels with ``group_ids``) when it is
     given, one over ``cp_group`` when it is given.
     """
-    from ..parallel.comm import check_group, group_size
     check_group(cp_group, "batch_totals(cp_group=...)")
     if cp_group is not None and paired:
         raise ValueError("batch_totals(paired=True) does not take cp_group: preference_loss has no context "

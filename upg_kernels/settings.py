@@ -6,12 +6,16 @@ at the next call. One parser per kind: booleans accept ``1/true/yes/on`` and ``0
 (any case; unset or empty = the default), byte sizes are positive integers, choices are matched
 lower-cased. A value that does not parse raises a ValueError naming the variable and what it expects.
 
-The table in docs/settings.md is :func:`markdown_table` (tests/test_settings.py keeps the two equal). This module imports nothing from the library.
+The table in docs/settings.md is :func:`markdown_table` (tests/test_settings.py keeps the two equal).
+From the library this module imports only :mod:`upg_kernels.path_names` (the path names, a module that
+imports nothing), so it stays light: no torch, no triton.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+from .path_names import PATH_NAMES
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
@@ -136,7 +140,7 @@ PATH = Setting(
     "pins the path of every call (`path=None`): `two_pass`, `two_pass_gemm_forward` (Triton backends) "
     "or `one_pass` (losses with gradients); a path a call cannot take runs `two_pass`. `auto`: chosen "
     "by measurement (docs/kernels.md, \"Path selection\")",
-    choices=("auto", "two_pass", "two_pass_gemm_forward", "one_pass"))
+    choices=("auto",) + PATH_NAMES)
 DETERMINISTIC = Setting(
     "UPG_KERNELS_DETERMINISTIC", "bool", False,
     "pins the deterministic path (`two_pass` with the GEMM backward, no atomics; also on under "

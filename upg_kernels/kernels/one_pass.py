@@ -51,7 +51,6 @@ from .gemm import mm_acc, mm_f32
 from .meta import any_true, is_meta, nonzero_rows
 from .torch_chunked import logits_grad_, scale_logits_
 
-PATH_NAME = "one_pass"
 ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 1 GiB: ~2000 rows at llama3-8b (V = 128256)
 ONE_PASS_CPU_BYTES = 128 * 2**20   # off CUDA: ~500 rows at V = 32768, a fraction of eager's N x V logits
 MIN_CHUNK_ROWS = 256            # CUDA: smaller chunks make the per-chunk dW update memory-bound

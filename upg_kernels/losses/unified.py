@@ -306,7 +306,8 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
             rows (every rank the same rows, its own positions). The sequence-level reductions (per-row
             and token_mean counts, GSPO/LUSPO ratios, VESPO's sum, sequence-level IS, demo counts) and the
             metrics are completed over it; each rank's ``loss`` is its part, and the sum over the group
-            of the losses and gradients equals the unsplit call (docs/distributed.md).
+            of the losses and gradients equals the unsplit call (docs/distributed.md). With
+            ``totals``, count them with ``batch_totals(..., cp_group=cp_group)`` (each row once).
         capturable: no host synchronization in the forward and backward (CUDA graphs): every row
             runs, the metrics are device tensors, a target id outside ``[0, V)`` makes its row's
             log-prob NaN (so the loss is NaN) instead of raising, the PyTorch epilogue is used, and

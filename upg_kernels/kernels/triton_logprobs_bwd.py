@@ -33,7 +33,7 @@ from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, Kernel
                   flag_cover, label, ptr, tail)
 from .meta import launch
 from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, grad_tile,
-                                     num_sms, upcast_dot)
+                                     num_sms, operand, upcast_dot)
 
 # float32 dweight accumulation buffer per launch (bf16/fp16 weights); see docs/kernels.md
 DW_SLAB_BYTES = 16 * 2**20
@@ -76,12 +76,14 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
                 dh_ptrs = dh_ptr + offs_m[:, None] * H + offs_k[None, :]
             for k in range(0, H, BLOCK_H):
                 if EVEN_H:
-                    w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
+                    w = operand(tl.load(w_ptrs, mask=mask_v[:, None], other=0.0), h_ptr.dtype.element_ty,
+                                UPCAST)
                     tl.atomic_add(dh_ptrs, dot(dzc, w, None, PREC, UPCAST),
                                   mask=mask_m[:, None], sem="relaxed")
                 else:
                     kmask = offs_k + k < H
-                    w = tl.load(w_ptrs, mask=mask_v[:, None] & kmask[None, :], other=0.0)
+                    w = operand(tl.load(w_ptrs, mask=mask_v[:, None] & kmask[None, :], other=0.0),
+                                h_ptr.dtype.element_ty, UPCAST)
                     tl.atomic_add(dh_ptrs, dot(dzc, w, None, PREC, UPCAST),
                                   mask=mask_m[:, None] & kmask[None, :], sem="relaxed")
                 w_ptrs += BLOCK_H

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from ..settings import TRITON_BWD_CONFIG, TRITON_FWD_CONFIG
 from ..settings import interpreter_on as interpreting   # one definition of "under the interpreter"
+from .workspace import keeps_weight
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -94,9 +95,9 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 {name}, got "
                             f"{t.dtype}; use backend='torch' for float64")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"backend='triton' needs hidden and weight in one dtype, got "
-                        f"{hidden.dtype} and {weight.dtype}")
+    if hidden.dtype != weight.dtype and not keeps_weight(weight.dtype, hidden.dtype):
+        raise TypeError(f"backend='triton' needs hidden and weight in one dtype, or a float32 weight "
+                        f"with bf16/fp16 hidden states (autocast), got {hidden.dtype} and {weight.dtype}")
     if hidden.device.type not in ("cuda", "meta") and not interpreting():   # meta: kernels/meta.py
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
                          f"got tensors on {hidden.device}")
@@ -153,6 +154,19 @@ def upcast_dot() -> bool:
 
 
 @triton.jit
+def operand(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """A loaded W tile ``x`` in the operand dtype ``dtype`` (hidden's): nothing for one dtype; a
+    float32 tile with bf16/fp16 hidden states (autocast) is rounded to nearest even in registers, as
+    ``weight.to(dtype)`` would. Under the interpreter (``UPCAST``), whose float32 -> bf16 cast
+    truncates, the bf16 rounding is done on the bits and the tile stays float32 (``dot`` upcasts)."""
+    if UPCAST and dtype == tl.bfloat16 and x.dtype == tl.float32:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         a = a.to(tl.float32)
@@ -170,7 +184,8 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h
     [BLOCK_N, BLOCK_V] tile, and ``t = tanh(. / softcap)`` (for the backward chain rule; the
     logits themselves when there is no softcap). ``rows`` are int64 row ids, ``v0`` an int64
     scalar, ``cols`` int32 ``arange(BLOCK_V)`` (int32 inside the tile keeps registers low).
-    Masked rows / columns hold finite garbage: callers mask them."""
+    Masked rows / columns hold finite garbage: callers mask them. A float32 ``w`` with bf16/fp16
+    ``h`` (autocast) is cast to ``h``'s type tile by tile in registers (a no-op for one dtype)."""
     offs_k = tl.arange(0, BLOCK_H)
     h_ptrs = h_ptr + rows[:, None] * stride_h + offs_k[None, :]
     w_ptrs = (w_ptr + v0 * stride_w) + cols[None, :] * stride_w + offs_k[:, None]
@@ -178,11 +193,12 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h
     for k in range(0, H, BLOCK_H):
         if EVEN_H:
             a = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(w_ptrs, mask=mask_v[None, :], other=0.0)
+            b = operand(tl.load(w_ptrs, mask=mask_v[None, :], other=0.0), h_ptr.dtype.element_ty, UPCAST)
         else:
             kmask = offs_k + k < H
             a = tl.load(h_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=kmask[:, None] & mask_v[None, :], other=0.0)
+            b = operand(tl.load(w_ptrs, mask=kmask[:, None] & mask_v[None, :], other=0.0),
+                        h_ptr.dtype.element_ty, UPCAST)
         acc = dot(a, b, acc, PREC, UPCAST)
         h_ptrs += BLOCK_H
         w_ptrs += BLOCK_H

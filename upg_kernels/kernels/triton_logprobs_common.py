@@ -47,7 +47,8 @@ _BWD_GPU_F32_ODD_H = BlockConfig(block_n=128, block_v=32, block_h=16, num_warps=
 # bf16/fp16 forward with a bias AND a softcap: 128x128 spilled 60-88 bytes on sm_80 with triton 3.9
 _FWD_GPU_BIAS_SOFTCAP = BlockConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3)
 # bf16/fp16 atomic backward with a softcap: the tanh chain factor is one more [128, 128] float32
-# tile; 128x128 spilled 96-116 bytes on sm_80 with triton 3.9 (compile check); 128x64 fits
+# tile; 128x128 spilled 96-116 bytes on sm_80 with triton 3.9 (compile check); 128x64 fits. Also
+# the tile of a float32 weight cast in registers (autocast)
 _BWD_GPU_SOFTCAP = BlockConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3)
 _FWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1)
 _BWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1, group_n=2)
@@ -77,12 +78,14 @@ def fwd_config(dtype: torch.dtype, H: int | None = None, bias_softcap: bool = Fa
             or _pick(dtype, H, default, _FWD_GPU_ODD_H, _FWD_GPU_F32, _FWD_GPU_F32))
 
 
-def bwd_config(dtype: torch.dtype, H: int | None = None, softcap: bool = False) -> BlockConfig:
+def bwd_config(dtype: torch.dtype, H: int | None = None, softcap: bool = False,
+               cast_weight: bool = False) -> BlockConfig:
     """The backward's block config for ``dtype`` and hidden size ``H`` (None: a multiple of 64),
-    with or without a softcap."""
+    with or without a softcap; ``cast_weight``: a float32 weight whose tiles the kernel casts to
+    bf16/fp16 (autocast; at 128x128 its float32 tiles spilled 72 bytes on sm_80 with triton 3.6)."""
     if interpreting():
         return _BWD_INTERP
-    default = _BWD_GPU_SOFTCAP if softcap else _BWD_GPU
+    default = _BWD_GPU_SOFTCAP if (softcap or cast_weight) else _BWD_GPU
     return (env_config(TRITON_BWD_CONFIG)
             or _pick(dtype, H, default, _BWD_GPU_ODD_H, _BWD_GPU_F32, _BWD_GPU_F32_ODD_H))
 

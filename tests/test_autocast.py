@@ -287,3 +287,19 @@ def test_meta_llama3_8b_no_whole_weight_copy(case, monkeypatch):
     budget = (settings.ONE_PASS_BYTES.get() + 4 * LLAMA_V * LLAMA_H if case.endswith("one_pass")
               else settings.WORKSPACE_BYTES.get())
     assert new_extra <= 1.1 * budget + slab + 2 * LLAMA_N * LLAMA_H, new_extra   # + a bf16 [N, H]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float16_autocast_matches_the_whole_cast(backend, small_slabs):
+    """fp16 autocast: the same forward as casting the whole weight, no fp16 [V, H] copy."""
+    h, w, b, t = _inputs()
+    spy = Spy()
+    hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    with spy, torch.autocast("cpu", dtype=torch.float16):
+        lp = token_logprobs(hh, ww, t, bias=b, backend=backend)
+    lp.sum().backward()
+    assert not [m for m in spy.made if m[1] == torch.float16 and H in m[2] and _numel(m[2]) >= V * H]
+    assert ww.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.float16):
+        old = token_logprobs(h, w.to(torch.float16), t, bias=b, backend=backend)
+    assert torch.equal(lp.detach(), old)

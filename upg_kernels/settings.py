@@ -103,6 +103,10 @@ WORKSPACE_BYTES = Setting(
 TORCH_CHUNK_BYTES = Setting(
     "UPG_KERNELS_TORCH_CHUNK_BYTES", "bytes", 64 * MiB,
     "bytes of one float32 chunk x V logits block of the torch backend")
+CAST_SLAB_BYTES = Setting(
+    "UPG_KERNELS_CAST_SLAB_BYTES", "bytes", 32 * MiB,
+    "bound of the weight slab cast to the compute dtype when the weight is float32 and the compute "
+    "dtype is bf16/fp16 (autocast): W is cast slab by slab, never whole (kernels/workspace.py)")
 TRITON_FORWARD = Setting(
     "UPG_KERNELS_TRITON_FORWARD", "choice", "fused",
     "forward path of the Triton backends: `fused` (one kernel) or `gemm` (cuBLAS logits slabs + a row "
@@ -168,7 +172,7 @@ BENCH_GIT_COMMIT = Setting(
     "the commit recorded in benchmark results when the tree has no `.git` (bench/gpu_run.sh)",
     scope="bench")
 
-SETTINGS = (BACKEND, WORKSPACE_BYTES, TORCH_CHUNK_BYTES, TRITON_FORWARD, TRITON_FWD_CONFIG,
+SETTINGS = (BACKEND, WORKSPACE_BYTES, TORCH_CHUNK_BYTES, CAST_SLAB_BYTES, TRITON_FORWARD, TRITON_FWD_CONFIG,
             TRITON_BWD_CONFIG, TRITON_DZ_CONFIG, TRITON_DW_SLAB_BYTES, FUSED_EPILOGUE, GRAD_IN_FORWARD,
             ONE_PASS_BYTES, PATH, DETERMINISTIC, AUTOTUNE, CACHE_DIR, PATH_TABLE,
             TRITON_INTERPRET, BENCH_GIT_COMMIT)

@@ -35,7 +35,10 @@ the gathered hidden rows and the dh staging rows -- is bounded by ``UPG_KERNELS_
 (default 1 GiB, :data:`ONE_PASS_BYTES`; :func:`set_one_pass_bytes`). Chunks are balanced
 (``ceil(M / ceil(M / C_max))`` rows, a multiple of 16). Besides the chunks, bf16 / fp16 weights get a
 float32 ``[V, H]`` dW accumulator (``4·V·H`` bytes), so dW is rounded once, not once per chunk;
-float32 / float64 weights accumulate in the output itself. On CUDA a budget that gives chunks of
+float32 / float64 weights accumulate in the output itself. A float32 weight with bf16 / fp16 hidden
+states (autocast) is never cast whole: the logits and dh GEMMs take it slab by slab, cast into one
+buffer of at most ``UPG_KERNELS_CAST_SLAB_BYTES`` (``workspace.WeightSlabs``, counted in the budget), dh
+then sums the slabs in a float32 ``[C, H]`` buffer, and dW accumulates in the float32 output. On CUDA a budget that gives chunks of
 fewer than :data:`MIN_CHUNK_ROWS` rows (where the dW GEMM's float32 read-modify-write of ``[V, H]``
 per chunk costs more than its math) is refused with a ``ValueError`` naming the variable.
 """
@@ -50,6 +53,7 @@ from .contract import LogprobParams
 from .gemm import mm_acc, mm_f32
 from .meta import any_true, is_meta, nonzero_rows
 from .torch_chunked import logits_grad_, scale_logits_
+from .workspace import WeightSlabs, cast_rows, cast_slab_bytes, keeps_weight
 
 ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 1 GiB: ~2000 rows at llama3-8b (V = 128256)
 ONE_PASS_CPU_BYTES = 128 * 2**20   # off CUDA: ~500 rows at V = 32768, a fraction of eager's N x V logits
@@ -88,15 +92,17 @@ class OnePassPlan:
     dw_fp32: bool          # dW accumulates in a float32 [V, H] buffer (bf16/fp16 weights)
     chunk_bytes: int       # the chunk workspace (logits, gathered hidden, dh staging)
     acc_bytes: int         # the float32 dW accumulator (0 without one)
+    cast_bytes: int = 0    # the weight slab cast buffer (autocast: float32 weight, bf16/fp16 compute)
 
 
 def row_bytes(V: int, H: int, dtype: torch.dtype, *, torch_rows: bool, softcap: bool = False,
-              need_hidden: bool = True) -> int:
+              need_hidden: bool = True, cast: bool = False) -> int:
     """Workspace bytes per chunk row: the float32 (float64) logits row, the gathered hidden row and
-    the dh staging row; the PyTorch row steps also hold ``exp(z - m)`` (and tanh with a softcap)."""
+    the dh staging row; the PyTorch row steps also hold ``exp(z - m)`` (and tanh with a softcap);
+    ``cast`` (the weight cast slab by slab): the float32 dh row that sums the slabs."""
     ce = 8 if dtype == torch.float64 else 4
     e = torch.empty((), dtype=dtype).element_size()
-    per = ce * V + e * H + (e * H if need_hidden else 0)
+    per = ce * V + e * H + (e * H if need_hidden else 0) + (4 * H if need_hidden and cast else 0)
     if torch_rows:                                # exp(z - m), tanh, a 2-byte dz copy
         per += ce * V * (2 if softcap else 1) + (e * V if e < ce else 0)
     return per
@@ -104,12 +110,17 @@ def row_bytes(V: int, H: int, dtype: torch.dtype, *, torch_rows: bool, softcap: 
 
 def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, *,
          need_hidden: bool = True, need_weight: bool = True, torch_rows: bool = False,
-         softcap: bool = False, gpu: bool = False) -> OnePassPlan:
+         softcap: bool = False, gpu: bool = False, w_dtype: torch.dtype | None = None) -> OnePassPlan:
     """Chunk size for ``M`` rows within ``budget`` bytes (default :func:`one_pass_bytes`). ``gpu``:
-    the CUDA rules (refuse chunks under :data:`MIN_CHUNK_ROWS` rows)."""
+    the CUDA rules (refuse chunks under :data:`MIN_CHUNK_ROWS` rows). ``w_dtype``: the weight's dtype
+    (default ``dtype``; a float32 weight with bf16/fp16 ``dtype`` is cast slab by slab)."""
     budget = one_pass_bytes() if budget is None else budget
-    per = row_bytes(V, H, dtype, torch_rows=torch_rows, softcap=softcap, need_hidden=need_hidden)
-    cmax = budget // per
+    w_dtype = dtype if w_dtype is None else w_dtype
+    cast = keeps_weight(w_dtype, dtype)
+    cast_b = cast_slab_bytes(H, dtype, min(V, cast_rows(H, dtype))) if cast else 0
+    per = row_bytes(V, H, dtype, torch_rows=torch_rows, softcap=softcap, need_hidden=need_hidden,
+                    cast=cast)
+    cmax = max(budget - cast_b, 0) // per
     if cmax >= 16:
         cmax = cmax // 16 * 16
     need = max(1, min(M, MIN_CHUNK_ROWS) if gpu else 1)
@@ -123,9 +134,9 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
     c = -(-max(M, 1) // n)
     if n > 1 and c > 16:
         c = min(cmax, -(-c // 16) * 16)
-    dw32 = need_weight and dtype in (torch.bfloat16, torch.float16)
+    dw32 = need_weight and w_dtype in (torch.bfloat16, torch.float16)
     return OnePassPlan(int(c), int(cmax), int(-(-M // c)) if M else 0, bool(dw32), int(c * per),
-                       4 * V * H if dw32 else 0)
+                       4 * V * H if dw32 else 0, int(cast_b))
 
 
 # ------------------------------------------------------------------------------ the row steps
@@ -254,7 +265,7 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
     torch_rows = rows_impl != "triton"
     gpu = (dev.type in ("cuda", "meta")) and not _interp()
     pl = plan(M, H, V, hidden.dtype, budget, need_hidden=need_hidden, need_weight=need_weight,
-              torch_rows=torch_rows, softcap=bool(p.softcap), gpu=gpu)
+              torch_rows=torch_rows, softcap=bool(p.softcap), gpu=gpu, w_dtype=weight.dtype)
     spans = chunks_of(M, pl.chunk_rows, seq_counts, pl.max_rows)
     C = max((b - a for a, b in spans), default=0)
 
@@ -271,6 +282,8 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
     zbuf = torch.empty(C * V, dtype=cd, device=dev)
     hbuf = torch.empty(C, H, dtype=hidden.dtype, device=dev)
     dhbuf = torch.empty(C, H, dtype=hidden.dtype, device=dev) if need_hidden else None
+    slabs = WeightSlabs(weight, op_dt)          # autocast: W cast slab by slab (else W itself)
+    dh32 = torch.empty(C, H, dtype=torch.float32, device=dev) if need_hidden and slabs.cast else None
     ones = torch.ones(1, C, dtype=op_dt, device=dev) if need_bias else None
     done = torch.zeros(N, dtype=torch.bool, device=dev)
     ops = _rows_impl(rows_impl)
@@ -282,6 +295,9 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
         z = zbuf[:g * V].view(g, V)
         if cd == torch.float64:
             torch.mm(h_c, wt, out=z)
+        elif slabs.cast:
+            for v0, v1 in slabs.bounds():
+                mm_f32(h_c, slabs(v0, v1).t(), out=z[:, v0:v1])
         else:
             mm_f32(h_c, wt, out=z)
         tgt = targets.index_select(0, idx)
@@ -302,7 +318,13 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
         hk = h_c[:K]
         if not is_meta(act) and not bool(act[:K].all()):
             hk.masked_fill_(~act[:K].unsqueeze(1), 0)        # 0 * NaN: keep dW finite
-        if need_hidden:
+        if need_hidden and slabs.cast:
+            acc = dh32[:K]
+            acc.zero_()
+            for v0, v1 in slabs.bounds():
+                mm_acc(acc, dzk[:, v0:v1], slabs(v0, v1))
+            dh.index_copy_(0, idx[:K], dhbuf[:K].copy_(acc))
+        elif need_hidden:
             torch.mm(dzk, weight, out=dhbuf[:K])
             dh.index_copy_(0, idx[:K], dhbuf[:K])
         if need_weight:

@@ -411,7 +411,8 @@ def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, cp, ca
             return False
         try:
             pl = one_pass.plan(M, h2.shape[1], w.shape[0], h2.dtype, one_pass_bytes(h2.device),
-                               torch_rows=torch_rows, softcap=bool(kp.softcap), gpu=gpu)
+                               torch_rows=torch_rows, softcap=bool(kp.softcap), gpu=gpu,
+                               w_dtype=w.dtype)
         except ValueError:
             return False
         return fused_supported(cfg) or pl.max_rows >= T

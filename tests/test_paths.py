@@ -396,6 +396,22 @@ def test_faster_tile_wins_and_reaches_the_dz_launch(dz_spy):
 
 
 @needs_triton
+def test_token_logprobs_times_no_one_pass(dz_spy):
+    """token_logprobs with gradients (bf16, triton): the forwards and the tiles are timed, never the
+    one-pass path it cannot take (the injected clock has no time for it: a timed run would raise)."""
+    clock = FakeClock({k: v for k, v in TILE_TIMES.items() if k != "one_pass"})
+    select.set_timer(clock)
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(9, 64, generator=g).bfloat16().requires_grad_(True)
+    w = (torch.randn(37, 64, generator=g) * 0.1).bfloat16()
+    token_logprobs(h, w, torch.randint(0, 37, (9,), generator=g), backend="triton").sum().backward()
+    assert set(clock.calls) == set(TILE_TIMES) - {"one_pass"}
+    assert list(select.choices().values()) == ["two_pass@128x64"] and set(dz_spy) == {"128x64"}
+    assert select.parts_of(("two_pass@128x64", "one_pass", "two_pass")) == {
+        "fwd:two_pass", "bwd:128x64", "one_pass", "two_pass"}
+
+
+@needs_triton
 def test_tile_gradients_equal_the_default(monkeypatch):
     """The tile is a scheduling choice: the chosen tile's values and gradients equal those of the
     pinned two_pass path (default tile)."""

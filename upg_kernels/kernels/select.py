@@ -322,6 +322,15 @@ def totals(parts: dict[str, float], options: tuple[str, ...]) -> dict[str, float
     return out
 
 
+def parts_of(options: tuple[str, ...]) -> set[str]:
+    """The parts that time the candidates ``options`` (:func:`totals`' inverse)."""
+    out = set()
+    for c in options:
+        path, tile = split(c)
+        out |= {f"fwd:{path}", f"bwd:{tile}"} if tile is not None else {c}
+    return out
+
+
 def _broadcast(choice: str | None) -> str:
     obj = [choice]
     torch.distributed.broadcast_object_list(obj, src=0)
@@ -373,7 +382,8 @@ def _lookup_or_measure(k, options, runners, mode, fallback) -> str:
     if isinstance(built, Sample):          # off CUDA: estimated from row samples (warmed by the probe)
         times = totals(built.estimate(measure(built.runners, warm=not built.warmed)), options)
     else:
-        times = totals(measure(built), options)
+        need = parts_of(options)
+        times = totals(measure({n: r for n, r in built.items() if n in need}), options)
     if not times:
         return TWO_PASS
     choice = min(times, key=times.get)
@@ -464,7 +474,7 @@ def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool,
 
     def build():
         h = hint() if callable(hint) else hint
-        kw = dict(grads=grads, entropy=entropy, tiles=tiles, budget=budget)
+        kw = dict(grads=grads, entropy=entropy, tiles=tiles, budget=budget, only=parts_of(options))
         if hidden.device.type == "cuda":
             return runners(be, hidden, weight, bias, targets, p, hint=h, **kw)
         return sample_runners(be, hidden, weight, bias, targets, p, valid, M, hint=h, **kw)
@@ -528,12 +538,13 @@ def sample_runners(be, hidden, weight, bias, targets, p, valid, M: int, *, hint=
 
 
 def runners(be, hidden, weight, bias, targets, p, *, grads: str, entropy: bool, hint=None,
-            budget=None, tiles: tuple[str, ...] = ()) -> dict:
+            budget=None, tiles: tuple[str, ...] = (), only=None) -> dict:
     """part name -> a zero-argument callable running it once on the given inputs, with unit
     coefficients on the hinted rows (the real ones are known only after the forward). Without
     ``tiles``: each path whole (its name). With ``tiles`` (and gradients): each two-pass forward
     (``fwd:<path>``), the backward once per tile in ``triton_dz.dz_tile_scope`` (``bwd:<tile>``, on
-    the outputs of one forward made at its first run) and ``one_pass`` whole."""
+    the outputs of one forward made at its first run) and ``one_pass`` whole. ``only``: the part
+    names wanted (:func:`parts_of` the call's candidates; None: all)."""
     from .one_pass import forward_with_grads
     from .paths import PATHS
     cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -583,4 +594,4 @@ def runners(be, hidden, weight, bias, targets, p, *, grads: str, entropy: bool, 
     if split_parts:
         for tile in tiles:
             out[f"bwd:{tile}"] = backward_with(tile)
-    return out
+    return out if only is None else {n: r for n, r in out.items() if n in only}

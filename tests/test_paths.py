@@ -187,6 +187,9 @@ def test_key_buckets():
     assert select.key(cpu, torch.float32, 64, 1000, 64, "hw", True, "torch", True) != k[0]
     assert select.key(cpu, torch.float32, 64, 1000, 64, "", False, "torch", True) != k[0]
     assert select.key(cpu, torch.bfloat16, 64, 1000, 64, "hw", False, "torch", True) != k[0]
+    bf = select.key(cpu, torch.bfloat16, 64, 1000, 64, "hw", False, "torch", True)
+    assert select.key(cpu, torch.bfloat16, 64, 1000, 64, "hw", False, "torch", True, torch.bfloat16) == bf
+    assert select.key(cpu, torch.bfloat16, 64, 1000, 64, "hw", False, "torch", True, torch.float32) != bf
     assert select.m_bucket(0) == 0 and select.m_bucket(1) == 1 and select.m_bucket(1025) == 2048
 
 

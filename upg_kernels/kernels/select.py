@@ -75,11 +75,16 @@ def device_name(device: torch.device) -> str:
 
 
 def key(device: torch.device, dtype: torch.dtype, H: int, V: int, M: int | None, grads: str,
-        entropy: bool, backend: str, loss: bool) -> str:
+        entropy: bool, backend: str, loss: bool, w_dtype: torch.dtype | None = None) -> str:
     """The selection key. ``grads``: the gradients needed, a subset of ``"hwb"`` (hidden, weight,
-    bias; ``""`` for none). In a distributed job (and with ``M=None``) the key has no M bucket."""
+    bias; ``""`` for none). ``w_dtype``: the weight's dtype where it differs from ``dtype`` (a float32
+    weight under autocast, cast slab by slab: other costs, so another key). In a distributed job (and
+    with ``M=None``) the key has no M bucket."""
     mb = "any" if M is None or distributed() else m_bucket(M)
-    return (f"{device_name(device)}|{str(dtype).replace('torch.', '')}|H{H}|V{V}|M{mb}|g{grads or '-'}"
+    dt = str(dtype).replace("torch.", "")
+    if w_dtype is not None and w_dtype != dtype:
+        dt += "+w" + str(w_dtype).replace("torch.", "")
+    return (f"{device_name(device)}|{dt}|H{H}|V{V}|M{mb}|g{grads or '-'}"
             f"|e{int(bool(entropy))}|{backend}|{'loss' if loss else 'logprobs'}")
 
 
@@ -470,7 +475,7 @@ def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool,
     options = tuple(candidate(o, t) for o in paths.eligible(triton=be.triton, loss=loss,
                                                              grads=bool(grads), one_pass_ok=ok)
                     for t in (tiles if (tiles and o != ONE_PASS) else (None,)))
-    k = key(hidden.device, hidden.dtype, H, V, M, grads, entropy, backend, loss)
+    k = key(hidden.device, hidden.dtype, H, V, M, grads, entropy, backend, loss, weight.dtype)
 
     def build():
         h = hint() if callable(hint) else hint

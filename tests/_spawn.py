@@ -40,3 +40,15 @@ def run_world(worker, world: int, *args) -> list:
             with open(os.path.join(d, f"{r}.json")) as f:
                 out.append(json.load(f))
         return out
+
+
+class ErrorMessages(dict):
+    """Per-rank record of bad-input checks: ``catch(key, fn)`` stores the message of the ValueError/TypeError
+    ``fn`` raises, or ``"no error"`` (the test then asserts on the messages, which come back as JSON)."""
+
+    def catch(self, key, fn):
+        try:
+            fn()
+            self[key] = "no error"
+        except (ValueError, TypeError) as e:
+            self[key] = str(e)

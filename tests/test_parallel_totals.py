@@ -24,7 +24,7 @@ import dataclasses
 import pytest
 import torch
 
-from _spawn import run_world
+from _spawn import ErrorMessages, run_world
 from test_loss_batch import ALL_PRESETS, RANK_MICRO, RANK_ROWS, _Head, _loss_and_grads, whole_batch_case
 from test_parallel_context import COLS, _rel, _split_kw
 
@@ -159,14 +159,8 @@ def _dpo_tp(dp_rank, dp, tp):
 
 def _errors(dp_rank, cp_rank, dp, cp):
     import upg_kernels
-    res = {}
-
-    def catch(key, fn):
-        try:
-            fn()
-            res[key] = "no error"
-        except (ValueError, TypeError) as e:
-            res[key] = str(e)
+    res = ErrorMessages()
+    catch = res.catch
 
     cfg, hid, w, b, tgt, lb = _case("grpo")
     cols, T = COLS[cp_rank], tgt.shape[1]

@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 import torch
 
-from _spawn import run_world
+from _spawn import ErrorMessages, run_world
 from upg_kernels.kernels.backends import BACKENDS
 
 # every backend of the table: the float64 ones are compared in float64 below, the others in float32
@@ -168,14 +168,8 @@ def _errors(rank, world, opts):
     from upg_kernels import VocabParallelOptions as VPO
     h = torch.randn(4, 8, dtype=torch.float64)
     W = torch.randn(opts.local_size, 8, dtype=torch.float64)
-    res = {}
-
-    def catch(key, fn):
-        try:
-            fn()
-            res[key] = "no error"
-        except (ValueError, TypeError) as e:
-            res[key] = str(e)
+    res = ErrorMessages()
+    catch = res.catch
 
     # shards that overlap (every rank claims [0, local)) / leave a gap (the last rank starts one late)
     catch("overlap", lambda: upg_kernels.token_logprobs(h, W, torch.zeros(4, dtype=torch.long),

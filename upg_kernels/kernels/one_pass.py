@@ -30,14 +30,17 @@ zeroed hidden row in the GEMMs (a NaN hidden state there cannot reach dW).
 sequences (``T`` consecutive rows) into the chunks; a sequence with more non-ignored tokens than a
 chunk holds is refused (:class:`SequenceTooLong`), naming the budget.
 
-**Memory** (:func:`plan`). The chunk workspace -- float32 logits ``4·V`` bytes a row (8 for float64),
-the gathered hidden rows and the dh staging rows -- is bounded by ``UPG_KERNELS_ONE_PASS_BYTES``
-(default 1 GiB, :data:`ONE_PASS_BYTES`; :func:`set_one_pass_bytes`). Chunks are balanced
-(``ceil(M / ceil(M / C_max))`` rows, a multiple of 16). Besides the chunks, bf16 / fp16 weights get a
-float32 ``[V, H]`` dW accumulator (``4·V·H`` bytes), so dW is rounded once, not once per chunk;
-float32 / float64 weights accumulate in the output itself. On CUDA a budget that gives chunks of
-fewer than :data:`MIN_CHUNK_ROWS` rows (where the dW GEMM's float32 read-modify-write of ``[V, H]``
-per chunk costs more than its math) is refused with a ``ValueError`` naming the variable.
+**Memory** (:func:`plan`, the one owner). One budget, ``UPG_KERNELS_ONE_PASS_BYTES`` (default 3 GiB
+on CUDA, :data:`ONE_PASS_BYTES`; 128 MiB elsewhere; :func:`set_one_pass_bytes`), holds everything the
+path allocates beyond its outputs: the float32 dW accumulator (``4·V·H`` bytes, bf16 / fp16 weights
+in the default ``fp32`` mode) and the chunk workspace (float32 logits ``4·V`` bytes a row, 8 for
+float64, the gathered hidden rows and the dh staging rows) in what is left. dW is rounded once (the
+backward scales and casts the accumulator). ``UPG_KERNELS_ONE_PASS_DW=per_chunk`` accumulates bf16 /
+fp16 dW in the gradient itself (no accumulator; one rounding per chunk, an error that grows with the
+chunk count). float32 / float64 weights always accumulate in their gradient (no extra buffer).
+Chunks are balanced (``ceil(M / ceil(M / C_max))`` rows, a multiple of 16). On CUDA a budget that
+leaves chunks of fewer than :data:`MIN_CHUNK_ROWS` rows is refused with a ``ValueError`` naming the
+variables (a slow crawl otherwise: each chunk re-reads and re-writes the whole dW).
 """
 from __future__ import annotations
 
@@ -52,14 +55,17 @@ from .meta import any_true, is_meta, nonzero_rows
 from .torch_chunked import logits_grad_, scale_logits_
 
 PATH_NAME = "one_pass"
-ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 1 GiB: ~2000 rows at llama3-8b (V = 128256)
+ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 3 GiB: llama3-8b: 1.96 GiB dW accumulator + 2048-row chunks
 ONE_PASS_CPU_BYTES = 128 * 2**20   # off CUDA: ~500 rows at V = 32768, a fraction of eager's N x V logits
 MIN_CHUNK_ROWS = 256            # CUDA: smaller chunks make the per-chunk dW update memory-bound
+DW_MODES = settings.ONE_PASS_DW.choices            # "fp32" (float32 accumulator), "per_chunk"
+NARROW = (torch.bfloat16, torch.float16)
 _override = None
 
 
 def set_one_pass_bytes(n: int | None) -> None:
-    """Set the one-pass chunk workspace in bytes (None: back to the environment / default)."""
+    """Set the one-pass budget in bytes, chunks + dW accumulator (None: back to the environment /
+    default)."""
     global _override
     if n is not None and (not isinstance(n, int) or n <= 0):
         raise ValueError(f"one-pass workspace bytes must be a positive int or None, got {n!r}")
@@ -67,9 +73,10 @@ def set_one_pass_bytes(n: int | None) -> None:
 
 
 def one_pass_bytes(device: torch.device | None = None) -> int:
-    """The chunk budget: :func:`set_one_pass_bytes`, else ``UPG_KERNELS_ONE_PASS_BYTES``, else 1 GiB
-    (:data:`ONE_PASS_BYTES`), or :data:`ONE_PASS_CPU_BYTES` (128 MiB) for a ``device`` that is not
-    CUDA / meta (a CPU's GEMMs are as fast on ~500-row chunks, and memory is the point)."""
+    """The budget (chunks + dW accumulator): :func:`set_one_pass_bytes`, else
+    ``UPG_KERNELS_ONE_PASS_BYTES``, else 3 GiB (:data:`ONE_PASS_BYTES`), or :data:`ONE_PASS_CPU_BYTES`
+    (128 MiB) for a ``device`` that is not CUDA / meta (a CPU's GEMMs are as fast on ~500-row
+    chunks, and memory is the point)."""
     if _override is not None:
         return _override
     if not settings.ONE_PASS_BYTES.is_set() and device is not None and device.type not in ("cuda", "meta"):
@@ -86,9 +93,22 @@ class OnePassPlan:
     chunk_rows: int        # rows per chunk (balanced)
     max_rows: int          # rows the budget allows in one chunk (whole-sequence packing)
     n_chunks: int
-    dw_fp32: bool          # dW accumulates in a float32 [V, H] buffer (bf16/fp16 weights)
+    dw_fp32: bool          # dW accumulates in a float32 [V, H] buffer (bf16/fp16 grads, mode fp32)
     chunk_bytes: int       # the chunk workspace (logits, gathered hidden, dh staging)
     acc_bytes: int         # the float32 dW accumulator (0 without one)
+    budget: int            # the budget both come out of
+    dw_mode: str = "fp32"  # DW_MODES: how bf16/fp16 dW accumulates
+    dw_roundings: int = 1  # roundings of dW to its dtype (per_chunk: one per chunk)
+
+    @property
+    def total_bytes(self) -> int:
+        """What the path holds beyond its outputs: the chunk workspace plus the accumulator."""
+        return self.chunk_bytes + self.acc_bytes
+
+
+def dw_mode() -> str:
+    """``UPG_KERNELS_ONE_PASS_DW`` (``fp32`` unless set)."""
+    return settings.ONE_PASS_DW.get()
 
 
 def row_bytes(V: int, H: int, dtype: torch.dtype, *, torch_rows: bool, softcap: bool = False,
@@ -103,30 +123,49 @@ def row_bytes(V: int, H: int, dtype: torch.dtype, *, torch_rows: bool, softcap: 
     return per
 
 
+def acc_bytes(V: int, H: int, grad_dtype: torch.dtype, mode: str, need_weight: bool = True) -> int:
+    """Bytes of the float32 dW accumulator: ``4·V·H`` for a bf16/fp16 gradient in mode ``fp32``,
+    else 0 (float32/float64 gradients accumulate in themselves; ``per_chunk`` in the gradient)."""
+    return 4 * V * H if (need_weight and grad_dtype in NARROW and mode == "fp32") else 0
+
+
 def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, *,
          need_hidden: bool = True, need_weight: bool = True, torch_rows: bool = False,
-         softcap: bool = False, gpu: bool = False) -> OnePassPlan:
-    """Chunk size for ``M`` rows within ``budget`` bytes (default :func:`one_pass_bytes`). ``gpu``:
-    the CUDA rules (refuse chunks under :data:`MIN_CHUNK_ROWS` rows)."""
+         softcap: bool = False, gpu: bool = False, grad_dtype: torch.dtype | None = None,
+         mode: str | None = None) -> OnePassPlan:
+    """The memory plan of ``M`` rows within ``budget`` bytes (default :func:`one_pass_bytes`): the dW
+    accumulator first (:func:`acc_bytes` of ``grad_dtype``, the weight gradient's dtype, default
+    ``dtype``, and ``mode``, default :func:`dw_mode`), then balanced chunks in the rest. ``gpu``: the
+    CUDA rules (refuse chunks under :data:`MIN_CHUNK_ROWS` rows)."""
     budget = one_pass_bytes() if budget is None else budget
+    mode = dw_mode() if mode is None else mode
+    if mode not in DW_MODES:
+        raise ValueError(f"the one-pass dW mode must be one of {DW_MODES}, got {mode!r}")
+    grad_dtype = dtype if grad_dtype is None else grad_dtype
+    acc = acc_bytes(V, H, grad_dtype, mode, need_weight)
     per = row_bytes(V, H, dtype, torch_rows=torch_rows, softcap=softcap, need_hidden=need_hidden)
-    cmax = budget // per
+    cmax = max(budget - acc, 0) // per
     if cmax >= 16:
         cmax = cmax // 16 * 16
     need = max(1, min(M, MIN_CHUNK_ROWS) if gpu else 1)
     if cmax < need:
+        what = (f"a float32 dW accumulator of {acc} bytes (4·V·H) plus " if acc else "")
+        alt = (f"; or set {settings.ONE_PASS_DW.name}=per_chunk (no accumulator, dW rounded to "
+               f"{str(grad_dtype).replace('torch.', '')} once per chunk)" if acc else "")
         raise ValueError(
-            f"the one-pass path needs a workspace of at least {need * per} bytes ({need} rows of "
-            f"{per} bytes at V={V}, H={H}: smaller chunks are slow) but UPG_KERNELS_ONE_PASS_BYTES "
-            f"(or set_one_pass_bytes) grants {budget}: raise it (default {ONE_PASS_BYTES}) or use the "
-            "two-pass path (grad_in_forward=False)")
+            f"the one-pass path needs {acc + need * per} bytes at V={V}, H={H}: {what}chunks of at "
+            f"least {need} rows of {per} bytes ({'smaller chunks are slow' if need > 1 else 'one row'}), "
+            f"but {settings.ONE_PASS_BYTES.name} (or set_one_pass_bytes) grants {budget}: raise it "
+            f"(default {ONE_PASS_BYTES} on CUDA){alt}; or use the two-pass path (path='two_pass')")
     n = -(-max(M, 1) // cmax)
     c = -(-max(M, 1) // n)
     if n > 1 and c > 16:
         c = min(cmax, -(-c // 16) * 16)
-    dw32 = need_weight and dtype in (torch.bfloat16, torch.float16)
-    return OnePassPlan(int(c), int(cmax), int(-(-M // c)) if M else 0, bool(dw32), int(c * per),
-                       4 * V * H if dw32 else 0)
+    chunks = int(-(-M // c)) if M else 0
+    dw32 = acc > 0
+    per_chunk = need_weight and grad_dtype in NARROW and not dw32
+    return OnePassPlan(int(c), int(cmax), chunks, dw32, int(c * per), acc, int(budget), mode,
+                       max(chunks, 1) if per_chunk else 1)
 
 
 # ------------------------------------------------------------------------------ the row steps
@@ -237,13 +276,15 @@ def chunks_of(M: int, C: int, seq_counts=None, budget_rows: int | None = None):
 
 def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn, *, budget=None,
                        rows_impl: str = "torch", hint=None, seq_len=None, need_hidden=True,
-                       need_weight=True, need_bias=True):
+                       need_weight=True, need_bias=True, grad_dtype=None, mode=None):
     """``(logp, ent, lse, dh, dw, db)`` with the gradients of the loss whose coefficients
     ``coef_fn(logp [N], ent [N], done [N] bool) -> (g_lp [N], g_H [N])`` gives (read at the rows of
     ``done``, the current chunk: token-local configs, or whole sequences with ``seq_len``).
-    ``dw`` is float32 for bf16/fp16 weights (the accumulator; the caller casts it once), else in the
-    weight's dtype; ``dh`` and ``db`` are in the inputs' dtypes. ``rows_impl``: ``"triton"`` (the row
-    kernels) or ``"torch"`` (:class:`TorchRows`)."""
+    ``grad_dtype``: the dtype of the weight's gradient (default the weight's; float32 for float32
+    master weights whose compute copy is bf16); ``mode``: :data:`DW_MODES` (default :func:`dw_mode`).
+    ``dw`` is the float32 accumulator when the plan has one (the caller scales and casts it once),
+    else the gradient itself in ``grad_dtype``; ``dh`` and ``db`` are in the inputs' dtypes.
+    ``rows_impl``: ``"triton"`` (the row kernels) or ``"torch"`` (:class:`TorchRows`)."""
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -254,8 +295,9 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
     M = rows.numel()
     torch_rows = rows_impl != "triton"
     gpu = (dev.type in ("cuda", "meta")) and not _interp()
+    grad_dtype = weight.dtype if grad_dtype is None else grad_dtype
     pl = plan(M, H, V, hidden.dtype, budget, need_hidden=need_hidden, need_weight=need_weight,
-              torch_rows=torch_rows, softcap=bool(p.softcap), gpu=gpu)
+              torch_rows=torch_rows, softcap=bool(p.softcap), gpu=gpu, grad_dtype=grad_dtype, mode=mode)
     spans = chunks_of(M, pl.chunk_rows, seq_counts, pl.max_rows)
     C = max((b - a for a, b in spans), default=0)
 
@@ -265,7 +307,7 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
     dh = torch.zeros(N, H, dtype=hidden.dtype, device=dev) if need_hidden else None
     dw = None
     if need_weight:
-        dw = torch.zeros(V, H, dtype=torch.float32 if pl.dw_fp32 else weight.dtype, device=dev)
+        dw = torch.zeros(V, H, dtype=torch.float32 if pl.dw_fp32 else grad_dtype, device=dev)
     db_acc = torch.zeros(1, V, dtype=cd, device=dev) if need_bias else None
     if M == 0:
         return _finish(logp, ent, lse, dh, dw, db_acc, bias)

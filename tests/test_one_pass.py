@@ -17,8 +17,10 @@ ALL = sorted(PRESETS)
 SEQUENCE_LEVEL = [n for n in ALL if not fused_supported(LossConfig.preset(n, max_completion_length=16))]
 
 
-def _budget_rows(n, dtype, torch_rows, softcap=False, Vv=V, Hh=H):
-    return n * one_pass.row_bytes(Vv, Hh, dtype, torch_rows=torch_rows, softcap=softcap)
+def _budget_rows(n, dtype, torch_rows, softcap=False, Vv=V, Hh=H, mode=None):
+    """A budget of ``n`` chunk rows plus the dW accumulator the plan puts beside them."""
+    return (n * one_pass.row_bytes(Vv, Hh, dtype, torch_rows=torch_rows, softcap=softcap)
+            + one_pass.acc_bytes(Vv, Hh, dtype, mode or one_pass.dw_mode()))
 
 
 @pytest.fixture
@@ -227,17 +229,174 @@ def test_row_kernels_against_float64(Vv, flags):
 
 
 # ------------------------------------------------------------------------------ the memory plan
-def test_plan_default_budget_and_refusal():
-    Hl, Vl = 4096, 128256
+LLAMA_HV = (4096, 128256)
+QWEN35_HV = (5120, 248320)      # Qwen3.5-27B's head
+
+
+def test_plan_default_budget_llama3_8b():
+    """The default budget (3 GiB) at llama3-8b N=8192, bf16: the float32 dW accumulator (4·V·H =
+    1.96 GiB) plus 4 balanced chunks of 2048 rows, all within the budget."""
+    Hl, Vl = LLAMA_HV
+    assert one_pass.ONE_PASS_BYTES == 3 * 2**30
     pl = one_pass.plan(8192, Hl, Vl, torch.bfloat16, gpu=True)
-    assert pl.chunk_bytes <= one_pass.ONE_PASS_BYTES == 2**30
-    assert pl.chunk_rows >= 1024 and pl.chunk_rows % 16 == 0
-    assert pl.n_chunks == 5 and pl.chunk_rows * (pl.n_chunks - 1) < 8192 <= pl.chunk_rows * pl.n_chunks
-    assert pl.dw_fp32 and pl.acc_bytes == 4 * Vl * Hl
+    per = 4 * Vl + 2 * Hl + 2 * Hl                    # float32 logits row, gathered h, dh staging
+    assert pl.dw_fp32 and pl.acc_bytes == 4 * Vl * Hl == 2_101_346_304
+    assert pl.max_rows == (3 * 2**30 - pl.acc_bytes) // per // 16 * 16 == 2112
+    assert (pl.chunk_rows, pl.n_chunks) == (2048, 4) and pl.chunk_bytes == 2048 * per
+    assert pl.total_bytes == pl.chunk_bytes + pl.acc_bytes <= pl.budget == 3 * 2**30
+    assert pl.dw_roundings == 1 and pl.dw_mode == "fp32"
+    # no weight gradient: no accumulator, the whole budget for chunks
+    nw = one_pass.plan(8192, Hl, Vl, torch.bfloat16, gpu=True, need_weight=False)
+    assert nw.acc_bytes == 0 and nw.n_chunks == 2
+    # float32 gradients (float32 weights, or float32 master weights of a bf16 compute copy)
+    # accumulate in the gradient itself: no accumulator
+    for gd, dt in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16)):
+        p32 = one_pass.plan(8192, Hl, Vl, dt, gpu=True, grad_dtype=gd)
+        assert not p32.dw_fp32 and p32.acc_bytes == 0 and p32.dw_roundings == 1
+
+
+def test_plan_refusals_name_the_settings():
+    """Qwen3.5-27B's head at the default budget: the accumulator alone (4.74 GiB) exceeds 3 GiB,
+    refused with the numbers and both settings; a budget that holds it plus 256-row chunks fits;
+    ``per_chunk`` needs no accumulator (and says how many roundings it makes)."""
+    Hq, Vq = QWEN35_HV
+    acc = 4 * Vq * Hq
+    per = one_pass.row_bytes(Vq, Hq, torch.bfloat16, torch_rows=False)
+    with pytest.raises(ValueError) as e:
+        one_pass.plan(8192, Hq, Vq, torch.bfloat16, gpu=True)
+    msg = str(e.value)
+    for part in (f"{acc + 256 * per} bytes", f"float32 dW accumulator of {acc} bytes", "256 rows",
+                 "UPG_KERNELS_ONE_PASS_BYTES", f"grants {3 * 2**30}", "UPG_KERNELS_ONE_PASS_DW=per_chunk",
+                 "path='two_pass'"):
+        assert part in msg, (part, msg)
     with pytest.raises(ValueError, match="UPG_KERNELS_ONE_PASS_BYTES"):
-        one_pass.plan(8192, Hl, Vl, torch.bfloat16, budget=64 * 2**20, gpu=True)
-    assert one_pass.plan(100, Hl, Vl, torch.bfloat16, budget=64 * 2**20, gpu=True).chunk_rows == 100
-    assert not one_pass.plan(8192, Hl, Vl, torch.float32, gpu=True).dw_fp32
+        one_pass.plan(8192, Hq, Vq, torch.bfloat16, acc + 256 * per - 1, gpu=True)
+    pl = one_pass.plan(8192, Hq, Vq, torch.bfloat16, acc + 256 * per, gpu=True)
+    assert pl.chunk_rows == 256 and pl.n_chunks == 32 and pl.total_bytes == acc + 256 * per
+    pc = one_pass.plan(8192, Hq, Vq, torch.bfloat16, 3 * 2**30, gpu=True, mode="per_chunk")
+    assert pc.acc_bytes == 0 and not pc.dw_fp32 and pc.dw_roundings == pc.n_chunks == 3
+    # chunks below 256 rows are refused on CUDA even without an accumulator (a slow crawl) ...
+    Hl, Vl = LLAMA_HV
+    with pytest.raises(ValueError, match="256 rows") as e:
+        one_pass.plan(8192, Hl, Vl, torch.bfloat16, 64 * 2**20, gpu=True, mode="per_chunk")
+    assert "UPG_KERNELS_ONE_PASS_DW" not in str(e.value)         # nothing to switch off
+    # ... but a call with fewer rows runs in one chunk of its size
+    assert one_pass.plan(100, Hl, Vl, torch.bfloat16, 64 * 2**20, gpu=True, mode="per_chunk").chunk_rows == 100
+    with pytest.raises(ValueError, match="fp32.*per_chunk"):
+        one_pass.plan(8192, Hl, Vl, torch.bfloat16, mode="fast")
+
+
+def test_dw_mode_setting(monkeypatch):
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", "per_chunk")
+    assert one_pass.dw_mode() == "per_chunk"
+    assert one_pass.plan(8192, *LLAMA_HV, torch.bfloat16, gpu=True).acc_bytes == 0
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", "bf16")
+    with pytest.raises(ValueError, match="UPG_KERNELS_ONE_PASS_DW"):
+        one_pass.dw_mode()
+
+
+def test_refusal_through_the_loss(chunks, monkeypatch):
+    """bf16 weights, a budget that holds 3 rows but not the accumulator: ``path='one_pass'`` is
+    a ValueError naming both settings; unpinned (model selection) the call runs the two-pass path;
+    with ``UPG_KERNELS_ONE_PASS_DW=per_chunk`` the same budget runs the one-pass path."""
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 4, dtype=torch.bfloat16)
+    budget = _budget_rows(3, torch.bfloat16, True, mode="per_chunk")
+    assert budget < one_pass.acc_bytes(V, H, torch.bfloat16, "fp32")
+    one_pass.set_one_pass_bytes(budget)
+    try:
+        with pytest.raises(ValueError, match="UPG_KERNELS_ONE_PASS_BYTES.*UPG_KERNELS_ONE_PASS_DW=per_chunk"):
+            _run(cfg, hid, w, b, tgt, kw, path="one_pass")
+        seen = []
+        monkeypatch.setattr(one_pass, "forward_with_grads", lambda *a, **k: seen.append(1))
+        monkeypatch.setenv("UPG_KERNELS_AUTOTUNE", "model")
+        monkeypatch.setattr("upg_kernels.kernels.select.MODEL_MIN_LOGITS", 1)
+        _run(cfg, hid, w, b, tgt, kw)                                # not eligible: two-pass
+        assert not seen
+        monkeypatch.undo()
+        monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", "per_chunk")
+        o, g = _run(cfg, hid, w, b, tgt, kw, path="one_pass")
+        assert g[1].dtype == torch.bfloat16 and torch.isfinite(g[1]).all()
+    finally:
+        one_pass.set_one_pass_bytes(None)
+
+
+def _dw_error(mode, rows_per_chunk, monkeypatch):
+    """Frobenius relative error of bf16 dW (one-pass, PyTorch row steps) against float64 on the same
+    bf16 inputs: GRPO, B*T = 1024 rows, V = 64, H = 32, the budget forcing ``rows_per_chunk``."""
+    g = torch.Generator().manual_seed(11)
+    Bq, Tq, Hq, Vq = 32, 32, 32, 64
+    hid = (torch.randn(Bq, Tq, Hq, generator=g, dtype=torch.float64)).to(torch.bfloat16)
+    w = (torch.randn(Vq, Hq, generator=g, dtype=torch.float64) * 0.3).to(torch.bfloat16)
+    tgt = torch.randint(0, Vq, (Bq, Tq), generator=g)
+    kw = dict(advantages=torch.randn(Bq, generator=g))
+    cfg = LossConfig.preset("grpo", stabilization="none")
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", mode)
+    one_pass.set_one_pass_bytes(_budget_rows(rows_per_chunk, torch.bfloat16, True, Vv=Vq, Hh=Hq))
+    try:
+        _, gr = _run(cfg, hid, w, None, tgt, kw, grad_in_forward=True)
+    finally:
+        one_pass.set_one_pass_bytes(None)
+    _, g64 = _run(cfg, hid.double(), w.double(), None, tgt, _to64(kw), grad_in_forward=False)
+    assert gr[1].dtype == torch.bfloat16
+    return float((gr[1].double() - g64[1]).norm() / g64[1].norm())
+
+
+def test_dw_error_does_not_grow_with_chunks(monkeypatch):
+    """The default (float32 accumulator): dW's error at 128 chunks of 8 rows is that of one chunk
+    of 1024 rows (one rounding, about 2^-9 relative, plus bf16 dz); the per-chunk mode's grows with
+    the chunk count (the check a naive per-chunk bf16 accumulation fails)."""
+    one = _dw_error("fp32", 1024, monkeypatch)
+    many = _dw_error("fp32", 8, monkeypatch)
+    assert one < 3e-3 and many <= one * 1.05 + 1e-5, (one, many)
+    naive = _dw_error("per_chunk", 8, monkeypatch)
+    few = _dw_error("per_chunk", 256, monkeypatch)
+    assert naive > 3 * many and naive > 2 * few, (naive, few, many)
+
+
+def test_float32_weights_accumulate_in_the_gradient():
+    """float32 weights: one [V, H] float32 tensor is allocated in forward + backward, and it is
+    ``weight.grad`` (accumulated in place, scaled in place, handed to autograd without a copy).
+    bf16 weights: the float32 accumulator and the bf16 gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.vh = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == (V, H) and not func.is_view:
+                ins = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                       if isinstance(a, torch.Tensor)}
+                if out.untyped_storage().data_ptr() not in ins:
+                    self.vh.append((func.overloadpacket.__name__, out.dtype, out.untyped_storage().data_ptr()))
+            return out
+
+    for dt in (torch.float32, torch.bfloat16):
+        cfg, hid, w, b, tgt, kw = make_case("grpo", 5, dtype=dt)
+        h = hid.clone().requires_grad_(True)
+        ww = w.clone().requires_grad_(True)
+        spy = Spy()
+        with spy:
+            out = unified_policy_loss(h, ww, tgt, config=cfg, backend="torch", grad_in_forward=True, **kw)
+            out.loss.backward()
+        if dt == torch.float32:
+            assert [x[1] for x in spy.vh] == [torch.float32], spy.vh
+            assert spy.vh[0][2] == ww.grad.untyped_storage().data_ptr()
+        else:
+            assert sorted(str(x[1]) for x in spy.vh) == ["torch.bfloat16", "torch.float32"], spy.vh
+            assert ww.grad.dtype == torch.bfloat16
+
+
+def test_second_backward_is_refused():
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 6)
+    h = hid.clone().requires_grad_(True)
+    out = unified_policy_loss(h, w, tgt, config=cfg, bias=b, backend="torch", grad_in_forward=True, **kw)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward.*two_pass"):
+        out.loss.backward()
 
 
 def test_budget_errors(monkeypatch):

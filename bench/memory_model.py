@@ -104,7 +104,8 @@ def one_pass_budget(problem) -> dict:
     try:
         pl = one_pass.plan(s.N, s.H, s.V, DTYPES[problem.dtype], budget, gpu=True)
     except ValueError as e:
-        return {"budget_bytes": budget, "plan_refusal": str(e)}
+        acc = one_pass.acc_bytes(s.V, s.H, DTYPES[problem.dtype], one_pass.dw_mode())
+        return {"budget_bytes": budget, "plan_refusal": str(e), "acc_bytes": acc}
     return {"budget_bytes": budget, "plan_bytes": pl.total_bytes, "chunk_rows": pl.chunk_rows,
             "n_chunks": pl.n_chunks, "acc_bytes": pl.acc_bytes}
 
@@ -210,6 +211,11 @@ def run(shapes=DEFAULT_SHAPES, N=DEFAULT_N, ops="logprobs,grpo", impls=None, dty
                         rec["status"] = "ok"
                     except Exception as e:  # noqa: BLE001 -- reported, never dropped
                         rec["status"] = _why(e)
+                    if rec.get("plan_refusal"):
+                        rec["status"] = (
+                            f"refused: {settings.ONE_PASS_BYTES.name} = "
+                            f"{rec['budget_bytes'] / 2**30:.2f} GiB cannot hold the float32 dW "
+                            f"accumulator ({rec['acc_bytes'] / 2**30:.2f} GiB) and 256-row chunks")
                 else:
                     rec["status"] = status
                 records.append(rec)

@@ -308,9 +308,10 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
             ``UPG_KERNELS_FUSED_EPILOGUE=0``; ``False`` forces the PyTorch epilogue.
         grad_in_forward: run the one-pass path (docs/kernels.md section 1c): the gradients in the
             forward pass (one logits pass, 6NHV instead of 8NHV flops; the backward scales them by
-            ``grad_output``), in float32 chunks of rows x the vocabulary within
-            ``UPG_KERNELS_ONE_PASS_BYTES`` (default 1 GiB; 128 MiB off CUDA), plus a float32 dW accumulator for
-            bf16/fp16 weights. Sequence-level configs chunk whole sequences (a longer sequence is a
+            ``grad_output``), in float32 chunks of rows x the vocabulary; one budget,
+            ``UPG_KERNELS_ONE_PASS_BYTES`` (default 3 GiB; 128 MiB off CUDA), holds the chunks and
+            the float32 dW accumulator of bf16/fp16 weights (too small: a ValueError naming it;
+            ``UPG_KERNELS_ONE_PASS_DW=per_chunk`` drops the accumulator). Sequence-level configs chunk whole sequences (a longer sequence is a
             ValueError). ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off; then
             a sequence that does not fit runs the two-pass path). The older spelling of
             ``path="one_pass"`` (``True``) / ``path="two_pass"`` (``False``).

@@ -263,7 +263,7 @@ def main(args, argv) -> int:
     (out / "memory.json").write_text(json.dumps(records, indent=1))
     (out / "memory.md").write_text(
         "# Memory model (meta device, allocation tracer)\n\n"
-        "peak extra = peak live bytes of forward + backward minus the inputs and the gradients "
-        "hidden.grad, weight.grad (bench/memory_model.py).\n\n" + md + "\n")
+        "peak extra = peak live bytes of forward + backward minus the inputs and, from their "
+        "allocation on, the gradients hidden.grad, weight.grad (bench/memory_model.py).\n\n" + md + "\n")
     print(f"wrote {out / 'memory.json'} and {out / 'memory.md'}")
     return 0

@@ -513,3 +513,16 @@ def test_launches_are_registered(monkeypatch, dtype, bias, softcap, entropy):
     assert len(launched) >= 2
     for cx in launched:
         assert cx in registered, f"unregistered one-pass launch {cx}"
+
+
+def test_dw_rounding_emulation():
+    """bench.dw_rounding (the emulation behind the docs' table): the float32 accumulator and the
+    compensated pair equal one rounding at any chunk count; per-chunk rounding grows with it."""
+    from bench import dw_rounding
+    few = dw_rounding.emulate(2048, 1024, V=64, H=16)
+    many = dw_rounding.emulate(2048, 64, V=64, H=16)
+    for r in (few, many):
+        assert r["fp32"]["fro_rel"] <= r["once"]["fro_rel"] * 1.01 + 1e-6
+        assert r["hi_lo_bf16"]["fro_rel"] <= r["once"]["fro_rel"] * 1.01 + 1e-6
+    assert many["per_chunk"]["fro_rel"] > 2 * few["per_chunk"]["fro_rel"] > 2 * few["once"]["fro_rel"]
+    assert "| 2048 | 64 | 32 |" in dw_rounding.table([many])

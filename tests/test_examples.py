@@ -91,3 +91,24 @@ def test_micro_batches_example_runs():
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "3 micro-batches x 1 rank(s) vs one call" in proc.stdout
+
+
+@pytest.mark.slow
+def test_trl_grpo_example_global_normalization(tmp_path):
+    """examples/trl_grpo.py --tiny (bnpo, one optimizer step of 8 rows): with --normalization global the step's
+    loss is the same with 2 accumulation micro-batches as with 1; TRL's own normalisation differs."""
+    pytest.importorskip("trl")
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    try:
+        import trl_grpo
+    finally:
+        sys.path.pop(0)
+
+    def step_loss(*extra):
+        rows = trl_grpo.main(["--tiny", "--upg-loss", "--max-steps", "1", "--loss-type", "bnpo",
+                              "--output-dir", str(tmp_path), *extra])
+        return rows[0]["loss"]
+
+    whole = step_loss("--normalization", "global", "--grad-accum", "1")
+    assert step_loss("--normalization", "global", "--grad-accum", "2") == pytest.approx(whole, rel=1e-5, abs=1e-7)
+    assert abs(step_loss("--normalization", "trl", "--grad-accum", "2") - whole) > 1e-3 * abs(whole)

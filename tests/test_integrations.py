@@ -686,3 +686,172 @@ def test_trl_loss_mode_rejects_uncovered_options(tmp_path, cfg_kw, match):
     trainer = _tiny_trainer(tmp_path, beta=beta, **cfg_kw)
     with pytest.raises(NotImplementedError, match=match):
         patch_grpo_trainer(trainer, loss=True)
+
+
+# ---------------------------------------------------------------- exact normalisation (TRL and Liger drop-ins)
+# each TRL loss type with the settings its matching test above uses (TRL's config checks)
+_TRL_TYPES = {"grpo": {}, "bnpo": {}, "dr_grpo": {}, "dapo": dict(epsilon_high=0.28), "cispo": dict(epsilon_high=1.5),
+              "sapo": {}, "luspo": dict(importance_sampling_level="sequence", epsilon=3e-2, epsilon_high=4e-2),
+              "vespo": {}}
+
+
+def _generation_batch(trainer, B=8):
+    """A generation batch as TRL's _generate_and_score_completions returns it: uneven completion lengths and a
+    truncated rollout (all-zero mask), advantages, old log-probs and num_items_in_batch (the token count)."""
+    inputs = _trl_inputs(trainer, seed=5, B=B, C=6)
+    m = inputs["completion_mask"]
+    for i in range(B):
+        m[i, 1 + (3 * i) % 6:] = 0    # lengths 1..6, unevenly spread
+    m[2] = 0                          # truncated rollout, filtered out
+    inputs["completion_ids"] = inputs["completion_ids"] * m
+    inputs["num_items_in_batch"] = m.sum().float()
+    return inputs
+
+
+def _accumulated_grads(trainer, batch, gas):
+    """One optimizer step's accumulated gradients: TRL's own _prepare_inputs buffers, shuffles and splits the
+    generation batch into ``gas`` micro-batches (steps_per_generation = gas), each goes through compute_loss."""
+    trainer.args.gradient_accumulation_steps = trainer.args.steps_per_generation = gas
+    trainer.current_gradient_accumulation_steps = gas
+    trainer._step, trainer._buffered_inputs = 0, None
+    trainer._generate_and_score_completions = lambda _: {k: v.clone() for k, v in batch.items()}
+    trainer.model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    for _ in range(gas):
+        inputs = trainer._prepare_inputs(None)
+        assert len(trainer._buffered_inputs) == gas
+        assert inputs["completion_ids"].shape[0] == batch["completion_ids"].shape[0] // gas
+        trainer.compute_loss(trainer.model, inputs).backward()
+        trainer._step += 1
+    return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("loss_type", list(_TRL_TYPES))
+def test_trl_global_normalization_independent_of_accumulation(tmp_path, loss_type):
+    """patch_grpo_trainer(loss=True, normalization="global"): the step's gradient with 2 or 4 accumulation
+    micro-batches equals the whole generation batch in one call, which is TRL's own loss of that batch
+    (gas 1); with TRL's normalisation bnpo's does not (each micro-batch divides by its own tokens)."""
+    from upg_kernels.integrations import trl as upg_trl
+
+    trainer = _tiny_trainer(tmp_path, loss_type=loss_type, **_TRL_TYPES[loss_type])
+    trainer.model.train()
+    batch = _generation_batch(trainer)
+    g_trl = _accumulated_grads(trainer, batch, 1)          # TRL's own _compute_loss, one call
+    upg_trl.patch_grpo_trainer(trainer, loss=True, normalization="global")
+    for gas in (1, 2, 4):
+        g = _accumulated_grads(trainer, batch, gas)
+        assert g.keys() == g_trl.keys()
+        for k in g_trl:
+            _close(f"trl global, gas {gas} vs TRL gas 1", g[k], g_trl[k], 1e-7, 2e-5)
+    upg_trl.unpatch_grpo_trainer(trainer)
+    assert "_prepare_inputs" not in vars(trainer) and "_compute_loss" not in vars(trainer)
+    if loss_type == "bnpo":   # the test can fail: TRL's per-micro-batch token mean depends on gas
+        upg_trl.patch_grpo_trainer(trainer, loss=True)
+        g = _accumulated_grads(trainer, batch, 2)
+        diff = max(float((g[k] - g_trl[k]).abs().max() / g_trl[k].abs().max()) for k in g_trl)
+        assert diff > 1e-2, diff
+
+
+_DDP_TYPES = ("bnpo", "dr_grpo", "dapo")
+
+
+def _trl_ddp_worker(rank, world, tmp, gas):
+    """One rank: half of the generation batch (TRL's num_items_in_batch is the global count), ``gas``
+    micro-batches, the gradients averaged over the ranks as DDP does."""
+    import pathlib
+
+    import torch.distributed as dist
+
+    from upg_kernels.integrations import patch_grpo_trainer
+
+    out = {}
+    for loss_type in _DDP_TYPES:
+        trainer = _tiny_trainer(pathlib.Path(tmp) / f"{loss_type}{rank}", loss_type=loss_type,
+                                **_TRL_TYPES[loss_type])
+        assert trainer.accelerator.num_processes == world
+        trainer.model.train()
+        batch = _generation_batch(trainer)
+        rows = batch["completion_ids"].shape[0] // world
+        mine = {k: (v[rank * rows:(rank + 1) * rows] if v.dim() else v) for k, v in batch.items()}
+        patch_grpo_trainer(trainer, loss=True, normalization="global")
+        grads = _accumulated_grads(trainer, mine, gas)
+        for g in grads.values():
+            dist.all_reduce(g)
+            g /= world
+        out[loss_type] = {k: g.tolist() for k, g in grads.items()}
+    return out
+
+
+def test_trl_global_normalization_independent_of_processes(tmp_path):
+    """2 gloo processes (accelerate sees WORLD_SIZE=2), each with half of the generation batch in 2
+    accumulation micro-batches of 2 rows: the DDP-averaged gradient equals TRL's own loss of the whole batch on one
+    process (bnpo, dr_grpo, dapo)."""
+    pytest.importorskip("trl")
+    from _spawn import run_world
+
+    ref = {}
+    for loss_type in _DDP_TYPES:
+        trainer = _tiny_trainer(tmp_path / loss_type, loss_type=loss_type, **_TRL_TYPES[loss_type])
+        trainer.model.train()
+        ref[loss_type] = _accumulated_grads(trainer, _generation_batch(trainer), 1)
+    res = run_world(_trl_ddp_worker, 2, str(tmp_path), 2)
+    for loss_type in _DDP_TYPES:
+        for k, g in ref[loss_type].items():
+            for r in res:
+                _close("trl global, 2 processes, gas 2", torch.tensor(r[loss_type][k]), g, 1e-7, 2e-5)
+
+
+def test_trl_global_normalization_bad_settings(tmp_path):
+    from upg_kernels.integrations import patch_grpo_trainer
+
+    trainer = _tiny_trainer(tmp_path)
+    with pytest.raises(ValueError, match="normalization must be one of"):
+        patch_grpo_trainer(trainer, loss=True, normalization="exact")
+    with pytest.raises(ValueError, match="needs loss=True"):
+        patch_grpo_trainer(trainer, normalization="global")
+    trainer.args.gradient_accumulation_steps, trainer.args.steps_per_generation = 2, 3
+    with pytest.raises(NotImplementedError, match="multiple of gradient_accumulation_steps"):
+        patch_grpo_trainer(trainer, loss=True, normalization="global")
+    assert not vars(trainer).get("_upg_kernels_patch") and "_compute_loss" not in vars(trainer)
+    trainer.args.gradient_accumulation_steps = trainer.args.steps_per_generation = 1
+    patch_grpo_trainer(trainer, loss=True, normalization="global")
+    trainer.model.train()
+    with pytest.raises(RuntimeError, match="buffered generation batch"):
+        trainer.compute_loss(trainer.model, _trl_inputs(trainer))   # not from _prepare_inputs
+
+
+@pytest.mark.parametrize("loss_type,level", [(lt, "token") for lt in _TRL_TYPES] + [("grpo", "sequence"),
+                                                                                      ("luspo", "sequence")])
+def test_liger_totals_micro_batches_add_up(loss_type, level):
+    """FusedLinearGRPOLoss(..., totals=batch_totals(masks)): uneven micro-batches' losses and gradients add up to
+    the whole batch's call, which is Liger's own normalisation of that batch (luspo: TRL's masked form,
+    padded_luspo=False); with world_size=2 in the totals the loss is doubled (DDP's mean compensated)."""
+    from upg_kernels import BatchTotals, batch_totals
+
+    case = _grpo_case(41, B=7, T=6, dtype=torch.float64)
+    case["mask"][5, 2:] = 0
+    ctor = dict(beta=0.1, loss_type=loss_type, importance_sampling_level=level, epsilon_high=0.28,
+                max_completion_length=6, padded_luspo=False)
+    fwd = dict(old_per_token_logps=case["old"], ref_per_token_logps=case["ref"], vllm_is_ratio=case["is_tok"])
+    l_whole, _, g_whole = _run_grpo(FusedLinearGRPOLoss, case, ctor, fwd)
+    cuts = [slice(0, 1), slice(1, 4), slice(4, 7)]
+    totals = batch_totals([case["mask"][s] for s in cuts])
+    x = case["hidden"].clone().requires_grad_(True)
+    w = case["weight"].clone().requires_grad_(True)
+    b = case["bias"].clone().requires_grad_(True)
+    mod = FusedLinearGRPOLoss(**ctor)
+    total = 0.0
+    for s in cuts:
+        loss, _ = mod(x[s], w, case["ids"][s], case["mask"][s], case["adv"][s], b,
+                      **{k: v[s] for k, v in fwd.items()}, totals=totals)
+        loss.backward()
+        total = total + loss.detach()
+    _close("liger totals: micro-batch losses", total, l_whole, 1e-6, 1e-5)
+    for a, r in zip((x.grad, w.grad, b.grad), g_whole):
+        _close("liger totals: micro-batch grads", a, r, 1e-7, 1e-5)
+    l2, _ = mod(case["hidden"], case["weight"], case["ids"], case["mask"], case["adv"], case["bias"], **fwd,
+                totals=BatchTotals(**{**vars(totals), "world_size": 2}))
+    _close("liger totals: world_size 2", l2.detach(), 2 * l_whole, 1e-6, 1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        mod(case["hidden"], case["weight"], case["ids"], case["mask"], case["adv"], case["bias"], **fwd,
+            totals=totals, num_items_in_batch=10)

@@ -22,6 +22,10 @@ for ``importance_sampling_level="sequence"`` ``r_i = exp(sum_t m (logp - old) / 
   dr_grpo ``sum(l m) / (B * max_completion_length)``; dapo/cispo/vespo ``sum(l m) / max(n / world, 1)`` with
   ``n = num_items_in_batch`` or the mask's token count summed over the process group; luspo
   ``sum_i len_i l_i / B`` (``len_i = sum_t m``), i.e. ``sum(l m) / B``;
+  these normalisers are passed to :func:`unified_policy_loss` as the call's :class:`upg_kernels.BatchTotals`
+  (:func:`normalizer_totals`); ``forward(..., totals=batch_totals(...))`` replaces them by the whole batch's
+  counts, exact over micro-batches and ranks for every loss type (the loss is then multiplied by
+  ``totals.world_size``, which compensates DDP's mean, as Liger's ``/ world`` does for dapo);
 * metrics, in this order: ``[mean KL]`` (only when ``beta != 0``: ``sum(kl m) / max(sum(m), 1)``, ``kl`` the term
   as added, bias-corrected or not), then the clip fraction ``sum(clipped m) / max(sum(m), 1)`` with
   ``clipped = (r < 1-eps_low & A < 0) | (r > 1+eps_high & A > 0)`` (cispo: ``r > eps_high & A > 0``; sapo and
@@ -42,13 +46,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import warnings
 
 import torch
 
 from ..logprobs import token_logprobs
 
-__all__ = ["FusedLinearGRPOLoss", "LIGER_LOSS_TYPES", "LigerSettings", "liger_loss_config"]
+__all__ = ["FusedLinearGRPOLoss", "LIGER_LOSS_TYPES", "LigerSettings", "liger_loss_config", "normalizer_totals"]
 
 # Liger 0.8.5's loss types; each is the preset of the same name in upg_kernels' PRESETS (losses/config.py),
 # whose stabilization and aggregation the adapter takes. The IS level is Liger's own setting, so the
@@ -162,6 +167,37 @@ def liger_loss_config(loss_type="dapo", **settings):
     return LigerSettings(loss_type=loss_type, **settings).loss_config()
 
 
+def normalizer_totals(loss_type, mask, *, dapo_count=None, world: int = 1, accumulation: int = 1):
+    """Liger's and TRL's normalisers of one loss call as ``(totals, factor)``: the call's
+    :class:`upg_kernels.BatchTotals` and the factor with which
+    ``unified_policy_loss(..., totals=totals).loss * factor`` is the framework's loss (the one code path of
+    both drop-ins; :func:`upg_kernels.batch_totals` gives the exact totals, whose factor is ``world_size``).
+
+    ``mask`` is the call's ``[B, T]`` loss mask. ``accumulation``: TRL divides every type but dapo/cispo/vespo
+    by the gradient accumulation steps (Liger: 1), i.e. counts ``accumulation`` times this call's rows
+    (bnpo: tokens, at least 1). dapo/cispo/vespo divide the masked sum by ``dapo_count / world`` (a real
+    number of tokens, compensated for DDP's mean over ``world`` processes): Liger's
+    ``max(num_items_in_batch, world)``, TRL's ``max(num_items_in_batch, 1) * accumulation / steps_per_generation``.
+    The totals then count ``K = max(ceil(dapo_count), local tokens, 1)`` tokens and ``factor = world * K /
+    dapo_count`` (``= world`` when ``dapo_count`` is a whole number of at least the local tokens).
+    """
+    from ..losses import BatchTotals
+
+    if loss_type not in LIGER_LOSS_TYPES:
+        raise ValueError(f"Unknown loss type: {loss_type!r}; supported: {LIGER_LOSS_TYPES}")
+    B = mask.shape[0]
+    tok = int((mask != 0).sum())
+    if loss_type in _DAPO_NORMALIZED:
+        count = float(dapo_count)
+        if not count > 0:
+            raise ValueError(f"the dapo/cispo/vespo normaliser must be > 0, got {count}")
+        K = max(math.ceil(count), tok, 1)
+        return BatchTotals(main_tokens=K, main_rows=B, world_size=int(world)), world * K / count
+    if loss_type == "bnpo":
+        return BatchTotals(main_tokens=max(tok, 1) * accumulation, main_rows=B), 1.0
+    return BatchTotals(main_tokens=tok, main_rows=B * accumulation), 1.0
+
+
 def _world_size():
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_world_size()
@@ -175,10 +211,17 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     (``"auto"``, ``"triton"``, ``"torch"``). ``compiled`` and ``chunk_size`` are accepted no-ops.
     ``forward(_input [B, T, H], lin_weight [V, H], selected_token_ids [B, T], attention_mask [B, T],
     advantages [B], bias=None, ref_per_token_logps=None, old_per_token_logps=None, ref_input=None,
-    ref_weight=None, ref_bias=None, vllm_is_ratio=None, num_items_in_batch=None)`` returns
+    ref_weight=None, ref_bias=None, vllm_is_ratio=None, num_items_in_batch=None, totals=None)`` returns
     ``(loss, metrics)``: a float32 scalar with gradients to ``_input``, ``lin_weight`` and ``bias``, and the
     tuple ``(kl_mean, clip_ratio)`` (``(clip_ratio,)`` when ``beta == 0``). See the module docstring for the
     exact semantics.
+
+    ``totals`` (ours; not with ``num_items_in_batch``): the :class:`upg_kernels.BatchTotals` of the whole batch
+    of the optimizer step, from :func:`upg_kernels.batch_totals` (the attention masks of every micro-batch;
+    ``group=`` under DDP). Every loss type then divides by those counts: the micro-batches' (and ranks')
+    losses and gradients add up to the whole batch's call; the loss is multiplied by ``totals.world_size``
+    (DDP averages the ranks' gradients). luspo then takes the masked form (``padded_luspo`` does not apply:
+    Liger's padded weighting depends on each call's padded length).
     """
 
     def __init__(self, *args, backend: str = "auto", padded_luspo: bool = True, **kwargs):
@@ -215,7 +258,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None, ref_input=None, ref_weight=None,
-                ref_bias=None, vllm_is_ratio=None, num_items_in_batch=None):
+                ref_bias=None, vllm_is_ratio=None, num_items_in_batch=None, totals=None):
         from ..losses import unified_policy_loss
 
         # the settings are plain attributes (as in Liger): re-read them on every call
@@ -272,40 +315,46 @@ class FusedLinearGRPOLoss(torch.nn.Module):
                                  f"got {tuple(vllm_is_ratio.shape)}")
             vllm_is_ratio = vllm_is_ratio.float()
 
-        # dapo / cispo / vespo normalizer: num_items_in_batch (or the token count over the process group) / world
-        n_items = None
-        if config.aggregation == "token_mean" and self.loss_type in _DAPO_NORMALIZED:
-            world = _world_size()
+        # the normaliser as totals: the caller's (exact over micro-batches and ranks), or Liger's own
+        exact = totals is not None
+        if exact:
             if num_items_in_batch is not None:
-                n = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=mask.device)
-            else:
-                n = mask.sum()
-                if world > 1:
-                    n = n.clone()
-                    torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.SUM)
-            n_items = torch.clamp(n / world, min=1.0)
-        elif config.aggregation == "token_mean":  # bnpo: local batch token count, at least 1
-            n_items = torch.clamp(mask.sum(), min=1.0)
+                raise ValueError("pass totals (upg_kernels.batch_totals of the whole batch) or num_items_in_batch "
+                                 "(Liger's dapo/cispo/vespo normaliser), not both")
+            factor = getattr(totals, "world_size", 1)   # a wrong type is refused by the loss
+        else:
+            dapo_count, world = None, _world_size()
+            if self.loss_type in _DAPO_NORMALIZED:   # num_items_in_batch, or the token count over the group
+                if num_items_in_batch is not None:
+                    n = float(num_items_in_batch)
+                else:
+                    n = mask.sum()
+                    if world > 1:
+                        n = n.clone()
+                        torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.SUM)
+                    n = float(n)
+                dapo_count = max(n, world)   # Liger: max(n / world, 1)
+            totals, factor = normalizer_totals(self.loss_type, mask, dapo_count=dapo_count, world=world)
 
         old = None if old_per_token_logps is None else old_per_token_logps.float()
-        if self.loss_type == "luspo" and self.padded_luspo and not self.use_bias_correction_kl and (
+        # Liger's padded luspo weights every position by 1 / (B T): per call, so never with the caller's totals
+        if self.loss_type == "luspo" and self.padded_luspo and not exact and not self.use_bias_correction_kl and (
                 config.ratio_level == "token" or use_kl
                 or (vllm_is_ratio is not None and vllm_is_ratio.dim() == 2 and vllm_is_ratio.shape[1] == T > 1)):
             return self._liger_luspo(_input, lin_weight, selected_token_ids, mask, advantages.float(), bias, old,
                                      ref if use_kl else None, vllm_is_ratio, config)
         out = unified_policy_loss(
             _input, lin_weight, selected_token_ids, config=config, loss_mask=mask,
-            advantages=advantages.float(), old_logprobs=None if old_per_token_logps is None
-            else old_per_token_logps.float(), ref_logprobs=ref if use_kl else None,
-            is_ratio=vllm_is_ratio, bias=bias, temperature=self.temperature,
-            num_items_in_batch=n_items, backend=self.backend)
+            advantages=advantages.float(), old_logprobs=old, ref_logprobs=ref if use_kl else None,
+            is_ratio=vllm_is_ratio, bias=bias, temperature=self.temperature, totals=totals, backend=self.backend)
+        loss = out.loss * factor if factor != 1 else out.loss
         m = out.metrics
         metrics = []
         if self.beta != 0.0:
             metrics.append(m["kl_mean"] if use_kl else 0.0)
         metrics.append(m["clip_frac"])
-        dev = out.loss.device
-        return out.loss, tuple(torch.tensor(v, dtype=torch.float32, device=dev) for v in metrics)
+        dev = loss.device
+        return loss, tuple(torch.tensor(v, dtype=torch.float32, device=dev) for v in metrics)
 
     def _liger_luspo(self, x, w, ids, mask, adv, bias, old, ref, isr, config):
         """Liger 0.8.5's luspo when its per-token loss is ``[B, T]``-shaped: ``sum_{i,t} l_it len_i / (B T)`` over

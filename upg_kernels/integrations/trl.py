@@ -19,15 +19,18 @@ and stored it as ``trainer.liger_grpo_loss``, the same call also replaces that m
 
 With ``loss=True`` the trainer's ``_compute_loss`` is also replaced: the policy loss of the supported
 loss types (grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo; token or sequence level; beta, with or
-without ``use_bias_correction_kl``; delta; vLLM IS correction) is then computed by :func:`upg_kernels.unified_policy_loss` from the backbone's last hidden
-states and the lm_head (one fused pass; the backward skips rows whose gradient coefficient is 0), with TRL's
-normalizers (gradient accumulation, ``num_items_in_batch``) and TRL's logged metrics. Options this mode
-does not cover raise ``NotImplementedError`` when patching (see :func:`patch_grpo_trainer`).
+without ``use_bias_correction_kl``; delta; vLLM IS correction) is then computed by
+:func:`upg_kernels.unified_policy_loss` from the backbone's last hidden states and the lm_head (one fused pass;
+the backward skips rows whose gradient coefficient is 0), with TRL's logged metrics. The loss divides by a
+:class:`upg_kernels.BatchTotals`: TRL's own normalisers expressed as totals (``normalization="trl"``, the
+default: the loss equals TRL's), or the exact totals of the optimizer step over every micro-batch and process
+(``normalization="global"``: the gradient is independent of gradient accumulation and of the process count).
+Options this mode does not cover raise ``NotImplementedError`` when patching (see :func:`patch_grpo_trainer`).
 
 Usage::
 
     trainer = GRPOTrainer(model=..., reward_funcs=..., args=GRPOConfig(...), train_dataset=...)
-    patch_grpo_trainer(trainer)            # or patch_grpo_trainer(trainer, loss=True)
+    patch_grpo_trainer(trainer)            # or patch_grpo_trainer(trainer, loss=True[, normalization="global"])
     trainer.train()
 """
 from __future__ import annotations
@@ -40,9 +43,20 @@ import threading
 import torch
 
 from ..logprobs import token_logprobs
+from ..losses.batch import batch_totals
 
 __all__ = ["patch_grpo_trainer", "unpatch_grpo_trainer", "patch_dpo_trainer", "unpatch_dpo_trainer",
-           "UPGChunkedLogProbFunction", "is_patched"]
+           "UPGChunkedLogProbFunction", "is_patched", "NORMALIZATIONS"]
+
+# patch_grpo_trainer(loss=True, normalization=...): what each loss divides by
+NORMALIZATIONS = {
+    "trl": "TRL's own normalisers (the drop-in reproduces TRL's loss): every loss type divided by the "
+           "accumulation steps, per micro-batch rows (grpo, sapo, dr_grpo, luspo) or tokens (bnpo); dapo, "
+           "cispo, vespo by num_items_in_batch / num_processes * accumulation / steps_per_generation",
+    "global": "exact: every loss type divides by the totals (upg_kernels.batch_totals) of the optimizer "
+              "step's micro-batches on every process, so the gradient does not depend on "
+              "gradient_accumulation_steps or the process count",
+}
 
 _SUPPORTED_OUTPUTS = frozenset({"log_probs", "entropy", "mean_logits", "is_top1"})
 _METRIC_CHUNK = 1 << 22   # logits elements per chunk of the (no-grad) metric outputs
@@ -126,7 +140,8 @@ def is_patched(trainer) -> bool:
     return getattr(trainer, "_upg_kernels_patch", None) is not None
 
 
-def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bool = True, loss: bool = False):
+def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bool = True, loss: bool = False,
+                       normalization: str = "trl"):
     """Make ``trainer`` (a ``trl.GRPOTrainer``) compute log-probs and entropies with upg-kernels.
 
     * TRL >= 1.x: every call of ``trainer._get_per_token_logps_and_entropies`` (policy forward in the loss,
@@ -140,6 +155,14 @@ def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bo
       dr_grpo, dapo, cispo, sapo, luspo, vespo; ``top_entropy_quantile < 1``;
       ``off_policy_mask_threshold``; the entropy bonus; MoE aux loss; PEFT models; models with final-logit
       softcapping or a logit scale. Multimodal inputs raise at the call.
+    * ``normalization`` (with ``loss=True``; :data:`NORMALIZATIONS`): ``"trl"`` (default) keeps TRL's
+      normalisers, expressed as :class:`upg_kernels.BatchTotals`: the loss equals TRL's. ``"global"`` counts
+      the totals once per optimizer step, when TRL buffers a generation batch (``_prepare_inputs``): over the
+      ``gradient_accumulation_steps`` micro-batches of the step and every process (one all-reduce of 4
+      numbers per step), and multiplies the loss by the process count (DDP averages); the gradient of every
+      loss type is then that of the step's whole batch in one call, independent of
+      ``gradient_accumulation_steps`` and of the process count. Needs ``steps_per_generation`` to be a
+      multiple of ``gradient_accumulation_steps``.
 
     Idempotent; returns the trainer. :func:`unpatch_grpo_trainer` undoes it.
     """
@@ -152,6 +175,15 @@ def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bo
     if not hasattr(trainer, "_get_per_token_logps_and_entropies") and not hasattr(trainer, "liger_grpo_loss"):
         raise TypeError(f"{type(trainer).__name__} does not look like a trl.GRPOTrainer: it has neither "
                         "_get_per_token_logps_and_entropies nor liger_grpo_loss")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}")
+    if normalization != "trl" and not loss:
+        raise ValueError(f"normalization={normalization!r} needs loss=True (the kernel swap alone keeps TRL's "
+                         "loss and its normalisation)")
+    if loss:   # everything refused is refused before the trainer is touched
+        _check_loss_mode(trainer)
+        if normalization == "global":
+            _check_global_normalization(trainer)
     state = {}
     original_kernel = getattr(trl_utils, "_ChunkedLogProbFunction", None)
     if hasattr(trainer, "_get_per_token_logps_and_entropies") and original_kernel is not None:
@@ -166,8 +198,10 @@ def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bo
         from .liger import FusedLinearGRPOLoss
         state["liger_grpo_loss"] = liger
         trainer.liger_grpo_loss = FusedLinearGRPOLoss.from_liger(liger, backend=backend)
+    state["normalization"] = normalization
     if loss:
-        _check_loss_mode(trainer)
+        if normalization == "global":
+            _wrap_prepare_inputs(trainer, state)
         original_compute = trainer._compute_loss
         trainer._compute_loss = functools.partial(_upg_compute_loss, trainer, backend=backend)
         state["compute_loss"] = original_compute
@@ -190,6 +224,8 @@ def unpatch_grpo_trainer(trainer):
         trainer.liger_grpo_loss = state["liger_grpo_loss"]
     if "compute_loss" in state:
         del trainer._compute_loss
+    if "_prepare_inputs" in vars(trainer) and state.get("normalization") == "global":
+        del trainer._prepare_inputs
     trainer._upg_kernels_patch = None
     return trainer
 
@@ -296,6 +332,91 @@ def _hidden_states(unwrapped, input_ids, attention_mask, C):
     return out.last_hidden_state[:, -C - 1:-1]
 
 
+def _loss_totals(trainer, inputs, mask, mode):
+    """``(totals, factor)`` of one ``_compute_loss`` call: ``unified_policy_loss(..., totals=totals).loss * factor``.
+
+    ``normalization="trl"``: TRL 1.16's normalisers of each loss type (:func:`~.liger.normalizer_totals`: every
+    type divided by the accumulation steps; dapo/cispo/vespo by ``num_items_in_batch / num_processes *
+    accumulation / steps_per_generation``). ``"global"``: the totals :func:`_count_windows` counted over the
+    optimizer step's micro-batches on every process; the factor ``world_size`` compensates DDP's mean."""
+    from .liger import _DAPO_NORMALIZED, normalizer_totals
+
+    state = trainer._upg_kernels_patch
+    if state["normalization"] == "global":
+        if mode == "train":
+            for micro, totals in state.get("window_totals", ()):
+                if micro is inputs:
+                    return totals, totals.world_size
+            raise RuntimeError(
+                "patch_grpo_trainer(normalization='global'): this training micro-batch does not come from the "
+                "trainer's buffered generation batch (GRPOTrainer._prepare_inputs), whose optimizer-step totals "
+                "were counted; call compute_loss with the inputs _prepare_inputs returns")
+        totals = batch_totals(mask, group=_process_group(trainer))   # eval: one call is the whole batch
+        return totals, totals.world_size
+    gas = int(trainer.current_gradient_accumulation_steps) if mode == "train" else 1
+    dapo_count = None
+    if trainer.loss_type in _DAPO_NORMALIZED:
+        dapo_count = float(inputs["num_items_in_batch"].clamp(min=1.0))
+        if mode == "train":  # TRL rescales the generation batch's count to one accumulation window
+            dapo_count = dapo_count * gas / trainer.args.steps_per_generation
+    return normalizer_totals(trainer.loss_type, mask, dapo_count=dapo_count,
+                             world=trainer.accelerator.num_processes, accumulation=gas)
+
+
+def _process_group(trainer):
+    """The data-parallel group of the trainer's processes (None for one process)."""
+    if trainer.accelerator.num_processes == 1:
+        return None
+    return torch.distributed.group.WORLD
+
+
+def _count_windows(trainer):
+    """``[(micro-batch, totals)]`` for the trainer's buffered generation batch: each optimizer step's
+    ``gradient_accumulation_steps`` consecutive micro-batches counted together over every process (one
+    :func:`upg_kernels.batch_totals` call, one small all-reduce, per optimizer step)."""
+    buffered = trainer._buffered_inputs
+    gas = trainer.args.gradient_accumulation_steps
+    group = _process_group(trainer)
+    out = []
+    for start in range(0, len(buffered), gas):
+        window = buffered[start:start + gas]
+        totals = batch_totals([_loss_mask(b) for b in window], group=group)
+        out += [(b, totals) for b in window]
+    return out
+
+
+def _loss_mask(inputs):
+    mask = inputs["completion_mask"]
+    return mask if "tool_mask" not in inputs else mask * inputs["tool_mask"]
+
+
+def _check_global_normalization(trainer):
+    spg, gas = trainer.args.steps_per_generation, trainer.args.gradient_accumulation_steps
+    if spg % gas:
+        raise NotImplementedError(
+            f"patch_grpo_trainer(normalization='global') needs steps_per_generation ({spg}) to be a multiple of "
+            f"gradient_accumulation_steps ({gas}): an optimizer step must not span two generation batches, "
+            "whose totals are counted when each is generated")
+    if not hasattr(trainer, "_prepare_inputs") or not hasattr(trainer, "_buffered_inputs"):
+        raise NotImplementedError("patch_grpo_trainer(normalization='global') needs TRL's buffered generation "
+                                  "batch (GRPOTrainer._prepare_inputs / _buffered_inputs, TRL 1.x)")
+
+
+def _wrap_prepare_inputs(trainer, state):
+    """Count the optimizer-step totals whenever TRL buffers a new generation batch (``_prepare_inputs``)."""
+    original = trainer._prepare_inputs
+
+    @functools.wraps(original)
+    def _prepare_inputs(generation_batch):
+        before = trainer._buffered_inputs
+        inputs = original(generation_batch)
+        if trainer._buffered_inputs is not before and trainer._buffered_inputs is not None:
+            state["window_totals"] = _count_windows(trainer)
+        return inputs
+
+    trainer._prepare_inputs = _prepare_inputs
+
+
 def _upg_compute_loss(trainer, model, inputs, *, backend="auto"):
     """``GRPOTrainer._compute_loss`` with the policy loss from :func:`upg_kernels.unified_policy_loss`."""
     from ..losses import unified_policy_loss
@@ -311,21 +432,11 @@ def _upg_compute_loss(trainer, model, inputs, *, backend="auto"):
     C = completion_ids.size(1)
     input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
     attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
-    mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+    mask = _loss_mask(inputs)
     mode = "train" if trainer.model.training else "eval"
-    gas = trainer.current_gradient_accumulation_steps if mode == "train" else 1.0
 
     cfg = LigerSettings.read(trainer, args).loss_config()   # TRL's settings carry Liger's names
-    # TRL's normalizers: every type is divided by the accumulation steps, except dapo/cispo/vespo whose token
-    # count spans the generation batch
-    if trainer.loss_type in ("dapo", "cispo", "vespo"):
-        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / trainer.accelerator.num_processes
-        if mode == "train":
-            normalizer = normalizer * trainer.current_gradient_accumulation_steps / args.steps_per_generation
-        n_items = 1.0  # token_mean over 1 = the masked sum; divided by TRL's normalizer below
-    else:
-        normalizer = gas
-        n_items = None
+    totals, factor = _loss_totals(trainer, inputs, mask, mode)
     advantages = inputs["advantages"]
     is_ratio = None
     if trainer.use_vllm and trainer.vllm_importance_sampling_correction:
@@ -344,7 +455,7 @@ def _upg_compute_loss(trainer, model, inputs, *, backend="auto"):
             return unified_policy_loss(
                 hidden, head.weight, completion_ids, config=cfg, loss_mask=mask, advantages=advantages,
                 old_logprobs=old, ref_logprobs=ref, is_ratio=is_ratio, bias=head.bias,
-                temperature=trainer.temperature, num_items_in_batch=n_items, backend=backend)
+                temperature=trainer.temperature, totals=totals, backend=backend)
 
     unwrapped = trainer.accelerator.unwrap_model(model)
     with trainer.accelerator.autocast():
@@ -352,7 +463,7 @@ def _upg_compute_loss(trainer, model, inputs, *, backend="auto"):
             out = _loss(unwrapped)
         else:  # DDP / FSDP / DeepSpeed wrappers: run inside the wrapper's forward (its hooks fire)
             out = _ForwardRedirection()(model, unwrapped, _loss, unwrapped)
-    loss = out.loss / normalizer
+    loss = out.loss * factor if factor != 1 else out.loss
     _log_trl_metrics(trainer, mode, out, mask, advantages, old, ref, cfg, is_ratio)
     return loss
 

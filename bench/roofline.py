@@ -126,9 +126,15 @@ def one_pass_plan(N, H, V, budget=None, mode=None):
                 f"; the default budget is refused, modelled at {b2 / 2**30:.2f} GiB")
 
 
+def pl_slab(V: int) -> int:
+    from upg_kernels.kernels import one_pass
+    return min(V, one_pass.PAIR_SLAB_ROWS)
+
+
 def one_pass_label(N, H, V, budget=None, mode=None) -> str:
     pl, note = one_pass_plan(N, H, V, budget, mode)
-    dw = "dW fp32" if pl.dw_fp32 else f"dW bf16, {pl.dw_roundings} rounding(s)"
+    dw = ("dW fp32" if pl.dw_fp32 else "dW compensated bf16 pair" if pl.dw_pair
+          else f"dW bf16, {pl.dw_roundings} rounding(s)")
     return f"C={pl.chunk_rows}, {pl.n_chunks} chunk(s), {dw}, {pl.total_bytes / 2**30:.2f} GiB{note}"
 
 
@@ -142,16 +148,25 @@ def one_pass_kernels(N: int, H: int, V: int, budget: int | None = None, mode: st
     e, f = 2, 4
     wh = V * H
     acc = f if pl.dw_fp32 else e
+    if pl.dw_pair:       # compensated: the product slab written in float32, then (hi, lo) += P
+        dw_gemm = Cost("dW GEMM P = dz^T h_c per slab (float32 out)", 2 * N * H * V,
+                       N * V * e + (V / pl_slab(V)) * N * H * e + n * wh * f, 0, 0)
+    else:
+        dw_gemm = Cost(f"dW GEMM dW += dz^T h_c ({'float32 accumulator' if pl.dw_fp32 else 'bf16 gradient, beta=1'})",
+                       2 * N * H * V, N * V * e + N * H * e + n * wh * acc * 2, 0, 0)
     ks = [
         Cost("gather hidden rows", 0, 2 * N * H * e, 0, 0),
         Cost("logits GEMM z = h_c W^T (float32 out)", 2 * N * H * V, n * wh * e + N * H * e + N * V * f, 0, 0),
         Cost("stats row kernel (reads z)", 0, N * V * f, 0, 0),
         Cost("dz row kernel (reads z, writes bf16 dz in place)", 0, N * V * (f + e), 0, 0),
         Cost("dh GEMM dz W", 2 * N * H * V, N * V * e + n * wh * e + N * H * e, 0, 0),
-        Cost(f"dW GEMM dW += dz^T h_c ({'float32 accumulator' if pl.dw_fp32 else 'bf16 gradient, beta=1'})",
-             2 * N * H * V, N * V * e + N * H * e + n * wh * acc * 2, 0, 0),
+        dw_gemm,
     ]
-    if pl.dw_fp32:
+    if pl.dw_pair:
+        ks.append(Cost("compensated update (hi, lo) += P (reads P, hi, lo; writes hi, lo)", 0,
+                       n * wh * (f + 4 * e), 0, 0))
+        ks.append(Cost("dW zeroed (hi, lo), (hi + lo) scaled and rounded once", 0, wh * (4 * e + e), 0, 0))
+    elif pl.dw_fp32:
         ks.append(Cost("dW accumulator zeroed, scaled and cast once", 0, wh * (f + f + e), 0, 0))
     else:
         ks.append(Cost("dW zeroed, scaled in place", 0, wh * (e + e + e), 0, 0))
@@ -210,7 +225,7 @@ def main(argv=None):
     ap.add_argument("--budget", type=int, default=None, help="workspace bytes (default: the library's)")
     ap.add_argument("--one-pass-budget", type=int, default=None,
                     help="the one-pass budget in bytes (default: the library's, UPG_KERNELS_ONE_PASS_BYTES)")
-    ap.add_argument("--one-pass-dw", default=None, help="the one-pass dW mode: fp32 or per_chunk")
+    ap.add_argument("--one-pass-dw", default=None, help="the one-pass dW mode: fp32, compensated or per_chunk")
     a = ap.parse_args(argv)
     shapes = [s for s in a.shapes.split(",") if s]
     print(table(a.N, shapes, a.budget))

@@ -161,10 +161,13 @@ def test_sequence_level_whole_sequences(monkeypatch, chunks):
     assert torch.equal(o_env.loss, o2.loss) and all(torch.equal(a, r) for a, r in zip(g_env, g2))
 
 
+@pytest.mark.parametrize("mode", ["fp32", "compensated"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_bf16_dweight_rounded_once(backend, chunks):
-    """bf16: float32 logits, bf16 dz, a float32 dW accumulator (one rounding at the end), against
-    float64 on the same rounded inputs; dW's error stays at one bf16 rounding's size."""
+def test_bf16_dweight_rounded_once(backend, mode, chunks, monkeypatch):
+    """bf16: float32 logits, bf16 dz, dW kept in a float32 accumulator or as a compensated bf16 pair
+    (the Triton update kernel under the interpreter with the Triton rows), one rounding at the end,
+    against float64 on the same rounded inputs; dW's error stays at one bf16 rounding's size."""
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", mode)
     cfg, hid, w, b, tgt, kw = make_case("grpo", 9, dtype=torch.bfloat16)
     chunks(3, torch.bfloat16, torch_rows=backend == "torch")
     o, g = _run(cfg, hid, w, b, tgt, kw, backend=backend, grad_in_forward=True)
@@ -286,6 +289,47 @@ def test_plan_refusals_name_the_settings():
         one_pass.plan(8192, Hl, Vl, torch.bfloat16, mode="fast")
 
 
+def test_plan_compensated():
+    """``compensated``: the bf16 remainder (2·V·H) and a float32 product slab of 4096 rows count in
+    the budget; at llama3-8b N=8192 a 2 GiB budget holds it with 5 chunks of 1648 rows."""
+    Hl, Vl = LLAMA_HV
+    pl = one_pass.plan(8192, Hl, Vl, torch.bfloat16, 2 * 2**30, gpu=True, mode="compensated")
+    assert pl.acc_bytes == 2 * Vl * Hl + 4 * 4096 * Hl and pl.dw_pair and not pl.dw_fp32
+    assert (pl.chunk_rows, pl.n_chunks) == (1648, 5) and pl.total_bytes <= 2 * 2**30
+    assert pl.dw_roundings == 1
+    assert one_pass.acc_bytes(19, 12, torch.bfloat16, "compensated") == 2 * 19 * 12 + 4 * 19 * 12
+    assert one_pass.acc_bytes(Vl, Hl, torch.float32, "compensated") == 0
+    with pytest.raises(ValueError, match="compensated dW remainder.*UPG_KERNELS_ONE_PASS_DW=per_chunk"):
+        one_pass.plan(8192, Hl, Vl, torch.bfloat16, 2**30, gpu=True, mode="compensated")
+
+
+@pytest.mark.parametrize("hi_dtype", [torch.bfloat16, torch.float16])
+def test_pair_kernel_matches_torch_form(hi_dtype):
+    """The compensated update kernel (interpreter) equals its torch form bit for bit, and hi + lo
+    tracks a float64 running sum to ~1e-4 relative (a bf16 pair: about 16 significant bits) over many
+    small addends, where plain accumulation in hi's dtype stalls."""
+    from upg_kernels.kernels.triton_onepass import pair_add_
+    g = torch.Generator().manual_seed(2)
+    n = 300                                         # not a multiple of the block
+    hi_t = torch.zeros(n, dtype=hi_dtype)
+    lo_t = torch.zeros(n, dtype=torch.bfloat16)
+    hi_k, lo_k = hi_t.clone(), lo_t.clone()
+    ref = torch.zeros(n, dtype=torch.float64)
+    plain = torch.zeros(n, dtype=hi_dtype)
+    for i in range(40):
+        p = torch.randn(n, generator=g) * (1.0 if i == 0 else 1e-3)
+        ref += p.double()
+        plain = (plain.float() + p).to(hi_dtype)
+        one_pass.pair_add_torch_(hi_t, lo_t, p.clone())
+        pair_add_(hi_k, lo_k, p.clone())
+        assert torch.equal(hi_t, hi_k) and torch.equal(lo_t, lo_k), i
+    err = float((hi_k.double() + lo_k.double() - ref).abs().max() / ref.abs().max())
+    plain_err = float((plain.double() - ref).abs().max() / ref.abs().max())
+    assert err <= 1e-4 and plain_err > 20 * err, (err, plain_err)
+    # the gradient is hi: within one rounding of the running sum
+    assert (hi_k.double() - ref).abs().max() <= 2.0 ** -8 * ref.abs().max()
+
+
 def test_dw_mode_setting(monkeypatch):
     monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", "per_chunk")
     assert one_pass.dw_mode() == "per_chunk"
@@ -342,12 +386,14 @@ def _dw_error(mode, rows_per_chunk, monkeypatch):
 
 
 def test_dw_error_does_not_grow_with_chunks(monkeypatch):
-    """The default (float32 accumulator): dW's error at 128 chunks of 8 rows is that of one chunk
-    of 1024 rows (one rounding, about 2^-9 relative, plus bf16 dz); the per-chunk mode's grows with
-    the chunk count (the check a naive per-chunk bf16 accumulation fails)."""
+    """The default (float32 accumulator) and ``compensated``: dW's error at 128 chunks of 8 rows is
+    that of one chunk of 1024 rows (one rounding, about 2^-9 relative, plus bf16 dz); the per-chunk
+    mode's grows with the chunk count (the check a naive per-chunk bf16 accumulation fails)."""
     one = _dw_error("fp32", 1024, monkeypatch)
     many = _dw_error("fp32", 8, monkeypatch)
     assert one < 3e-3 and many <= one * 1.05 + 1e-5, (one, many)
+    pair = _dw_error("compensated", 8, monkeypatch)
+    assert pair <= one * 1.05 + 1e-5, (one, pair)
     naive = _dw_error("per_chunk", 8, monkeypatch)
     few = _dw_error("per_chunk", 256, monkeypatch)
     assert naive > 3 * many and naive > 2 * few, (naive, few, many)
@@ -388,6 +434,31 @@ def test_float32_weights_accumulate_in_the_gradient():
         else:
             assert sorted(str(x[1]) for x in spy.vh) == ["torch.bfloat16", "torch.float32"], spy.vh
             assert ww.grad.dtype == torch.bfloat16
+
+
+def test_compensated_gradient_is_hi(monkeypatch):
+    """``compensated``: the bf16 gradient is allocated in the forward and handed to autograd (scaled
+    in place); beside it only the bf16 remainder and the float32 product slab (here V < 4096 rows,
+    so the slab is [V, H])."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", "compensated")
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("zeros", "empty", "new_zeros", "zeros_like") and \
+                    isinstance(out, torch.Tensor) and tuple(out.shape) == (V, H):
+                seen.append((out.dtype, out.untyped_storage().data_ptr()))
+            return out
+
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 5, dtype=torch.bfloat16)
+    ww = w.clone().requires_grad_(True)
+    with Spy():
+        out = unified_policy_loss(hid, ww, tgt, config=cfg, backend="torch", grad_in_forward=True, **kw)
+        out.loss.backward()
+    assert sorted(str(d) for d, _ in seen) == ["torch.bfloat16", "torch.bfloat16", "torch.float32"], seen
+    assert ww.grad.untyped_storage().data_ptr() == seen[0][1]
 
 
 def test_second_backward_is_refused():
@@ -489,12 +560,14 @@ def test_meta_trace_sees_pytorch_passes():
     assert st["big"] and any(op == "exp" for op, _ in st["big"])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype,mode", [(torch.bfloat16, "fp32"), (torch.float32, "fp32"),
+                                        (torch.bfloat16, "compensated"), (torch.float16, "compensated")])
 @pytest.mark.parametrize("bias,softcap,entropy", [(False, None, 0.0), (True, 30.0, 0.01)])
-def test_launches_are_registered(monkeypatch, dtype, bias, softcap, entropy):
+def test_launches_are_registered(monkeypatch, dtype, mode, bias, softcap, entropy):
     """Every row-kernel launch of the one-pass path (captured on meta) is a registered variant of
     the compile check (the full flag product is registered)."""
     from test_aot_check import _launched_constexprs, _variants
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", mode)
     N, Hh, Vv = 64, 256, 1000
     dev = "meta"
     h = torch.empty(N, Hh, dtype=dtype, device=dev, requires_grad=True)

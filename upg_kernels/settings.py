@@ -136,10 +136,11 @@ ONE_PASS_BYTES = Setting(
 ONE_PASS_DW = Setting(
     "UPG_KERNELS_ONE_PASS_DW", "choice", "fp32",
     "how the one-pass path accumulates dW of bf16/fp16 weights: `fp32` (a float32 [V, H] accumulator "
-    "inside the budget, one rounding at the end) or `per_chunk` (into the bf16/fp16 gradient itself, "
-    "no accumulator, one rounding per chunk: the error grows with the number of chunks, "
-    "docs/kernels.md section 1c); float32 weights always accumulate in their gradient",
-    choices=("fp32", "per_chunk"))
+    "inside the budget, one rounding at the end), `compensated` (the gradient plus a bf16 [V, H] "
+    "remainder, half the memory, as exact as float32, more traffic per chunk) or `per_chunk` (into "
+    "the gradient itself, no extra memory, one rounding per chunk: the error grows with the number of "
+    "chunks); docs/kernels.md section 1c. float32 weights always accumulate in their gradient",
+    choices=("fp32", "compensated", "per_chunk"))
 PATH = Setting(
     "UPG_KERNELS_PATH", "choice", "auto",
     "pins the path of every call (`path=None`): `two_pass`, `two_pass_gemm_forward` (Triton backends) "

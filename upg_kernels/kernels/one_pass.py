@@ -35,9 +35,10 @@ on CUDA, :data:`ONE_PASS_BYTES`; 128 MiB elsewhere; :func:`set_one_pass_bytes`),
 path allocates beyond its outputs: the float32 dW accumulator (``4·V·H`` bytes, bf16 / fp16 weights
 in the default ``fp32`` mode) and the chunk workspace (float32 logits ``4·V`` bytes a row, 8 for
 float64, the gathered hidden rows and the dh staging rows) in what is left. dW is rounded once (the
-backward scales and casts the accumulator). ``UPG_KERNELS_ONE_PASS_DW=per_chunk`` accumulates bf16 /
-fp16 dW in the gradient itself (no accumulator; one rounding per chunk, an error that grows with the
-chunk count). float32 / float64 weights always accumulate in their gradient (no extra buffer).
+backward scales and casts the accumulator). ``UPG_KERNELS_ONE_PASS_DW=compensated`` keeps the
+gradient itself plus a bf16 remainder (``2·V·H`` bytes and a float32 product slab; as exact as the
+float32 accumulator, more traffic per chunk); ``per_chunk`` accumulates bf16 / fp16 dW in the
+gradient itself (no extra memory; one rounding per chunk, an error that grows with the chunk count). float32 / float64 weights always accumulate in their gradient (no extra buffer).
 Chunks are balanced (``ceil(M / ceil(M / C_max))`` rows, a multiple of 16). On CUDA a budget that
 leaves chunks of fewer than :data:`MIN_CHUNK_ROWS` rows is refused with a ``ValueError`` naming the
 variables (a slow crawl otherwise: each chunk re-reads and re-writes the whole dW).
@@ -58,8 +59,9 @@ PATH_NAME = "one_pass"
 ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 3 GiB: llama3-8b: 1.96 GiB dW accumulator + 2048-row chunks
 ONE_PASS_CPU_BYTES = 128 * 2**20   # off CUDA: ~500 rows at V = 32768, a fraction of eager's N x V logits
 MIN_CHUNK_ROWS = 256            # CUDA: smaller chunks make the per-chunk dW update memory-bound
-DW_MODES = settings.ONE_PASS_DW.choices            # "fp32" (float32 accumulator), "per_chunk"
+DW_MODES = settings.ONE_PASS_DW.choices            # "fp32", "compensated", "per_chunk"
 NARROW = (torch.bfloat16, torch.float16)
+PAIR_SLAB_ROWS = 4096           # compensated dW: vocabulary rows of dW per float32 product slab
 _override = None
 
 
@@ -95,10 +97,15 @@ class OnePassPlan:
     n_chunks: int
     dw_fp32: bool          # dW accumulates in a float32 [V, H] buffer (bf16/fp16 grads, mode fp32)
     chunk_bytes: int       # the chunk workspace (logits, gathered hidden, dh staging)
-    acc_bytes: int         # the float32 dW accumulator (0 without one)
+    acc_bytes: int         # the dW state beside the gradient (acc_bytes(); 0 without one)
     budget: int            # the budget both come out of
     dw_mode: str = "fp32"  # DW_MODES: how bf16/fp16 dW accumulates
     dw_roundings: int = 1  # roundings of dW to its dtype (per_chunk: one per chunk)
+
+    @property
+    def dw_pair(self) -> bool:
+        """dW is the gradient plus a bf16 remainder (mode ``compensated``)."""
+        return self.acc_bytes > 0 and self.dw_mode == "compensated"
 
     @property
     def total_bytes(self) -> int:
@@ -124,9 +131,17 @@ def row_bytes(V: int, H: int, dtype: torch.dtype, *, torch_rows: bool, softcap: 
 
 
 def acc_bytes(V: int, H: int, grad_dtype: torch.dtype, mode: str, need_weight: bool = True) -> int:
-    """Bytes of the float32 dW accumulator: ``4·V·H`` for a bf16/fp16 gradient in mode ``fp32``,
-    else 0 (float32/float64 gradients accumulate in themselves; ``per_chunk`` in the gradient)."""
-    return 4 * V * H if (need_weight and grad_dtype in NARROW and mode == "fp32") else 0
+    """Bytes of the dW state beside the gradient, for a bf16/fp16 gradient: ``4·V·H`` (the float32
+    accumulator) in mode ``fp32``; ``2·V·H`` (the bf16 remainder ``lo``) plus a float32 product slab
+    of ``PAIR_SLAB_ROWS x H`` in mode ``compensated``; else 0 (float32/float64 gradients accumulate
+    in themselves, ``per_chunk`` in the gradient)."""
+    if not (need_weight and grad_dtype in NARROW):
+        return 0
+    if mode == "fp32":
+        return 4 * V * H
+    if mode == "compensated":
+        return 2 * V * H + 4 * min(V, PAIR_SLAB_ROWS) * H
+    return 0
 
 
 def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, *,
@@ -149,8 +164,13 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
         cmax = cmax // 16 * 16
     need = max(1, min(M, MIN_CHUNK_ROWS) if gpu else 1)
     if cmax < need:
-        what = (f"a float32 dW accumulator of {acc} bytes (4·V·H) plus " if acc else "")
-        alt = (f"; or set {settings.ONE_PASS_DW.name}=per_chunk (no accumulator, dW rounded to "
+        what = (f"a float32 dW accumulator of {acc} bytes (4·V·H) plus " if mode == "fp32" and acc else
+                f"a compensated dW remainder of {acc} bytes (2·V·H + a float32 slab) plus " if acc else "")
+        alt = (f"; or set {settings.ONE_PASS_DW.name}=compensated (about half the dW memory) or "
+               f"{settings.ONE_PASS_DW.name}=per_chunk (none; dW rounded to "
+               f"{str(grad_dtype).replace('torch.', '')} once per chunk)"
+               if mode == "fp32" and acc else
+               f"; or set {settings.ONE_PASS_DW.name}=per_chunk (no dW state; dW rounded to "
                f"{str(grad_dtype).replace('torch.', '')} once per chunk)" if acc else "")
         raise ValueError(
             f"the one-pass path needs {acc + need * per} bytes at V={V}, H={H}: {what}chunks of at "
@@ -162,8 +182,8 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
     if n > 1 and c > 16:
         c = min(cmax, -(-c // 16) * 16)
     chunks = int(-(-M // c)) if M else 0
-    dw32 = acc > 0
-    per_chunk = need_weight and grad_dtype in NARROW and not dw32
+    dw32 = acc > 0 and mode == "fp32"
+    per_chunk = need_weight and grad_dtype in NARROW and acc == 0
     return OnePassPlan(int(c), int(cmax), chunks, dw32, int(c * per), acc, int(budget), mode,
                        max(chunks, 1) if per_chunk else 1)
 
@@ -283,7 +303,8 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
     ``grad_dtype``: the dtype of the weight's gradient (default the weight's; float32 for float32
     master weights whose compute copy is bf16); ``mode``: :data:`DW_MODES` (default :func:`dw_mode`).
     ``dw`` is the float32 accumulator when the plan has one (the caller scales and casts it once),
-    else the gradient itself in ``grad_dtype``; ``dh`` and ``db`` are in the inputs' dtypes.
+    a :class:`PairGrad` in mode ``compensated`` (the caller calls ``finish``), else the gradient
+    itself in ``grad_dtype``; ``dh`` and ``db`` are in the inputs' dtypes.
     ``rows_impl``: ``"triton"`` (the row kernels) or ``"torch"`` (:class:`TorchRows`)."""
     N, H = hidden.shape
     V = weight.shape[0]
@@ -308,6 +329,10 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
     dw = None
     if need_weight:
         dw = torch.zeros(V, H, dtype=torch.float32 if pl.dw_fp32 else grad_dtype, device=dev)
+    lo = pbuf = None
+    if need_weight and pl.dw_pair:                  # the gradient holds hi; lo and a product slab
+        lo = torch.zeros(V, H, dtype=torch.bfloat16, device=dev)
+        pbuf = torch.empty(min(V, PAIR_SLAB_ROWS), H, dtype=torch.float32, device=dev)
     db_acc = torch.zeros(1, V, dtype=cd, device=dev) if need_bias else None
     if M == 0:
         return _finish(logp, ent, lse, dh, dw, db_acc, bias)
@@ -348,11 +373,60 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
         if need_hidden:
             torch.mm(dzk, weight, out=dhbuf[:K])
             dh.index_copy_(0, idx[:K], dhbuf[:K])
-        if need_weight:
+        if need_weight and lo is not None:
+            pair_acc_(dw, lo, pbuf, dzk, hk, rows_impl == "triton")
+        elif need_weight:
             mm_acc(dw, dzk.t(), hk)
         if need_bias:
             mm_acc(db_acc, ones[:, :K], dzk)
+    if lo is not None:
+        dw = PairGrad(dw, lo, pbuf.shape[0])
     return _finish(logp, ent, lse, dh, dw, db_acc, bias)
+
+
+class PairGrad:
+    """dW of mode ``compensated`` between the forward and the backward: the gradient ``hi`` (bf16 /
+    fp16) and its bf16 remainder ``lo``. :meth:`finish` scales by ``grad_output`` and rounds once."""
+
+    def __init__(self, hi: torch.Tensor, lo: torch.Tensor, slab_rows: int):
+        self.hi, self.lo, self.slab_rows = hi, lo, slab_rows
+
+    def finish(self, grad: torch.Tensor) -> torch.Tensor:
+        """``hi = round((hi + lo) * grad)`` slab by slab (float32 temporaries of one slab), in place;
+        returns ``hi`` and lets go of ``lo``."""
+        hi, lo, S = self.hi, self.lo, self.slab_rows
+        g = grad.to(torch.float32)
+        for v0 in range(0, hi.shape[0], S):
+            t = lo[v0:v0 + S].float()
+            t.add_(hi[v0:v0 + S]).mul_(g)
+            hi[v0:v0 + S].copy_(t)
+        self.lo = None
+        return hi
+
+
+def pair_add_torch_(hi: torch.Tensor, lo: torch.Tensor, p: torch.Tensor) -> None:
+    """``(hi, lo) += p`` in torch ops (the CPU form of ``triton_onepass._op_pair_kernel``): ``s = hi +
+    (lo + p)`` in float32, ``hi = round(s)``, ``lo = bf16(s - hi)``; ``p`` is scratch."""
+    p.add_(lo)
+    p.add_(hi)
+    hi.copy_(p)
+    p.sub_(hi)
+    lo.copy_(p)
+
+
+def pair_acc_(hi, lo, pbuf, dz, h, triton_rows: bool) -> None:
+    """``(hi, lo) += dz^T h`` slab by slab: each slab's product in float32 (``pbuf``), then the
+    compensated update (the Triton kernel with the Triton row steps, else torch ops)."""
+    S = pbuf.shape[0]
+    if triton_rows:
+        from .triton_onepass import pair_add_
+    else:
+        pair_add_ = pair_add_torch_
+    for v0 in range(0, hi.shape[0], S):
+        v1 = min(hi.shape[0], v0 + S)
+        p = pbuf[:v1 - v0]
+        mm_f32(dz[:, v0:v1].t(), h, out=p)
+        pair_add_(hi[v0:v1], lo[v0:v1], p)
 
 
 def _any(x: torch.Tensor) -> bool:

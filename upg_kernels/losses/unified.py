@@ -254,6 +254,8 @@ class _PolicyLoss(torch.autograd.Function):
         for x, dt in zip(grads, ctx.grad_dtypes):
             if x is None:
                 out.append(None)
+            elif isinstance(x, one_pass.PairGrad):          # compensated dW: (hi + lo) * grad
+                out.append(x.finish(grad))
             elif x.dtype == dt:
                 out.append(x.mul_(grad.to(x.dtype)))
             else:

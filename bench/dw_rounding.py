@@ -17,9 +17,9 @@ Orders:
 * ``fp32``: a float32 accumulator, rounded to bf16 once at the end (the one-pass default).
 * ``per_chunk``: accumulated in the bf16 gradient, ``bf16(dW + P)`` per chunk (cuBLAS ``beta=1``
   into a bf16 output; ``UPG_KERNELS_ONE_PASS_DW=per_chunk``).
-* ``hi_lo_bf16``: a compensated pair ``(hi, lo)`` of bf16 [V, H] (``hi`` the gradient itself, ``lo``
-  ``2·V·H`` bytes): per chunk ``s = hi + lo + P`` in float32, ``hi = bf16(s)``, ``lo = bf16(s - hi)``
-  (not built: it needs its own update kernel; see docs).
+* ``compensated``: a compensated pair ``(hi, lo)`` of bf16 [V, H] (``hi`` the gradient itself, ``lo``
+  ``2·V·H`` bytes): per chunk ``s = hi + (lo + P)`` in float32, ``hi = bf16(s)``, ``lo = bf16(s -
+  hi)``; at the end ``bf16(hi + lo)`` (``UPG_KERNELS_ONE_PASS_DW=compensated``).
 * ``two_level``: bf16 partial sums of ``sqrt(chunks)`` chunks, each added to the bf16 gradient
   (``2·V·H`` bytes; not built).
 * ``once``: the exact sum rounded to bf16 (the floor: one rounding).
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-ORDERS = ("fp32", "per_chunk", "hi_lo_bf16", "two_level", "once")
+ORDERS = ("fp32", "per_chunk", "compensated", "two_level", "once")
 SEQ = 512
 
 
@@ -92,13 +92,13 @@ def emulate(N: int, C: int, V: int = 256, H: int = 64, seed: int = 0) -> dict:
         P = _f32(exact)                               # cuBLAS: float32 result of one chunk
         acc32 = _f32(acc32 + P)
         per = _bf(per + P)
-        t = _f32(_f32(hi + lo) + P)                  # compensated: float32 sum, bf16 (hi, lo)
+        t = _f32(hi + _f32(lo + P))                  # compensated: float32 sum, bf16 (hi, lo)
         hi = _bf(t)
         lo = _bf(_f32(t - hi))
         part = _bf(part + P)
         if (i + 1) % group == 0 or s + C >= N:
             two, part = _bf(two + part), torch.zeros_like(part)
-    out = {"fp32": _bf(acc32), "per_chunk": per, "hi_lo_bf16": _bf(_f32(hi + lo)), "two_level": two,
+    out = {"fp32": _bf(acc32), "per_chunk": per, "compensated": _bf(_f32(hi + lo)), "two_level": two,
            "once": _bf(ref)}
     scale, norm = ref.abs().max().item(), ref.norm().item()
     res = {"N": N, "C": C, "chunks": n_chunks, "V": V, "H": H}

@@ -74,7 +74,12 @@ def _ours_paths() -> tuple[OursPath, ...]:
 # the one-pass path (unified_policy_loss(path="one_pass"), asked for explicitly: a budget refusal is
 # reported, not replaced by the two-pass path; token_logprobs is unchanged by it)
 ONE_PASS = OursPath("ours-one-pass", "triton", False, kw=(("path", paths.ONE_PASS),))
-OURS_PATHS = _ours_paths() + (ONE_PASS,)
+# the same with dW as a compensated bf16 pair (UPG_KERNELS_ONE_PASS_DW=compensated) in a 2 GiB budget
+ONE_PASS_PAIR = OursPath("ours-one-pass-compensated-2g", "triton", False,
+                         env=((settings.ONE_PASS_DW.name, "compensated"),
+                              (settings.ONE_PASS_BYTES.name, str(2 * 2**30))),
+                         kw=(("path", paths.ONE_PASS),))
+OURS_PATHS = _ours_paths() + (ONE_PASS, ONE_PASS_PAIR)
 
 
 class _OursKw(Ours):
@@ -107,7 +112,7 @@ def one_pass_budget(problem) -> dict:
         acc = one_pass.acc_bytes(s.V, s.H, DTYPES[problem.dtype], one_pass.dw_mode())
         return {"budget_bytes": budget, "plan_refusal": str(e), "acc_bytes": acc}
     return {"budget_bytes": budget, "plan_bytes": pl.total_bytes, "chunk_rows": pl.chunk_rows,
-            "n_chunks": pl.n_chunks, "acc_bytes": pl.acc_bytes}
+            "n_chunks": pl.n_chunks, "acc_bytes": pl.acc_bytes, "dw_mode": pl.dw_mode}
 
 
 def meta_inputs(problem, device="meta") -> Inputs:
@@ -204,8 +209,9 @@ def run(shapes=DEFAULT_SHAPES, N=DEFAULT_N, ops="logprobs,grpo", impls=None, dty
                 if status and status.startswith("n/a"):
                     rec["status"] = status
                 elif impl is not None and not reason:
-                    if name == ONE_PASS.name and op != "logprobs":
-                        rec.update(one_pass_budget(problem))
+                    if name in (ONE_PASS.name, ONE_PASS_PAIR.name) and op != "logprobs":
+                        with environ(impl.env):
+                            rec.update(one_pass_budget(problem))
                     try:
                         rec.update(trace_peak(impl, problem))
                         rec["status"] = "ok"
@@ -214,8 +220,8 @@ def run(shapes=DEFAULT_SHAPES, N=DEFAULT_N, ops="logprobs,grpo", impls=None, dty
                     if rec.get("plan_refusal"):
                         rec["status"] = (
                             f"refused: {settings.ONE_PASS_BYTES.name} = "
-                            f"{rec['budget_bytes'] / 2**30:.2f} GiB cannot hold the float32 dW "
-                            f"accumulator ({rec['acc_bytes'] / 2**30:.2f} GiB) and 256-row chunks")
+                            f"{rec['budget_bytes'] / 2**30:.2f} GiB cannot hold the dW state "
+                            f"({rec['acc_bytes'] / 2**30:.2f} GiB) and 256-row chunks")
                 else:
                     rec["status"] = status
                 records.append(rec)
@@ -239,7 +245,7 @@ def table(records) -> str:
         status = r.get("status", "")
         if r.get("plan_bytes") is not None:
             status += (f" (plan {r['plan_bytes'] / 2**30:.2f} GiB = {r['n_chunks']} chunk(s) of "
-                       f"{r['chunk_rows']} rows + {r['acc_bytes'] / 2**30:.2f} GiB dW accumulator; "
+                       f"{r['chunk_rows']} rows + {r['acc_bytes'] / 2**30:.2f} GiB dW state; "
                        f"budget {r['budget_bytes'] / 2**30:.2f} GiB)")
         lines.append(f"| {r['shape']} | {r['N']} | {r['op']} | {r['impl']} | "
                      f"{_gib(r['peak_extra_bytes']).strip()} | {pct} | {status} |")

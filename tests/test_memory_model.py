@@ -181,5 +181,10 @@ def test_one_pass_within_its_budget():
     assert r["peak_extra_bytes"] <= 1.01 * r["plan_bytes"]
     q = by["qwen3.5-27b"]
     assert q["peak_extra_bytes"] is None and "UPG_KERNELS_ONE_PASS_BYTES" in q["status"]
+    # dW as a compensated bf16 pair in a 2 GiB budget: the bf16 remainder + a float32 slab
+    pr = mm.run("llama3-8b", "8192", "grpo", impls="ours-one-pass-compensated-2g")[0]
+    assert pr["status"] == "ok" and pr["dw_mode"] == "compensated" and pr["budget_bytes"] == 2 * 2**30
+    assert pr["acc_bytes"] == 2 * 128256 * 4096 + 4 * 4096 * 4096
+    assert pr["plan_bytes"] <= pr["peak_extra_bytes"] <= min(1.01 * pr["plan_bytes"], pr["budget_bytes"])
     assert "UPG_KERNELS_ONE_PASS_BYTES" in q["plan_refusal"]
     assert "UPG_KERNELS_ONE_PASS_DW=per_chunk" in q["plan_refusal"]

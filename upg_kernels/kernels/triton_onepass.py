@@ -17,7 +17,10 @@ element-for-element over what it loaded). Rows whose coefficients are both 0 are
 zeros without reading their logits. Elementwise traffic: 4 (cuBLAS write) + 4 + 4 (two reads)
 + 2 (dz) bytes per logit.
 
-:class:`RowConfig` holds the launch shape; :func:`aot_variants` registers both kernels for the compile
+With ``UPG_KERNELS_ONE_PASS_DW=compensated`` a third kernel, ``_op_pair_kernel``, adds each float32
+product slab of dW into the pair (bf16 / fp16 gradient ``hi``, bf16 remainder ``lo``).
+
+:class:`RowConfig` holds the launch shape; :func:`aot_variants` registers the kernels for the compile
 check. The PyTorch form of the same two steps (the CPU path and the tests' reference) is
 ``one_pass.TorchRows``.
 """

@@ -599,3 +599,59 @@ def test_dw_rounding_emulation():
         assert r["compensated"]["fro_rel"] <= r["once"]["fro_rel"] * 1.01 + 1e-6
     assert many["per_chunk"]["fro_rel"] > 2 * few["per_chunk"]["fro_rel"] > 2 * few["once"]["fro_rel"]
     assert "| 2048 | 64 | 32 |" in dw_rounding.table([many])
+
+
+def test_autocast_float32_weights_accumulate_in_float32():
+    """float32 weights under autocast (bf16 compute): the one-pass path accumulates dW in the
+    float32 gradient itself -- no float32 accumulator beside it, no bf16 gradient, dW not rounded to
+    bf16 -- and matches float64 on the bf16-rounded inputs as the float32 accumulator does."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 7, with_bias=False)
+    h = hid.clone().requires_grad_(True)
+    ww = w.clone().requires_grad_(True)
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == (V, H) and \
+                    func.overloadpacket.__name__ in ("zeros", "empty", "empty_like", "zeros_like"):
+                seen.append(out.dtype)
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), Spy():
+        out = unified_policy_loss(h, ww, tgt, config=cfg, backend="torch", grad_in_forward=True, **kw)
+        (1.7 * out.loss).backward()                                   # as _run's reference
+    assert ww.grad.dtype == torch.float32 and seen == [torch.float32], seen
+    assert not torch.equal(ww.grad, ww.grad.to(torch.bfloat16).float())     # not bf16-rounded
+    h64, w64 = hid.to(torch.bfloat16).double(), w.to(torch.bfloat16).double()
+    _, g64 = _run(cfg, h64, w64, None, tgt, _to64(kw), grad_in_forward=False)
+    assert _rel(ww.grad, g64[1]) < 2.0 ** -8 and _rel(h.grad, g64[0]) < 1e-2
+
+
+def test_autocast_master_weights_fall_back(monkeypatch):
+    """The same float32 weights under autocast with a sequence-level config whose sequence does not
+    fit a chunk, the one-pass path turned on by the environment: the call falls back to the two-pass
+    path inside the autograd function and gives what the two-pass path gives."""
+    cfg, hid, w, b, tgt, kw = make_case("gspo", 2, with_bias=False)
+    one_pass.set_one_pass_bytes(_budget_rows(T - 1, torch.bfloat16, True, mode="per_chunk"))
+    seen = []
+    orig = one_pass.forward_with_grads
+
+    def spy(*a, **k):
+        seen.append(k.get("grad_dtype"))
+        return orig(*a, **k)
+    monkeypatch.setattr(one_pass, "forward_with_grads", spy)
+    grads = []
+    try:
+        for env in ("1", "0"):
+            monkeypatch.setenv("UPG_KERNELS_GRAD_IN_FORWARD", env)
+            ww = w.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = unified_policy_loss(hid, ww, tgt, config=cfg, backend="torch", **kw)
+                out.loss.backward()
+            grads.append(ww.grad)
+    finally:
+        one_pass.set_one_pass_bytes(None)
+    assert seen == [torch.float32]                     # tried (master weights), then fell back
+    assert grads[0].dtype == torch.float32 and torch.equal(grads[0], grads[1])

@@ -313,6 +313,11 @@ def test_preference_micro_batches_with_totals_add_up():
         preference_loss(h, w, t, config="dpo", loss_mask=m, bias=b, backend="torch",
                         ref_chosen_logps=torch.zeros(P), ref_rejected_logps=torch.zeros(P),
                         totals=upg_kernels.batch_totals(mask))
+    # totals of another (smaller) batch: the whole batch's call holds more pairs than they counted
+    with pytest.raises(ValueError, match=r"totals do not cover this call \(3 pairs .* 1 and"):
+        preference_loss(h, w, t, config="dpo", loss_mask=m, bias=b, backend="torch",
+                        ref_chosen_logps=torch.zeros(P), ref_rejected_logps=torch.zeros(P),
+                        totals=upg_kernels.batch_totals(mask[rows(slice(0, 1))], paired=True))
 
 
 # ----------------------------------------------------------------------------------------- C: 2 gloo ranks
@@ -329,9 +334,9 @@ class _Head(torch.nn.Module):
         self.bias = torch.nn.Parameter(b.clone())
         self.cfg = cfg
 
-    def forward(self, h, tgt, lb, totals):
+    def forward(self, h, tgt, lb, totals, **kw):   # kw: cp_group=, vocab_parallel= (test_parallel_totals.py)
         return unified_policy_loss(h, self.weight, tgt, config=self.cfg, bias=self.bias, backend="torch",
-                                   batch=lb, totals=totals).loss
+                                   batch=lb, totals=totals, **kw).loss
 
 
 def _ddp_worker(rank, port, out_path):

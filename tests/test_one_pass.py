@@ -251,11 +251,12 @@ def test_plan_default_budget_llama3_8b():
     # no weight gradient: no accumulator, the whole budget for chunks
     nw = one_pass.plan(8192, Hl, Vl, torch.bfloat16, gpu=True, need_weight=False)
     assert nw.acc_bytes == 0 and nw.n_chunks == 2
-    # float32 gradients (float32 weights, or float32 master weights of a bf16 compute copy)
+    # float32 gradients (float32 weights, also under bf16 autocast: the weight is cast slab by slab)
     # accumulate in the gradient itself: no accumulator
     for gd, dt in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16)):
-        p32 = one_pass.plan(8192, Hl, Vl, dt, gpu=True, grad_dtype=gd)
+        p32 = one_pass.plan(8192, Hl, Vl, dt, gpu=True, w_dtype=gd)
         assert not p32.dw_fp32 and p32.acc_bytes == 0 and p32.dw_roundings == 1
+        assert p32.total_bytes <= p32.budget and (p32.cast_bytes > 0) == (dt != gd)
 
 
 def test_plan_refusals_name_the_settings():
@@ -602,9 +603,9 @@ def test_dw_rounding_emulation():
 
 
 def test_autocast_float32_weights_accumulate_in_float32():
-    """float32 weights under autocast (bf16 compute): the one-pass path accumulates dW in the
-    float32 gradient itself -- no float32 accumulator beside it, no bf16 gradient, dW not rounded to
-    bf16 -- and matches float64 on the bf16-rounded inputs as the float32 accumulator does."""
+    """float32 weights under autocast (bf16 compute; the weight cast slab by slab): the one-pass path
+    accumulates dW in the float32 gradient itself -- no float32 accumulator beside it, dW not
+    rounded to bf16 -- and matches float64 on the bf16-rounded inputs."""
     from torch.utils._python_dispatch import TorchDispatchMode
     cfg, hid, w, b, tgt, kw = make_case("grpo", 7, with_bias=False)
     h = hid.clone().requires_grad_(True)
@@ -622,7 +623,9 @@ def test_autocast_float32_weights_accumulate_in_float32():
     with torch.autocast("cpu", dtype=torch.bfloat16), Spy():
         out = unified_policy_loss(h, ww, tgt, config=cfg, backend="torch", grad_in_forward=True, **kw)
         (1.7 * out.loss).backward()                                   # as _run's reference
-    assert ww.grad.dtype == torch.float32 and seen == [torch.float32], seen
+    # one float32 [V, H] (the gradient); a bf16 one is the weight's cast slab (V < its rows here)
+    assert ww.grad.dtype == torch.float32 and seen.count(torch.float32) == 1, seen
+    assert set(seen) <= {torch.float32, torch.bfloat16}, seen
     assert not torch.equal(ww.grad, ww.grad.to(torch.bfloat16).float())     # not bf16-rounded
     h64, w64 = hid.to(torch.bfloat16).double(), w.to(torch.bfloat16).double()
     _, g64 = _run(cfg, h64, w64, None, tgt, _to64(kw), grad_in_forward=False)
@@ -639,7 +642,7 @@ def test_autocast_master_weights_fall_back(monkeypatch):
     orig = one_pass.forward_with_grads
 
     def spy(*a, **k):
-        seen.append(k.get("grad_dtype"))
+        seen.append(a[1].dtype)                        # the weight as the one-pass path gets it
         return orig(*a, **k)
     monkeypatch.setattr(one_pass, "forward_with_grads", spy)
     grads = []

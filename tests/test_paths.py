@@ -52,14 +52,22 @@ def _loss_call(cfg_name="grpo", seed=4, dtype=torch.float64, backend="torch", **
 
 
 # ------------------------------------------------------------------------------ names and pins
-def test_names_have_one_owner():
-    from upg_kernels import settings
-    assert paths.PATH_NAMES == ("two_pass", "two_pass_gemm_forward", "one_pass")
-    assert settings.PATH.choices == ("auto",) + paths.PATH_NAMES
-    from upg_kernels.kernels.one_pass import PATH_NAME
-    assert PATH_NAME in paths.PATH_NAMES
+def test_every_path_name_has_one_row_and_its_docs(monkeypatch):
+    """The names are upg_kernels/path_names.py; the table of kernels/paths.py has a row for each (no
+    more, same order), UPG_KERNELS_PATH accepts them and `auto` (nothing else), and docs/kernels.md
+    names each."""
+    from upg_kernels import path_names, settings
+    assert path_names.PATH_NAMES == ("two_pass", "two_pass_gemm_forward", "one_pass")
+    assert tuple(paths.PATHS) == path_names.PATH_NAMES
+    assert all(paths.PATHS[n].name == n for n in paths.PATHS)
+    for n in ("auto",) + path_names.PATH_NAMES:
+        monkeypatch.setenv("UPG_KERNELS_PATH", n.upper())
+        assert settings.PATH.get() == n
+    monkeypatch.setenv("UPG_KERNELS_PATH", "fast")
+    with pytest.raises(ValueError, match="UPG_KERNELS_PATH"):
+        settings.PATH.get()
     doc = open(os.path.join(os.path.dirname(__file__), "..", "docs", "kernels.md")).read()
-    for n in paths.PATH_NAMES:
+    for n in path_names.PATH_NAMES:
         assert f"`{n}`" in doc
 
 

@@ -99,3 +99,21 @@ def test_only_settings_reads_the_environment():
         lits = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
                 and n.value in names and id(n) not in docstrings]
         assert not lits, f"{path.relative_to(ROOT)} spells {lits}: use upg_kernels.settings"
+
+
+def _imports(path):
+    """The modules a file imports (relative imports keep their leading dots)."""
+    out = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        if isinstance(n, ast.Import):
+            out |= {a.name for a in n.names}
+        elif isinstance(n, ast.ImportFrom):
+            out.add("." * n.level + (n.module or ""))
+    return out
+
+
+def test_settings_stay_light():
+    """settings.py imports the standard library and the path names only; path_names.py imports
+    nothing (so the settings never pull torch, triton or a module that reads them)."""
+    assert _imports(ROOT / "upg_kernels" / "path_names.py") == set()
+    assert _imports(ROOT / "upg_kernels" / "settings.py") == {"__future__", "os", "dataclasses", ".path_names"}

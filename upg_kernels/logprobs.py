@@ -17,6 +17,7 @@ import torch
 from . import ops
 from ._backend import resolve_backend
 from .kernels.meta import autocast_enabled, autocast_off
+from .kernels.workspace import keeps_weight
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -145,12 +146,17 @@ def _common_dtype(hidden, weight, bias):
 
 def prepare_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps, ignore_index=-100):
     """Validate, then flatten to ``[N, H]`` / ``[N]`` and cast to the compute dtype (autocast's, else the
-    promoted one), contiguous: ``(hidden2d, weight, bias, targets int64)``. Shared by every op entry."""
+    promoted one), contiguous: ``(hidden2d, weight, bias, targets int64)``. Shared by every op entry.
+
+    The compute dtype is ``hidden2d``'s. A float32 weight under a bf16/fp16 compute dtype (autocast) is
+    NOT cast here: it goes on as it is and the backends cast it slab by slab (kernels/workspace.py,
+    :class:`~upg_kernels.kernels.workspace.WeightSlabs`), so no ``[V, H]`` copy exists and its gradient
+    comes out in float32. The bias (``V`` elements) is cast whole."""
     check_inputs(hidden, weight, targets, bias, temperature, softcap, filter_eps, ignore_index)
     dt = _common_dtype(hidden, weight, bias)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     h2 = (h2 if h2.dtype == dt else h2.to(dt)).contiguous()
-    w = (weight if weight.dtype == dt else weight.to(dt)).contiguous()
+    w = (weight if weight.dtype == dt or keeps_weight(weight.dtype, dt) else weight.to(dt)).contiguous()
     b = None if bias is None else (bias if bias.dtype == dt else bias.to(dt)).contiguous()
     t = targets.reshape(-1)
     t = (t if t.dtype == torch.int64 else t.long()).contiguous()

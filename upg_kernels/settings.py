@@ -6,12 +6,16 @@ at the next call. One parser per kind: booleans accept ``1/true/yes/on`` and ``0
 (any case; unset or empty = the default), byte sizes are positive integers, choices are matched
 lower-cased. A value that does not parse raises a ValueError naming the variable and what it expects.
 
-The table in docs/settings.md is :func:`markdown_table` (tests/test_settings.py keeps the two equal). This module imports nothing from the library.
+The table in docs/settings.md is :func:`markdown_table` (tests/test_settings.py keeps the two equal).
+From the library this module imports only :mod:`upg_kernels.path_names` (the path names, a module that
+imports nothing), so it stays light: no torch, no triton.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
+from .path_names import PATH_NAMES
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
@@ -99,6 +103,10 @@ WORKSPACE_BYTES = Setting(
 TORCH_CHUNK_BYTES = Setting(
     "UPG_KERNELS_TORCH_CHUNK_BYTES", "bytes", 64 * MiB,
     "bytes of one float32 chunk x V logits block of the torch backend")
+CAST_SLAB_BYTES = Setting(
+    "UPG_KERNELS_CAST_SLAB_BYTES", "bytes", 32 * MiB,
+    "bound of the weight slab cast to the compute dtype when the weight is float32 and the compute "
+    "dtype is bf16/fp16 (autocast): W is cast slab by slab, never whole (kernels/workspace.py)")
 TRITON_FORWARD = Setting(
     "UPG_KERNELS_TRITON_FORWARD", "choice", "fused",
     "forward path of the Triton backends: `fused` (one kernel) or `gemm` (cuBLAS logits slabs + a row "
@@ -146,7 +154,7 @@ PATH = Setting(
     "pins the path of every call (`path=None`): `two_pass`, `two_pass_gemm_forward` (Triton backends) "
     "or `one_pass` (losses with gradients); a path a call cannot take runs `two_pass`. `auto`: chosen "
     "by measurement (docs/kernels.md, \"Path selection\")",
-    choices=("auto", "two_pass", "two_pass_gemm_forward", "one_pass"))
+    choices=("auto",) + PATH_NAMES)
 DETERMINISTIC = Setting(
     "UPG_KERNELS_DETERMINISTIC", "bool", False,
     "pins the deterministic path (`two_pass` with the GEMM backward, no atomics; also on under "
@@ -171,7 +179,7 @@ BENCH_GIT_COMMIT = Setting(
     "the commit recorded in benchmark results when the tree has no `.git` (bench/gpu_run.sh)",
     scope="bench")
 
-SETTINGS = (BACKEND, WORKSPACE_BYTES, TORCH_CHUNK_BYTES, TRITON_FORWARD, TRITON_FWD_CONFIG,
+SETTINGS = (BACKEND, WORKSPACE_BYTES, TORCH_CHUNK_BYTES, CAST_SLAB_BYTES, TRITON_FORWARD, TRITON_FWD_CONFIG,
             TRITON_BWD_CONFIG, TRITON_DZ_CONFIG, TRITON_DW_SLAB_BYTES, FUSED_EPILOGUE, GRAD_IN_FORWARD,
             ONE_PASS_BYTES, ONE_PASS_DW, PATH, DETERMINISTIC, AUTOTUNE, CACHE_DIR, PATH_TABLE,
             TRITON_INTERPRET, BENCH_GIT_COMMIT)

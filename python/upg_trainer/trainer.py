@@ -153,9 +153,6 @@ class Trainer:
                              "without torchrun")
         if m.single_process and cfg.train.strategy != "none":
             raise ValueError(f"`upg-train {m.name}` supports train.strategy none only")
-        if cfg.rollout.dynamic_sampling and ws > 1:
-            raise ValueError("rollout.dynamic_sampling runs in one process for now (each rank would need the "
-                             "same number of generate rounds); run without torchrun")
         if m.trains and cfg.train.batch_size < ws:
             raise ValueError(f"train.batch_size={cfg.train.batch_size} is smaller than the world size {ws}: every "
                              f"rank needs at least one of the step's {m.batch_unit}; use --train.batch_size >= {ws}")

@@ -53,7 +53,8 @@ import torch
 
 from ..logprobs import token_logprobs
 
-__all__ = ["FusedLinearGRPOLoss", "LIGER_LOSS_TYPES", "LigerSettings", "liger_loss_config", "normalizer_totals"]
+__all__ = ["FusedLinearGRPOLoss", "LIGER_LOSS_TYPES", "LigerSettings", "liger_loss_config", "normalizer_totals",
+           "DAPO_NORMALIZED"]
 
 # Liger 0.8.5's loss types; each is the preset of the same name in upg_kernels' PRESETS (losses/config.py),
 # whose stabilization and aggregation the adapter takes. The IS level is Liger's own setting, so the
@@ -61,7 +62,7 @@ __all__ = ["FusedLinearGRPOLoss", "LIGER_LOSS_TYPES", "LigerSettings", "liger_lo
 LIGER_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 _IS_LEVELS = ("token", "sequence")
 # the loss types whose token_mean is over num_items_in_batch (Liger's _compute_dapo_normalizer)
-_DAPO_NORMALIZED = ("dapo", "cispo", "vespo")
+DAPO_NORMALIZED = ("dapo", "cispo", "vespo")
 
 
 def _loss_type_parts(loss_type):
@@ -187,7 +188,7 @@ def normalizer_totals(loss_type, mask, *, dapo_count=None, world: int = 1, accum
         raise ValueError(f"Unknown loss type: {loss_type!r}; supported: {LIGER_LOSS_TYPES}")
     B = mask.shape[0]
     tok = int((mask != 0).sum())
-    if loss_type in _DAPO_NORMALIZED:
+    if loss_type in DAPO_NORMALIZED:
         count = float(dapo_count)
         if not count > 0:
             raise ValueError(f"the dapo/cispo/vespo normaliser must be > 0, got {count}")
@@ -324,7 +325,7 @@ class FusedLinearGRPOLoss(torch.nn.Module):
             factor = getattr(totals, "world_size", 1)   # a wrong type is refused by the loss
         else:
             dapo_count, world = None, _world_size()
-            if self.loss_type in _DAPO_NORMALIZED:   # num_items_in_batch, or the token count over the group
+            if self.loss_type in DAPO_NORMALIZED:   # num_items_in_batch, or the token count over the group
                 if num_items_in_batch is not None:
                     n = float(num_items_in_batch)
                 else:

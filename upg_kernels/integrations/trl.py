@@ -339,7 +339,7 @@ def _loss_totals(trainer, inputs, mask, mode):
     type divided by the accumulation steps; dapo/cispo/vespo by ``num_items_in_batch / num_processes *
     accumulation / steps_per_generation``). ``"global"``: the totals :func:`_count_windows` counted over the
     optimizer step's micro-batches on every process; the factor ``world_size`` compensates DDP's mean."""
-    from .liger import _DAPO_NORMALIZED, normalizer_totals
+    from .liger import DAPO_NORMALIZED, normalizer_totals
 
     state = trainer._upg_kernels_patch
     if state["normalization"] == "global":
@@ -355,7 +355,7 @@ def _loss_totals(trainer, inputs, mask, mode):
         return totals, totals.world_size
     gas = int(trainer.current_gradient_accumulation_steps) if mode == "train" else 1
     dapo_count = None
-    if trainer.loss_type in _DAPO_NORMALIZED:
+    if trainer.loss_type in DAPO_NORMALIZED:
         dapo_count = float(inputs["num_items_in_batch"].clamp(min=1.0))
         if mode == "train":  # TRL rescales the generation batch's count to one accumulation window
             dapo_count = dapo_count * gas / trainer.args.steps_per_generation

@@ -144,6 +144,12 @@ def tail(v: KernelVariant, *args: str, name: str = "tail") -> KernelVariant:
                    divisible=tuple(a for a in v.divisible if a not in args))
 
 
+def fp32_weight(v: KernelVariant) -> KernelVariant:
+    """``v`` with a float32 weight (``w_ptr``): autocast's launches, whose W tiles the kernel casts to
+    the hidden states' type in registers (kernels/workspace.py)."""
+    return replace(v, variant=f"{v.variant} w=fp32", types={**v.types, "w_ptr": "*fp32"})
+
+
 def flag_cover(flags: dict[str, tuple], base: dict[str, Any]) -> list[dict[str, Any]]:
     """A covering set of flag combinations: ``base``, ``base`` with each flag set to each of its
     other values (one at a time), and every flag at its last value ("all on"). Each value of

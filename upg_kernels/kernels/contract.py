@@ -16,6 +16,12 @@ with ``z = softcap(hidden @ weight.T + bias) / temperature``, ``lse = logsumexp(
 the softcap chain rule), and skips rows whose ``g_logp``, ``g_ent`` and ``g_lse`` are all 0 exactly
 (:func:`active_rows`). float64 inputs give float64 outputs (backends that take float64).
 
+The compute dtype is ``hidden``'s. ``weight`` has it too, except under autocast: a float32 weight with
+bf16/fp16 hidden states (``workspace.keeps_weight``) is passed as it is, and the backend must never cast
+it whole: each W tile / slab is cast to ``hidden``'s dtype where it is used (Triton: in registers,
+``triton_logprobs_common.operand``; host GEMMs: ``workspace.WeightSlabs``, one bounded slab at a time),
+and ``dweight`` comes back in float32 (the weight's dtype). The bias is always in ``hidden``'s dtype.
+
 The backends themselves are rows of the table in :mod:`upg_kernels.kernels.backends`. Backend modules
 import what they share from here (never from the table or the package), so the table may import them
 lazily without a cycle.

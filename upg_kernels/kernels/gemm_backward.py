@@ -24,6 +24,11 @@ element; each GEMM accumulates in fp32 and adds the old value before rounding on
 budget also holds a float32 ``[V, H]`` accumulator (``4·V·H`` bytes), which the plan then uses (one
 rounding). docs/kernels.md measures the resulting error against float64.
 
+Autocast (a float32 weight, bf16/fp16 hidden states): the dz kernel casts each W tile in registers,
+the dh GEMM takes W slab by slab cast into one ``[S, H]`` buffer (``workspace.WeightSlabs``; ``S`` is then
+at most ``UPG_KERNELS_CAST_SLAB_BYTES / (2·H)`` columns, and the buffer counts in the workspace), and dW
+accumulates straight into the float32 output (exact, no accumulator).
+
 Cost: ``6·M·H·V`` flops (recompute + two products), all on tensor cores; W is read ``3·ceil(M/G)``
 times from HBM, dW read and written ``ceil(M/G)`` times.
 """
@@ -37,7 +42,8 @@ import triton
 from .contract import zero_grads
 from .capturable import backward_rows
 from .gemm import mm_acc
-from .workspace import balanced_rows, group_bounds, set_workspace_bytes, workspace_bytes  # noqa: F401 (re-export)
+from .workspace import (WeightSlabs, balanced_rows, cast_rows, group_bounds, keeps_weight,  # noqa: F401
+                        set_workspace_bytes, workspace_bytes)  # (re-export)
 from .triton_dz import dz_block, dz_config
 from .triton_logprobs_common import check_inputs, interpreting
 
@@ -76,7 +82,7 @@ class GemmPlan:
 
 def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, *,
          need_hidden: bool = True, need_weight: bool = True, gather: bool = True,
-         gpu: bool = False) -> GemmPlan:
+         gpu: bool = False, w_dtype: torch.dtype | None = None) -> GemmPlan:
     """Token-group and slab sizes for ``M`` active rows within ``budget`` bytes of workspace.
 
     The largest group that fits (fewer dW roundings, fewer passes over W), at least one dz tile
@@ -86,25 +92,30 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
     the group loop while that rounds each element at most :data:`MAX_DW_ROUNDINGS` times; beyond, dW
     gets its own slab-outer pass (float32 ``[S_w, H]`` slab accumulator across all token groups, one
     rounding; the dz blocks are recomputed: 2·M·H·V more flops). ``gpu=True``: the CUDA plan even
-    under the interpreter (bench/roofline.py)."""
+    under the interpreter (bench/roofline.py). ``w_dtype``: the weight's dtype (default ``dtype``);
+    a float32 weight with bf16/fp16 ``dtype`` (autocast) needs no dW accumulator, and with dhidden
+    its slabs are cast into a ``[S, H]`` buffer of at most ``UPG_KERNELS_CAST_SLAB_BYTES``."""
     budget = workspace_bytes() if budget is None else budget
+    w_dtype = dtype if w_dtype is None else w_dtype
     e = 4 if dtype == torch.float32 else 2
     interp = interpreting() and not gpu
     cfg = dz_config(dtype, H, gpu=gpu)
     bv, tile = cfg.block_v, cfg.block_n
     v_pad = triton.cdiv(V, bv) * bv
-    S = min(v_pad, _SLAB_COLS_INTERP if interp else _SLAB_COLS)
+    cast = need_hidden and keeps_weight(w_dtype, dtype)
+    s_cap = min(v_pad, cast_rows(H, dtype, bv)) if cast else v_pad
+    S = min(s_cap, _SLAB_COLS_INTERP if interp else _SLAB_COLS)
     h_gather = e * H if (need_weight and gather) else 0
     per_row_h = (4 * H if need_hidden else 0) + h_gather
-    dw32 = 4 * V * H if (need_weight and dtype != torch.float32) else 0
+    dw32 = 4 * V * H if (need_weight and w_dtype != torch.float32) else 0
     use32 = dw32 > 0 and budget >= dw32 + tile * (S * e + per_row_h)
-    left = budget - (dw32 if use32 else 0)
+    left = budget - (dw32 if use32 else 0) - (S * H * e if cast else 0)
     g_max = max(tile, left // (S * e + per_row_h) // tile * tile)
     m_pad = max(16, triton.cdiv(max(M, 1), 16) * 16)
     if g_max >= m_pad:
         G = m_pad
         if not interp:
-            S = max(S, min(v_pad, (left - G * per_row_h) // (G * e) // bv * bv))
+            S = max(S, min(s_cap, (left - G * per_row_h) // (G * e) // bv * bv))
     else:
         G = balanced_rows(M, g_max, tile)
     mode, Gw, Sw = "fused", 0, 0
@@ -117,7 +128,8 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
         Sw = min(v_pad, S, max(bv, budget // 2 // (4 * H) // bv * bv))   # half the budget: the slab
         gw_max = max(tile, (budget - 4 * Sw * H) // (Sw * e + h_gather) // tile * tile)
         Gw = m_pad if gw_max >= m_pad else balanced_rows(M, gw_max, tile)
-    used = G * S * e + G * (4 * H if need_hidden else 0) + (dw32 if use32 else 0)
+    used = G * S * e + G * (4 * H if need_hidden else 0) + (dw32 if use32 else 0) \
+        + (S * H * e if cast else 0)
     if mode == "pass":
         used = max(used, Gw * Sw * e + 4 * Sw * H + Gw * h_gather)
     else:
@@ -151,7 +163,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     dense = M == N   # every row active: groups are slices of hidden (no gather, no scatter)
 
     pl = plan(M, H, V, hidden.dtype, need_hidden=need_hidden, need_weight=need_weight,
-              gather=not dense)
+              gather=not dense, w_dtype=weight.dtype)
     two_pass = need_weight and pl.dw_mode == "pass"
     args = (hidden, weight, bias, targets, rows, lse, ent, g_logp, g_ent, g_lse, p, dense)
     dw_acc = dw
@@ -178,6 +190,7 @@ def _group_loop(groups, G, S, args, dh, dw_acc, db_acc):
     dz_buf = torch.empty(min(G, M), min(S, V), dtype=hidden.dtype, device=hidden.device)
     dh_acc = (torch.empty(min(G, M), H, dtype=torch.float32, device=hidden.device)
               if dh is not None else None)
+    slabs = WeightSlabs(weight, hidden.dtype, rows=S) if dh is not None else None
     for g0, g1 in groups:
         idx = rows[g0:g1]
         h_g = None
@@ -192,7 +205,7 @@ def _group_loop(groups, G, S, args, dh, dw_acc, db_acc):
             dz = dz_buf[:g1 - g0, :v1 - v0]
             dz_block(dz, hidden, weight, bias, targets, idx, lse, ent, g_logp, g_ent, g_lse, v0, v1, p)
             if dh is not None:
-                mm_acc(acc, dz, weight[v0:v1])
+                mm_acc(acc, dz, slabs(v0, v1))
             if dw_acc is not None:
                 mm_acc(dw_acc[v0:v1], dz.t(), h_g)
             if db_acc is not None:

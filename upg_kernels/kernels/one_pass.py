@@ -32,16 +32,21 @@ chunk holds is refused (:class:`SequenceTooLong`), naming the budget.
 
 **Memory** (:func:`plan`, the one owner). One budget, ``UPG_KERNELS_ONE_PASS_BYTES`` (default 3 GiB
 on CUDA, :data:`ONE_PASS_BYTES`; 128 MiB elsewhere; :func:`set_one_pass_bytes`), holds everything the
-path allocates beyond its outputs: the float32 dW accumulator (``4·V·H`` bytes, bf16 / fp16 weights
-in the default ``fp32`` mode) and the chunk workspace (float32 logits ``4·V`` bytes a row, 8 for
-float64, the gathered hidden rows and the dh staging rows) in what is left. dW is rounded once (the
-backward scales and casts the accumulator). ``UPG_KERNELS_ONE_PASS_DW=compensated`` keeps the
-gradient itself plus a bf16 remainder (``2·V·H`` bytes and a float32 product slab; as exact as the
-float32 accumulator, more traffic per chunk); ``per_chunk`` accumulates bf16 / fp16 dW in the
-gradient itself (no extra memory; one rounding per chunk, an error that grows with the chunk count). float32 / float64 weights always accumulate in their gradient (no extra buffer).
-Chunks are balanced (``ceil(M / ceil(M / C_max))`` rows, a multiple of 16). On CUDA a budget that
-leaves chunks of fewer than :data:`MIN_CHUNK_ROWS` rows is refused with a ``ValueError`` naming the
-variables (a slow crawl otherwise: each chunk re-reads and re-writes the whole dW).
+path allocates beyond its outputs: the dW state (bf16 / fp16 weights: the float32 accumulator,
+``4·V·H`` bytes, in the default ``fp32`` mode), the weight cast slab (autocast, below) and the chunk
+workspace (float32 logits ``4·V`` bytes a row, 8 for float64, the gathered hidden rows and the dh
+staging rows) in what is left. dW is rounded once (the backward scales and casts the accumulator).
+``UPG_KERNELS_ONE_PASS_DW=compensated`` keeps the gradient itself plus a bf16 remainder (``2·V·H``
+bytes and a float32 product slab; as exact as the float32 accumulator, more traffic per chunk);
+``per_chunk`` accumulates bf16 / fp16 dW in the gradient itself (no extra memory; one rounding per
+chunk, an error that grows with the chunk count). float32 / float64 weights always accumulate in
+their gradient (no extra buffer). A float32 weight with bf16 / fp16 hidden states (autocast) is never
+cast whole: the logits and dh GEMMs take it slab by slab, cast into one buffer of at most
+``UPG_KERNELS_CAST_SLAB_BYTES`` (``workspace.WeightSlabs``, counted in the budget), dh then sums the
+slabs in a float32 ``[C, H]`` buffer, and dW accumulates in the float32 gradient. Chunks are
+balanced (``ceil(M / ceil(M / C_max))`` rows, a multiple of 16). On CUDA a budget that leaves chunks
+of fewer than :data:`MIN_CHUNK_ROWS` rows is refused with a ``ValueError`` naming the variables (a
+slow crawl otherwise: each chunk re-reads and re-writes the whole dW).
 """
 from __future__ import annotations
 
@@ -54,8 +59,8 @@ from .contract import LogprobParams
 from .gemm import mm_acc, mm_f32
 from .meta import any_true, is_meta, nonzero_rows
 from .torch_chunked import logits_grad_, scale_logits_
+from .workspace import WeightSlabs, cast_rows, cast_slab_bytes, keeps_weight
 
-PATH_NAME = "one_pass"
 ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 3 GiB: llama3-8b: 1.96 GiB dW accumulator + 2048-row chunks
 ONE_PASS_CPU_BYTES = 128 * 2**20   # off CUDA: ~500 rows at V = 32768, a fraction of eager's N x V logits
 MIN_CHUNK_ROWS = 256            # CUDA: smaller chunks make the per-chunk dW update memory-bound
@@ -101,6 +106,7 @@ class OnePassPlan:
     budget: int            # the budget both come out of
     dw_mode: str = "fp32"  # DW_MODES: how bf16/fp16 dW accumulates
     dw_roundings: int = 1  # roundings of dW to its dtype (per_chunk: one per chunk)
+    cast_bytes: int = 0    # the weight slab cast buffer (autocast: float32 weight, bf16/fp16 compute)
 
     @property
     def dw_pair(self) -> bool:
@@ -109,8 +115,8 @@ class OnePassPlan:
 
     @property
     def total_bytes(self) -> int:
-        """What the path holds beyond its outputs: the chunk workspace plus the accumulator."""
-        return self.chunk_bytes + self.acc_bytes
+        """What the path holds beyond its outputs: the chunk workspace, the dW state, the cast slab."""
+        return self.chunk_bytes + self.acc_bytes + self.cast_bytes
 
 
 def dw_mode() -> str:
@@ -119,12 +125,13 @@ def dw_mode() -> str:
 
 
 def row_bytes(V: int, H: int, dtype: torch.dtype, *, torch_rows: bool, softcap: bool = False,
-              need_hidden: bool = True) -> int:
+              need_hidden: bool = True, cast: bool = False) -> int:
     """Workspace bytes per chunk row: the float32 (float64) logits row, the gathered hidden row and
-    the dh staging row; the PyTorch row steps also hold ``exp(z - m)`` (and tanh with a softcap)."""
+    the dh staging row; the PyTorch row steps also hold ``exp(z - m)`` (and tanh with a softcap);
+    ``cast`` (the weight cast slab by slab): the float32 dh row that sums the slabs."""
     ce = 8 if dtype == torch.float64 else 4
     e = torch.empty((), dtype=dtype).element_size()
-    per = ce * V + e * H + (e * H if need_hidden else 0)
+    per = ce * V + e * H + (e * H if need_hidden else 0) + (4 * H if need_hidden and cast else 0)
     if torch_rows:                                # exp(z - m), tanh, a 2-byte dz copy
         per += ce * V * (2 if softcap else 1) + (e * V if e < ce else 0)
     return per
@@ -146,20 +153,25 @@ def acc_bytes(V: int, H: int, grad_dtype: torch.dtype, mode: str, need_weight: b
 
 def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, *,
          need_hidden: bool = True, need_weight: bool = True, torch_rows: bool = False,
-         softcap: bool = False, gpu: bool = False, grad_dtype: torch.dtype | None = None,
+         softcap: bool = False, gpu: bool = False, w_dtype: torch.dtype | None = None,
          mode: str | None = None) -> OnePassPlan:
     """The memory plan of ``M`` rows within ``budget`` bytes (default :func:`one_pass_bytes`): the dW
-    accumulator first (:func:`acc_bytes` of ``grad_dtype``, the weight gradient's dtype, default
-    ``dtype``, and ``mode``, default :func:`dw_mode`), then balanced chunks in the rest. ``gpu``: the
-    CUDA rules (refuse chunks under :data:`MIN_CHUNK_ROWS` rows)."""
+    state first (:func:`acc_bytes` of ``w_dtype``, the weight's and its gradient's dtype, default
+    ``dtype``, and ``mode``, default :func:`dw_mode`), the weight cast slab (a float32 weight with
+    bf16/fp16 ``dtype`` is cast slab by slab), then balanced chunks in the rest. ``gpu``: the CUDA
+    rules (refuse chunks under :data:`MIN_CHUNK_ROWS` rows)."""
     budget = one_pass_bytes() if budget is None else budget
     mode = dw_mode() if mode is None else mode
     if mode not in DW_MODES:
         raise ValueError(f"the one-pass dW mode must be one of {DW_MODES}, got {mode!r}")
-    grad_dtype = dtype if grad_dtype is None else grad_dtype
+    w_dtype = dtype if w_dtype is None else w_dtype
+    grad_dtype = w_dtype
     acc = acc_bytes(V, H, grad_dtype, mode, need_weight)
-    per = row_bytes(V, H, dtype, torch_rows=torch_rows, softcap=softcap, need_hidden=need_hidden)
-    cmax = max(budget - acc, 0) // per
+    cast = keeps_weight(w_dtype, dtype)
+    cast_b = cast_slab_bytes(H, dtype, min(V, cast_rows(H, dtype))) if cast else 0
+    per = row_bytes(V, H, dtype, torch_rows=torch_rows, softcap=softcap, need_hidden=need_hidden,
+                    cast=cast)
+    cmax = max(budget - acc - cast_b, 0) // per
     if cmax >= 16:
         cmax = cmax // 16 * 16
     need = max(1, min(M, MIN_CHUNK_ROWS) if gpu else 1)
@@ -173,7 +185,8 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
                f"; or set {settings.ONE_PASS_DW.name}=per_chunk (no dW state; dW rounded to "
                f"{str(grad_dtype).replace('torch.', '')} once per chunk)" if acc else "")
         raise ValueError(
-            f"the one-pass path needs {acc + need * per} bytes at V={V}, H={H}: {what}chunks of at "
+            f"the one-pass path needs {acc + cast_b + need * per} bytes at V={V}, H={H}: {what}"
+            f"{f'a weight cast slab of {cast_b} bytes plus ' if cast_b else ''}chunks of at "
             f"least {need} rows of {per} bytes ({'smaller chunks are slow' if need > 1 else 'one row'}), "
             f"but {settings.ONE_PASS_BYTES.name} (or set_one_pass_bytes) grants {budget}: raise it "
             f"(default {ONE_PASS_BYTES} on CUDA){alt}; or use the two-pass path (path='two_pass')")
@@ -185,7 +198,7 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
     dw32 = acc > 0 and mode == "fp32"
     per_chunk = need_weight and grad_dtype in NARROW and acc == 0
     return OnePassPlan(int(c), int(cmax), chunks, dw32, int(c * per), acc, int(budget), mode,
-                       max(chunks, 1) if per_chunk else 1)
+                       max(chunks, 1) if per_chunk else 1, int(cast_b))
 
 
 # ------------------------------------------------------------------------------ the row steps
@@ -296,15 +309,14 @@ def chunks_of(M: int, C: int, seq_counts=None, budget_rows: int | None = None):
 
 def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn, *, budget=None,
                        rows_impl: str = "torch", hint=None, seq_len=None, need_hidden=True,
-                       need_weight=True, need_bias=True, grad_dtype=None, mode=None):
+                       need_weight=True, need_bias=True, mode=None):
     """``(logp, ent, lse, dh, dw, db)`` with the gradients of the loss whose coefficients
     ``coef_fn(logp [N], ent [N], done [N] bool) -> (g_lp [N], g_H [N])`` gives (read at the rows of
     ``done``, the current chunk: token-local configs, or whole sequences with ``seq_len``).
-    ``grad_dtype``: the dtype of the weight's gradient (default the weight's; float32 for float32
-    master weights whose compute copy is bf16); ``mode``: :data:`DW_MODES` (default :func:`dw_mode`).
-    ``dw`` is the float32 accumulator when the plan has one (the caller scales and casts it once),
-    a :class:`PairGrad` in mode ``compensated`` (the caller calls ``finish``), else the gradient
-    itself in ``grad_dtype``; ``dh`` and ``db`` are in the inputs' dtypes.
+    ``mode``: :data:`DW_MODES` (default :func:`dw_mode`). ``dw`` is the float32 accumulator when
+    the plan has one (the caller scales and casts it once), a :class:`PairGrad` in mode
+    ``compensated`` (the caller calls ``finish``), else the gradient itself in the weight's dtype;
+    ``dh`` and ``db`` are in the inputs' dtypes.
     ``rows_impl``: ``"triton"`` (the row kernels) or ``"torch"`` (:class:`TorchRows`)."""
     N, H = hidden.shape
     V = weight.shape[0]
@@ -316,9 +328,8 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
     M = rows.numel()
     torch_rows = rows_impl != "triton"
     gpu = (dev.type in ("cuda", "meta")) and not _interp()
-    grad_dtype = weight.dtype if grad_dtype is None else grad_dtype
     pl = plan(M, H, V, hidden.dtype, budget, need_hidden=need_hidden, need_weight=need_weight,
-              torch_rows=torch_rows, softcap=bool(p.softcap), gpu=gpu, grad_dtype=grad_dtype, mode=mode)
+              torch_rows=torch_rows, softcap=bool(p.softcap), gpu=gpu, w_dtype=weight.dtype, mode=mode)
     spans = chunks_of(M, pl.chunk_rows, seq_counts, pl.max_rows)
     C = max((b - a for a, b in spans), default=0)
 
@@ -328,7 +339,7 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
     dh = torch.zeros(N, H, dtype=hidden.dtype, device=dev) if need_hidden else None
     dw = None
     if need_weight:
-        dw = torch.zeros(V, H, dtype=torch.float32 if pl.dw_fp32 else grad_dtype, device=dev)
+        dw = torch.zeros(V, H, dtype=torch.float32 if pl.dw_fp32 else weight.dtype, device=dev)
     lo = pbuf = None
     if need_weight and pl.dw_pair:                  # the gradient holds hi; lo and a product slab
         lo = torch.zeros(V, H, dtype=torch.bfloat16, device=dev)
@@ -339,6 +350,8 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
     zbuf = torch.empty(C * V, dtype=cd, device=dev)
     hbuf = torch.empty(C, H, dtype=hidden.dtype, device=dev)
     dhbuf = torch.empty(C, H, dtype=hidden.dtype, device=dev) if need_hidden else None
+    slabs = WeightSlabs(weight, op_dt)          # autocast: W cast slab by slab (else W itself)
+    dh32 = torch.empty(C, H, dtype=torch.float32, device=dev) if need_hidden and slabs.cast else None
     ones = torch.ones(1, C, dtype=op_dt, device=dev) if need_bias else None
     done = torch.zeros(N, dtype=torch.bool, device=dev)
     ops = _rows_impl(rows_impl)
@@ -350,6 +363,9 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
         z = zbuf[:g * V].view(g, V)
         if cd == torch.float64:
             torch.mm(h_c, wt, out=z)
+        elif slabs.cast:
+            for v0, v1 in slabs.bounds():
+                mm_f32(h_c, slabs(v0, v1).t(), out=z[:, v0:v1])
         else:
             mm_f32(h_c, wt, out=z)
         tgt = targets.index_select(0, idx)
@@ -370,7 +386,13 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
         hk = h_c[:K]
         if not is_meta(act) and not bool(act[:K].all()):
             hk.masked_fill_(~act[:K].unsqueeze(1), 0)        # 0 * NaN: keep dW finite
-        if need_hidden:
+        if need_hidden and slabs.cast:
+            acc = dh32[:K]
+            acc.zero_()
+            for v0, v1 in slabs.bounds():
+                mm_acc(acc, dzk[:, v0:v1], slabs(v0, v1))
+            dh.index_copy_(0, idx[:K], dhbuf[:K].copy_(acc))
+        elif need_hidden:
             torch.mm(dzk, weight, out=dhbuf[:K])
             dh.index_copy_(0, idx[:K], dhbuf[:K])
         if need_weight and lo is not None:

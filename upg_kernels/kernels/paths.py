@@ -1,5 +1,7 @@
-"""The paths: the one owner of the path names of the API (``path=``), the settings
-(``UPG_KERNELS_PATH``), the selection (:mod:`.select`), the tuning table and the docs.
+"""The paths: what each path is (a row of :data:`PATHS`) for the API (``path=``), the settings
+(``UPG_KERNELS_PATH``), the selection (:mod:`.select`), the tuning table and the docs. The names
+themselves are :mod:`upg_kernels.path_names` (a module that imports nothing, so the settings can read
+them); :data:`PATHS` has one row per name, in that order.
 
 A *path* is how the vocabulary-sized work of a call is organised, whatever the backend:
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import settings
-from .one_pass import PATH_NAME as ONE_PASS
+from ..path_names import ONE_PASS, PATH_NAMES, TWO_PASS, TWO_PASS_GEMM_FORWARD
 
 
 @dataclass(frozen=True)
@@ -33,9 +35,6 @@ class Path:
     triton_only: bool = False
 
 
-TWO_PASS = "two_pass"
-TWO_PASS_GEMM_FORWARD = "two_pass_gemm_forward"
-
 PATHS = {p.name: p for p in (
     Path(TWO_PASS, "forward (log-probs, entropy) then a logits-recompute backward; 8NHV with "
          "gradients; the backend's default forward (Triton: fused kernel, torch: chunked)", None),
@@ -44,7 +43,6 @@ PATHS = {p.name: p for p in (
     Path(ONE_PASS, "values and gradients in one pass over the logits (6NHV; kernels/one_pass.py); "
          "losses only, when gradients are needed", None, one_pass=True),
 )}
-PATH_NAMES = tuple(PATHS)
 DETERMINISTIC_PATH = TWO_PASS   # with the GEMM backward (backend "triton"); no atomics
 
 

@@ -4,6 +4,8 @@ Tokens are processed in chunks of ``chunk_rows(V)`` rows, so the logits exist on
 time (``UPG_KERNELS_TORCH_CHUNK_BYTES`` bytes per float32 block, 64 MiB by default), never N x V. A chunk
 holds a few such blocks at once (logits, probabilities, dz: about 3-5x the budget), and the backward
 keeps a float32 ``[V, H]`` dweight accumulator (plus a float32 copy of a bf16/fp16 weight for dhidden).
+A float32 weight with bf16/fp16 hidden states (autocast) is cast slab by slab (``workspace.WeightSlabs``):
+the logits and dhidden products then run over vocabulary slabs of at most ``UPG_KERNELS_CAST_SLAB_BYTES``.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from ..settings import TORCH_CHUNK_BYTES
 
 from .capturable import backward_rows, finish_forward, forward_rows
 from .contract import LogprobParams
+from .workspace import WeightSlabs
 
 
 def chunk_rows(V: int) -> int:
@@ -24,9 +27,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _logits(h, weight, bias, p: LogprobParams):
-    """Scaled logits of a chunk, in float32 (float64 for float64 inputs), and tanh for the softcap."""
-    return scale_logits_((h @ weight.T).to(_compute_dtype(h.dtype)), bias, p)
+def _logits(h, slabs: WeightSlabs, bias, p: LogprobParams):
+    """Scaled logits of a chunk, in float32 (float64 for float64 inputs), and tanh for the softcap;
+    ``h @ W^T`` in the operand dtype, slab by slab when the weight is cast."""
+    cd = _compute_dtype(h.dtype)
+    if not slabs.cast:
+        return scale_logits_((h @ slabs.weight.T).to(cd), bias, p)
+    z = torch.empty(h.shape[0], slabs.weight.shape[0], dtype=cd, device=h.device)
+    for v0, v1 in slabs.bounds():
+        z[:, v0:v1] = h @ slabs(v0, v1).T
+    return scale_logits_(z, bias, p)
 
 
 def scale_logits_(z, bias, p: LogprobParams):
@@ -82,9 +92,10 @@ def forward(hidden, weight, bias, targets, p: LogprobParams):
     lse = torch.zeros(N, dtype=cd, device=hidden.device)
     rows, tg, valid = forward_rows(targets, p)
     step = chunk_rows(weight.shape[0])
+    slabs = WeightSlabs(weight, hidden.dtype)
     for s in range(0, rows.numel(), step):
         idx = rows[s:s + step]
-        z, _ = _logits(hidden[idx], weight, bias, p)
+        z, _ = _logits(hidden[idx], slabs, bias, p)
         m = z.max(-1, keepdim=True).values
         m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         e = torch.exp(z - m)
@@ -109,19 +120,27 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p: LogprobP
     db = torch.zeros(weight.shape[0], dtype=cd, device=weight.device) \
         if (need_bias and bias is not None) else None
     step = chunk_rows(weight.shape[0])
-    wmat = weight.to(cd) if need_hidden else None   # no copy when already in the compute dtype
+    slabs = WeightSlabs(weight, hidden.dtype)
+    # dhidden's operand: the weight in the compute dtype (no copy when it is already); a weight cast
+    # slab by slab is multiplied slab by slab
+    wmat = weight.to(cd) if need_hidden and not slabs.cast else None
     for s in range(0, rows.numel(), step):
         idx = rows[s:s + step]
         h = hidden[idx]
-        z, t = _logits(h, weight, bias, p)
+        z, t = _logits(h, slabs, bias, p)
         z -= lse[idx].to(cd).unsqueeze(1)                 # log p
         gl = g_logp[idx].to(cd)
         gp = gl if g_lse is None else gl - g_lse[idx].to(cd)
         ge = None if g_ent is None else g_ent[idx].to(cd)
         dz = logits_grad_(z, targets[idx], gl, gp, ge, ent[idx].to(cd), p.temperature, t)
         del z, t
-        if need_hidden:
+        if need_hidden and wmat is not None:
             dh[idx] = (dz @ wmat).to(hidden.dtype)
+        elif need_hidden:
+            acc = torch.zeros(dz.shape[0], H, dtype=cd, device=dz.device)
+            for v0, v1 in slabs.bounds():
+                acc.addmm_(dz[:, v0:v1], slabs(v0, v1).to(cd))
+            dh[idx] = acc.to(hidden.dtype)
         if need_weight:
             dw += dz.T @ h.to(cd)
         if db is not None:

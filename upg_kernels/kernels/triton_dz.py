@@ -120,9 +120,10 @@ def aot_variants():
     balanced plan), v_lo, v_hi (slab bounds, V of every yardstick model), H and the strides multiples of
     16; for each dtype the flags-off case with G not a multiple of 16 (``tail``: the last group of an
     odd row count). The other bf16 tile of :data:`DZ_TILES` too (flags off, its tail, all on), so
-    that either setting is checked."""
+    that either setting is checked. Autocast's bf16 hidden states with a float32 weight
+    (``aot.fp32_weight``): flags off and all on."""
     from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant,
-                      flag_cover, label, ptr, tail)
+                      flag_cover, fp32_weight, label, ptr, tail)
     base = dict(bias=False, softcap=False, gent=False, glse=False, odd_h=False)
     cover = flag_cover({k: (False, True) for k in base}, base)
 
@@ -144,8 +145,10 @@ def aot_variants():
         for c in (cover if dt != torch.float16 else (cover[0], cover[-1])):
             cfg = dz_config(dt, ODD_H_EXAMPLE if c["odd_h"] else EVEN_H_EXAMPLE)
             out.append(variant(dt, c, cfg, DTYPE_NAMES[dt]))
+            if dt == torch.bfloat16 and c in (base, cover[-1]):
+                out.append(fp32_weight(out[-1]))
             if c == base:
-                out.append(tail(out[-1], "G"))
+                out.append(tail(out[-2 if dt == torch.bfloat16 else -1], "G"))
     default = dz_config(torch.bfloat16, EVEN_H_EXAMPLE)
     for name, cfg in DZ_TILES.items():
         if cfg != default:

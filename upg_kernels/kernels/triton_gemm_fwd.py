@@ -15,7 +15,9 @@ the same byte budget as the backward's workspace, ``UPG_KERNELS_WORKSPACE_BYTES`
 ``z`` is the only vocabulary-sized buffer and it is bounded (``G x S`` float32). On CUDA the logits
 GEMM writes float32 directly (``torch.mm(..., out_dtype=torch.float32)``, torch >= 2.8); without that
 it falls back to logits rounded to the input dtype (named in docs/limitations.md). On the CPU (tests)
-the operands are upcast exactly and multiplied in float32.
+the operands are upcast exactly and multiplied in float32. A float32 weight with bf16/fp16 hidden
+states (autocast) is cast slab by slab into one ``[S, H]`` buffer (``workspace.WeightSlabs``; ``S`` then
+at most ``UPG_KERNELS_CAST_SLAB_BYTES / (2·H)`` columns, the buffer counted in the budget).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import triton.language as tl
 from .gemm import mm_f32
 from .capturable import finish_forward, forward_rows
 from .meta import launch
-from .workspace import balanced_rows, group_bounds, workspace_bytes
+from .workspace import (WeightSlabs, balanced_rows, cast_rows, cast_slab_bytes, group_bounds,
+                        keeps_weight, workspace_bytes)
 from .triton_logprobs_common import check_inputs, combine, interpreting, online_update, scale_logits_tile
 
 _BLOCK_R, _BLOCK_C = 8, 1024    # rows x columns per step of the row kernel (GPU)
@@ -68,10 +71,15 @@ def _stats_kernel(z_ptr, b_ptr, tgt_ptr, rows_ptr, st_ptr, G, S, v_lo, stride_z,
     tl.store(st_ptr + 3 * G + offs_r, zt_i, mask=mask_r)
 
 
-def plan(M: int, V: int, budget: int, gpu: bool = False) -> tuple[int, int]:
+def plan(M: int, V: int, budget: int, gpu: bool = False, cast=None) -> tuple[int, int]:
     """``(G, S)``: rows per token group and columns per slab of the float32 logits workspace
-    (``gpu=True``: the CUDA plan even under the interpreter)."""
+    (``gpu=True``: the CUDA plan even under the interpreter). ``cast=(H, dtype)``: the weight is cast
+    slab by slab into a ``[S, H]`` buffer of ``dtype`` (``S`` within its bound, its bytes within
+    ``budget``)."""
     S = min(V, _SLAB_COLS_INTERP if (interpreting() and not gpu) else _SLAB_COLS)
+    if cast is not None:
+        S = min(S, cast_rows(*cast, align=16))
+        budget -= cast_slab_bytes(*cast, S)
     G = max(16, budget // (4 * S) // 16 * 16)
     if G >= M:
         return max(M, 1), S
@@ -92,7 +100,9 @@ def forward(hidden, weight, bias, targets, p):
     if M == 0:
         return logp, ent, lse
     bias = None if bias is None else bias.contiguous()
-    G, S = plan(M, V, workspace_bytes())
+    cast = (H, hidden.dtype) if keeps_weight(weight.dtype, hidden.dtype) else None
+    G, S = plan(M, V, workspace_bytes(), cast=cast)
+    slabs = WeightSlabs(weight, hidden.dtype, rows=S)
     z_buf = torch.empty(min(G, M), min(S, V), dtype=torch.float32, device=dev)
     br, bc = _INTERP_BLOCKS if interpreting() else (_BLOCK_R, _BLOCK_C)
     with torch.cuda.device(dev) if dev.type == "cuda" else nullcontext():
@@ -105,7 +115,7 @@ def forward(hidden, weight, bias, targets, p):
             for v0 in range(0, V, S):
                 v1 = min(V, v0 + S)
                 z = z_buf[:n, :v1 - v0]
-                mm_f32(h_g, weight[v0:v1].t(), out=z)
+                mm_f32(h_g, slabs(v0, v1).t(), out=z)
                 launch(_stats_kernel, (triton.cdiv(n, br),), z, bias if bias is not None else z,
                        targets, idx, stg, n, v1 - v0, v0, z.stride(0), float(p.temperature),
                        float(p.softcap or 1.0), HAS_BIAS=bias is not None,

@@ -21,6 +21,7 @@ slab by slab, so the float32 copy of a ``[V, H]`` weight gradient never exists a
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 import triton
@@ -30,10 +31,10 @@ from ..settings import TRITON_DW_SLAB_BYTES
 from .capturable import backward_rows
 from .contract import zero_grads
 from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant,
-                  flag_cover, label, ptr, tail)
+                  flag_cover, fp32_weight, label, ptr, tail)
 from .meta import launch
 from .triton_logprobs_common import (bwd_config, check_inputs, dot, dot_precision, grad_tile,
-                                     num_sms, upcast_dot)
+                                     num_sms, operand, upcast_dot)
 
 # float32 dweight accumulation buffer per launch (bf16/fp16 weights); see docs/kernels.md
 DW_SLAB_BYTES = 16 * 2**20
@@ -76,12 +77,14 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, tgt_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr
                 dh_ptrs = dh_ptr + offs_m[:, None] * H + offs_k[None, :]
             for k in range(0, H, BLOCK_H):
                 if EVEN_H:
-                    w = tl.load(w_ptrs, mask=mask_v[:, None], other=0.0)
+                    w = operand(tl.load(w_ptrs, mask=mask_v[:, None], other=0.0), h_ptr.dtype.element_ty,
+                                UPCAST)
                     tl.atomic_add(dh_ptrs, dot(dzc, w, None, PREC, UPCAST),
                                   mask=mask_m[:, None], sem="relaxed")
                 else:
                     kmask = offs_k + k < H
-                    w = tl.load(w_ptrs, mask=mask_v[:, None] & kmask[None, :], other=0.0)
+                    w = operand(tl.load(w_ptrs, mask=mask_v[:, None] & kmask[None, :], other=0.0),
+                                h_ptr.dtype.element_ty, UPCAST)
                     tl.atomic_add(dh_ptrs, dot(dzc, w, None, PREC, UPCAST),
                                   mask=mask_m[:, None] & kmask[None, :], sem="relaxed")
                 w_ptrs += BLOCK_H
@@ -140,7 +143,8 @@ def aot_variants() -> list[KernelVariant]:
     dweight), each flag flipped alone, and all flags on (``aot.flag_cover``); fp16 (the bf16 code
     with another element type) the common case and all on. ``bwd_config(dtype, H, softcap)``'s GPU block
     config. Integers are specialized as at real shapes (M, v_lo, v_hi multiples of 16; a ``tail``
-    variant of the common case covers other M)."""
+    variant of the common case covers other M). Autocast's bf16 hidden states with a float32 weight
+    (``aot.fp32_weight``): the common case and all on."""
     base = dict(bias=False, softcap=False, gent=True, glse=False, even_h=True, filter=False,
                 need="hw")
     cover = flag_cover(dict(bias=(False, True), softcap=(False, True), gent=(True, False),
@@ -173,6 +177,12 @@ def aot_variants() -> list[KernelVariant]:
                 + (("H", "stride_h", "stride_w") if c["even_h"] else ())))
             if c == base:
                 out.append(tail(out[-1], "M"))
+            if dt == torch.bfloat16 and c in (base, cover[-1]):     # its own block config
+                cw = bwd_config(dt, EVEN_H_EXAMPLE if c["even_h"] else ODD_H_EXAMPLE, c["softcap"],
+                                cast_weight=True)
+                out.append(replace(fp32_weight(out[-2 if c == base else -1]),
+                                   constexprs=bwd_constexprs(cw, dt, **flags), num_warps=cw.num_warps,
+                                   num_stages=cw.num_stages))
     return out
 
 
@@ -194,7 +204,7 @@ def backward(hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
     if M == 0:
         return dh, dw, db
 
-    cfg = bwd_config(hidden.dtype, H, bool(p.softcap))
+    cfg = bwd_config(hidden.dtype, H, bool(p.softcap), cast_weight=weight.dtype != hidden.dtype)
     lse = lse.to(torch.float32).contiguous()
     ent = ent.to(torch.float32).contiguous()
     h_fp32 = hidden.dtype == torch.float32

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from ..settings import TRITON_BWD_CONFIG, TRITON_FWD_CONFIG
 from ..settings import interpreter_on as interpreting   # one definition of "under the interpreter"
+from .workspace import keeps_weight
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -46,7 +47,8 @@ _BWD_GPU_F32_ODD_H = BlockConfig(block_n=128, block_v=32, block_h=16, num_warps=
 # bf16/fp16 forward with a bias AND a softcap: 128x128 spilled 60-88 bytes on sm_80 with triton 3.9
 _FWD_GPU_BIAS_SOFTCAP = BlockConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3)
 # bf16/fp16 atomic backward with a softcap: the tanh chain factor is one more [128, 128] float32
-# tile; 128x128 spilled 96-116 bytes on sm_80 with triton 3.9 (compile check); 128x64 fits
+# tile; 128x128 spilled 96-116 bytes on sm_80 with triton 3.9 (compile check); 128x64 fits. Also
+# the tile of a float32 weight cast in registers (autocast)
 _BWD_GPU_SOFTCAP = BlockConfig(block_n=128, block_v=64, block_h=64, num_warps=8, num_stages=3)
 _FWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1)
 _BWD_INTERP = BlockConfig(block_n=16, block_v=64, block_h=32, num_warps=4, num_stages=1, group_n=2)
@@ -76,12 +78,14 @@ def fwd_config(dtype: torch.dtype, H: int | None = None, bias_softcap: bool = Fa
             or _pick(dtype, H, default, _FWD_GPU_ODD_H, _FWD_GPU_F32, _FWD_GPU_F32))
 
 
-def bwd_config(dtype: torch.dtype, H: int | None = None, softcap: bool = False) -> BlockConfig:
+def bwd_config(dtype: torch.dtype, H: int | None = None, softcap: bool = False,
+               cast_weight: bool = False) -> BlockConfig:
     """The backward's block config for ``dtype`` and hidden size ``H`` (None: a multiple of 64),
-    with or without a softcap."""
+    with or without a softcap; ``cast_weight``: a float32 weight whose tiles the kernel casts to
+    bf16/fp16 (autocast; at 128x128 its float32 tiles spilled 72 bytes on sm_80 with triton 3.6)."""
     if interpreting():
         return _BWD_INTERP
-    default = _BWD_GPU_SOFTCAP if softcap else _BWD_GPU
+    default = _BWD_GPU_SOFTCAP if (softcap or cast_weight) else _BWD_GPU
     return (env_config(TRITON_BWD_CONFIG)
             or _pick(dtype, H, default, _BWD_GPU_ODD_H, _BWD_GPU_F32, _BWD_GPU_F32_ODD_H))
 
@@ -94,9 +98,9 @@ def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias) -> None:
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"backend='triton' supports float32, bfloat16 and float16 {name}, got "
                             f"{t.dtype}; use backend='torch' for float64")
-    if hidden.dtype != weight.dtype:
-        raise TypeError(f"backend='triton' needs hidden and weight in one dtype, got "
-                        f"{hidden.dtype} and {weight.dtype}")
+    if hidden.dtype != weight.dtype and not keeps_weight(weight.dtype, hidden.dtype):
+        raise TypeError(f"backend='triton' needs hidden and weight in one dtype, or a float32 weight "
+                        f"with bf16/fp16 hidden states (autocast), got {hidden.dtype} and {weight.dtype}")
     if hidden.device.type not in ("cuda", "meta") and not interpreting():   # meta: kernels/meta.py
         raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
                          f"got tensors on {hidden.device}")
@@ -153,6 +157,19 @@ def upcast_dot() -> bool:
 
 
 @triton.jit
+def operand(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+    """A loaded W tile ``x`` in the operand dtype ``dtype`` (hidden's): nothing for one dtype; a
+    float32 tile with bf16/fp16 hidden states (autocast) is rounded to nearest even in registers, as
+    ``weight.to(dtype)`` would. Under the interpreter (``UPCAST``), whose float32 -> bf16 cast
+    truncates, the bf16 rounding is done on the bits and the tile stays float32 (``dot`` upcasts)."""
+    if UPCAST and dtype == tl.bfloat16 and x.dtype == tl.float32:
+        u = x.to(tl.uint32, bitcast=True)
+        u = (u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000
+        return u.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def dot(a, b, acc, PREC: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         a = a.to(tl.float32)
@@ -170,7 +187,8 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h
     [BLOCK_N, BLOCK_V] tile, and ``t = tanh(. / softcap)`` (for the backward chain rule; the
     logits themselves when there is no softcap). ``rows`` are int64 row ids, ``v0`` an int64
     scalar, ``cols`` int32 ``arange(BLOCK_V)`` (int32 inside the tile keeps registers low).
-    Masked rows / columns hold finite garbage: callers mask them."""
+    Masked rows / columns hold finite garbage: callers mask them. A float32 ``w`` with bf16/fp16
+    ``h`` (autocast) is cast to ``h``'s type tile by tile in registers (a no-op for one dtype)."""
     offs_k = tl.arange(0, BLOCK_H)
     h_ptrs = h_ptr + rows[:, None] * stride_h + offs_k[None, :]
     w_ptrs = (w_ptr + v0 * stride_w) + cols[None, :] * stride_w + offs_k[:, None]
@@ -178,11 +196,12 @@ def logits_tile(h_ptr, w_ptr, b_ptr, rows, mask_m, v0, cols, mask_v, H, stride_h
     for k in range(0, H, BLOCK_H):
         if EVEN_H:
             a = tl.load(h_ptrs, mask=mask_m[:, None], other=0.0)
-            b = tl.load(w_ptrs, mask=mask_v[None, :], other=0.0)
+            b = operand(tl.load(w_ptrs, mask=mask_v[None, :], other=0.0), h_ptr.dtype.element_ty, UPCAST)
         else:
             kmask = offs_k + k < H
             a = tl.load(h_ptrs, mask=mask_m[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=kmask[:, None] & mask_v[None, :], other=0.0)
+            b = operand(tl.load(w_ptrs, mask=kmask[:, None] & mask_v[None, :], other=0.0),
+                        h_ptr.dtype.element_ty, UPCAST)
         acc = dot(a, b, acc, PREC, UPCAST)
         h_ptrs += BLOCK_H
         w_ptrs += BLOCK_H

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant, label,
-                  ptr, tail)
+from .aot import (DTYPE_NAMES, EVEN_H_EXAMPLE, GPU_DTYPES, ODD_H_EXAMPLE, KernelVariant, fp32_weight,
+                  label, ptr, tail)
 from .capturable import finish_forward, forward_rows
 from .meta import launch
 from .triton_logprobs_common import (check_inputs, combine, dot_precision, fwd_config, interpreting,
@@ -108,8 +108,10 @@ REAL_DIVISIBLE = ("M", "V", "v_per_split")
 def aot_variants() -> list[KernelVariant]:
     """What ``forward_partials`` can launch: bias x softcap x even H, the full product for bf16 and
     fp32 (8 each); fp16 (the bf16 code with another element type) with all flags off and all on;
-    and for each dtype the flags-off case with M not a multiple of 16 (``tail``). The block config
-    is ``fwd_config(dtype, H, bias and softcap)``'s GPU one; integers specialized as at real shapes."""
+    and for each dtype the flags-off case with M not a multiple of 16 (``tail``); autocast's bf16
+    hidden states with a float32 weight (``aot.fp32_weight``), flags off and bias + softcap. The block
+    config is ``fwd_config(dtype, H, bias and softcap)``'s GPU one; integers specialized as at real
+    shapes."""
     out = []
     for dt in GPU_DTYPES:
         types = dict(h_ptr=ptr(dt), w_ptr=ptr(dt), b_ptr=ptr(dt), tgt_ptr="*i64", rows_ptr="*i64",
@@ -129,7 +131,7 @@ def aot_variants() -> list[KernelVariant]:
                         divisible=POINTERS + REAL_DIVISIBLE
                         + (("H", "stride_h", "stride_w") if even else ())))
         out.append(tail(out[-8 if dt != torch.float16 else -2], "M"))   # flags off, M % 16 != 0
-    return out
+    return out + [fp32_weight(v) for v in out if v.variant in ("bf16", "bf16 bias softcap")]
 
 
 def forward_partials(hidden, weight, bias, targets, p):

@@ -6,12 +6,14 @@ aggregation divides by (:class:`BatchTotals`, :func:`batch_totals`).
 :class:`upg_kernels.UnifiedPolicyLoss`: those take ``batch=LossBatch(...)`` or the same fields as keyword
 arguments (shorthand), never both for one field.
 
-:func:`batch_totals` counts, once over the whole batch of an optimizer step (every micro-batch, and every
-rank of ``group``), the main and demonstration tokens and rows and the world size that DDP / FSDP
-gradient averaging divides by. Passed as ``totals=`` to every micro-batch's loss call, the aggregations
-divide by those global counts instead of the call's own, so the micro-batch losses (and gradients) add up
-to the loss of the whole batch in one call; under DDP multiply each rank's loss by
-``totals.world_size`` before ``backward`` (DDP averages the ranks' gradients). docs/distributed.md.
+:func:`batch_totals` counts, once over the whole batch of an optimizer step (every micro-batch, every
+rank of the data-parallel ``group``, and, under context parallelism, the token positions that the ranks
+of ``cp_group`` hold of the same rows), the main and demonstration tokens and rows and the group sizes.
+Passed as ``totals=`` to every micro-batch's loss call, the aggregations divide by those global counts
+instead of the call's own, so the micro-batch losses (and gradients) add up to the loss of the whole
+batch in one call; under DDP multiply each rank's loss by the number of ranks its gradient reduction
+averages over (``totals.world_size``, or ``world_size * cp_size`` when the reduction spans the
+context-parallel ranks too) before ``backward``. docs/distributed.md.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from typing import Any, Optional
 
 import torch
 
+from ..parallel.comm import check_group, group_size
+
 
 @dataclass(frozen=True)
 class BatchTotals:
@@ -28,8 +32,13 @@ class BatchTotals:
 
     ``main_tokens`` / ``demo_tokens``: tokens in the loss (``loss_mask`` nonzero) of the main / the
     demonstration (``is_demo``) rows; ``main_rows`` / ``demo_rows``: rows of each part, including rows
-    whose mask is all zero (the aggregations count every row of a part); ``world_size``: the processes
-    whose gradients DDP / FSDP average (1 without a process group). ``paired``: counted for
+    whose mask is all zero (the aggregations count every row of a part; a row split over a
+    context-parallel group counts once); ``world_size``: the size of the data-parallel ``group``, the
+    processes holding different rows (1 without a group); ``cp_size``: the size of the context-parallel
+    group whose ranks hold parts of the same rows (1 without one; the loss calls then need that
+    ``cp_group``). Under DDP / FSDP the loss is multiplied by the number of ranks the gradient
+    reduction averages over: ``world_size`` when it runs over the data-parallel group, ``world_size *
+    cp_size`` when it runs over every data- and context-parallel rank (docs/distributed.md). ``paired``: counted for
     :func:`upg_kernels.preference_loss` (rows ``[:B]`` chosen: ``main_rows`` = pairs, ``main_tokens`` =
     chosen tokens). ``group_ids`` / ``group_counts``: with ``batch_totals(..., group_ids=...)``, every
     group label of the whole batch and its number of rows (the loss then checks that each call holds
@@ -43,14 +52,17 @@ class BatchTotals:
     paired: bool = False
     group_ids: Optional[tuple] = None
     group_counts: Optional[tuple] = None
+    cp_size: int = 1
 
     def __post_init__(self):
         for n in ("main_tokens", "demo_tokens", "main_rows", "demo_rows"):
             v = getattr(self, n)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"BatchTotals.{n} must be an int >= 0, got {v!r}")
-        if isinstance(self.world_size, bool) or not isinstance(self.world_size, int) or self.world_size < 1:
-            raise ValueError(f"BatchTotals.world_size must be an int >= 1, got {self.world_size!r}")
+        for n in ("world_size", "cp_size"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"BatchTotals.{n} must be an int >= 1, got {v!r}")
 
     def group_count(self) -> dict:
         """``{group label: rows of the whole batch}`` (empty without ``group_ids``)."""
@@ -66,25 +78,47 @@ def _as_list(x, name):
                     f"got {type(x).__name__}")
 
 
-def batch_totals(loss_mask, *, is_demo=None, group=None, group_ids=None, paired: bool = False
+def _all_reduce(t: torch.Tensor, group, device) -> torch.Tensor:
+    """``t`` (float64, CPU) summed over ``group``, on ``device`` (a CUDA device for NCCL)."""
+    import torch.distributed as dist
+    if dist.get_backend(group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    t = t.to(device)
+    dist.all_reduce(t, group=group)
+    return t.cpu()
+
+
+def batch_totals(loss_mask, *, is_demo=None, group=None, cp_group=None, group_ids=None, paired: bool = False
                  ) -> BatchTotals:
     """The :class:`BatchTotals` of a whole batch: one call per optimizer step, before splitting.
 
     Args:
         loss_mask: the batch's ``[B, T]`` mask (nonzero = in the loss; flat ``[N]`` = N rows of one
             token), or a list of them, one per micro-batch (lengths may differ). It must already exclude
-            the positions whose target is ``ignore_index``: the loss checks that it does.
+            the positions whose target is ``ignore_index``: the loss checks that it does. Under context
+            parallelism: this rank's ``[B, T_local]`` columns of the rows.
         is_demo: ``[B]`` demonstration flags (or a list, like ``loss_mask``); None = all main rows.
-        group: a ``torch.distributed`` process group (or ``torch.distributed.group.WORLD``): the counts are
-            all-reduced over it and ``world_size`` is its size. None: this process's counts only.
+        group: the data-parallel ``torch.distributed`` process group (or ``torch.distributed.group.WORLD``),
+            whose ranks hold different rows: the counts are all-reduced over it and ``world_size`` is its
+            size. None: this process's rows only.
+        cp_group: the context-parallel group whose ranks hold other token positions of the same rows (as
+            passed to the losses' ``cp_group=``): the token counts are summed over it and each row is
+            counted once; every rank of it must pass the same rows (row counts and ``is_demo`` per
+            micro-batch; checked by count). ``cp_size`` is its size. The loss calls must then pass the
+            same ``cp_group``. Not with ``paired``.
         group_ids: ``[B]`` group labels of the rows (or a list), as passed to the loss with ``rewards``:
             the totals then record every group's size over the whole batch, and a loss call whose group
             is split across calls (or ranks) is an error.
         paired: count for :func:`upg_kernels.preference_loss` (rows ``[:B]`` chosen, ``[B:]`` rejected,
             per mask): ``main_rows`` = pairs, ``main_tokens`` = chosen tokens.
 
-    One small all-reduce (and an all-gather of the labels with ``group_ids``) when ``group`` is given.
+    One small all-reduce over ``group`` (and an all-gather of the labels with ``group_ids``) when it is
+    given, one over ``cp_group`` when it is given.
     """
+    check_group(cp_group, "batch_totals(cp_group=...)")
+    if cp_group is not None and paired:
+        raise ValueError("batch_totals(paired=True) does not take cp_group: preference_loss has no context "
+                         "parallel form (pass whole sequences)")
     masks = _as_list(loss_mask, "loss_mask")   # [] is allowed: a rank that holds no row this step
     demos = _as_list(is_demo, "is_demo")
     gids = _as_list(group_ids, "group_ids")
@@ -123,18 +157,26 @@ def batch_totals(loss_mask, *, is_demo=None, group=None, group_ids=None, paired:
                 raise ValueError(f"group_ids must be integer labels of shape [B={B}], got "
                                  f"{g.dtype} {list(g.shape)}")
             labels += g.cpu().tolist()
+    dev = masks[0].device if masks and masks[0].device.type != "meta" else torch.device("cpu")
+    cp = group_size(cp_group)
+    if cp_group is not None:
+        # tokens summed over the CP ranks, rows once: every rank of the group holds the same rows. The
+        # sums of the row counts and of their squares tell (Cauchy-Schwarz) whether they are equal.
+        rows = counts[2:]
+        t = _all_reduce(torch.cat([counts, rows * rows]), cp_group, dev)
+        if bool((t[2:4] * t[2:4] != cp * t[4:]).any()):
+            raise ValueError("batch_totals(cp_group=...): the ranks of cp_group hold different numbers of main / "
+                             "demonstration rows; under context parallelism every rank of the group holds the "
+                             "same rows (its own token positions of each)")
+        counts = torch.cat([t[:2], t[2:4] / cp])
     world = 1
     if group is not None:
         import torch.distributed as dist
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("batch_totals(group=...) needs an initialized torch.distributed process group")
+        check_group(group, "batch_totals(group=...)")
         world = dist.get_world_size(group)
-        dev = masks[0].device if masks and masks[0].device.type != "meta" else torch.device("cpu")
-        if dist.get_backend(group) == "nccl" and dev.type != "cuda":
-            dev = torch.device("cuda", torch.cuda.current_device())
-        t = counts.to(dev)
-        dist.all_reduce(t, group=group)
-        counts = t.cpu()
+        counts = _all_reduce(counts, group, dev)
         if group_ids is not None:
             every = [None] * world
             dist.all_gather_object(every, labels, group=group)
@@ -144,7 +186,7 @@ def batch_totals(loss_mask, *, is_demo=None, group=None, group_ids=None, paired:
         u, c = torch.unique(torch.tensor(labels, dtype=torch.long), return_counts=True)
         ids, cnts = tuple(u.tolist()), tuple(c.tolist())
     mt, dt, mr, dr = (int(round(x)) for x in counts.tolist())
-    return BatchTotals(mt, dt, mr, dr, world, bool(paired), ids, cnts)
+    return BatchTotals(mt, dt, mr, dr, world, bool(paired), ids, cnts, cp)
 
 
 @dataclass

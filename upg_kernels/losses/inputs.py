@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from ..kernels.meta import any_bad, any_true
-from ..parallel.comm import check_group
+from ..parallel.comm import check_group, group_size as ranks_of
 from .advantages import group_advantages
 from .batch import BatchTotals, LossBatch
 from .config import GROUP_ADVANTAGES, LossConfig
@@ -206,9 +206,6 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
     if totals is not None and capturable:
         raise ValueError("totals with capturable=True is not supported: checking the totals against this "
                          "batch reads device values (a host synchronization)")
-    if totals is not None and cp_group is not None:
-        raise ValueError("totals and cp_group together are not supported: batch_totals counts whole rows, "
-                         "while under context parallelism a row's tokens are spread over the cp_group")
     dev = valid.device
     _check_num_items(num_items_in_batch, capturable)
     if totals is not None:
@@ -220,6 +217,13 @@ def prepare_loss_inputs(cfg: LossConfig, B: int, T: int, flat: bool, valid: torc
         if totals.paired:
             raise ValueError("totals were counted with paired=True (for preference_loss); count the policy "
                              "loss's batch with batch_totals(loss_mask, is_demo=...)")
+        cp = ranks_of(cp_group)
+        if totals.cp_size != cp:
+            raise ValueError(
+                f"totals were counted over a context-parallel group of {totals.cp_size} rank(s) but this call's "
+                f"cp_group has {cp}: " + ("pass the cp_group that batch_totals(..., cp_group=...) counted with"
+                                          if cp == 1 else "count them with batch_totals(..., cp_group=cp_group)"
+                                          " (tokens summed over it, each row once)"))
     lm = _per_token("loss_mask", loss_mask, B, T, flat, dev)
     if lm is not None:
         if totals is not None and any_bad((lm != 0) & ~valid):

@@ -168,8 +168,6 @@ class _PolicyLoss(torch.autograd.Function):
             out = _PolicyLoss._forward_with_grads(ctx, h2, w, b, t, plan)
             if out is not None:
                 return out
-        if w.dtype != h2.dtype:   # float32 master weights given for the one-pass path: fell back
-            w = w.to(h2.dtype)    # (autograd casts the bf16 gradient back to float32)
         if plan.fused:
             total, side, aux, lse = _fused_forward(plan, h2, w, b, t)
         else:
@@ -201,10 +199,9 @@ class _PolicyLoss(torch.autograd.Function):
 
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         triton_rows = get_backend(plan.backend).triton and h2.dtype != torch.float64
-        w_c = w if w.dtype == h2.dtype else w.to(h2.dtype)   # float32 master weights: a compute copy
         try:
             logp, ent, _lse, dh, dw, db = forward_with_grads(
-                h2, w_c, b, t, plan.kp, coef_fn, budget=plan.workspace, grad_dtype=w.dtype,
+                h2, w, b, t, plan.kp, coef_fn, budget=plan.workspace,
                 rows_impl="triton" if triton_rows else "torch", hint=_coefficient_hint(plan, h2),
                 seq_len=None if fused_supported(cfg) else T, need_hidden=need_h,
                 need_weight=need_w, need_bias=need_b and b is not None)
@@ -239,7 +236,6 @@ class _PolicyLoss(torch.autograd.Function):
             h2, w, b, t, lse, ent, g_logp, g_ent, None, kp.temperature, kp.ignore_index, kp.softcap,
             kp.filter_eps, ctx.plan.backend, need_h, need_w, need_b, ctx.plan.capturable)
         return (dh if need_h else None, dw if need_w else None, db if need_b else None, None, None)
-
 
     @staticmethod
     def _scaled_grads(ctx, grad):
@@ -316,8 +312,8 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
             ``grad_output``), in float32 chunks of rows x the vocabulary; one budget,
             ``UPG_KERNELS_ONE_PASS_BYTES`` (default 3 GiB; 128 MiB off CUDA), holds the chunks and
             the float32 dW accumulator of bf16/fp16 weights (too small: a ValueError naming it;
-            ``UPG_KERNELS_ONE_PASS_DW=per_chunk`` drops the accumulator). Sequence-level configs chunk whole sequences (a longer sequence is a
-            ValueError). ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off; then
+            ``UPG_KERNELS_ONE_PASS_DW`` picks a smaller dW state). Sequence-level configs chunk
+            whole sequences (a longer sequence is a ValueError). ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off; then
             a sequence that does not fit runs the two-pass path). The older spelling of
             ``path="one_pass"`` (``True``) / ``path="two_pass"`` (``False``).
         path: ``None`` (chosen: pinned by ``UPG_KERNELS_PATH`` / ``UPG_KERNELS_DETERMINISTIC``,
@@ -334,7 +330,8 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
             rows (every rank the same rows, its own positions). The sequence-level reductions (per-row
             and token_mean counts, GSPO/LUSPO ratios, VESPO's sum, sequence-level IS, demo counts) and the
             metrics are completed over it; each rank's ``loss`` is its part, and the sum over the group
-            of the losses and gradients equals the unsplit call (docs/distributed.md).
+            of the losses and gradients equals the unsplit call (docs/distributed.md). With
+            ``totals``, count them with ``batch_totals(..., cp_group=cp_group)`` (each row once).
         capturable: no host synchronization in the forward and backward (CUDA graphs): every row
             runs, the metrics are device tensors, a target id outside ``[0, V)`` makes its row's
             log-prob NaN (so the loss is NaN) instead of raising, the PyTorch epilogue is used, and
@@ -388,27 +385,19 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
     kp = LogprobParams(float(temperature), int(ignore_index), float(softcap or 0.0), float(filter_eps))
     use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)
                  and get_backend(name).fused_epilogue and h2.shape[0] > 0 and not capturable)
-    # float32 weights cast by autocast: the one-pass path takes them as they are and accumulates dW
-    # in their float32 gradient (no float32 accumulator beside it, no bf16 rounding of dW)
-    master = (weight if w.dtype != weight.dtype and weight.dtype == torch.float32
-              and weight.requires_grad and torch.is_grad_enabled() else None)
     chosen, gif = _choose_path(path, grad_in_forward, cfg, name, h2, w, b, t, kp, T,
                                cp_group is not None, bool(capturable),
-                               lambda: _coefficient_hint(_Plan(cfg, inp, kp, name, False), h2),
-                               w_grad_dtype=w.dtype if master is None else master.dtype)
+                               lambda: _coefficient_hint(_Plan(cfg, inp, kp, name, False), h2))
     use_fused = use_fused and chosen == paths.TWO_PASS
     spec = with_forward(name, paths.PATHS[chosen].forward)
     plan = _Plan(cfg, inp, kp, spec, use_fused, gif, one_pass_bytes(h2.device) if gif else 0,
                  capturable=bool(capturable), bad_targets=bad)
-    if gif and master is not None:
-        w = master.contiguous()                 # _forward_with_grads casts its compute copy
     with autocast_off(hidden.device.type):
         outs = _PolicyLoss.apply(h2, w, b, t, plan)
     return _output(outs, plan, tuple(targets.shape))
 
 
-def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, cp, capturable, hint,
-                 w_grad_dtype=None):
+def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, cp, capturable, hint):
     """``(path name, grad_in_forward)`` of a call: ``grad_in_forward`` True (asked for: a sequence
     that does not fit is an error), ``"env"`` (pinned by the environment or selected: such a call
     runs the two-pass path) or False. ``grad_in_forward=True/False`` is ``path="one_pass"`` /
@@ -447,7 +436,7 @@ def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, cp, ca
             pl = one_pass.plan(M, h2.shape[1], w.shape[0], h2.dtype, one_pass_bytes(h2.device),
                                torch_rows=torch_rows, softcap=bool(kp.softcap), gpu=gpu,
                                need_hidden="h" in grads, need_weight="w" in grads,
-                               grad_dtype=w_grad_dtype or w.dtype)
+                               w_dtype=w.dtype)
         except ValueError:
             return False
         return fused_supported(cfg) or pl.max_rows >= T

@@ -88,21 +88,39 @@ class RLMethod(Method):
     def sample_groups(self, n: int):
         """Rows, rollouts and rewards of one RL step. With ``rollout.dynamic_sampling`` (DAPO), groups whose
         rewards are all equal are dropped and more prompts are sampled, at most
-        ``rollout.max_sampling_rounds`` generate calls, until ``train.batch_size`` groups are kept."""
+        ``rollout.max_sampling_rounds`` generate calls, until ``train.batch_size`` groups are kept.
+
+        At more than one rank every decision is global: each round all ranks take the same prompts from the
+        sampler (the groups still missing, rounded up to a multiple of the world size so that every rank
+        generates for as many prompts: the ``hf`` engine generates in lock-step), keep their informative
+        groups, and the first kept groups of the round in the global order, up to the number missing, are
+        the ones trained on (one all-gather of the kept positions per round). So every rank runs the same
+        rounds, and the groups of the step, counted over every rank, are at most ``train.batch_size``.
+        The ``dropped_groups`` stat counts the groups with equal rewards over every rank."""
         c, tr = self.cfg, self.tr
-        want = c.train.batch_size
+        want, ws = c.train.batch_size, dist.world_size()
         rows, ro, reward, per, texts = [], [], [], {}, []
-        dropped = rounds = 0
-        while len(rows) < want and rounds < (c.rollout.max_sampling_rounds if c.rollout.dynamic_sampling else 1):
-            taken = tr.sampler.take(want - len(rows))
-            mine = dist.shard_batch(list(range(len(taken))))  # positions in the global batch
+        kept = dropped = rounds = 0    # groups kept / dropped over every rank
+        while kept < want and rounds < (c.rollout.max_sampling_rounds if c.rollout.dynamic_sampling else 1):
+            need = want - kept
+            global_rounds = ws > 1 and c.rollout.dynamic_sampling
+            taken = tr.sampler.take(-(-need // ws) * ws if global_rounds else need)
+            mine = dist.shard_batch(list(range(len(taken))))  # positions in the round's global batch
             new_rows = [tr.train_rows[taken[i]] for i in mine]
             new_ro = self.generate(new_rows, n, rounds, positions=mine)
             rounds += 1
             r_new, per_new, t_new = self.score(new_rows, new_ro)
             keep = (keep_informative_groups(r_new, n) if c.rollout.dynamic_sampling
                     else list(range(len(new_rows))))
-            dropped += len(new_rows) - len(keep)
+            if global_rounds:
+                every = sorted(p for part in dist.all_gather_object([mine[g] for g in keep]) for p in part)
+                dropped += len(taken) - len(every)
+                chosen = set(every[:need])
+                keep = [g for g in keep if mine[g] in chosen]
+                kept += len(chosen)
+            else:   # one process, or one round (no dynamic sampling)
+                dropped += len(new_rows) - len(keep)
+                kept += len(keep)
             for g in keep:
                 gi = len(rows)
                 rows.append(new_rows[g])

@@ -8,8 +8,9 @@ each candidate order on a ``V x H`` block of dW (the error of an element depends
 rows and chunks, not on the size of the head) with GRPO-like rows: a softmax over ``V`` logits
 (scale 2), targets sampled from it, advantages ``N(0, 1)`` per block of 64 rows (one sequence's
 tokens share one), ``dz = A / 512 · (onehot - p)`` rounded to bf16 (as the row kernel writes it)
-and hidden states ``N(0, 1)`` in bf16. Every chunking sums the same rows (:func:`block_rows`). Each chunk's product is exact in float64 and then rounded to float32 (cuBLAS's
-float32 accumulation over one chunk, whose own error is ~1e-7 and left out). The reference is the
+and hidden states ``N(0, 1)`` in bf16. Every chunking sums the same rows (:func:`block_rows`). Each
+chunk's product is exact in float64 and then rounded to float32 (cuBLAS's float32 accumulation over
+one chunk, whose own error is ~1e-7 and left out). The reference is the
 float64 sum of the same bf16 operands, so only the accumulation order is measured.
 
 Orders:

@@ -61,7 +61,7 @@ from .meta import any_true, is_meta, nonzero_rows
 from .torch_chunked import logits_grad_, scale_logits_
 from .workspace import WeightSlabs, cast_rows, cast_slab_bytes, keeps_weight
 
-ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 3 GiB: llama3-8b: 1.96 GiB dW accumulator + 2048-row chunks
+ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 3 GiB: llama3-8b: 1.96 GiB dW acc. + 2048-row chunks
 ONE_PASS_CPU_BYTES = 128 * 2**20   # off CUDA: ~500 rows at V = 32768, a fraction of eager's N x V logits
 MIN_CHUNK_ROWS = 256            # CUDA: smaller chunks make the per-chunk dW update memory-bound
 DW_MODES = settings.ONE_PASS_DW.choices            # "fp32", "compensated", "per_chunk"

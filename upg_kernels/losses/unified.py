@@ -258,7 +258,8 @@ class _PolicyLoss(torch.autograd.Function):
             elif x.dtype == dt:
                 out.append(x.mul_(grad.to(x.dtype)))
             else:
-                out.append(torch.mul(x, grad.to(x.dtype), out=torch.empty(x.shape, dtype=dt, device=x.device)))
+                out.append(torch.mul(x, grad.to(x.dtype),
+                                     out=torch.empty(x.shape, dtype=dt, device=x.device)))
         del grads, x
         return tuple(out) + (None, None)
 

@@ -1,8 +1,10 @@
 """Path names and selection (kernels/paths.py, kernels/select.py): pins (argument, UPG_KERNELS_PATH,
 deterministic), the selection with injected timings (fastest chosen, memory hit, disk round trip,
-corrupted cache ignored with a warning, version mismatch, key buckets, a shipped table), rank 0's
-choice in a 2-process gloo job, and every path against the float64 reference (torch backend, and the
-Triton backends under the interpreter)."""
+corrupted cache ignored with a warning, version mismatch, key buckets, a shipped table), the dz tile
+(timed as backward parts, reaching the dz launch, pinned by UPG_KERNELS_TRITON_DZ_CONFIG, cached, in
+the tuning table; format-1 caches ignored), the CPU's row-sample measuring, rank 0's choice in a
+2-process gloo job, and every path against the float64 reference (torch backend, and the Triton
+backends under the interpreter)."""
 import json
 import os
 import socket
@@ -22,7 +24,7 @@ def fresh(tmp_path, monkeypatch):
     """An empty cache directory and selection state for every test; measuring on."""
     monkeypatch.setenv("UPG_KERNELS_CACHE_DIR", str(tmp_path / "cache"))
     for v in ("UPG_KERNELS_PATH", "UPG_KERNELS_DETERMINISTIC", "UPG_KERNELS_PATH_TABLE",
-              "UPG_KERNELS_GRAD_IN_FORWARD"):
+              "UPG_KERNELS_GRAD_IN_FORWARD", "UPG_KERNELS_TRITON_DZ_CONFIG"):
         monkeypatch.delenv(v, raising=False)
     monkeypatch.setenv("UPG_KERNELS_AUTOTUNE", "measure")
     select.clear()
@@ -185,6 +187,9 @@ def test_key_buckets():
     assert select.key(cpu, torch.float32, 64, 1000, 64, "hw", True, "torch", True) != k[0]
     assert select.key(cpu, torch.float32, 64, 1000, 64, "", False, "torch", True) != k[0]
     assert select.key(cpu, torch.bfloat16, 64, 1000, 64, "hw", False, "torch", True) != k[0]
+    bf = select.key(cpu, torch.bfloat16, 64, 1000, 64, "hw", False, "torch", True)
+    assert select.key(cpu, torch.bfloat16, 64, 1000, 64, "hw", False, "torch", True, torch.bfloat16) == bf
+    assert select.key(cpu, torch.bfloat16, 64, 1000, 64, "hw", False, "torch", True, torch.float32) != bf
     assert select.m_bucket(0) == 0 and select.m_bucket(1) == 1 and select.m_bucket(1025) == 2048
 
 
@@ -216,10 +221,10 @@ def test_model_mode_rule(monkeypatch):
         t = torch.zeros(N, dtype=torch.long)
         got = select.resolve(None, backend="torch", hidden=h, weight=w, bias=None, targets=t, p=p,
                              loss=True, grads="hw", entropy=False)
-        assert got == want
+        assert got == (want, None)
         got = select.resolve(None, backend="torch", hidden=h, weight=w, bias=None, targets=t, p=p,
                              loss=False, grads="hw", entropy=False)
-        assert got == "two_pass"
+        assert got == ("two_pass", None)
 
 
 # ------------------------------------------------------------------------------ every path, float64
@@ -294,8 +299,14 @@ def _worker(rank, port, out_dir):
     got = select.choose("dev|k", ("two_pass", "one_pass"),
                         lambda: {p: (lambda: None) for p in ("two_pass", "one_pass")})
     k = select.key(torch.device("cpu"), torch.float32, 8, 16, 123, "hw", False, "torch", True)
+    # the dz tile too: rank 0 finds 128x64 fastest, rank 1 128x128
+    tiles = {"fwd:two_pass": 1.0, "bwd:128x128": 2.0 if rank == 0 else 0.5,
+             "bwd:128x64": 0.5 if rank == 0 else 2.0, "one_pass": 9.0}
+    select.set_timer(FakeClock(tiles))
+    got2 = select.choose("dev|t", ("two_pass@128x128", "two_pass@128x64", "one_pass"),
+                         lambda: {p: (lambda: None) for p in tiles})
     with open(os.path.join(out_dir, f"r{rank}.json"), "w") as f:
-        json.dump({"choice": got, "timed": len(clock.calls), "key": k}, f)
+        json.dump({"choice": got, "timed": len(clock.calls), "key": k, "tile_choice": got2}, f)
     dist.destroy_process_group()
 
 
@@ -304,6 +315,7 @@ def test_rank0_choice_is_broadcast(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     r = [json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(2)]
     assert r[0]["choice"] == r[1]["choice"] == "one_pass"
+    assert r[0]["tile_choice"] == r[1]["tile_choice"] == "two_pass@128x64"     # rank 0's tile
     assert r[0]["timed"] > 0 and r[1]["timed"] == 0        # only rank 0 measures
     assert "Many" in r[0]["key"] and "Many" in r[1]["key"]                         # distributed keys drop M's bucket
 
@@ -323,3 +335,216 @@ def test_tune_cli_writes_a_loadable_table(tmp_path, monkeypatch):
     assert select.load_table(out) == 1
     with pytest.raises(ValueError, match="neither HxV"):
         tune.parse_shape("huge")
+
+
+# ------------------------------------------------------------------------------ the dz tile
+TILE_TIMES = {"fwd:two_pass": 1.0, "fwd:two_pass_gemm_forward": 1.5, "bwd:128x128": 2.0,
+              "bwd:128x64": 1.0, "one_pass": 5.0}
+
+
+def _bf16_triton_loss(N=9, H=64, V=37):
+    """A bf16 GRPO loss on the triton backend (interpreter): the dz tile applies (H % 64 == 0)."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(N, H, generator=g).bfloat16().requires_grad_(True)
+    w = (torch.randn(V, H, generator=g) * 0.1).bfloat16().requires_grad_(True)
+    t = torch.randint(0, V, (N,), generator=g)
+    out = unified_policy_loss(h, w, t, config=LossConfig.preset("grpo"), backend="triton",
+                              advantages=torch.randn(N, generator=g))
+    out.loss.backward()
+    return out, h.grad, w.grad
+
+
+@pytest.fixture
+def dz_spy(monkeypatch):
+    """The dz tile in effect at every dz launch of the GEMM backward."""
+    from upg_kernels.kernels import gemm_backward, triton_dz
+    seen, orig = [], gemm_backward.dz_block
+
+    def spy(*a, **k):
+        seen.append(triton_dz.scoped_tile())
+        return orig(*a, **k)
+    monkeypatch.setattr(gemm_backward, "dz_block", spy)
+    return seen
+
+
+def test_totals_sum_the_parts():
+    parts = {"fwd:two_pass": 1.0, "bwd:128x128": 2.0, "bwd:128x64": 0.5, "one_pass": 3.0}
+    got = select.totals(parts, ("two_pass@128x128", "two_pass@128x64",
+                                "two_pass_gemm_forward@128x64", "one_pass"))
+    assert got == {"two_pass@128x128": 3.0, "two_pass@128x64": 1.5, "one_pass": 3.0}   # no gemm fwd part
+
+
+@needs_triton
+def test_faster_tile_wins_and_reaches_the_dz_launch(dz_spy):
+    """bf16 on the triton backend: the forwards, each tile's backward and the one-pass path are
+    timed as parts; the fastest sum wins; the chosen tile is in effect at every dz launch."""
+    from upg_kernels.kernels import triton_dz
+    clock = FakeClock(TILE_TIMES)
+    select.set_timer(clock)
+    _bf16_triton_loss()
+    assert set(clock.calls) == set(TILE_TIMES)
+    (k, c), = select.choices().items()
+    assert c == "two_pass@128x64" and "|bfloat16|H64|" in k
+    assert dz_spy and set(dz_spy) == {"128x64"}
+    with triton_dz.dz_tile_scope("128x64"):
+        assert triton_dz.dz_config(torch.bfloat16, 4096, gpu=True) == triton_dz.DZ_TILES["128x64"]
+    assert triton_dz.dz_config(torch.bfloat16, 4096, gpu=True) == triton_dz.DZ_TILES[triton_dz.DZ_DEFAULT]
+    # the other tile faster: it wins (fresh selection)
+    select.clear()
+    dz_spy.clear()
+    select.set_timer(FakeClock({**TILE_TIMES, "bwd:128x128": 0.5}))
+    select.force("measure", select.cache_file().parent / "other")
+    _bf16_triton_loss()
+    assert list(select.choices().values()) == ["two_pass@128x128"] and set(dz_spy) == {"128x128"}
+
+
+@needs_triton
+def test_token_logprobs_times_no_one_pass(dz_spy):
+    """token_logprobs with gradients (bf16, triton): the forwards and the tiles are timed, never the
+    one-pass path it cannot take (the injected clock has no time for it: a timed run would raise)."""
+    clock = FakeClock({k: v for k, v in TILE_TIMES.items() if k != "one_pass"})
+    select.set_timer(clock)
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(9, 64, generator=g).bfloat16().requires_grad_(True)
+    w = (torch.randn(37, 64, generator=g) * 0.1).bfloat16()
+    token_logprobs(h, w, torch.randint(0, 37, (9,), generator=g), backend="triton").sum().backward()
+    assert set(clock.calls) == set(TILE_TIMES) - {"one_pass"}
+    assert list(select.choices().values()) == ["two_pass@128x64"] and set(dz_spy) == {"128x64"}
+    assert select.parts_of(("two_pass@128x64", "one_pass", "two_pass")) == {
+        "fwd:two_pass", "bwd:128x64", "one_pass", "two_pass"}
+
+
+@needs_triton
+def test_tile_gradients_equal_the_default(monkeypatch):
+    """The tile is a scheduling choice: the chosen tile's values and gradients equal those of the
+    pinned two_pass path (default tile)."""
+    select.set_timer(FakeClock(TILE_TIMES))
+    got = _bf16_triton_loss()
+    assert list(select.choices().values()) == ["two_pass@128x64"]
+    monkeypatch.setenv("UPG_KERNELS_PATH", "two_pass")
+    pinned = _bf16_triton_loss()
+    assert torch.equal(got[0].loss, pinned[0].loss)
+    assert torch.equal(got[1], pinned[1]) and torch.equal(got[2], pinned[2])
+
+
+@needs_triton
+def test_tile_pin_skips_timing_the_tile(monkeypatch, dz_spy):
+    """UPG_KERNELS_TRITON_DZ_CONFIG pins the tile: only the paths are timed (whole), no tile rides
+    on the call, and dz_config takes the pinned tile."""
+    from upg_kernels.kernels import triton_dz
+    monkeypatch.setenv("UPG_KERNELS_TRITON_DZ_CONFIG", "128x64")
+    clock = FakeClock({"two_pass": 2.0, "two_pass_gemm_forward": 3.0, "one_pass": 4.0})
+    select.set_timer(clock)
+    _bf16_triton_loss()
+    assert set(clock.calls) == {"two_pass", "two_pass_gemm_forward", "one_pass"}
+    assert list(select.choices().values()) == ["two_pass"]
+    assert dz_spy and set(dz_spy) == {None}
+    assert triton_dz.dz_config(torch.bfloat16, 4096, gpu=True) == triton_dz.DZ_TILES["128x64"]
+    with triton_dz.dz_tile_scope("128x128"):      # the pin wins over a scoped choice
+        assert triton_dz.dz_config(torch.bfloat16, 4096, gpu=True) == triton_dz.DZ_TILES["128x64"]
+    with pytest.raises(ValueError, match="dz tile must be"):
+        with triton_dz.dz_tile_scope("64x64"):
+            pass
+
+
+def test_tile_cache_round_trip():
+    options = ("two_pass@128x128", "two_pass@128x64", "one_pass")
+    parts = {"fwd:two_pass": 1.0, "bwd:128x128": 1.0, "bwd:128x64": 0.3, "one_pass": 2.0}
+    clock = FakeClock(parts)
+    select.set_timer(clock)
+    assert select.choose("dev|t", options, lambda: {p: (lambda: None) for p in parts}) == "two_pass@128x64"
+    data = json.loads(select.cache_file().read_text())
+    assert data["format"] == select.CACHE_FORMAT == 2
+    e = data["entries"]["dev|t"]
+    assert e["path"] == "two_pass" and e["dz_tile"] == "128x64"
+    assert e["times_ms"] == {"two_pass@128x128": 2000.0, "two_pass@128x64": 1300.0, "one_pass": 2000.0}
+    select.clear()
+    clock2 = FakeClock({p: 1.0 for p in parts})
+    assert select.choose("dev|t", options, lambda: {p: (lambda: None) for p in parts}) == "two_pass@128x64"
+    assert clock2.calls == [] and clock.calls          # read from disk, not measured
+    # with the tile pinned (no tiles in the options) the cached entry gives its path
+    select.clear()
+    assert select.choose("dev|t", ("two_pass", "one_pass"), lambda: {}) == "two_pass"
+
+
+def test_format_1_cache_is_ignored():
+    """A cache of format 1 (no dz tiles), even of these versions, is measured again and rewritten."""
+    f = select.cache_file()
+    f.parent.mkdir(parents=True)
+    f.write_text(json.dumps({"format": 1, "versions": select.versions(),
+                             "entries": {"dev|k": {"path": "two_pass"}, "dev|j": {"path": "two_pass"}}}))
+    clock = FakeClock({"two_pass": 2.0, "one_pass": 1.0})
+    assert _choose(clock) == "one_pass" and clock.calls
+    data = json.loads(f.read_text())
+    assert data["format"] == 2 and set(data["entries"]) == {"dev|k"}      # old entries dropped
+
+
+@needs_triton
+def test_tune_table_round_trips_the_tile(tmp_path):
+    from upg_kernels import tune
+    select.set_timer(FakeClock(TILE_TIMES))
+    out = tmp_path / "table.json"
+    assert tune.main(["--shapes", "64x37", "--N", "9", "--dtype", "bf16", "--device", "cpu",
+                      "--backend", "triton", "--out", str(out)]) == 0
+    (k, v), = json.loads(out.read_text())["entries"].items()
+    assert v["path"] == "two_pass" and v["dz_tile"] == "128x64"
+    select.clear()
+    select.set_timer(FakeClock({}))        # a timed run would raise KeyError
+    assert select.load_table(out) == 1
+    opts = ("two_pass@128x128", "two_pass@128x64", "one_pass")
+    assert select.choose(k, opts, lambda: {}) == "two_pass@128x64"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"entries": {k: {"path": "two_pass", "dz_tile": 64}}}))
+    with pytest.raises(ValueError, match="not a table"):
+        select.load_table(bad)
+
+
+# ------------------------------------------------------------------------------ the CPU: row samples
+def test_cpu_auto_measures_large_calls_on_a_row_sample(monkeypatch):
+    """auto on the CPU: tiny calls take the rule (nothing timed); from CPU_MEASURE_MIN_WORK the
+    paths are timed (injected timings: on one sample, no probe run), the times scaled to the call."""
+    monkeypatch.setenv("UPG_KERNELS_AUTOTUNE", "auto")
+    clock = FakeClock({"two_pass": 2.0, "one_pass": 1.0})
+    select.set_timer(clock)
+    _loss_call()
+    assert clock.calls == [] and not select.measured()
+    monkeypatch.setattr(select, "CPU_MEASURE_MIN_WORK", 1)
+    select.clear()
+    out = _loss_call()
+    assert set(clock.calls) == {"two_pass", "one_pass"}
+    (k, e), = select.measured().items()
+    assert k.startswith(f"cpu{torch.get_num_threads()}t|") and e["path"] == "one_pass"
+    M = int((make_case("grpo", 4, dtype=torch.float64)[4] != -100).sum())
+    R = M if M <= 2 * select.PROBE_ROWS else 2 * select.PROBE_ROWS
+    assert e["sample_rows"] == R and e["times_ms"]["one_pass"] == pytest.approx(1e3 * M / R)
+    assert torch.isfinite(out[0].loss)
+
+
+def test_cpu_sample_is_sized_by_the_probe(monkeypatch):
+    """Real timing on the CPU: the probe runs each part once on PROBE_ROWS rows and sizes the sample
+    (2 x PROBE_ROWS .. M rows), timed without another warm-up and scaled by M / rows; a probe over
+    PROBE_MAX_S stops measuring: the rule, kept in memory only."""
+    from upg_kernels.kernels.backends import get_backend
+    from upg_kernels.kernels.contract import LogprobParams
+    g = torch.Generator().manual_seed(1)
+    N, H, V = 300, 32, 200
+    h = torch.randn(N, H, generator=g)
+    w = torch.randn(V, H, generator=g) * 0.2
+    t = torch.randint(0, V, (N,), generator=g)
+    t[::7] = -100
+    M = int((t != -100).sum())
+    p = LogprobParams()
+    be = get_backend("torch")
+    monkeypatch.setattr(select, "PROBE_MAX_S", 60.0)     # a loaded machine: never too slow here
+    for run_s, R in ((1e-6, 2 * select.PROBE_ROWS), (1e3, M)):
+        monkeypatch.setattr(select, "SAMPLE_RUN_S", run_s)
+        s = select.sample_runners(be, h, w, None, t, p, t != -100, M, grads="hw", entropy=True)
+        assert s.rows == R and s.M == M and s.warmed and set(s.runners) == {"two_pass", "one_pass"}
+    assert s.estimate({"two_pass": 0.5}) == {"two_pass": 0.5}
+    assert select.Sample({}, 16, 64).estimate({"two_pass": 0.5}) == {"two_pass": 2.0}
+    monkeypatch.setattr(select, "PROBE_MAX_S", 0.0)
+    assert select.sample_runners(be, h, w, None, t, p, t != -100, M, grads="hw", entropy=True) is None
+    got = select.resolve(None, backend="torch", hidden=h.requires_grad_(True), weight=w, bias=None,
+                         targets=t, p=p, loss=True, grads="h", entropy=True)
+    assert got == ("two_pass", None)            # the rule (N x V < MODEL_MIN_LOGITS)
+    assert not select.measured() and not select.cache_file().exists()

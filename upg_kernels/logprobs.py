@@ -262,7 +262,7 @@ def _with_path(path, name, h2, w, b, t, temperature, ignore_index, softcap, filt
     paths.check_path(path)
     grads = "".join(c for c, x in zip("hwb", (h2, w, b))
                     if torch.is_grad_enabled() and x is not None and x.requires_grad)
-    chosen = select.resolve(path, backend=name, hidden=h2, weight=w, bias=b, targets=t,
-                            p=LogprobParams(temperature, ignore_index, softcap, filter_eps),
-                            loss=False, grads=grads, entropy=entropy, no_sync=capturable)
-    return with_forward(name, paths.PATHS[chosen].forward)
+    chosen, tile = select.resolve(path, backend=name, hidden=h2, weight=w, bias=b, targets=t,
+                                  p=LogprobParams(temperature, ignore_index, softcap, filter_eps),
+                                  loss=False, grads=grads, entropy=entropy, no_sync=capturable)
+    return with_forward(name, paths.PATHS[chosen].forward, tile)

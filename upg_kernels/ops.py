@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import LogprobParams, get_backend
-from .kernels.backends import split_backend
+from .kernels.backends import dz_tile_of, split_backend
 from .kernels.epilogue_codes import EpilogueParams
 
 N_EPILOGUE_OUT = 10   # fused_policy_epilogue_op: logp, ent, lse, ell, g_lp, g_H, ratio, kl, rollout_w, flags
@@ -91,9 +91,17 @@ def token_logprobs_backward_op(hidden: torch.Tensor, weight: torch.Tensor, bias:
                                need_weight: bool, need_bias: bool, capturable: bool = False
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     p = LogprobParams(temperature, ignore_index, softcap, filter_eps, capturable)
-    dh, dw, db = get_backend(backend).backward(
-        hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
-        need_hidden, need_weight, need_bias and bias is not None, g_lse=g_lse)
+    tile = dz_tile_of(backend)     # the dz tile the path selection chose ("name@tile")
+    if tile is None:
+        dh, dw, db = get_backend(backend).backward(
+            hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
+            need_hidden, need_weight, need_bias and bias is not None, g_lse=g_lse)
+    else:
+        from .kernels.triton_dz import dz_tile_scope
+        with dz_tile_scope(tile):
+            dh, dw, db = get_backend(backend).backward(
+                hidden, weight, bias, targets, lse, ent, g_logp, g_ent, p,
+                need_hidden, need_weight, need_bias and bias is not None, g_lse=g_lse)
     return _none_to_empty(dh, hidden), _none_to_empty(dw, hidden), _none_to_empty(db, hidden)
 
 

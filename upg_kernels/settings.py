@@ -121,7 +121,7 @@ TRITON_DZ_CONFIG = Setting(
     "UPG_KERNELS_TRITON_DZ_CONFIG", "config", None,
     "tile of the GEMM backward's dz kernel: `128x128` (the default) or `128x64` (bf16/fp16, H a "
     "multiple of 64), or a full block config `BN,BV,BH,warps,stages[,group]` for every launch (tuning; "
-    "GPU only)")
+    "GPU only). Unset: the path selection times both tiles; set: a pin (only the paths are timed)")
 TRITON_DW_SLAB_BYTES = Setting(
     "UPG_KERNELS_TRITON_DW_SLAB_BYTES", "bytes", None,
     "float32 dW slab per launch of the atomic backward (default 16 MiB, grown up to 4x for small "
@@ -161,12 +161,15 @@ DETERMINISTIC = Setting(
     "`torch.use_deterministic_algorithms(True)`)")
 AUTOTUNE = Setting(
     "UPG_KERNELS_AUTOTUNE", "choice", "auto",
-    "how unpinned calls choose their path: `measure` (time each eligible path once per key), `model` "
-    "(the flop rule: `one_pass` where eligible), `auto` (measure on CUDA, model elsewhere)",
+    "how unpinned calls choose their path (and dz tile): `measure` (time each eligible path once per "
+    "key; off CUDA on a row sample), `model` (the flop rule: `one_pass` where eligible from N·V >= 2^24, "
+    "the default tile), `auto` (measure on CUDA and, for the torch backend, on the CPU from "
+    "N·H·V >= 2^27; model elsewhere)",
     choices=("auto", "measure", "model"))
 CACHE_DIR = Setting(
     "UPG_KERNELS_CACHE_DIR", "text", None,
-    "directory of the path-selection cache `paths.json` (default `~/.cache/upg_kernels`)")
+    "directory of the path-selection cache `paths.json` (default `~/.cache/upg_kernels`; the test "
+    "suite's conftest.py points it at a temporary directory)")
 PATH_TABLE = Setting(
     "UPG_KERNELS_PATH_TABLE", "text", None,
     "a path table written by `python -m upg_kernels.tune` to load before measuring (its entries win)")

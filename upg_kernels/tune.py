@@ -9,7 +9,8 @@ Example::
 ``--shapes``: ``HxV`` pairs, or in a source checkout the names of ``bench/shapes.py``. Each shape runs
 ``unified_policy_loss`` (``--config``, with ``--entropy`` its entropy bonus) once on random inputs
 with measuring on (``UPG_KERNELS_AUTOTUNE=measure``); the selection writes the keys it measured (one
-per shape, dtype and N bucket) with each path's best time.
+per shape, dtype and N bucket): the path, the dz tile where the GEMM backward's tile was timed
+(``dz_tile``, else null) and each candidate's best time.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def parse_shape(text: str) -> tuple[str, int, int]:
 
 
 def tune_shape(H: int, V: int, N: int, dtype: torch.dtype, device: torch.device, config: str,
-               entropy: bool, seed: int = 0) -> None:
+               entropy: bool, seed: int = 0, backend: str = "auto") -> None:
     from . import LossConfig, unified_policy_loss
     g = torch.Generator(device=device).manual_seed(seed)
     hidden = torch.randn(N, H, generator=g, device=device).to(dtype).requires_grad_(True)
@@ -49,7 +50,7 @@ def tune_shape(H: int, V: int, N: int, dtype: torch.dtype, device: torch.device,
     over = {"entropy_coef": 0.01} if entropy else {"entropy_coef": 0.0}
     cfg = LossConfig.preset(config, **over)
     kw = {} if cfg.advantage == "one" else {"advantages": adv}
-    out = unified_policy_loss(hidden, weight, targets, config=cfg, **kw)
+    out = unified_policy_loss(hidden, weight, targets, config=cfg, backend=backend, **kw)
     out.loss.backward()
 
 
@@ -61,14 +62,15 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="grpo", help="loss preset (default grpo)")
     p.add_argument("--entropy", action="store_true", help="with an entropy bonus")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--backend", default="auto", help="backend of the loss calls (default auto)")
     p.add_argument("--out", required=True, help="the table file to write (JSON)")
     a = p.parse_args(argv)
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[a.dtype]
-    from .settings import DETERMINISTIC, PATH, PATH_TABLE
-    pins = [s.name for s in (PATH, DETERMINISTIC, PATH_TABLE) if s.is_set()]
+    from .settings import DETERMINISTIC, PATH, PATH_TABLE, TRITON_DZ_CONFIG
+    pins = [s.name for s in (PATH, DETERMINISTIC, PATH_TABLE, TRITON_DZ_CONFIG) if s.is_set()]
     if pins:
-        p.error(f"unset {', '.join(pins)} to tune (they pin the path or load a table)")
+        p.error(f"unset {', '.join(pins)} to tune (they pin the path or the dz tile, or load a table)")
     import tempfile
     select.clear()
     select.force("measure", tempfile.mkdtemp(prefix="upg-tune-"))    # measure, never read a cache
@@ -77,11 +79,13 @@ def main(argv=None) -> int:
         label, H, V = parse_shape(text)
         for n in a.N.split(","):
             before = set(select.measured())
-            tune_shape(H, V, int(n), dt, dev, a.config, a.entropy)
-            for k, times in select.measured().items():
+            tune_shape(H, V, int(n), dt, dev, a.config, a.entropy, backend=a.backend)
+            for k, entry in select.measured().items():
                 if k not in before:
-                    entries[k] = {"path": min(times, key=times.get), "times_ms": times}
-                    print(f"{label} N={n}: {k} -> {entries[k]['path']}  {times}", flush=True)
+                    entries[k] = entry
+                    tile = f" (dz tile {entry['dz_tile']})" if entry["dz_tile"] else ""
+                    print(f"{label} N={n}: {k} -> {entry['path']}{tile}  {entry['times_ms']}",
+                          flush=True)
     from pathlib import Path
     select.write_entries(Path(a.out), entries)
     select.force(None)

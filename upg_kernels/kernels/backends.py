@@ -53,7 +53,8 @@ class Backend:
     to run. ``triton``: needs the triton package and CUDA tensors (on the CPU only under
     ``TRITON_INTERPRET=1``; ``meta`` tensors plan without launching). ``float64``: takes float64
     inputs. ``auto_on``: the device types where ``backend="auto"`` picks it (first row in table order
-    wins; ``"*"``: any device). ``short``: its bench label (``ours-<short>``)."""
+    wins; ``"*"``: any device). ``short``: its bench label (``ours-<short>``). ``dz_kernel``: its
+    backward launches the dz kernel (``triton_dz.py``) whose tile the path selection times."""
     name: str
     summary: str
     forwards: tuple[str, ...]
@@ -64,6 +65,7 @@ class Backend:
     float64: bool = False
     auto_on: tuple[str, ...] = ()
     short: str = ""
+    dz_kernel: bool = False
 
     @property
     def fused_epilogue(self) -> bool:
@@ -103,7 +105,7 @@ BACKENDS = {b.name: b for b in (
             "With filter_eps > 0 it runs the atomic backward (tile filtering is a per-tile skip)",
             forwards=("fused", "gemm"), bwd="gemm_backward:backward",
             partials="triton_logprobs_fwd:forward_partials", deterministic=True, triton=True,
-            auto_on=("cuda",), short="triton"),
+            auto_on=("cuda",), short="triton", dz_kernel=True),
     Backend("triton_atomic", "the same forward; a single-kernel backward that adds every tile's "
             "products to dh / dW with float32 atomics",
             forwards=("fused", "gemm"), bwd="triton_logprobs_bwd:backward",
@@ -139,22 +141,31 @@ def load(ref: str):
     return getattr(importlib.import_module(f"{__package__}.{module}"), fn)
 
 
-def with_forward(name: str, forward: str | None) -> str:
+def with_forward(name: str, forward: str | None, dz_tile: str | None = None) -> str:
     """The backend string the custom ops carry: ``name``, or ``"name:forward"`` to run the forward
-    path ``forward`` (the path ``two_pass_gemm_forward``, kernels/paths.py)."""
-    return name if forward is None else f"{name}:{forward}"
+    path ``forward`` (the path ``two_pass_gemm_forward``, kernels/paths.py), with ``"@tile"`` appended
+    when the path selection chose the dz tile ``dz_tile`` (the backward runs in
+    ``triton_dz.dz_tile_scope(dz_tile)``)."""
+    spec = name if forward is None else f"{name}:{forward}"
+    return spec if dz_tile is None else f"{spec}@{dz_tile}"
 
 
 def split_backend(spec: str) -> tuple[Backend, str | None]:
     """``(row, forward path or None)`` of a backend string of :func:`with_forward`."""
+    spec = spec.partition("@")[0] if isinstance(spec, str) else spec
     name, _, fwd = spec.partition(":") if isinstance(spec, str) else (spec, "", "")
     return get_backend(name), (fwd or None)
 
 
+def dz_tile_of(spec: str) -> str | None:
+    """The dz tile of a backend string of :func:`with_forward` (None: none chosen)."""
+    return (spec.partition("@")[2] or None) if isinstance(spec, str) else None
+
+
 def get_backend(name: str) -> Backend:
-    """The table row of backend ``name`` (a ``"name:forward"`` string names its row)."""
-    if isinstance(name, str) and ":" in name:
-        name = name.partition(":")[0]
+    """The table row of backend ``name`` (a ``"name:forward[@tile]"`` string names its row)."""
+    if isinstance(name, str) and (":" in name or "@" in name):
+        name = name.partition("@")[0].partition(":")[0]
     try:
         return BACKENDS[name]
     except (KeyError, TypeError):

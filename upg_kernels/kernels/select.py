@@ -1,22 +1,30 @@
 """Path selection by measurement (docs/kernels.md, "Path selection").
 
 At the first call for a :func:`key` (device name, dtype, H, V, a power-of-2 bucket of the active rows
-M, which gradients, entropy on or off, backend, loss or log-probs) every eligible path
-(:mod:`.paths`) runs on the call's real inputs: one untimed warm-up, then up to :data:`ITERS` timed
-runs, stopping early once the key has spent :data:`BUDGET_S` seconds. The fastest is kept in memory
-and in ``paths.json`` under the cache directory (``UPG_KERNELS_CACHE_DIR``, default
-``~/.cache/upg_kernels``; written atomically, versioned by the library, torch and triton versions).
-A table written by ``python -m upg_kernels.tune`` (``UPG_KERNELS_PATH_TABLE`` or :func:`load_table`)
-is consulted before measuring.
+M, which gradients, entropy on or off, backend, loss or log-probs) every eligible *candidate* runs:
+a path (:mod:`.paths`), and for the two-pass paths of a backend whose backward launches the dz kernel
+(bf16/fp16, H a multiple of 64) each dz tile of ``triton_dz.DZ_TILES`` with it (``"path@tile"``).
+The tile changes only the backward and the forward path only the forward, so such a key times parts:
+each two-pass forward (``fwd:<path>``), the backward once per tile (``bwd:<tile>``) and the one-pass
+path whole; a candidate's time is the sum of its parts. Each part: one untimed warm-up, then up to
+:data:`ITERS` interleaved timed runs, stopping early once the key has spent :data:`BUDGET_S` seconds.
+On CUDA the parts run on the call's real inputs; elsewhere on a row sample of them, the times scaled
+to the call's rows (:func:`sample_runners`). The fastest
+candidate is kept in memory and in ``paths.json`` under the cache directory
+(``UPG_KERNELS_CACHE_DIR``, default ``~/.cache/upg_kernels``; written atomically, format
+:data:`CACHE_FORMAT`, versioned by the library, torch and triton versions). A table written by
+``python -m upg_kernels.tune`` (``UPG_KERNELS_PATH_TABLE`` or :func:`load_table`) is consulted before
+measuring.
 
 In a distributed job (``torch.distributed`` initialized, world size > 1) rank 0 measures and
-broadcasts its choice; the key then leaves out M's bucket (ranks hold different token counts, and
-every rank must reach the broadcast at the same call).
+broadcasts its choice (path and tile); the key then leaves out M's bucket (ranks hold different token
+counts, and every rank must reach the broadcast at the same call).
 
-``UPG_KERNELS_AUTOTUNE``: ``measure``, ``model`` (no timing: ``one_pass`` where eligible, the
-fewest flops, else ``two_pass``) or ``auto`` (measure on CUDA, the model elsewhere: a CPU call is
-seconds long, so timing it would cost more than the budget). Tests inject timings with
-:func:`set_timer`.
+``UPG_KERNELS_AUTOTUNE``: ``measure``, ``model`` (no timing: ``one_pass`` where eligible from
+:data:`MODEL_MIN_LOGITS` logits, else ``two_pass``; the default tile) or ``auto`` (measure on CUDA and,
+for non-Triton backends, on the CPU from :data:`CPU_MEASURE_MIN_WORK` = N·H·V; the model elsewhere).
+``UPG_KERNELS_TRITON_DZ_CONFIG`` pins the tile (only the paths are timed then). Tests inject timings
+with :func:`set_timer`.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import os
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path as _FsPath
 
 import torch
@@ -32,15 +41,19 @@ import torch
 from .. import settings
 from .paths import ONE_PASS, PATH_NAMES, TWO_PASS
 
-CACHE_FORMAT = 1
-BUDGET_S = 1.0       # measuring cost per key, all paths together (after each path's warm-up)
-ITERS = 3            # timed runs per path at most
+CACHE_FORMAT = 2     # 2: entries carry the dz tile ("dz_tile"); format 1 files are ignored
+BUDGET_S = 1.0       # measuring cost per key, all parts together (after each part's warm-up)
+ITERS = 3            # timed runs per part at most
+SAMPLE_RUN_S = 0.25  # off CUDA: the row sample is sized so that the slowest part's run takes about this
+PROBE_ROWS = 16      # off CUDA: the rows of the probe run that sizes the sample
+PROBE_MAX_S = 0.5    # off CUDA: a probe run longer than this stops the measuring (the rule decides)
+CPU_MEASURE_MIN_WORK = 2**27   # auto mode on the CPU measures from N·H·V (smaller: the model)
 
-_memory: dict[str, str] = {}
+_memory: dict[str, str] = {}                 # key -> candidate ("path" or "path@tile")
 _table: dict[str, str] = {}
 _table_loaded_from: str | None = None
 _timer = None
-_times: dict[str, dict[str, float]] = {}    # key -> path -> best ms, of the keys measured here
+_measured: dict[str, dict] = {}   # key -> {"path", "dz_tile", "times_ms"[, "sample_rows"]}, measured here
 _mode_override: str | None = None            # the tuning CLI: "measure"
 _cache_override: _FsPath | None = None       # the tuning CLI: a fresh directory
 
@@ -52,23 +65,69 @@ def m_bucket(M: int) -> int:
 
 
 def device_name(device: torch.device) -> str:
+    """The device part of a key: the CUDA device's name; ``cpu<threads>t`` (torch's intra-op threads:
+    the CPU's speed depends on them); else the device type."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device).replace(" ", "_")
+    if device.type == "cpu":
+        return f"cpu{torch.get_num_threads()}t"
     return device.type
 
 
 def key(device: torch.device, dtype: torch.dtype, H: int, V: int, M: int | None, grads: str,
-        entropy: bool, backend: str, loss: bool) -> str:
+        entropy: bool, backend: str, loss: bool, w_dtype: torch.dtype | None = None) -> str:
     """The selection key. ``grads``: the gradients needed, a subset of ``"hwb"`` (hidden, weight,
-    bias; ``""`` for none). In a distributed job (and with ``M=None``) the key has no M bucket."""
+    bias; ``""`` for none). ``w_dtype``: the weight's dtype where it differs from ``dtype`` (a float32
+    weight under autocast, cast slab by slab: other costs, so another key). In a distributed job (and
+    with ``M=None``) the key has no M bucket."""
     mb = "any" if M is None or distributed() else m_bucket(M)
-    return (f"{device_name(device)}|{str(dtype).replace('torch.', '')}|H{H}|V{V}|M{mb}|g{grads or '-'}"
+    dt = str(dtype).replace("torch.", "")
+    if w_dtype is not None and w_dtype != dtype:
+        dt += "+w" + str(w_dtype).replace("torch.", "")
+    return (f"{device_name(device)}|{dt}|H{H}|V{V}|M{mb}|g{grads or '-'}"
             f"|e{int(bool(entropy))}|{backend}|{'loss' if loss else 'logprobs'}")
 
 
 def distributed() -> bool:
     d = torch.distributed
     return d.is_available() and d.is_initialized() and d.get_world_size() > 1
+
+
+def candidate(path: str, tile: str | None = None) -> str:
+    """The selection's name of ``path`` run with the dz tile ``tile`` (None: not chosen)."""
+    return path if tile is None else f"{path}@{tile}"
+
+
+def split(cand: str) -> tuple[str, str | None]:
+    """``(path, tile or None)`` of a :func:`candidate` name."""
+    path, _, tile = cand.partition("@")
+    return path, (tile or None)
+
+
+def _accept(cand, options: tuple[str, ...]) -> str | None:
+    """``cand`` (from memory, a table, the cache or rank 0) fitted to the ``options`` of a call:
+    itself; its path alone where the tile is pinned (no tile in the options); a tile-less entry
+    where the options carry tiles (the default tile); else None."""
+    if not isinstance(cand, str):
+        return None
+    if cand in options:
+        return cand
+    path, tile = split(cand)
+    if tile is not None and path in options:
+        return path
+    if tile is None and any(split(o)[0] == path for o in options):
+        return path
+    return None
+
+
+def _entry_candidate(v) -> str:
+    """The candidate of a cache / table entry (``{"path": ..., "dz_tile": ...}`` or a bare path)."""
+    if isinstance(v, dict):
+        tile = v.get("dz_tile")
+        if tile is not None and not isinstance(tile, str):
+            raise TypeError(f"dz_tile must be a string or null, got {tile!r}")
+        return candidate(v["path"], tile)
+    return v
 
 
 # ------------------------------------------------------------------------------------------ cache
@@ -103,8 +162,8 @@ def _read(path: _FsPath, *, check_version: bool) -> dict[str, str]:
             raise ValueError("entries is not an object")
         if check_version and (data.get("format") != CACHE_FORMAT or data.get("versions") != versions()):
             return {}          # another library / torch / triton: measure again
-        return {k: v["path"] if isinstance(v, dict) else v for k, v in entries.items()
-                if (v["path"] if isinstance(v, dict) else v) in PATH_NAMES}
+        out = {k: _entry_candidate(v) for k, v in entries.items()}
+        return {k: c for k, c in out.items() if isinstance(c, str) and split(c)[0] in PATH_NAMES}
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -114,7 +173,8 @@ def _read(path: _FsPath, *, check_version: bool) -> dict[str, str]:
 
 
 def write_entries(path: _FsPath, entries: dict[str, dict]) -> None:
-    """Merge ``entries`` (key -> {"path": ..., "times_ms": {...}}) into the file ``path`` atomically
+    """Merge ``entries`` (key -> {"path": ..., "dz_tile": ..., "times_ms": {...}}) into the file
+    ``path`` atomically
     (a temporary file in the same directory, then ``os.replace``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     old = {}
@@ -146,11 +206,11 @@ def load_table(file) -> int:
     try:
         data = json.loads(p.read_text())
         entries = data["entries"]
-        table = {k: (v["path"] if isinstance(v, dict) else v) for k, v in entries.items()}
+        table = {k: _entry_candidate(v) for k, v in entries.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"path table {p}: not a table written by python -m upg_kernels.tune ({e!r})") \
             from None
-    bad = {k: v for k, v in table.items() if v not in PATH_NAMES}
+    bad = {k: v for k, v in table.items() if not isinstance(v, str) or split(v)[0] not in PATH_NAMES}
     if bad:
         raise ValueError(f"path table {p}: unknown paths {bad}; expected one of {PATH_NAMES}")
     _table, _table_loaded_from = table, str(p)
@@ -168,19 +228,21 @@ def clear(memory: bool = True, table: bool = True) -> None:
     global _table, _table_loaded_from
     if memory:
         _memory.clear()
-        _times.clear()
+        _measured.clear()
     if table:
         _table, _table_loaded_from = {}, None
 
 
 def choices() -> dict[str, str]:
-    """The in-memory choices (key -> path)."""
+    """The in-memory choices (key -> candidate: ``"path"`` or ``"path@tile"``)."""
     return dict(_memory)
 
 
-def measured() -> dict[str, dict[str, float]]:
-    """The timings of the keys measured in this process (key -> path -> best ms)."""
-    return {k: dict(v) for k, v in _times.items()}
+def measured() -> dict[str, dict]:
+    """The entries of the keys measured in this process: key -> ``{"path", "dz_tile", "times_ms"}``
+    (``times_ms``: candidate -> best ms; off CUDA estimated from row samples for the call's rows,
+    ``sample_rows`` saying how many ran)."""
+    return {k: {**v, "times_ms": dict(v["times_ms"])} for k, v in _measured.items()}
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -212,24 +274,34 @@ def _real_timer(path: str, run) -> float:
     return time.perf_counter() - t0
 
 
-def measure(runners: dict, *, budget_s: float = BUDGET_S, iters: int = ITERS) -> dict[str, float]:
-    """Best seconds of each path of ``runners`` (path -> zero-argument callable): one untimed
-    warm-up each (compiles, allocations), then rounds over the paths (interleaved, so a change of
-    load hits all of them) until ``iters`` rounds or ``budget_s`` is spent. A path that raises is
-    left out."""
-    timer = _timer or _real_timer
-    best: dict[str, float] = {}
-    live = []
+def _warm_up(runners: dict, *, timed: bool = False) -> dict[str, float]:
+    """Run each of ``runners`` once (compiles, allocations): name -> seconds (0 untimed) of those
+    that ran; a part that raises (out of memory, a budget refusal) is left out with a warning."""
+    done = {}
     for name, run in runners.items():
         try:
-            if _timer is None:
-                run()                     # warm-up (not with injected timings: nothing to warm)
-            live.append(name)
-        except (RuntimeError, ValueError) as e:   # e.g. out of memory, a budget refusal
+            if timed:
+                done[name] = _real_timer(name, run)
+            else:
+                run()
+                done[name] = 0.0
+        except (RuntimeError, ValueError) as e:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            warnings.warn(f"upg_kernels: path {name} left out of the selection ({e})", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(f"upg_kernels: {name} left out of the path selection ({e})", RuntimeWarning,
+                          stacklevel=3)
+    return done
+
+
+def measure(runners: dict, *, budget_s: float = BUDGET_S, iters: int = ITERS,
+            warm: bool = True) -> dict[str, float]:
+    """Best seconds of each part of ``runners`` (name -> zero-argument callable): one untimed
+    warm-up each (compiles, allocations; ``warm=False``: the caller has run them), then rounds over
+    the parts (interleaved, so a change of load hits all of them) until ``iters`` rounds or
+    ``budget_s`` is spent. A part that raises in its warm-up is left out."""
+    timer = _timer or _real_timer
+    live = list(runners) if (_timer is not None or not warm) else list(_warm_up(runners))
+    best: dict[str, float] = {}
     spent = 0.0
     for _ in range(iters):
         for name in live:
@@ -241,79 +313,139 @@ def measure(runners: dict, *, budget_s: float = BUDGET_S, iters: int = ITERS) ->
     return best
 
 
+def totals(parts: dict[str, float], options: tuple[str, ...]) -> dict[str, float]:
+    """Each candidate of ``options`` with its time: timed whole (``"one_pass"``, or a path where no
+    tile is chosen) or the sum of its parts (``"path@tile"``: ``fwd:path`` + ``bwd:tile``); a
+    candidate with a part missing (it raised) is left out."""
+    out = {}
+    for c in options:
+        path, tile = split(c)
+        if c in parts:
+            out[c] = parts[c]
+        elif tile is not None and f"fwd:{path}" in parts and f"bwd:{tile}" in parts:
+            out[c] = parts[f"fwd:{path}"] + parts[f"bwd:{tile}"]
+    return out
+
+
+def parts_of(options: tuple[str, ...]) -> set[str]:
+    """The parts that time the candidates ``options`` (:func:`totals`' inverse)."""
+    out = set()
+    for c in options:
+        path, tile = split(c)
+        out |= {f"fwd:{path}", f"bwd:{tile}"} if tile is not None else {c}
+    return out
+
+
 def _broadcast(choice: str | None) -> str:
     obj = [choice]
     torch.distributed.broadcast_object_list(obj, src=0)
     return obj[0]
 
 
-def choose(k: str, options: tuple[str, ...], runners, *, mode: str | None = None) -> str:
-    """The path for key ``k`` among ``options``: memory, table, disk cache, else measured
-    (``runners()`` builds path -> callable; only called when measuring) or, in ``model`` mode,
-    ``one_pass`` where eligible. In a distributed job rank 0's choice (broadcast)."""
+def choose(k: str, options: tuple[str, ...], runners, *, mode: str | None = None,
+           fallback: str | None = None) -> str:
+    """The candidate for key ``k`` among ``options`` (:func:`candidate` names): memory, table, disk
+    cache, else measured (``runners()`` builds part name -> callable, or a :class:`Sample` of row
+    samples, or None when even a sample is too expensive: then ``fallback``; only called when
+    measuring) or, in ``model`` mode, ``one_pass`` where eligible. In a distributed job rank 0's
+    choice (broadcast)."""
     if len(options) == 1:
         return options[0]
-    got = _memory.get(k)
-    if got in options:
+    got = _accept(_memory.get(k), options)
+    if got is not None:
         return got
     _env_table()
     mode = mode or _mode_override or settings.AUTOTUNE.get()
     dist = distributed()
     choice = None
     if not dist or torch.distributed.get_rank() == 0:
-        choice = _lookup_or_measure(k, options, runners, mode)
+        choice = _lookup_or_measure(k, options, runners, mode, fallback)
     if dist:
         choice = _broadcast(choice)
-    if choice not in options:       # e.g. a rank whose call cannot take rank 0's path
-        choice = TWO_PASS
+    choice = _accept(choice, options) or TWO_PASS   # e.g. a rank whose call cannot take rank 0's path
     _memory[k] = choice
     return choice
 
 
-def _lookup_or_measure(k, options, runners, mode) -> str:
-    got = _table.get(k)
-    if got in options:
+def _model_choice(options) -> str:
+    return ONE_PASS if ONE_PASS in options else TWO_PASS
+
+
+def _lookup_or_measure(k, options, runners, mode, fallback) -> str:
+    got = _accept(_table.get(k), options)
+    if got is not None:
         return got
     if mode == "model":
-        return ONE_PASS if ONE_PASS in options else TWO_PASS
+        return _model_choice(options)
     cf = cache_file()
-    got = _read(cf, check_version=True).get(k)
-    if got in options:
+    got = _accept(_read(cf, check_version=True).get(k), options)
+    if got is not None:
         return got
-    times = measure({p: r for p, r in runners().items() if p in options})
+    built = runners()
+    if built is None:                      # even a row sample is over the budget: the rule
+        return _accept(fallback, options) or _model_choice(options)
+    if isinstance(built, Sample):          # off CUDA: estimated from row samples (warmed by the probe)
+        times = totals(built.estimate(measure(built.runners, warm=not built.warmed)), options)
+    else:
+        need = parts_of(options)
+        times = totals(measure({n: r for n, r in built.items() if n in need}), options)
     if not times:
         return TWO_PASS
     choice = min(times, key=times.get)
-    _times[k] = {p: round(t * 1e3, 4) for p, t in times.items()}
+    path, tile = split(choice)
+    entry = {"path": path, "dz_tile": tile,
+             "times_ms": {c: round(t * 1e3, 4) for c, t in times.items()}}
+    if isinstance(built, Sample):
+        entry["sample_rows"] = built.rows
+    _measured[k] = entry
     try:
-        write_entries(cf, {k: {"path": choice, "times_ms": _times[k]}})
+        write_entries(cf, {k: entry})
     except OSError as e:
         warnings.warn(f"upg_kernels: could not write the path cache {cf} ({e!r})", RuntimeWarning,
                       stacklevel=3)
     return choice
 
 
-def auto_mode(device: torch.device) -> str:
-    """``measure`` or ``model`` for a call on ``device`` (``UPG_KERNELS_AUTOTUNE``)."""
+def auto_mode(device: torch.device, *, triton: bool = False, work: int | None = None) -> str:
+    """``measure`` or ``model`` for a call on ``device`` (``UPG_KERNELS_AUTOTUNE``): ``auto`` measures
+    on CUDA, and on the CPU for a non-Triton backend (``triton``: the interpreter there) once the
+    call's ``work`` (N·H·V) reaches :data:`CPU_MEASURE_MIN_WORK` (below, a call costs milliseconds:
+    timing it would cost more than a wrong choice saves)."""
     m = _mode_override or settings.AUTOTUNE.get()
     if m != "auto":
         return m
-    return "measure" if device.type == "cuda" else "model"
+    if device.type == "cuda":
+        return "measure"
+    if device.type == "cpu" and not triton and work is not None and work >= CPU_MEASURE_MIN_WORK:
+        return "measure"
+    return "model"
 
 
 # ------------------------------------------------------------------------------------------ calls
 MODEL_MIN_LOGITS = 2**24   # model mode: one_pass from N x V >= 16.7M logits (smaller: two_pass)
 
 
+def dz_tiles(be, dtype: torch.dtype, H: int, grads: str, p) -> tuple[str, ...]:
+    """The dz tiles the selection times for a call: those of ``triton_dz.DZ_TILES`` where the
+    backend's backward launches the dz kernel (``be.dz_kernel``, no tile filtering), gradients are
+    needed and the tile decides the launch (``triton_dz.tile_applies``: bf16/fp16, H a multiple of
+    64, no ``UPG_KERNELS_TRITON_DZ_CONFIG`` pin); else none."""
+    if not (be.dz_kernel and grads and p.filter_eps == 0):
+        return ()
+    from .triton_dz import DZ_TILES, tile_applies
+    return tuple(DZ_TILES) if tile_applies(dtype, H) else ()
+
+
 def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool, grads: str,
             entropy: bool, one_pass_ok=None, hint=None, budget: int | None = None,
-            no_sync: bool = False) -> str:
-    """The path of one call (``path=`` argument or None). ``backend``: the resolved backend name;
-    ``hidden``..``p``: the flat prepared inputs; ``grads``: the gradients needed (``"hwb"`` subset);
-    ``one_pass_ok(M) -> bool``: whether the config and budget allow the one-pass path for M active
-    rows; ``hint``: ``[N]`` bool rows with probably non-zero coefficients, or a callable giving them
-    (measurement only). ``no_sync`` (capturable mode): never measure (measuring counts the active
-    rows on the host); unpinned, such a call runs ``two_pass``."""
+            no_sync: bool = False) -> tuple[str, str | None]:
+    """``(path, dz tile or None)`` of one call (``path=`` argument or None). ``backend``: the resolved
+    backend name; ``hidden``..``p``: the flat prepared inputs; ``grads``: the gradients needed
+    (``"hwb"`` subset); ``one_pass_ok(M) -> bool``: whether the config and budget allow the one-pass
+    path for M active rows; ``hint``: ``[N]`` bool rows with probably non-zero coefficients, or a
+    callable giving them (measurement only). ``no_sync`` (capturable mode): never measure (measuring
+    counts the active rows on the host); unpinned, such a call runs ``two_pass``. A pinned path (and
+    model mode) runs the default tile (or ``UPG_KERNELS_TRITON_DZ_CONFIG``'s): tile None."""
     from . import paths
     from .backends import get_backend
     be = get_backend(backend)
@@ -324,26 +456,35 @@ def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool,
         if want == ONE_PASS and not (loss and grads):
             raise ValueError(f"path={want!r} needs a loss with gradients (unified_policy_loss with "
                              "inputs that require grad)")
-        return want                            # the argument: taken as asked
+        return want, None                      # the argument: taken as asked
     N, V = hidden.shape[0], weight.shape[0]
     if want is not None or hidden.device.type == "meta" or N == 0 or no_sync or _compiling():
         ok = want != ONE_PASS or one_pass_ok is None or one_pass_ok(max(N, 1))   # a plan: no sync
         options = paths.eligible(triton=be.triton, loss=loss, grads=bool(grads), one_pass_ok=ok)
-        return paths.fit(want or TWO_PASS, options)
-    mode = auto_mode(hidden.device)
+        return paths.fit(want or TWO_PASS, options), None
+    H = hidden.shape[1]
+    mode = auto_mode(hidden.device, triton=be.triton, work=N * H * V)
+    rule_ok = N * V >= MODEL_MIN_LOGITS and (one_pass_ok is None or one_pass_ok(N))
+    rule = ONE_PASS if (loss and grads and rule_ok) else TWO_PASS
     if mode == "model":
-        options = paths.eligible(triton=be.triton, loss=loss, grads=bool(grads),
-                                 one_pass_ok=N * V >= MODEL_MIN_LOGITS
-                                 and (one_pass_ok is None or one_pass_ok(N)))
-        return ONE_PASS if ONE_PASS in options else TWO_PASS
-    M = int((targets != p.ignore_index).sum())
+        return rule, None
+    valid = targets != p.ignore_index
+    M = int(valid.sum())
     ok = one_pass_ok is None or one_pass_ok(M)
-    options = paths.eligible(triton=be.triton, loss=loss, grads=bool(grads), one_pass_ok=ok)
-    k = key(hidden.device, hidden.dtype, hidden.shape[1], V, M, grads,
-            entropy, backend, loss)
-    return choose(k, options, lambda: runners(be, hidden, weight, bias, targets, p, grads=grads,
-                                               entropy=entropy, hint=hint() if callable(hint) else hint,
-                                               budget=budget), mode=mode)
+    tiles = dz_tiles(be, hidden.dtype, H, grads, p)
+    options = tuple(candidate(o, t) for o in paths.eligible(triton=be.triton, loss=loss,
+                                                             grads=bool(grads), one_pass_ok=ok)
+                    for t in (tiles if (tiles and o != ONE_PASS) else (None,)))
+    k = key(hidden.device, hidden.dtype, H, V, M, grads, entropy, backend, loss, weight.dtype)
+
+    def build():
+        h = hint() if callable(hint) else hint
+        kw = dict(grads=grads, entropy=entropy, tiles=tiles, budget=budget, only=parts_of(options))
+        if hidden.device.type == "cuda":
+            return runners(be, hidden, weight, bias, targets, p, hint=h, **kw)
+        return sample_runners(be, hidden, weight, bias, targets, p, valid, M, hint=h, **kw)
+
+    return split(choose(k, options, build, mode=mode, fallback=rule))
 
 
 def _compiling() -> bool:
@@ -353,25 +494,93 @@ def _compiling() -> bool:
         return False
 
 
+@dataclass
+class Sample:
+    """Parts timed on a row sample of a call (off CUDA): ``runners`` on ``rows`` of the call's M active
+    rows (all of them for a small call)."""
+    runners: dict
+    rows: int
+    M: int
+    warmed: bool = False      # the probe has run each part (no warm-up needed)
+
+    def estimate(self, times: dict[str, float]) -> dict[str, float]:
+        """Each part's seconds scaled to the call's rows: ``t * M / rows``."""
+        return {name: t * self.M / self.rows for name, t in times.items()}
+
+
+def sample_runners(be, hidden, weight, bias, targets, p, valid, M: int, *, hint=None, **kw):
+    """Off CUDA: :func:`runners` on a row sample of the call's active rows (evenly spaced, so the
+    hinted share is the call's), as a :class:`Sample`; None when even the probe is over the budget.
+    Up to ``2 x`` :data:`PROBE_ROWS` active rows: the whole call. Else a probe runs each part once on
+    :data:`PROBE_ROWS` rows (the warm-up; a run over :data:`PROBE_MAX_S` stops the measuring: the
+    caller takes the rule), and the sample is sized so that the slowest part's run takes about
+    :data:`SAMPLE_RUN_S` as if time were proportional to rows (at least ``2 x`` :data:`PROBE_ROWS`,
+    at most M rows)."""
+    act = valid.nonzero()[:, 0]
+
+    def on(R):
+        idx = act if R >= M else act[torch.linspace(0, M - 1, R, device=act.device).round().long()]
+        return runners(be, hidden[idx], weight, bias, targets[idx], p,
+                       hint=None if hint is None else hint[idx], **kw)
+
+    R1 = PROBE_ROWS
+    if M <= 2 * R1 or _timer is not None:       # small: the whole call; injected timings: nothing runs
+        R = M if M <= 2 * R1 else 2 * R1
+        return Sample(on(R), R, M)
+    probe = on(R1)
+    worst, live = 0.0, []
+    for name, run in probe.items():
+        done = _warm_up({name: run}, timed=True)
+        if not done:
+            continue                  # raised: left out (warned)
+        if done[name] > PROBE_MAX_S:
+            return None
+        worst = max(worst, done[name])
+        live.append(name)
+    R = min(M, max(2 * R1, int(R1 * SAMPLE_RUN_S / max(worst, 1e-9))))
+    sample = on(R)
+    return Sample({n: sample[n] for n in live}, R, M, warmed=True)
+
+
 def runners(be, hidden, weight, bias, targets, p, *, grads: str, entropy: bool, hint=None,
-            budget=None) -> dict:
-    """path -> a zero-argument callable running that path once on the real inputs, with unit
-    coefficients on the hinted rows (the real ones are known only after the forward)."""
+            budget=None, tiles: tuple[str, ...] = (), only=None) -> dict:
+    """part name -> a zero-argument callable running it once on the given inputs, with unit
+    coefficients on the hinted rows (the real ones are known only after the forward). Without
+    ``tiles``: each path whole (its name). With ``tiles`` (and gradients): each two-pass forward
+    (``fwd:<path>``), the backward once per tile in ``triton_dz.dz_tile_scope`` (``bwd:<tile>``, on
+    the outputs of one forward made at its first run) and ``one_pass`` whole. ``only``: the part
+    names wanted (:func:`parts_of` the call's candidates; None: all)."""
     from .one_pass import forward_with_grads
     from .paths import PATHS
-    from .. import settings as _s   # noqa: F401
     cd = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     valid = targets != p.ignore_index
     g = (valid if hint is None else (valid & hint)).to(cd)
     ge = g if entropy else None
     nh, nw, nb = "h" in grads, "w" in grads, "b" in grads and bias is not None
+    split_parts = bool(tiles) and bool(grads)
+    fwd_out = {}
+
+    def backward(lse, ent):
+        be.backward(hidden, weight, bias, targets, lse, ent, g, ge, p, nh, nw, nb)
 
     def two_pass(fwd):
         def run():
             with torch.no_grad():
                 logp, ent, lse = be.forward(hidden, weight, bias, targets, p, path=fwd)
-                if grads:
-                    be.backward(hidden, weight, bias, targets, lse, ent, g, ge, p, nh, nw, nb)
+                if grads and not split_parts:
+                    backward(lse, ent)
+        return run
+
+    def backward_with(tile):
+        from .triton_dz import dz_tile_scope
+
+        def run():
+            with torch.no_grad():
+                if not fwd_out:
+                    fwd_out["o"] = be.forward(hidden, weight, bias, targets, p)
+                _, ent, lse = fwd_out["o"]
+                with dz_tile_scope(tile):
+                    backward(lse, ent)
         return run
 
     def one_pass():
@@ -386,5 +595,8 @@ def runners(be, hidden, weight, bias, targets, p, *, grads: str, entropy: bool, 
         if path.one_pass:
             out[name] = one_pass
         elif path.forward is None or path.forward in be.forwards:
-            out[name] = two_pass(path.forward)
-    return out
+            out[f"fwd:{name}" if split_parts else name] = two_pass(path.forward)
+    if split_parts:
+        for tile in tiles:
+            out[f"bwd:{tile}"] = backward_with(tile)
+    return out if only is None else {n: r for n, r in out.items() if n in only}

@@ -13,7 +13,8 @@ tile: no atomics, so the result is deterministic.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 
 import torch
 import triton
@@ -43,6 +44,29 @@ _DZ_INTERP = BlockConfig(block_n=16, block_v=32, block_h=32, num_warps=4, num_st
 _DZ_GPU_ODD_H = BlockConfig(block_n=128, block_v=64, block_h=32, num_warps=8, num_stages=3, group_n=8)
 
 
+# the tile the path selection chose for the call being run (kernels/select.py; the backend string
+# carries it to the backward op, which runs the backward inside :func:`dz_tile_scope`)
+_SCOPED_TILE: ContextVar[str | None] = ContextVar("upg_kernels_dz_tile", default=None)
+
+
+@contextmanager
+def dz_tile_scope(name: str | None):
+    """Within the block, :func:`dz_config` uses the tile ``name`` of :data:`DZ_TILES` (None: the
+    default) where no ``UPG_KERNELS_TRITON_DZ_CONFIG`` pins one."""
+    if name is not None and name not in DZ_TILES:
+        raise ValueError(f"dz tile must be None or one of {sorted(DZ_TILES)}, got {name!r}")
+    token = _SCOPED_TILE.set(name)
+    try:
+        yield
+    finally:
+        _SCOPED_TILE.reset(token)
+
+
+def scoped_tile() -> str | None:
+    """The tile of the enclosing :func:`dz_tile_scope` (None outside one)."""
+    return _SCOPED_TILE.get()
+
+
 def dz_tile_setting() -> tuple[str | None, BlockConfig | None]:
     """``UPG_KERNELS_TRITON_DZ_CONFIG`` (upg_kernels/settings.py): ``(name, None)`` for a name of
     :data:`DZ_TILES` (the bf16/fp16 tile at even H), ``(None, config)`` for
@@ -59,7 +83,9 @@ def dz_tile_setting() -> tuple[str | None, BlockConfig | None]:
 
 def dz_config(dtype: torch.dtype, H: int | None = None, gpu: bool = False) -> BlockConfig:
     """The dz kernel's blocks for ``dtype`` and hidden size ``H`` (None: a multiple of 64;
-    ``gpu=True``: the CUDA config even under the interpreter)."""
+    ``gpu=True``: the CUDA config even under the interpreter). The bf16/fp16 tile at even H:
+    ``UPG_KERNELS_TRITON_DZ_CONFIG`` (a pin), else the tile of the enclosing :func:`dz_tile_scope`
+    (the path selection's choice), else :data:`DZ_DEFAULT`."""
     if interpreting() and not gpu:
         return _DZ_INTERP
     name, env = dz_tile_setting()
@@ -67,7 +93,13 @@ def dz_config(dtype: torch.dtype, H: int | None = None, gpu: bool = False) -> Bl
         return env
     if dtype == torch.float32:
         return _DZ_GPU_F32                      # BLOCK_H 16: spill-free for odd H as well
-    return _DZ_GPU_ODD_H if H is not None and H % 64 else DZ_TILES[name or DZ_DEFAULT]
+    return _DZ_GPU_ODD_H if H is not None and H % 64 else DZ_TILES[name or scoped_tile() or DZ_DEFAULT]
+
+
+def tile_applies(dtype: torch.dtype, H: int) -> bool:
+    """Whether the tile of :data:`DZ_TILES` decides the dz launch of a call (bf16/fp16, H a multiple
+    of 64, no ``UPG_KERNELS_TRITON_DZ_CONFIG`` pin): the path selection times the tiles only then."""
+    return dtype in (torch.bfloat16, torch.float16) and H % 64 == 0 and not TRITON_DZ_CONFIG.is_set()
 
 
 def dz_constexprs(cfg, dtype, *, has_bias, has_softcap, has_gent, has_glse, even_h) -> dict:

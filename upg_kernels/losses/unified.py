@@ -386,11 +386,11 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
     kp = LogprobParams(float(temperature), int(ignore_index), float(softcap or 0.0), float(filter_eps))
     use_fused = (cd == torch.float32 and fused_enabled(fused_epilogue) and fused_supported(cfg)
                  and get_backend(name).fused_epilogue and h2.shape[0] > 0 and not capturable)
-    chosen, gif = _choose_path(path, grad_in_forward, cfg, name, h2, w, b, t, kp, T,
+    chosen, gif, tile = _choose_path(path, grad_in_forward, cfg, name, h2, w, b, t, kp, T,
                                cp_group is not None, bool(capturable),
                                lambda: _coefficient_hint(_Plan(cfg, inp, kp, name, False), h2))
     use_fused = use_fused and chosen == paths.TWO_PASS
-    spec = with_forward(name, paths.PATHS[chosen].forward)
+    spec = with_forward(name, paths.PATHS[chosen].forward, tile)
     plan = _Plan(cfg, inp, kp, spec, use_fused, gif, one_pass_bytes(h2.device) if gif else 0,
                  capturable=bool(capturable), bad_targets=bad)
     with autocast_off(hidden.device.type):
@@ -399,7 +399,8 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
 
 
 def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, cp, capturable, hint):
-    """``(path name, grad_in_forward)`` of a call: ``grad_in_forward`` True (asked for: a sequence
+    """``(path name, grad_in_forward, dz tile)`` of a call (the tile: the selection's choice for the
+    GEMM backward's dz kernel, None for the default): ``grad_in_forward`` True (asked for: a sequence
     that does not fit is an error), ``"env"`` (pinned by the environment or selected: such a call
     runs the two-pass path) or False. ``grad_in_forward=True/False`` is ``path="one_pass"`` /
     ``"two_pass"``; ``UPG_KERNELS_GRAD_IN_FORWARD=1`` is ``UPG_KERNELS_PATH=one_pass``. Under
@@ -418,7 +419,7 @@ def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, cp, ca
             raise ValueError(f"grad_in_forward={grad_in_forward!r} contradicts path={path!r} "
                              "(grad_in_forward=True is path='one_pass'); pass one of them")
         if grad_in_forward:
-            return paths.ONE_PASS, True
+            return paths.ONE_PASS, True, None
         path = path or paths.TWO_PASS
     if path is None and GRAD_IN_FORWARD.get():
         path = paths.ONE_PASS
@@ -442,13 +443,13 @@ def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, cp, ca
             return False
         return fused_supported(cfg) or pl.max_rows >= T
 
-    chosen = select.resolve(path, backend=backend, hidden=h2, weight=w, bias=b, targets=t, p=kp,
-                            loss=True, grads=grads, entropy=cfg.entropy_coef != 0,
-                            one_pass_ok=one_pass_ok, hint=hint, budget=one_pass_bytes(h2.device),
-                            no_sync=capturable)
+    chosen, tile = select.resolve(path, backend=backend, hidden=h2, weight=w, bias=b, targets=t,
+                                  p=kp, loss=True, grads=grads, entropy=cfg.entropy_coef != 0,
+                                  one_pass_ok=one_pass_ok, hint=hint,
+                                  budget=one_pass_bytes(h2.device), no_sync=capturable)
     if chosen != paths.ONE_PASS:
-        return chosen, False
-    return chosen, True if explicit and path == paths.ONE_PASS else "env"
+        return chosen, False, tile
+    return chosen, True if explicit and path == paths.ONE_PASS else "env", None
 
 
 def _vocab_parallel_loss(cfg, inp, hidden, weight, targets, bias, opts, *, fused_epilogue,

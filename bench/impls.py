@@ -246,8 +246,9 @@ class OursBigWorkspace(_OursEnv):
 
 class OursGradInForward(_OursEnv):
     name = "ours-gif"
-    description = ("unified_policy_loss(path='one_pass'): the one-pass path (6NHV; chunk budget "
-                   "UPG_KERNELS_ONE_PASS_BYTES, 1 GiB on CUDA, + a float32 dW accumulator for bf16/fp16)")
+    description = ("unified_policy_loss(path='one_pass'): the one-pass path (6NHV; one budget, "
+                   "UPG_KERNELS_ONE_PASS_BYTES, 3 GiB on CUDA, for the chunks and the float32 dW "
+                   "accumulator of bf16/fp16)")
     ops = ("sft", "grpo", "hpt")
     KW = {"path": "one_pass"}
 

@@ -11,7 +11,8 @@ mask, advantages, old log-probs, upstream gradient) exist before the trace and a
 gradients every implementation must return -- ``hidden.grad`` [N, H] and ``weight.grad`` [V, H] in
 the inputs' dtype -- are subtracted. So
 
-    peak_extra_bytes = max over the trace of (bytes allocated and still live) - bytes(hidden.grad, weight.grad)
+    peak_extra_bytes = max over the trace of (bytes allocated and still live
+                                              - bytes of hidden.grad, weight.grad allocated by then)
 
 i.e. everything an implementation holds beyond its inputs and its outputs: logits, softmax
 buffers, float32 accumulators, chunk workspaces, partials, index lists. Output log-probs / loss
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 from upg_kernels import settings
+from upg_kernels.kernels import paths
 from upg_kernels.kernels.backends import BACKENDS, FORWARD_PATHS
 
 from .impls import CCE, Eager, Impl, Liger, Ours, environ, objective
@@ -53,6 +55,7 @@ class OursPath:
     backend: str
     default: bool
     env: tuple[tuple[str, str], ...] = ()
+    kw: tuple[tuple[str, str], ...] = ()     # keyword arguments of the loss calls
 
 
 def _ours_paths() -> tuple[OursPath, ...]:
@@ -68,17 +71,48 @@ def _ours_paths() -> tuple[OursPath, ...]:
     return tuple(out)
 
 
-# the one-pass path (unified_policy_loss(grad_in_forward=True); token_logprobs is unchanged by it)
-ONE_PASS = OursPath("ours-one-pass", "triton", False, env=((settings.GRAD_IN_FORWARD.name, "1"),))
-OURS_PATHS = _ours_paths() + (ONE_PASS,)
+# the one-pass path (unified_policy_loss(path="one_pass"), asked for explicitly: a budget refusal is
+# reported, not replaced by the two-pass path; token_logprobs is unchanged by it)
+ONE_PASS = OursPath("ours-one-pass", "triton", False, kw=(("path", paths.ONE_PASS),))
+# the same with dW as a compensated bf16 pair (UPG_KERNELS_ONE_PASS_DW=compensated) in a 2 GiB budget
+ONE_PASS_PAIR = OursPath("ours-one-pass-compensated-2g", "triton", False,
+                         env=((settings.ONE_PASS_DW.name, "compensated"),
+                              (settings.ONE_PASS_BYTES.name, str(2 * 2**30))),
+                         kw=(("path", paths.ONE_PASS),))
+OURS_PATHS = _ours_paths() + (ONE_PASS, ONE_PASS_PAIR)
+
+
+class _OursKw(Ours):
+    """``Ours`` whose loss calls get the extra keyword arguments ``kw``."""
+    kw: dict = {}
+
+    def forward(self, op, x):
+        return self.forward_kw(op, x, **(self.kw if op != "logprobs" else {}))
 
 
 def _ours_impl(path: OursPath, backend: str) -> Impl:
-    impl = Ours()
+    impl = _OursKw()
     impl.name = path.name
     impl.backend = backend
     impl.env = dict(path.env)
+    impl.kw = dict(path.kw)
     return impl
+
+
+def one_pass_budget(problem) -> dict:
+    """The one-pass plan of ``problem`` (``one_pass.plan``, the GPU rules): ``{"budget_bytes",
+    "plan_bytes"}`` (workspace + dW accumulator), or the plan's refusal as ``{"budget_bytes",
+    "plan_refusal"}``."""
+    from upg_kernels.kernels import one_pass
+    s = problem.shape
+    budget = one_pass.one_pass_bytes(torch.device("meta"))
+    try:
+        pl = one_pass.plan(s.N, s.H, s.V, DTYPES[problem.dtype], budget, gpu=True)
+    except ValueError as e:
+        acc = one_pass.acc_bytes(s.V, s.H, DTYPES[problem.dtype], one_pass.dw_mode())
+        return {"budget_bytes": budget, "plan_refusal": str(e), "acc_bytes": acc}
+    return {"budget_bytes": budget, "plan_bytes": pl.total_bytes, "chunk_rows": pl.chunk_rows,
+            "n_chunks": pl.n_chunks, "acc_bytes": pl.acc_bytes, "dw_mode": pl.dw_mode}
 
 
 def meta_inputs(problem, device="meta") -> Inputs:
@@ -127,7 +161,10 @@ def trace_peak(impl: Impl, problem, device="meta") -> dict:
         if any(g is None for g in grads):
             raise RuntimeError("the backward did not produce both gradients")
         grad_bytes = sum(g.untyped_storage().nbytes() for g in grads)
-    return {"peak_extra_bytes": t.peak - grad_bytes, "peak_bytes": t.peak, "grad_bytes": grad_bytes}
+    # the gradients are left out from their allocation on (before it they do not exist): an
+    # implementation whose peak comes before its gradients are allocated is not credited with them
+    extra = t.peak_without(grads)
+    return {"peak_extra_bytes": extra, "peak_bytes": t.peak, "grad_bytes": grad_bytes}
 
 
 def implementations(names=None) -> list[tuple[str, Impl | None, str]]:
@@ -172,11 +209,19 @@ def run(shapes=DEFAULT_SHAPES, N=DEFAULT_N, ops="logprobs,grpo", impls=None, dty
                 if status and status.startswith("n/a"):
                     rec["status"] = status
                 elif impl is not None and not reason:
+                    if name in (ONE_PASS.name, ONE_PASS_PAIR.name) and op != "logprobs":
+                        with environ(impl.env):
+                            rec.update(one_pass_budget(problem))
                     try:
                         rec.update(trace_peak(impl, problem))
                         rec["status"] = "ok"
                     except Exception as e:  # noqa: BLE001 -- reported, never dropped
                         rec["status"] = _why(e)
+                    if rec.get("plan_refusal"):
+                        rec["status"] = (
+                            f"refused: {settings.ONE_PASS_BYTES.name} = "
+                            f"{rec['budget_bytes'] / 2**30:.2f} GiB cannot hold the dW state "
+                            f"({rec['acc_bytes'] / 2**30:.2f} GiB) and 256-row chunks")
                 else:
                     rec["status"] = status
                 records.append(rec)
@@ -197,8 +242,13 @@ def table(records) -> str:
         e = eager.get((r["shape"], r["N"], r["op"]))
         pct = (f"{100 * r['peak_extra_bytes'] / e:.2f}" if e and r["peak_extra_bytes"] is not None
                else "-")
+        status = r.get("status", "")
+        if r.get("plan_bytes") is not None:
+            status += (f" (plan {r['plan_bytes'] / 2**30:.2f} GiB = {r['n_chunks']} chunk(s) of "
+                       f"{r['chunk_rows']} rows + {r['acc_bytes'] / 2**30:.2f} GiB dW state; "
+                       f"budget {r['budget_bytes'] / 2**30:.2f} GiB)")
         lines.append(f"| {r['shape']} | {r['N']} | {r['op']} | {r['impl']} | "
-                     f"{_gib(r['peak_extra_bytes']).strip()} | {pct} | {r.get('status', '')} |")
+                     f"{_gib(r['peak_extra_bytes']).strip()} | {pct} | {status} |")
     return "\n".join(lines)
 
 
@@ -219,7 +269,7 @@ def main(args, argv) -> int:
     (out / "memory.json").write_text(json.dumps(records, indent=1))
     (out / "memory.md").write_text(
         "# Memory model (meta device, allocation tracer)\n\n"
-        "peak extra = peak live bytes of forward + backward minus the inputs and the gradients "
-        "hidden.grad, weight.grad (bench/memory_model.py).\n\n" + md + "\n")
+        "peak extra = peak live bytes of forward + backward minus the inputs and, from their "
+        "allocation on, the gradients hidden.grad, weight.grad (bench/memory_model.py).\n\n" + md + "\n")
     print(f"wrote {out / 'memory.json'} and {out / 'memory.md'}")
     return 0

@@ -47,6 +47,7 @@ class AllocTracer(TorchDispatchMode):
         self._storages: dict[int, tuple[int, int]] = {}   # StorageImpl address -> (weak ref, nbytes)
         self.record = record
         self.events: list[tuple[str, int, int]] = []      # (op, +/- bytes, live after)
+        self._timeline: list[tuple[int, int]] = []         # (StorageImpl address, +/- bytes)
 
     # ------------------------------------------------------------------ bookkeeping
     def sweep(self) -> None:
@@ -56,6 +57,7 @@ class AllocTracer(TorchDispatchMode):
                 torch.UntypedStorage._free_weak_ref(ref)
                 del self._storages[key]
                 self.live -= nbytes
+                self._timeline.append((key, -nbytes))
                 if self.record:
                     self.events.append(("free", -nbytes, self.live))
 
@@ -73,9 +75,31 @@ class AllocTracer(TorchDispatchMode):
             nbytes = st.nbytes()
             self._storages[key] = (st._weak_ref(), nbytes)
             self.live += nbytes
+            self._timeline.append((key, nbytes))
             self.peak = max(self.peak, self.live)
             if self.record:
                 self.events.append((op_name, nbytes, self.live))
+
+    def peak_without(self, tensors) -> int:
+        """The peak over the trace of live bytes minus those of ``tensors``' storages (still live
+        now) at the times they were live: a storage that becomes an output (a gradient) is not
+        counted from its allocation on, and is counted nowhere before it existed."""
+        keys = {t.untyped_storage()._cdata for t in tensors}
+        final = {}                                   # key -> index of its allocation live now
+        for i, (key, nb) in enumerate(self._timeline):
+            if key in keys:
+                if nb > 0:
+                    final[key] = i
+                else:
+                    final.pop(key, None)
+        starts = set(final.values())
+        live = peak = 0
+        for i, (key, nb) in enumerate(self._timeline):
+            if i in starts:
+                continue                             # never freed: no matching -nb follows
+            live += nb
+            peak = max(peak, live)
+        return peak
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

@@ -106,51 +106,85 @@ def costs(N: int, H: int, V: int, budget: int | None = None) -> list[Cost]:
     out.append(Cost(f"backward, GEMM (G={G}, S={S}, {ng} group(s), dz {dzc.block_n}x{dzc.block_v}, "
                     f"{how})", flops, hbm, l2, 0, group_seconds(pl.bounds(N), H, V, e, pl.dw_fp32)))
     kernels = one_pass_kernels(N, H, V)
-    n, C = _one_pass_chunks(N, H, V)
-    out.append(Cost(f"one pass, fwd+bwd (C={C}, {n} chunk(s), dW fp32)", sum(k.flops for k in kernels),
+    out.append(Cost(f"one pass, fwd+bwd ({one_pass_label(N, H, V)})", sum(k.flops for k in kernels),
                     sum(k.hbm for k in kernels), 0, 0))
     return out
 
 
-def _one_pass_chunks(N, H, V, budget=None):
+def one_pass_plan(N, H, V, budget=None, mode=None):
+    """``(plan, note)``: ``one_pass.plan`` (bf16, GPU rules) at ``budget`` (default: the library's);
+    where that budget is refused (the float32 dW accumulator does not fit), the plan at the
+    accumulator plus 1 GiB of chunks, with a note saying so."""
     import torch
     from upg_kernels.kernels import one_pass
-    pl = one_pass.plan(N, H, V, torch.bfloat16, budget, gpu=True)
-    return pl.n_chunks, pl.chunk_rows
+    try:
+        return one_pass.plan(N, H, V, torch.bfloat16, budget, gpu=True, mode=mode), ""
+    except ValueError:
+        acc = one_pass.acc_bytes(V, H, torch.bfloat16, mode or one_pass.dw_mode())
+        b2 = acc + 2**30
+        return (one_pass.plan(N, H, V, torch.bfloat16, b2, gpu=True, mode=mode),
+                f"; the default budget is refused, modelled at {b2 / 2**30:.2f} GiB")
 
 
-def one_pass_kernels(N: int, H: int, V: int, budget: int | None = None) -> list[Cost]:
+def pl_slab(V: int) -> int:
+    from upg_kernels.kernels import one_pass
+    return min(V, one_pass.PAIR_SLAB_ROWS)
+
+
+def one_pass_label(N, H, V, budget=None, mode=None) -> str:
+    pl, note = one_pass_plan(N, H, V, budget, mode)
+    dw = ("dW fp32" if pl.dw_fp32 else "dW compensated bf16 pair" if pl.dw_pair
+          else f"dW bf16, {pl.dw_roundings} rounding(s)")
+    return f"C={pl.chunk_rows}, {pl.n_chunks} chunk(s), {dw}, {pl.total_bytes / 2**30:.2f} GiB{note}"
+
+
+def one_pass_kernels(N: int, H: int, V: int, budget: int | None = None, mode: str | None = None) -> list[Cost]:
     """The one-pass path as built (``kernels/one_pass.py``, bf16, every row active), one entry per
     kernel summed over the chunks: its GEMMs read their operands and write their result once from HBM
-    (bf16 operands, float32 logits and dW accumulator), the row kernels stream the float32 logits."""
-    n, C = _one_pass_chunks(N, H, V, budget)
+    (bf16 operands, float32 logits; dW read and written per chunk: the float32 accumulator, or the
+    bf16 gradient in mode ``per_chunk``), the row kernels stream the float32 logits."""
+    pl, _ = one_pass_plan(N, H, V, budget, mode)
+    n = pl.n_chunks
     e, f = 2, 4
     wh = V * H
-    return [
+    acc = f if pl.dw_fp32 else e
+    if pl.dw_pair:       # compensated: the product slab written in float32, then (hi, lo) += P
+        dw_gemm = Cost("dW GEMM P = dz^T h_c per slab (float32 out)", 2 * N * H * V,
+                       N * V * e + (V / pl_slab(V)) * N * H * e + n * wh * f, 0, 0)
+    else:
+        dw_gemm = Cost(f"dW GEMM dW += dz^T h_c ({'float32 accumulator' if pl.dw_fp32 else 'bf16 gradient, beta=1'})",
+                       2 * N * H * V, N * V * e + N * H * e + n * wh * acc * 2, 0, 0)
+    ks = [
         Cost("gather hidden rows", 0, 2 * N * H * e, 0, 0),
         Cost("logits GEMM z = h_c W^T (float32 out)", 2 * N * H * V, n * wh * e + N * H * e + N * V * f, 0, 0),
         Cost("stats row kernel (reads z)", 0, N * V * f, 0, 0),
         Cost("dz row kernel (reads z, writes bf16 dz in place)", 0, N * V * (f + e), 0, 0),
         Cost("dh GEMM dz W", 2 * N * H * V, N * V * e + n * wh * e + N * H * e, 0, 0),
-        Cost("dW GEMM dW_acc += dz^T h_c (float32 accumulator)", 2 * N * H * V,
-             N * V * e + N * H * e + n * wh * f * 2, 0, 0),
-        Cost("dW accumulator zeroed, scaled and cast once", 0, wh * (f + f + e), 0, 0),
+        dw_gemm,
     ]
+    if pl.dw_pair:
+        ks.append(Cost("compensated update (hi, lo) += P (reads P, hi, lo; writes hi, lo)", 0,
+                       n * wh * (f + 4 * e), 0, 0))
+        ks.append(Cost("dW zeroed (hi, lo), (hi + lo) scaled and rounded once", 0, wh * (4 * e + e), 0, 0))
+    elif pl.dw_fp32:
+        ks.append(Cost("dW accumulator zeroed, scaled and cast once", 0, wh * (f + f + e), 0, 0))
+    else:
+        ks.append(Cost("dW zeroed, scaled in place", 0, wh * (e + e + e), 0, 0))
+    return ks
 
 
-def one_pass_table(N: int, shapes, budget: int | None = None) -> str:
+def one_pass_table(N: int, shapes, budget: int | None = None, mode: str | None = None) -> str:
     """Per-kernel estimate of the one-pass path: each kernel's time is the larger of its tensor-core
     and HBM times; the kernels run one after another, so the path's estimate is their sum."""
     rows = ["| shape | N | kernel (all chunks) | TFLOP | HBM GB | ms (estimate) |", "|---|---|---|---|---|---|"]
     for name in shapes:
         H, V = SHAPES[name]
         total = 0.0
-        for k in one_pass_kernels(N, H, V, budget):
+        for k in one_pass_kernels(N, H, V, budget, mode):
             t = max(k.times()["tensor cores"], k.times()["HBM"])
             total += t
             rows.append(f"| {name} | {N} | {k.path} | {k.flops / 1e12:.1f} | {k.hbm / 1e9:.1f} | {t * 1e3:.1f} |")
-        n, C = _one_pass_chunks(N, H, V, budget)
-        rows.append(f"| {name} | {N} | **sum** ({n} chunks of {C} rows) | | | **{total * 1e3:.1f}** |")
+        rows.append(f"| {name} | {N} | **sum** ({one_pass_label(N, H, V, budget, mode)}) | | | **{total * 1e3:.1f}** |")
     return "\n".join(rows)
 
 
@@ -189,11 +223,14 @@ def main(argv=None):
     ap.add_argument("--N", type=int, default=8192)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--budget", type=int, default=None, help="workspace bytes (default: the library's)")
+    ap.add_argument("--one-pass-budget", type=int, default=None,
+                    help="the one-pass budget in bytes (default: the library's, UPG_KERNELS_ONE_PASS_BYTES)")
+    ap.add_argument("--one-pass-dw", default=None, help="the one-pass dW mode: fp32, compensated or per_chunk")
     a = ap.parse_args(argv)
     shapes = [s for s in a.shapes.split(",") if s]
     print(table(a.N, shapes, a.budget))
     print("\none-pass path, per kernel (run one after another):\n")
-    print(one_pass_table(a.N, shapes))
+    print(one_pass_table(a.N, shapes, a.one_pass_budget, a.one_pass_dw))
     print(f"\nassumed rates (not measured): {RATES}")
 
 

@@ -143,3 +143,48 @@ def test_cli_writes_memory_json(tmp_path):
     liger_lp = by[("liger", "logprobs")]
     assert liger_lp["peak_extra_bytes"] is None and liger_lp["status"].startswith("n/a")
     assert (tmp_path / "memory.md").exists()
+
+
+# ----------------------------------------------------------------------------- gradients' lifetime
+def test_peak_counts_gradients_only_once_they_exist(device="meta"):
+    """A buffer freed before the gradient is allocated is extra memory in full (the old accounting
+    subtracted the gradient's bytes from the whole peak); a gradient that exists at the peak is
+    not counted."""
+    with AllocTracer() as t:
+        ws = torch.empty(1000, dtype=torch.uint8, device=device)
+        ws.fill_(0)
+        del ws
+        g = torch.empty(600, dtype=torch.uint8, device=device)
+        g.fill_(1)
+    assert t.peak == 1000 and t.peak_without([g]) == 1000
+    with AllocTracer() as t:
+        g = torch.empty(600, dtype=torch.uint8, device=device)
+        ws = torch.empty(1000, dtype=torch.uint8, device=device)
+        del ws
+        g.fill_(1)
+    assert t.peak == 1600 and t.peak_without([g]) == 1000
+
+
+# ----------------------------------------------------------------------------- the one-pass budget
+def test_one_pass_within_its_budget():
+    """``path='one_pass'`` at llama3-8b N=8192 (grpo, bf16): the traced peak (chunk workspace, the
+    float32 dW accumulator and per-token vectors) stays within the stated default budget (3 GiB) and
+    within 1% of the plan's own count; at Qwen3.5-27B's head the default budget is refused (the
+    accumulator alone is 4.74 GiB), reported with the reason."""
+    from upg_kernels.kernels import one_pass
+    recs = mm.run("llama3-8b,qwen3.5-27b", "8192", "grpo", impls="ours-one-pass")
+    by = {r["shape"]: r for r in recs}
+    r = by["llama3-8b"]
+    assert r["status"] == "ok" and r["budget_bytes"] == one_pass.ONE_PASS_BYTES == 3 * 2**30
+    assert r["acc_bytes"] == 4 * 128256 * 4096 and (r["n_chunks"], r["chunk_rows"]) == (4, 2048)
+    assert r["plan_bytes"] <= r["peak_extra_bytes"] <= r["budget_bytes"]
+    assert r["peak_extra_bytes"] <= 1.01 * r["plan_bytes"]
+    q = by["qwen3.5-27b"]
+    assert q["peak_extra_bytes"] is None and "UPG_KERNELS_ONE_PASS_BYTES" in q["status"]
+    # dW as a compensated bf16 pair in a 2 GiB budget: the bf16 remainder + a float32 slab
+    pr = mm.run("llama3-8b", "8192", "grpo", impls="ours-one-pass-compensated-2g")[0]
+    assert pr["status"] == "ok" and pr["dw_mode"] == "compensated" and pr["budget_bytes"] == 2 * 2**30
+    assert pr["acc_bytes"] == 2 * 128256 * 4096 + 4 * 4096 * 4096
+    assert pr["plan_bytes"] <= pr["peak_extra_bytes"] <= min(1.01 * pr["plan_bytes"], pr["budget_bytes"])
+    assert "UPG_KERNELS_ONE_PASS_BYTES" in q["plan_refusal"]
+    assert "UPG_KERNELS_ONE_PASS_DW=per_chunk" in q["plan_refusal"]

@@ -17,8 +17,10 @@ ALL = sorted(PRESETS)
 SEQUENCE_LEVEL = [n for n in ALL if not fused_supported(LossConfig.preset(n, max_completion_length=16))]
 
 
-def _budget_rows(n, dtype, torch_rows, softcap=False, Vv=V, Hh=H):
-    return n * one_pass.row_bytes(Vv, Hh, dtype, torch_rows=torch_rows, softcap=softcap)
+def _budget_rows(n, dtype, torch_rows, softcap=False, Vv=V, Hh=H, mode=None):
+    """A budget of ``n`` chunk rows plus the dW accumulator the plan puts beside them."""
+    return (n * one_pass.row_bytes(Vv, Hh, dtype, torch_rows=torch_rows, softcap=softcap)
+            + one_pass.acc_bytes(Vv, Hh, dtype, mode or one_pass.dw_mode()))
 
 
 @pytest.fixture
@@ -159,10 +161,13 @@ def test_sequence_level_whole_sequences(monkeypatch, chunks):
     assert torch.equal(o_env.loss, o2.loss) and all(torch.equal(a, r) for a, r in zip(g_env, g2))
 
 
+@pytest.mark.parametrize("mode", ["fp32", "compensated"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_bf16_dweight_rounded_once(backend, chunks):
-    """bf16: float32 logits, bf16 dz, a float32 dW accumulator (one rounding at the end), against
-    float64 on the same rounded inputs; dW's error stays at one bf16 rounding's size."""
+def test_bf16_dweight_rounded_once(backend, mode, chunks, monkeypatch):
+    """bf16: float32 logits, bf16 dz, dW kept in a float32 accumulator or as a compensated bf16 pair
+    (the Triton update kernel under the interpreter with the Triton rows), one rounding at the end,
+    against float64 on the same rounded inputs; dW's error stays at one bf16 rounding's size."""
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", mode)
     cfg, hid, w, b, tgt, kw = make_case("grpo", 9, dtype=torch.bfloat16)
     chunks(3, torch.bfloat16, torch_rows=backend == "torch")
     o, g = _run(cfg, hid, w, b, tgt, kw, backend=backend, grad_in_forward=True)
@@ -227,17 +232,243 @@ def test_row_kernels_against_float64(Vv, flags):
 
 
 # ------------------------------------------------------------------------------ the memory plan
-def test_plan_default_budget_and_refusal():
-    Hl, Vl = 4096, 128256
+LLAMA_HV = (4096, 128256)
+QWEN35_HV = (5120, 248320)      # Qwen3.5-27B's head
+
+
+def test_plan_default_budget_llama3_8b():
+    """The default budget (3 GiB) at llama3-8b N=8192, bf16: the float32 dW accumulator (4·V·H =
+    1.96 GiB) plus 4 balanced chunks of 2048 rows, all within the budget."""
+    Hl, Vl = LLAMA_HV
+    assert one_pass.ONE_PASS_BYTES == 3 * 2**30
     pl = one_pass.plan(8192, Hl, Vl, torch.bfloat16, gpu=True)
-    assert pl.chunk_bytes <= one_pass.ONE_PASS_BYTES == 2**30
-    assert pl.chunk_rows >= 1024 and pl.chunk_rows % 16 == 0
-    assert pl.n_chunks == 5 and pl.chunk_rows * (pl.n_chunks - 1) < 8192 <= pl.chunk_rows * pl.n_chunks
-    assert pl.dw_fp32 and pl.acc_bytes == 4 * Vl * Hl
+    per = 4 * Vl + 2 * Hl + 2 * Hl                    # float32 logits row, gathered h, dh staging
+    assert pl.dw_fp32 and pl.acc_bytes == 4 * Vl * Hl == 2_101_346_304
+    assert pl.max_rows == (3 * 2**30 - pl.acc_bytes) // per // 16 * 16 == 2112
+    assert (pl.chunk_rows, pl.n_chunks) == (2048, 4) and pl.chunk_bytes == 2048 * per
+    assert pl.total_bytes == pl.chunk_bytes + pl.acc_bytes <= pl.budget == 3 * 2**30
+    assert pl.dw_roundings == 1 and pl.dw_mode == "fp32"
+    # no weight gradient: no accumulator, the whole budget for chunks
+    nw = one_pass.plan(8192, Hl, Vl, torch.bfloat16, gpu=True, need_weight=False)
+    assert nw.acc_bytes == 0 and nw.n_chunks == 2
+    # float32 gradients (float32 weights, also under bf16 autocast: the weight is cast slab by slab)
+    # accumulate in the gradient itself: no accumulator
+    for gd, dt in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16)):
+        p32 = one_pass.plan(8192, Hl, Vl, dt, gpu=True, w_dtype=gd)
+        assert not p32.dw_fp32 and p32.acc_bytes == 0 and p32.dw_roundings == 1
+        assert p32.total_bytes <= p32.budget and (p32.cast_bytes > 0) == (dt != gd)
+
+
+def test_plan_refusals_name_the_settings():
+    """Qwen3.5-27B's head at the default budget: the accumulator alone (4.74 GiB) exceeds 3 GiB,
+    refused with the numbers and both settings; a budget that holds it plus 256-row chunks fits;
+    ``per_chunk`` needs no accumulator (and says how many roundings it makes)."""
+    Hq, Vq = QWEN35_HV
+    acc = 4 * Vq * Hq
+    per = one_pass.row_bytes(Vq, Hq, torch.bfloat16, torch_rows=False)
+    with pytest.raises(ValueError) as e:
+        one_pass.plan(8192, Hq, Vq, torch.bfloat16, gpu=True)
+    msg = str(e.value)
+    for part in (f"{acc + 256 * per} bytes", f"float32 dW accumulator of {acc} bytes", "256 rows",
+                 "UPG_KERNELS_ONE_PASS_BYTES", f"grants {3 * 2**30}", "UPG_KERNELS_ONE_PASS_DW=per_chunk",
+                 "path='two_pass'"):
+        assert part in msg, (part, msg)
     with pytest.raises(ValueError, match="UPG_KERNELS_ONE_PASS_BYTES"):
-        one_pass.plan(8192, Hl, Vl, torch.bfloat16, budget=64 * 2**20, gpu=True)
-    assert one_pass.plan(100, Hl, Vl, torch.bfloat16, budget=64 * 2**20, gpu=True).chunk_rows == 100
-    assert not one_pass.plan(8192, Hl, Vl, torch.float32, gpu=True).dw_fp32
+        one_pass.plan(8192, Hq, Vq, torch.bfloat16, acc + 256 * per - 1, gpu=True)
+    pl = one_pass.plan(8192, Hq, Vq, torch.bfloat16, acc + 256 * per, gpu=True)
+    assert pl.chunk_rows == 256 and pl.n_chunks == 32 and pl.total_bytes == acc + 256 * per
+    pc = one_pass.plan(8192, Hq, Vq, torch.bfloat16, 3 * 2**30, gpu=True, mode="per_chunk")
+    assert pc.acc_bytes == 0 and not pc.dw_fp32 and pc.dw_roundings == pc.n_chunks == 3
+    # chunks below 256 rows are refused on CUDA even without an accumulator (a slow crawl) ...
+    Hl, Vl = LLAMA_HV
+    with pytest.raises(ValueError, match="256 rows") as e:
+        one_pass.plan(8192, Hl, Vl, torch.bfloat16, 64 * 2**20, gpu=True, mode="per_chunk")
+    assert "UPG_KERNELS_ONE_PASS_DW" not in str(e.value)         # nothing to switch off
+    # ... but a call with fewer rows runs in one chunk of its size
+    assert one_pass.plan(100, Hl, Vl, torch.bfloat16, 64 * 2**20, gpu=True, mode="per_chunk").chunk_rows == 100
+    with pytest.raises(ValueError, match="fp32.*per_chunk"):
+        one_pass.plan(8192, Hl, Vl, torch.bfloat16, mode="fast")
+
+
+def test_plan_compensated():
+    """``compensated``: the bf16 remainder (2·V·H) and a float32 product slab of 4096 rows count in
+    the budget; at llama3-8b N=8192 a 2 GiB budget holds it with 5 chunks of 1648 rows."""
+    Hl, Vl = LLAMA_HV
+    pl = one_pass.plan(8192, Hl, Vl, torch.bfloat16, 2 * 2**30, gpu=True, mode="compensated")
+    assert pl.acc_bytes == 2 * Vl * Hl + 4 * 4096 * Hl and pl.dw_pair and not pl.dw_fp32
+    assert (pl.chunk_rows, pl.n_chunks) == (1648, 5) and pl.total_bytes <= 2 * 2**30
+    assert pl.dw_roundings == 1
+    assert one_pass.acc_bytes(19, 12, torch.bfloat16, "compensated") == 2 * 19 * 12 + 4 * 19 * 12
+    assert one_pass.acc_bytes(Vl, Hl, torch.float32, "compensated") == 0
+    with pytest.raises(ValueError, match="compensated dW remainder.*UPG_KERNELS_ONE_PASS_DW=per_chunk"):
+        one_pass.plan(8192, Hl, Vl, torch.bfloat16, 2**30, gpu=True, mode="compensated")
+
+
+@pytest.mark.parametrize("hi_dtype", [torch.bfloat16, torch.float16])
+def test_pair_kernel_matches_torch_form(hi_dtype):
+    """The compensated update kernel (interpreter) equals its torch form bit for bit, and hi + lo
+    tracks a float64 running sum to ~1e-4 relative (a bf16 pair: about 16 significant bits) over many
+    small addends, where plain accumulation in hi's dtype stalls."""
+    from upg_kernels.kernels.triton_onepass import pair_add_
+    g = torch.Generator().manual_seed(2)
+    n = 300                                         # not a multiple of the block
+    hi_t = torch.zeros(n, dtype=hi_dtype)
+    lo_t = torch.zeros(n, dtype=torch.bfloat16)
+    hi_k, lo_k = hi_t.clone(), lo_t.clone()
+    ref = torch.zeros(n, dtype=torch.float64)
+    plain = torch.zeros(n, dtype=hi_dtype)
+    for i in range(40):
+        p = torch.randn(n, generator=g) * (1.0 if i == 0 else 1e-3)
+        ref += p.double()
+        plain = (plain.float() + p).to(hi_dtype)
+        one_pass.pair_add_torch_(hi_t, lo_t, p.clone())
+        pair_add_(hi_k, lo_k, p.clone())
+        assert torch.equal(hi_t, hi_k) and torch.equal(lo_t, lo_k), i
+    err = float((hi_k.double() + lo_k.double() - ref).abs().max() / ref.abs().max())
+    plain_err = float((plain.double() - ref).abs().max() / ref.abs().max())
+    assert err <= 1e-4 and plain_err > 20 * err, (err, plain_err)
+    # the gradient is hi: within one rounding of the running sum
+    assert (hi_k.double() - ref).abs().max() <= 2.0 ** -8 * ref.abs().max()
+
+
+def test_dw_mode_setting(monkeypatch):
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", "per_chunk")
+    assert one_pass.dw_mode() == "per_chunk"
+    assert one_pass.plan(8192, *LLAMA_HV, torch.bfloat16, gpu=True).acc_bytes == 0
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", "bf16")
+    with pytest.raises(ValueError, match="UPG_KERNELS_ONE_PASS_DW"):
+        one_pass.dw_mode()
+
+
+def test_refusal_through_the_loss(chunks, monkeypatch):
+    """bf16 weights, a budget that holds 3 rows but not the accumulator: ``path='one_pass'`` is
+    a ValueError naming both settings; unpinned (model selection) the call runs the two-pass path;
+    with ``UPG_KERNELS_ONE_PASS_DW=per_chunk`` the same budget runs the one-pass path."""
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 4, dtype=torch.bfloat16)
+    budget = _budget_rows(3, torch.bfloat16, True, mode="per_chunk")
+    assert budget < one_pass.acc_bytes(V, H, torch.bfloat16, "fp32")
+    one_pass.set_one_pass_bytes(budget)
+    try:
+        with pytest.raises(ValueError, match="UPG_KERNELS_ONE_PASS_BYTES.*UPG_KERNELS_ONE_PASS_DW=per_chunk"):
+            _run(cfg, hid, w, b, tgt, kw, path="one_pass")
+        seen = []
+        monkeypatch.setattr(one_pass, "forward_with_grads", lambda *a, **k: seen.append(1))
+        monkeypatch.setenv("UPG_KERNELS_AUTOTUNE", "model")
+        monkeypatch.setattr("upg_kernels.kernels.select.MODEL_MIN_LOGITS", 1)
+        _run(cfg, hid, w, b, tgt, kw)                                # not eligible: two-pass
+        assert not seen
+        monkeypatch.undo()
+        monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", "per_chunk")
+        o, g = _run(cfg, hid, w, b, tgt, kw, path="one_pass")
+        assert g[1].dtype == torch.bfloat16 and torch.isfinite(g[1]).all()
+    finally:
+        one_pass.set_one_pass_bytes(None)
+
+
+def _dw_error(mode, rows_per_chunk, monkeypatch):
+    """Frobenius relative error of bf16 dW (one-pass, PyTorch row steps) against float64 on the same
+    bf16 inputs: GRPO, B*T = 1024 rows, V = 64, H = 32, the budget forcing ``rows_per_chunk``."""
+    g = torch.Generator().manual_seed(11)
+    Bq, Tq, Hq, Vq = 32, 32, 32, 64
+    hid = (torch.randn(Bq, Tq, Hq, generator=g, dtype=torch.float64)).to(torch.bfloat16)
+    w = (torch.randn(Vq, Hq, generator=g, dtype=torch.float64) * 0.3).to(torch.bfloat16)
+    tgt = torch.randint(0, Vq, (Bq, Tq), generator=g)
+    kw = dict(advantages=torch.randn(Bq, generator=g))
+    cfg = LossConfig.preset("grpo", stabilization="none")
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", mode)
+    one_pass.set_one_pass_bytes(_budget_rows(rows_per_chunk, torch.bfloat16, True, Vv=Vq, Hh=Hq))
+    try:
+        _, gr = _run(cfg, hid, w, None, tgt, kw, grad_in_forward=True)
+    finally:
+        one_pass.set_one_pass_bytes(None)
+    _, g64 = _run(cfg, hid.double(), w.double(), None, tgt, _to64(kw), grad_in_forward=False)
+    assert gr[1].dtype == torch.bfloat16
+    return float((gr[1].double() - g64[1]).norm() / g64[1].norm())
+
+
+def test_dw_error_does_not_grow_with_chunks(monkeypatch):
+    """The default (float32 accumulator) and ``compensated``: dW's error at 128 chunks of 8 rows is
+    that of one chunk of 1024 rows (one rounding, about 2^-9 relative, plus bf16 dz); the per-chunk
+    mode's grows with the chunk count (the check a naive per-chunk bf16 accumulation fails)."""
+    one = _dw_error("fp32", 1024, monkeypatch)
+    many = _dw_error("fp32", 8, monkeypatch)
+    assert one < 3e-3 and many <= one * 1.05 + 1e-5, (one, many)
+    pair = _dw_error("compensated", 8, monkeypatch)
+    assert pair <= one * 1.05 + 1e-5, (one, pair)
+    naive = _dw_error("per_chunk", 8, monkeypatch)
+    few = _dw_error("per_chunk", 256, monkeypatch)
+    assert naive > 3 * many and naive > 2 * few, (naive, few, many)
+
+
+def test_float32_weights_accumulate_in_the_gradient():
+    """float32 weights: one [V, H] float32 tensor is allocated in forward + backward, and it is
+    ``weight.grad`` (accumulated in place, scaled in place, handed to autograd without a copy).
+    bf16 weights: the float32 accumulator and the bf16 gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Spy(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.vh = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == (V, H) and not func.is_view:
+                ins = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
+                       if isinstance(a, torch.Tensor)}
+                if out.untyped_storage().data_ptr() not in ins:
+                    self.vh.append((func.overloadpacket.__name__, out.dtype, out.untyped_storage().data_ptr()))
+            return out
+
+    for dt in (torch.float32, torch.bfloat16):
+        cfg, hid, w, b, tgt, kw = make_case("grpo", 5, dtype=dt)
+        h = hid.clone().requires_grad_(True)
+        ww = w.clone().requires_grad_(True)
+        spy = Spy()
+        with spy:
+            out = unified_policy_loss(h, ww, tgt, config=cfg, backend="torch", grad_in_forward=True, **kw)
+            out.loss.backward()
+        if dt == torch.float32:
+            assert [x[1] for x in spy.vh] == [torch.float32], spy.vh
+            assert spy.vh[0][2] == ww.grad.untyped_storage().data_ptr()
+        else:
+            assert sorted(str(x[1]) for x in spy.vh) == ["torch.bfloat16", "torch.float32"], spy.vh
+            assert ww.grad.dtype == torch.bfloat16
+
+
+def test_compensated_gradient_is_hi(monkeypatch):
+    """``compensated``: the bf16 gradient is allocated in the forward and handed to autograd (scaled
+    in place); beside it only the bf16 remainder and the float32 product slab (here V < 4096 rows,
+    so the slab is [V, H])."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", "compensated")
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in ("zeros", "empty", "new_zeros", "zeros_like") and \
+                    isinstance(out, torch.Tensor) and tuple(out.shape) == (V, H):
+                seen.append((out.dtype, out.untyped_storage().data_ptr()))
+            return out
+
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 5, dtype=torch.bfloat16)
+    ww = w.clone().requires_grad_(True)
+    with Spy():
+        out = unified_policy_loss(hid, ww, tgt, config=cfg, backend="torch", grad_in_forward=True, **kw)
+        out.loss.backward()
+    assert sorted(str(d) for d, _ in seen) == ["torch.bfloat16", "torch.bfloat16", "torch.float32"], seen
+    assert ww.grad.untyped_storage().data_ptr() == seen[0][1]
+
+
+def test_second_backward_is_refused():
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 6)
+    h = hid.clone().requires_grad_(True)
+    out = unified_policy_loss(h, w, tgt, config=cfg, bias=b, backend="torch", grad_in_forward=True, **kw)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward.*two_pass"):
+        out.loss.backward()
 
 
 def test_budget_errors(monkeypatch):
@@ -330,12 +561,14 @@ def test_meta_trace_sees_pytorch_passes():
     assert st["big"] and any(op == "exp" for op, _ in st["big"])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype,mode", [(torch.bfloat16, "fp32"), (torch.float32, "fp32"),
+                                        (torch.bfloat16, "compensated"), (torch.float16, "compensated")])
 @pytest.mark.parametrize("bias,softcap,entropy", [(False, None, 0.0), (True, 30.0, 0.01)])
-def test_launches_are_registered(monkeypatch, dtype, bias, softcap, entropy):
+def test_launches_are_registered(monkeypatch, dtype, mode, bias, softcap, entropy):
     """Every row-kernel launch of the one-pass path (captured on meta) is a registered variant of
     the compile check (the full flag product is registered)."""
     from test_aot_check import _launched_constexprs, _variants
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", mode)
     N, Hh, Vv = 64, 256, 1000
     dev = "meta"
     h = torch.empty(N, Hh, dtype=dtype, device=dev, requires_grad=True)
@@ -354,3 +587,74 @@ def test_launches_are_registered(monkeypatch, dtype, bias, softcap, entropy):
     assert len(launched) >= 2
     for cx in launched:
         assert cx in registered, f"unregistered one-pass launch {cx}"
+
+
+def test_dw_rounding_emulation():
+    """bench.dw_rounding (the emulation behind the docs' table): the float32 accumulator and the
+    compensated pair equal one rounding at any chunk count; per-chunk rounding grows with it."""
+    from bench import dw_rounding
+    few = dw_rounding.emulate(2048, 1024, V=64, H=16)
+    many = dw_rounding.emulate(2048, 64, V=64, H=16)
+    for r in (few, many):
+        assert r["fp32"]["fro_rel"] <= r["once"]["fro_rel"] * 1.01 + 1e-6
+        assert r["compensated"]["fro_rel"] <= r["once"]["fro_rel"] * 1.01 + 1e-6
+    assert many["per_chunk"]["fro_rel"] > 2 * few["per_chunk"]["fro_rel"] > 2 * few["once"]["fro_rel"]
+    assert "| 2048 | 64 | 32 |" in dw_rounding.table([many])
+
+
+def test_autocast_float32_weights_accumulate_in_float32():
+    """float32 weights under autocast (bf16 compute; the weight cast slab by slab): the one-pass path
+    accumulates dW in the float32 gradient itself -- no float32 accumulator beside it, dW not
+    rounded to bf16 -- and matches float64 on the bf16-rounded inputs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    cfg, hid, w, b, tgt, kw = make_case("grpo", 7, with_bias=False)
+    h = hid.clone().requires_grad_(True)
+    ww = w.clone().requires_grad_(True)
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and tuple(out.shape) == (V, H) and \
+                    func.overloadpacket.__name__ in ("zeros", "empty", "empty_like", "zeros_like"):
+                seen.append(out.dtype)
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16), Spy():
+        out = unified_policy_loss(h, ww, tgt, config=cfg, backend="torch", grad_in_forward=True, **kw)
+        (1.7 * out.loss).backward()                                   # as _run's reference
+    # one float32 [V, H] (the gradient); a bf16 one is the weight's cast slab (V < its rows here)
+    assert ww.grad.dtype == torch.float32 and seen.count(torch.float32) == 1, seen
+    assert set(seen) <= {torch.float32, torch.bfloat16}, seen
+    assert not torch.equal(ww.grad, ww.grad.to(torch.bfloat16).float())     # not bf16-rounded
+    h64, w64 = hid.to(torch.bfloat16).double(), w.to(torch.bfloat16).double()
+    _, g64 = _run(cfg, h64, w64, None, tgt, _to64(kw), grad_in_forward=False)
+    assert _rel(ww.grad, g64[1]) < 2.0 ** -8 and _rel(h.grad, g64[0]) < 1e-2
+
+
+def test_autocast_master_weights_fall_back(monkeypatch):
+    """The same float32 weights under autocast with a sequence-level config whose sequence does not
+    fit a chunk, the one-pass path turned on by the environment: the call falls back to the two-pass
+    path inside the autograd function and gives what the two-pass path gives."""
+    cfg, hid, w, b, tgt, kw = make_case("gspo", 2, with_bias=False)
+    one_pass.set_one_pass_bytes(_budget_rows(T - 1, torch.bfloat16, True, mode="per_chunk"))
+    seen = []
+    orig = one_pass.forward_with_grads
+
+    def spy(*a, **k):
+        seen.append(a[1].dtype)                        # the weight as the one-pass path gets it
+        return orig(*a, **k)
+    monkeypatch.setattr(one_pass, "forward_with_grads", spy)
+    grads = []
+    try:
+        for env in ("1", "0"):
+            monkeypatch.setenv("UPG_KERNELS_GRAD_IN_FORWARD", env)
+            ww = w.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = unified_policy_loss(hid, ww, tgt, config=cfg, backend="torch", **kw)
+                out.loss.backward()
+            grads.append(ww.grad)
+    finally:
+        one_pass.set_one_pass_bytes(None)
+    assert seen == [torch.float32]                     # tried (master weights), then fell back
+    assert grads[0].dtype == torch.float32 and torch.equal(grads[0], grads[1])

@@ -136,9 +136,19 @@ GRAD_IN_FORWARD = Setting(
     "`grad_in_forward=None`; where a sequence-level config's sequence does not fit a chunk, the two-pass "
     "path runs. The older spelling of `UPG_KERNELS_PATH=one_pass`")
 ONE_PASS_BYTES = Setting(
-    "UPG_KERNELS_ONE_PASS_BYTES", "bytes", 1024 * MiB,
-    "chunk workspace of the one-pass path (float32 logits chunks; `one_pass.set_one_pass_bytes` "
-    "overrides it; unset: 1 GiB on CUDA, 128 MiB on other devices); bf16/fp16 weights also get a float32 [V, H] dW accumulator beside it")
+    "UPG_KERNELS_ONE_PASS_BYTES", "bytes", 3072 * MiB,
+    "memory budget of the one-pass path: its float32 logits chunks plus, for bf16/fp16 weights, the "
+    "float32 [V, H] dW accumulator (`one_pass.plan` counts both; a budget that cannot hold the "
+    "accumulator and 256-row chunks is refused); `one_pass.set_one_pass_bytes` overrides it; unset: "
+    "3 GiB on CUDA, 128 MiB on other devices")
+ONE_PASS_DW = Setting(
+    "UPG_KERNELS_ONE_PASS_DW", "choice", "fp32",
+    "how the one-pass path accumulates dW of bf16/fp16 weights: `fp32` (a float32 [V, H] accumulator "
+    "inside the budget, one rounding at the end), `compensated` (the gradient plus a bf16 [V, H] "
+    "remainder, half the memory, as exact as float32, more traffic per chunk) or `per_chunk` (into "
+    "the gradient itself, no extra memory, one rounding per chunk: the error grows with the number of "
+    "chunks); docs/kernels.md section 1c. float32 weights always accumulate in their gradient",
+    choices=("fp32", "compensated", "per_chunk"))
 PATH = Setting(
     "UPG_KERNELS_PATH", "choice", "auto",
     "pins the path of every call (`path=None`): `two_pass`, `two_pass_gemm_forward` (Triton backends) "
@@ -174,7 +184,7 @@ BENCH_GIT_COMMIT = Setting(
 
 SETTINGS = (BACKEND, WORKSPACE_BYTES, TORCH_CHUNK_BYTES, CAST_SLAB_BYTES, TRITON_FORWARD, TRITON_FWD_CONFIG,
             TRITON_BWD_CONFIG, TRITON_DZ_CONFIG, TRITON_DW_SLAB_BYTES, FUSED_EPILOGUE, GRAD_IN_FORWARD,
-            ONE_PASS_BYTES, PATH, DETERMINISTIC, AUTOTUNE, CACHE_DIR, PATH_TABLE,
+            ONE_PASS_BYTES, ONE_PASS_DW, PATH, DETERMINISTIC, AUTOTUNE, CACHE_DIR, PATH_TABLE,
             TRITON_INTERPRET, BENCH_GIT_COMMIT)
 
 

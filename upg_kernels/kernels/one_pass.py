@@ -30,17 +30,23 @@ zeroed hidden row in the GEMMs (a NaN hidden state there cannot reach dW).
 sequences (``T`` consecutive rows) into the chunks; a sequence with more non-ignored tokens than a
 chunk holds is refused (:class:`SequenceTooLong`), naming the budget.
 
-**Memory** (:func:`plan`). The chunk workspace -- float32 logits ``4·V`` bytes a row (8 for float64),
-the gathered hidden rows and the dh staging rows -- is bounded by ``UPG_KERNELS_ONE_PASS_BYTES``
-(default 1 GiB, :data:`ONE_PASS_BYTES`; :func:`set_one_pass_bytes`). Chunks are balanced
-(``ceil(M / ceil(M / C_max))`` rows, a multiple of 16). Besides the chunks, bf16 / fp16 weights get a
-float32 ``[V, H]`` dW accumulator (``4·V·H`` bytes), so dW is rounded once, not once per chunk;
-float32 / float64 weights accumulate in the output itself. A float32 weight with bf16 / fp16 hidden
-states (autocast) is never cast whole: the logits and dh GEMMs take it slab by slab, cast into one
-buffer of at most ``UPG_KERNELS_CAST_SLAB_BYTES`` (``workspace.WeightSlabs``, counted in the budget), dh
-then sums the slabs in a float32 ``[C, H]`` buffer, and dW accumulates in the float32 output. On CUDA a budget that gives chunks of
-fewer than :data:`MIN_CHUNK_ROWS` rows (where the dW GEMM's float32 read-modify-write of ``[V, H]``
-per chunk costs more than its math) is refused with a ``ValueError`` naming the variable.
+**Memory** (:func:`plan`, the one owner). One budget, ``UPG_KERNELS_ONE_PASS_BYTES`` (default 3 GiB
+on CUDA, :data:`ONE_PASS_BYTES`; 128 MiB elsewhere; :func:`set_one_pass_bytes`), holds everything the
+path allocates beyond its outputs: the dW state (bf16 / fp16 weights: the float32 accumulator,
+``4·V·H`` bytes, in the default ``fp32`` mode), the weight cast slab (autocast, below) and the chunk
+workspace (float32 logits ``4·V`` bytes a row, 8 for float64, the gathered hidden rows and the dh
+staging rows) in what is left. dW is rounded once (the backward scales and casts the accumulator).
+``UPG_KERNELS_ONE_PASS_DW=compensated`` keeps the gradient itself plus a bf16 remainder (``2·V·H``
+bytes and a float32 product slab; as exact as the float32 accumulator, more traffic per chunk);
+``per_chunk`` accumulates bf16 / fp16 dW in the gradient itself (no extra memory; one rounding per
+chunk, an error that grows with the chunk count). float32 / float64 weights always accumulate in
+their gradient (no extra buffer). A float32 weight with bf16 / fp16 hidden states (autocast) is never
+cast whole: the logits and dh GEMMs take it slab by slab, cast into one buffer of at most
+``UPG_KERNELS_CAST_SLAB_BYTES`` (``workspace.WeightSlabs``, counted in the budget), dh then sums the
+slabs in a float32 ``[C, H]`` buffer, and dW accumulates in the float32 gradient. Chunks are
+balanced (``ceil(M / ceil(M / C_max))`` rows, a multiple of 16). On CUDA a budget that leaves chunks
+of fewer than :data:`MIN_CHUNK_ROWS` rows is refused with a ``ValueError`` naming the variables (a
+slow crawl otherwise: each chunk re-reads and re-writes the whole dW).
 """
 from __future__ import annotations
 
@@ -55,14 +61,18 @@ from .meta import any_true, is_meta, nonzero_rows
 from .torch_chunked import logits_grad_, scale_logits_
 from .workspace import WeightSlabs, cast_rows, cast_slab_bytes, keeps_weight
 
-ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 1 GiB: ~2000 rows at llama3-8b (V = 128256)
+ONE_PASS_BYTES = settings.ONE_PASS_BYTES.default   # 3 GiB: llama3-8b: 1.96 GiB dW acc. + 2048-row chunks
 ONE_PASS_CPU_BYTES = 128 * 2**20   # off CUDA: ~500 rows at V = 32768, a fraction of eager's N x V logits
 MIN_CHUNK_ROWS = 256            # CUDA: smaller chunks make the per-chunk dW update memory-bound
+DW_MODES = settings.ONE_PASS_DW.choices            # "fp32", "compensated", "per_chunk"
+NARROW = (torch.bfloat16, torch.float16)
+PAIR_SLAB_ROWS = 4096           # compensated dW: vocabulary rows of dW per float32 product slab
 _override = None
 
 
 def set_one_pass_bytes(n: int | None) -> None:
-    """Set the one-pass chunk workspace in bytes (None: back to the environment / default)."""
+    """Set the one-pass budget in bytes, chunks + dW accumulator (None: back to the environment /
+    default)."""
     global _override
     if n is not None and (not isinstance(n, int) or n <= 0):
         raise ValueError(f"one-pass workspace bytes must be a positive int or None, got {n!r}")
@@ -70,9 +80,10 @@ def set_one_pass_bytes(n: int | None) -> None:
 
 
 def one_pass_bytes(device: torch.device | None = None) -> int:
-    """The chunk budget: :func:`set_one_pass_bytes`, else ``UPG_KERNELS_ONE_PASS_BYTES``, else 1 GiB
-    (:data:`ONE_PASS_BYTES`), or :data:`ONE_PASS_CPU_BYTES` (128 MiB) for a ``device`` that is not
-    CUDA / meta (a CPU's GEMMs are as fast on ~500-row chunks, and memory is the point)."""
+    """The budget (chunks + dW accumulator): :func:`set_one_pass_bytes`, else
+    ``UPG_KERNELS_ONE_PASS_BYTES``, else 3 GiB (:data:`ONE_PASS_BYTES`), or :data:`ONE_PASS_CPU_BYTES`
+    (128 MiB) for a ``device`` that is not CUDA / meta (a CPU's GEMMs are as fast on ~500-row
+    chunks, and memory is the point)."""
     if _override is not None:
         return _override
     if not settings.ONE_PASS_BYTES.is_set() and device is not None and device.type not in ("cuda", "meta"):
@@ -89,10 +100,28 @@ class OnePassPlan:
     chunk_rows: int        # rows per chunk (balanced)
     max_rows: int          # rows the budget allows in one chunk (whole-sequence packing)
     n_chunks: int
-    dw_fp32: bool          # dW accumulates in a float32 [V, H] buffer (bf16/fp16 weights)
+    dw_fp32: bool          # dW accumulates in a float32 [V, H] buffer (bf16/fp16 grads, mode fp32)
     chunk_bytes: int       # the chunk workspace (logits, gathered hidden, dh staging)
-    acc_bytes: int         # the float32 dW accumulator (0 without one)
+    acc_bytes: int         # the dW state beside the gradient (acc_bytes(); 0 without one)
+    budget: int            # the budget both come out of
+    dw_mode: str = "fp32"  # DW_MODES: how bf16/fp16 dW accumulates
+    dw_roundings: int = 1  # roundings of dW to its dtype (per_chunk: one per chunk)
     cast_bytes: int = 0    # the weight slab cast buffer (autocast: float32 weight, bf16/fp16 compute)
+
+    @property
+    def dw_pair(self) -> bool:
+        """dW is the gradient plus a bf16 remainder (mode ``compensated``)."""
+        return self.acc_bytes > 0 and self.dw_mode == "compensated"
+
+    @property
+    def total_bytes(self) -> int:
+        """What the path holds beyond its outputs: the chunk workspace, the dW state, the cast slab."""
+        return self.chunk_bytes + self.acc_bytes + self.cast_bytes
+
+
+def dw_mode() -> str:
+    """``UPG_KERNELS_ONE_PASS_DW`` (``fp32`` unless set)."""
+    return settings.ONE_PASS_DW.get()
 
 
 def row_bytes(V: int, H: int, dtype: torch.dtype, *, torch_rows: bool, softcap: bool = False,
@@ -108,35 +137,68 @@ def row_bytes(V: int, H: int, dtype: torch.dtype, *, torch_rows: bool, softcap: 
     return per
 
 
+def acc_bytes(V: int, H: int, grad_dtype: torch.dtype, mode: str, need_weight: bool = True) -> int:
+    """Bytes of the dW state beside the gradient, for a bf16/fp16 gradient: ``4·V·H`` (the float32
+    accumulator) in mode ``fp32``; ``2·V·H`` (the bf16 remainder ``lo``) plus a float32 product slab
+    of ``PAIR_SLAB_ROWS x H`` in mode ``compensated``; else 0 (float32/float64 gradients accumulate
+    in themselves, ``per_chunk`` in the gradient)."""
+    if not (need_weight and grad_dtype in NARROW):
+        return 0
+    if mode == "fp32":
+        return 4 * V * H
+    if mode == "compensated":
+        return 2 * V * H + 4 * min(V, PAIR_SLAB_ROWS) * H
+    return 0
+
+
 def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, *,
          need_hidden: bool = True, need_weight: bool = True, torch_rows: bool = False,
-         softcap: bool = False, gpu: bool = False, w_dtype: torch.dtype | None = None) -> OnePassPlan:
-    """Chunk size for ``M`` rows within ``budget`` bytes (default :func:`one_pass_bytes`). ``gpu``:
-    the CUDA rules (refuse chunks under :data:`MIN_CHUNK_ROWS` rows). ``w_dtype``: the weight's dtype
-    (default ``dtype``; a float32 weight with bf16/fp16 ``dtype`` is cast slab by slab)."""
+         softcap: bool = False, gpu: bool = False, w_dtype: torch.dtype | None = None,
+         mode: str | None = None) -> OnePassPlan:
+    """The memory plan of ``M`` rows within ``budget`` bytes (default :func:`one_pass_bytes`): the dW
+    state first (:func:`acc_bytes` of ``w_dtype``, the weight's and its gradient's dtype, default
+    ``dtype``, and ``mode``, default :func:`dw_mode`), the weight cast slab (a float32 weight with
+    bf16/fp16 ``dtype`` is cast slab by slab), then balanced chunks in the rest. ``gpu``: the CUDA
+    rules (refuse chunks under :data:`MIN_CHUNK_ROWS` rows)."""
     budget = one_pass_bytes() if budget is None else budget
+    mode = dw_mode() if mode is None else mode
+    if mode not in DW_MODES:
+        raise ValueError(f"the one-pass dW mode must be one of {DW_MODES}, got {mode!r}")
     w_dtype = dtype if w_dtype is None else w_dtype
+    grad_dtype = w_dtype
+    acc = acc_bytes(V, H, grad_dtype, mode, need_weight)
     cast = keeps_weight(w_dtype, dtype)
     cast_b = cast_slab_bytes(H, dtype, min(V, cast_rows(H, dtype))) if cast else 0
     per = row_bytes(V, H, dtype, torch_rows=torch_rows, softcap=softcap, need_hidden=need_hidden,
                     cast=cast)
-    cmax = max(budget - cast_b, 0) // per
+    cmax = max(budget - acc - cast_b, 0) // per
     if cmax >= 16:
         cmax = cmax // 16 * 16
     need = max(1, min(M, MIN_CHUNK_ROWS) if gpu else 1)
     if cmax < need:
+        what = (f"a float32 dW accumulator of {acc} bytes (4·V·H) plus " if mode == "fp32" and acc else
+                f"a compensated dW remainder of {acc} bytes (2·V·H + a float32 slab) plus " if acc else "")
+        alt = (f"; or set {settings.ONE_PASS_DW.name}=compensated (about half the dW memory) or "
+               f"{settings.ONE_PASS_DW.name}=per_chunk (none; dW rounded to "
+               f"{str(grad_dtype).replace('torch.', '')} once per chunk)"
+               if mode == "fp32" and acc else
+               f"; or set {settings.ONE_PASS_DW.name}=per_chunk (no dW state; dW rounded to "
+               f"{str(grad_dtype).replace('torch.', '')} once per chunk)" if acc else "")
         raise ValueError(
-            f"the one-pass path needs a workspace of at least {need * per} bytes ({need} rows of "
-            f"{per} bytes at V={V}, H={H}: smaller chunks are slow) but UPG_KERNELS_ONE_PASS_BYTES "
-            f"(or set_one_pass_bytes) grants {budget}: raise it (default {ONE_PASS_BYTES}) or use the "
-            "two-pass path (grad_in_forward=False)")
+            f"the one-pass path needs {acc + cast_b + need * per} bytes at V={V}, H={H}: {what}"
+            f"{f'a weight cast slab of {cast_b} bytes plus ' if cast_b else ''}chunks of at "
+            f"least {need} rows of {per} bytes ({'smaller chunks are slow' if need > 1 else 'one row'}), "
+            f"but {settings.ONE_PASS_BYTES.name} (or set_one_pass_bytes) grants {budget}: raise it "
+            f"(default {ONE_PASS_BYTES} on CUDA){alt}; or use the two-pass path (path='two_pass')")
     n = -(-max(M, 1) // cmax)
     c = -(-max(M, 1) // n)
     if n > 1 and c > 16:
         c = min(cmax, -(-c // 16) * 16)
-    dw32 = need_weight and w_dtype in (torch.bfloat16, torch.float16)
-    return OnePassPlan(int(c), int(cmax), int(-(-M // c)) if M else 0, bool(dw32), int(c * per),
-                       4 * V * H if dw32 else 0, int(cast_b))
+    chunks = int(-(-M // c)) if M else 0
+    dw32 = acc > 0 and mode == "fp32"
+    per_chunk = need_weight and grad_dtype in NARROW and acc == 0
+    return OnePassPlan(int(c), int(cmax), chunks, dw32, int(c * per), acc, int(budget), mode,
+                       max(chunks, 1) if per_chunk else 1, int(cast_b))
 
 
 # ------------------------------------------------------------------------------ the row steps
@@ -247,13 +309,15 @@ def chunks_of(M: int, C: int, seq_counts=None, budget_rows: int | None = None):
 
 def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn, *, budget=None,
                        rows_impl: str = "torch", hint=None, seq_len=None, need_hidden=True,
-                       need_weight=True, need_bias=True):
+                       need_weight=True, need_bias=True, mode=None):
     """``(logp, ent, lse, dh, dw, db)`` with the gradients of the loss whose coefficients
     ``coef_fn(logp [N], ent [N], done [N] bool) -> (g_lp [N], g_H [N])`` gives (read at the rows of
     ``done``, the current chunk: token-local configs, or whole sequences with ``seq_len``).
-    ``dw`` is float32 for bf16/fp16 weights (the accumulator; the caller casts it once), else in the
-    weight's dtype; ``dh`` and ``db`` are in the inputs' dtypes. ``rows_impl``: ``"triton"`` (the row
-    kernels) or ``"torch"`` (:class:`TorchRows`)."""
+    ``mode``: :data:`DW_MODES` (default :func:`dw_mode`). ``dw`` is the float32 accumulator when
+    the plan has one (the caller scales and casts it once), a :class:`PairGrad` in mode
+    ``compensated`` (the caller calls ``finish``), else the gradient itself in the weight's dtype;
+    ``dh`` and ``db`` are in the inputs' dtypes.
+    ``rows_impl``: ``"triton"`` (the row kernels) or ``"torch"`` (:class:`TorchRows`)."""
     N, H = hidden.shape
     V = weight.shape[0]
     dev = hidden.device
@@ -265,7 +329,7 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
     torch_rows = rows_impl != "triton"
     gpu = (dev.type in ("cuda", "meta")) and not _interp()
     pl = plan(M, H, V, hidden.dtype, budget, need_hidden=need_hidden, need_weight=need_weight,
-              torch_rows=torch_rows, softcap=bool(p.softcap), gpu=gpu, w_dtype=weight.dtype)
+              torch_rows=torch_rows, softcap=bool(p.softcap), gpu=gpu, w_dtype=weight.dtype, mode=mode)
     spans = chunks_of(M, pl.chunk_rows, seq_counts, pl.max_rows)
     C = max((b - a for a, b in spans), default=0)
 
@@ -276,6 +340,10 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
     dw = None
     if need_weight:
         dw = torch.zeros(V, H, dtype=torch.float32 if pl.dw_fp32 else weight.dtype, device=dev)
+    lo = pbuf = None
+    if need_weight and pl.dw_pair:                  # the gradient holds hi; lo and a product slab
+        lo = torch.zeros(V, H, dtype=torch.bfloat16, device=dev)
+        pbuf = torch.empty(min(V, PAIR_SLAB_ROWS), H, dtype=torch.float32, device=dev)
     db_acc = torch.zeros(1, V, dtype=cd, device=dev) if need_bias else None
     if M == 0:
         return _finish(logp, ent, lse, dh, dw, db_acc, bias)
@@ -327,11 +395,60 @@ def forward_with_grads(hidden, weight, bias, targets, p: LogprobParams, coef_fn,
         elif need_hidden:
             torch.mm(dzk, weight, out=dhbuf[:K])
             dh.index_copy_(0, idx[:K], dhbuf[:K])
-        if need_weight:
+        if need_weight and lo is not None:
+            pair_acc_(dw, lo, pbuf, dzk, hk, rows_impl == "triton")
+        elif need_weight:
             mm_acc(dw, dzk.t(), hk)
         if need_bias:
             mm_acc(db_acc, ones[:, :K], dzk)
+    if lo is not None:
+        dw = PairGrad(dw, lo, pbuf.shape[0])
     return _finish(logp, ent, lse, dh, dw, db_acc, bias)
+
+
+class PairGrad:
+    """dW of mode ``compensated`` between the forward and the backward: the gradient ``hi`` (bf16 /
+    fp16) and its bf16 remainder ``lo``. :meth:`finish` scales by ``grad_output`` and rounds once."""
+
+    def __init__(self, hi: torch.Tensor, lo: torch.Tensor, slab_rows: int):
+        self.hi, self.lo, self.slab_rows = hi, lo, slab_rows
+
+    def finish(self, grad: torch.Tensor) -> torch.Tensor:
+        """``hi = round((hi + lo) * grad)`` slab by slab (float32 temporaries of one slab), in place;
+        returns ``hi`` and lets go of ``lo``."""
+        hi, lo, S = self.hi, self.lo, self.slab_rows
+        g = grad.to(torch.float32)
+        for v0 in range(0, hi.shape[0], S):
+            t = lo[v0:v0 + S].float()
+            t.add_(hi[v0:v0 + S]).mul_(g)
+            hi[v0:v0 + S].copy_(t)
+        self.lo = None
+        return hi
+
+
+def pair_add_torch_(hi: torch.Tensor, lo: torch.Tensor, p: torch.Tensor) -> None:
+    """``(hi, lo) += p`` in torch ops (the CPU form of ``triton_onepass._op_pair_kernel``): ``s = hi +
+    (lo + p)`` in float32, ``hi = round(s)``, ``lo = bf16(s - hi)``; ``p`` is scratch."""
+    p.add_(lo)
+    p.add_(hi)
+    hi.copy_(p)
+    p.sub_(hi)
+    lo.copy_(p)
+
+
+def pair_acc_(hi, lo, pbuf, dz, h, triton_rows: bool) -> None:
+    """``(hi, lo) += dz^T h`` slab by slab: each slab's product in float32 (``pbuf``), then the
+    compensated update (the Triton kernel with the Triton row steps, else torch ops)."""
+    S = pbuf.shape[0]
+    if triton_rows:
+        from .triton_onepass import pair_add_
+    else:
+        pair_add_ = pair_add_torch_
+    for v0 in range(0, hi.shape[0], S):
+        v1 = min(hi.shape[0], v0 + S)
+        p = pbuf[:v1 - v0]
+        mm_f32(dz[:, v0:v1].t(), h, out=p)
+        pair_add_(hi[v0:v1], lo[v0:v1], p)
 
 
 def _any(x: torch.Tensor) -> bool:

@@ -17,7 +17,10 @@ element-for-element over what it loaded). Rows whose coefficients are both 0 are
 zeros without reading their logits. Elementwise traffic: 4 (cuBLAS write) + 4 + 4 (two reads)
 + 2 (dz) bytes per logit.
 
-:class:`RowConfig` holds the launch shape; :func:`aot_variants` registers both kernels for the compile
+With ``UPG_KERNELS_ONE_PASS_DW=compensated`` a third kernel, ``_op_pair_kernel``, adds each float32
+product slab of dW into the pair (bf16 / fp16 gradient ``hi``, bf16 remainder ``lo``).
+
+:class:`RowConfig` holds the launch shape; :func:`aot_variants` registers the kernels for the compile
 check. The PyTorch form of the same two steps (the CPU path and the tests' reference) is
 ``one_pass.TorchRows``.
 """
@@ -152,6 +155,52 @@ class TritonRows:
         return dz[:K]
 
 
+# the compensated dW update (``UPG_KERNELS_ONE_PASS_DW=compensated``): elementwise over a slab
+_PAIR_BLOCK_GPU, _PAIR_BLOCK_INTERP, _PAIR_WARPS = 1024, 64, 4
+
+
+@triton.jit
+def _round_bf16(x):
+    """float32 ``x`` rounded to the nearest bf16 (ties to even), as float32: integer arithmetic on
+    the bits, so the GPU and the interpreter (whose float32 -> bf16 cast truncates) agree."""
+    u = x.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _op_pair_kernel(hi_ptr, lo_ptr, p_ptr, n, BLOCK: tl.constexpr):
+    """``(hi, lo) += p`` over ``n`` elements: ``s = hi + (lo + p)`` in float32, ``hi = round(s)`` (in
+    hi's dtype, to nearest even), ``lo = bf16(s - hi)``. ``hi + lo`` carries ~16 significant bits
+    beyond hi's, so the sum over the chunks is as exact as a float32 accumulator's."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    hi = tl.load(hi_ptr + offs, mask=m, other=0.0)
+    lo = tl.load(lo_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    p = tl.load(p_ptr + offs, mask=m, other=0.0)
+    s = hi.to(tl.float32) + (lo + p)
+    if hi_ptr.dtype.element_ty == tl.bfloat16:
+        h2 = _round_bf16(s)
+    else:
+        h2 = s.to(hi_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(hi_ptr + offs, h2.to(hi_ptr.dtype.element_ty), mask=m)
+    tl.store(lo_ptr + offs, _round_bf16(s - h2).to(tl.bfloat16), mask=m)
+
+
+def pair_block(gpu: bool = False) -> int:
+    return _PAIR_BLOCK_INTERP if (interpreting() and not gpu) else _PAIR_BLOCK_GPU
+
+
+def pair_add_(hi: torch.Tensor, lo: torch.Tensor, p: torch.Tensor) -> None:
+    """``(hi, lo) += p`` (contiguous, the same shape; hi bf16/fp16, lo bf16, p float32), by
+    :func:`_op_pair_kernel`. The PyTorch form is ``one_pass.pair_add_torch_``."""
+    n = hi.numel()
+    blk = pair_block()
+    with _device(hi):
+        launch(_op_pair_kernel, (triton.cdiv(n, blk),), hi, lo, p, n, BLOCK=blk, num_warps=_PAIR_WARPS)
+
+
 def _device(t):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
 
@@ -166,11 +215,12 @@ def dz_constexprs(cfg: RowConfig, *, has_bias, has_softcap, has_gent) -> dict:
 
 
 def aot_variants():
-    """Both kernels as the GPU launches them (``row_config(gpu=True)``): the stats kernel for the full
+    """The row kernels as the GPU launches them (``row_config(gpu=True)``): the stats kernel for the full
     product bias (none, bf16, fp16, fp32) x softcap (8); the dz kernel for dz in bf16 / fp16 / fp32
     (the operand dtype, also the bias's) x bias x softcap x entropy gradient (24). ``G``, ``K``, ``V``
     get no divisibility specialization (any vocabulary); pointers and the row strides (``V``, and
-    ``2V`` for a 2-byte dz) are declared multiples of 16, as at real vocabularies (V = 128256)."""
+    ``2V`` for a 2-byte dz) are declared multiples of 16, as at real vocabularies (V = 128256). The
+    compensated dW update for bf16 / fp16 gradients (2; ``n`` = slab rows x H, a multiple of 16)."""
     from .aot import DTYPE_NAMES, GPU_DTYPES, KernelVariant, ptr
     cfg = row_config(gpu=True)
     out = []
@@ -200,4 +250,10 @@ def aot_variants():
                         cfg.num_warps, cfg.num_stages,
                         divisible=("z_ptr", "dz_ptr", "b_ptr", "tgt_ptr", "st_ptr", "gl_ptr",
                                    "ge_ptr", "stride_z", "stride_dz")))
+    for dt in (torch.bfloat16, torch.float16):
+        out.append(KernelVariant(
+            _op_pair_kernel, f"pair {DTYPE_NAMES[dt]}",
+            dict(hi_ptr=ptr(dt), lo_ptr="*bf16", p_ptr="*fp32", n="i32"),
+            dict(BLOCK=pair_block(gpu=True)), _PAIR_WARPS, 1,
+            divisible=("hi_ptr", "lo_ptr", "p_ptr", "n")))
     return out

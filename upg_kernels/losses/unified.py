@@ -220,9 +220,7 @@ class _PolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, *_side_grads):
         if ctx.grads is not None:   # computed in the forward: scale by grad_output (and cast once)
-            return tuple(None if x is None else torch.mul(x, grad.to(x.dtype),
-                                                          out=torch.empty(x.shape, dtype=dt, device=x.device))
-                         for x, dt in zip(ctx.grads, ctx.grad_dtypes)) + (None, None)
+            return _PolicyLoss._scaled_grads(ctx, grad)
         h2, w, b, t, lse, ent, g_lp, g_H = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and b is not None
@@ -238,6 +236,32 @@ class _PolicyLoss(torch.autograd.Function):
             h2, w, b, t, lse, ent, g_logp, g_ent, None, kp.temperature, kp.ignore_index, kp.softcap,
             kp.filter_eps, ctx.plan.backend, need_h, need_w, need_b, ctx.plan.capturable)
         return (dh if need_h else None, dw if need_w else None, db if need_b else None, None, None)
+
+    @staticmethod
+    def _scaled_grads(ctx, grad):
+        """The one-pass gradients times ``grad_output``: in place where a gradient is already in its
+        dtype (float32 weights: the float32 dW is the gradient, no second [V, H] buffer), else cast
+        into a new tensor (the float32 accumulator of bf16/fp16 weights: one rounding). ctx lets go
+        of them first, so autograd takes them over without a copy; a second backward
+        (``retain_graph=True``) is refused."""
+        if ctx.grads == "spent":
+            raise RuntimeError("the one-pass path (path='one_pass' / grad_in_forward) hands its "
+                               "gradients to the first backward; a second backward (retain_graph) "
+                               "is not supported: use path='two_pass'")
+        grads, ctx.grads = ctx.grads, "spent"
+        out = []
+        for x, dt in zip(grads, ctx.grad_dtypes):
+            if x is None:
+                out.append(None)
+            elif isinstance(x, one_pass.PairGrad):          # compensated dW: (hi + lo) * grad
+                out.append(x.finish(grad))
+            elif x.dtype == dt:
+                out.append(x.mul_(grad.to(x.dtype)))
+            else:
+                out.append(torch.mul(x, grad.to(x.dtype),
+                                     out=torch.empty(x.shape, dtype=dt, device=x.device)))
+        del grads, x
+        return tuple(out) + (None, None)
 
 
 class _PolicyLossFromLogprobs(torch.autograd.Function):
@@ -286,10 +310,11 @@ def unified_policy_loss(hidden, weight, targets, *, config, batch: Optional[Loss
             ``UPG_KERNELS_FUSED_EPILOGUE=0``; ``False`` forces the PyTorch epilogue.
         grad_in_forward: run the one-pass path (docs/kernels.md section 1c): the gradients in the
             forward pass (one logits pass, 6NHV instead of 8NHV flops; the backward scales them by
-            ``grad_output``), in float32 chunks of rows x the vocabulary within
-            ``UPG_KERNELS_ONE_PASS_BYTES`` (default 1 GiB; 128 MiB off CUDA), plus a float32 dW accumulator for
-            bf16/fp16 weights. Sequence-level configs chunk whole sequences (a longer sequence is a
-            ValueError). ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off; then
+            ``grad_output``), in float32 chunks of rows x the vocabulary; one budget,
+            ``UPG_KERNELS_ONE_PASS_BYTES`` (default 3 GiB; 128 MiB off CUDA), holds the chunks and
+            the float32 dW accumulator of bf16/fp16 weights (too small: a ValueError naming it;
+            ``UPG_KERNELS_ONE_PASS_DW`` picks a smaller dW state). Sequence-level configs chunk
+            whole sequences (a longer sequence is a ValueError). ``None``: ``UPG_KERNELS_GRAD_IN_FORWARD=1`` turns it on (default off; then
             a sequence that does not fit runs the two-pass path). The older spelling of
             ``path="one_pass"`` (``True``) / ``path="two_pass"`` (``False``).
         path: ``None`` (chosen: pinned by ``UPG_KERNELS_PATH`` / ``UPG_KERNELS_DETERMINISTIC``,
@@ -412,6 +437,7 @@ def _choose_path(path, grad_in_forward, cfg, backend, h2, w, b, t, kp, T, cp, ca
         try:
             pl = one_pass.plan(M, h2.shape[1], w.shape[0], h2.dtype, one_pass_bytes(h2.device),
                                torch_rows=torch_rows, softcap=bool(kp.softcap), gpu=gpu,
+                               need_hidden="h" in grads, need_weight="w" in grads,
                                w_dtype=w.dtype)
         except ValueError:
             return False

@@ -193,6 +193,21 @@ def test_key_buckets():
     assert select.m_bucket(0) == 0 and select.m_bucket(1) == 1 and select.m_bucket(1025) == 2048
 
 
+def test_one_pass_plan_settings_make_another_key(monkeypatch):
+    """Another one-pass budget or dW mode gives other chunks, hence another time: another key."""
+    from upg_kernels.kernels import one_pass
+    cpu = torch.device("cpu")
+    base = one_pass.plan_key(cpu)
+    try:
+        one_pass.set_one_pass_bytes(1 << 20)
+        assert one_pass.plan_key(cpu) != base
+    finally:
+        one_pass.set_one_pass_bytes(None)
+    assert one_pass.plan_key(cpu) == base
+    monkeypatch.setenv("UPG_KERNELS_ONE_PASS_DW", "compensated")
+    assert one_pass.plan_key(cpu) != base
+
+
 def test_call_measures_each_eligible_path_once_per_key():
     """A loss call on the torch backend: two_pass and one_pass timed (no gemm forward on torch);
     the second call with the same key measures nothing; no gradients: nothing to choose."""

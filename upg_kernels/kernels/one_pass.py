@@ -124,6 +124,12 @@ def dw_mode() -> str:
     return settings.ONE_PASS_DW.get()
 
 
+def plan_key(device: torch.device | None = None) -> str:
+    """The part of a path-selection key that the one-pass plan's settings make: its budget and dW mode
+    (another budget or mode gives other chunks, hence another time)."""
+    return f"|op{one_pass_bytes(device)}-{dw_mode()}"
+
+
 def row_bytes(V: int, H: int, dtype: torch.dtype, *, torch_rows: bool, softcap: bool = False,
               need_hidden: bool = True, cast: bool = False) -> int:
     """Workspace bytes per chunk row: the float32 (float64) logits row, the gathered hidden row and

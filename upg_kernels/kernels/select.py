@@ -39,6 +39,7 @@ from pathlib import Path as _FsPath
 import torch
 
 from .. import settings
+from . import one_pass
 from .paths import ONE_PASS, PATH_NAMES, TWO_PASS
 
 CACHE_FORMAT = 2     # 2: entries carry the dz tile ("dz_tile"); format 1 files are ignored
@@ -476,6 +477,8 @@ def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool,
                                                              grads=bool(grads), one_pass_ok=ok)
                     for t in (tiles if (tiles and o != ONE_PASS) else (None,)))
     k = key(hidden.device, hidden.dtype, H, V, M, grads, entropy, backend, loss, weight.dtype)
+    if any(split(o)[0] == ONE_PASS for o in options):   # its plan (budget, dW mode) changes its time
+        k += one_pass.plan_key(hidden.device)
 
     def build():
         h = hint() if callable(hint) else hint

@@ -172,7 +172,10 @@ def collect_meta(device: torch.device, args, argv) -> dict:
         "memory": ("torch.cuda.max_memory_allocated during one call minus memory_allocated just before "
                    "it (inputs excluded; returned gradients, saved activations and workspaces counted); "
                    "fwd rows: the forward as in training (inputs require grad); bwd rows: the forward "
-                   "and backward call" if device.type == "cuda" else "not measured on CPU (n/a)"),
+                   "and backward call" if device.type == "cuda" else
+                   "peak live bytes of the tensors torch ops create during one call, traced by "
+                   "bench.memtrace.AllocTracer (inputs excluded; returned gradients and saved tensors "
+                   "counted; scratch inside one aten kernel not seen; n/a for torch.compile)"),
         "error_model": ("relative L2 error ||x - ref|| / ||ref|| of dhidden, dweight and (logprobs) the "
                         "log-probs, |loss - ref| / max(|ref|, 1) of a scalar loss, against a float64 reference over "
                         "the FULL batch (computed chunked over tokens), on input set 0; 'rel err' = the "

@@ -6,7 +6,10 @@ over several input sets; on CPU, ``time.perf_counter``, and the impls of a row a
 that a change of load on a shared machine hits every impl alike; each round's ratio to the first impl
 (eager) is reported beside the medians. Memory (CUDA only): peak allocated during one
 call above what was allocated before it (the input sets and anything else already resident), read with
-``torch.cuda.reset_peak_memory_stats`` / ``max_memory_allocated``; on CPU it is not measured (null).
+``torch.cuda.reset_peak_memory_stats`` / ``max_memory_allocated``. On CPU (no allocator statistics) the
+same call runs once under :class:`bench.memtrace.AllocTracer`: the peak of the live bytes of the
+tensors torch ops create during the call (exact for op outputs; scratch memory inside one aten kernel
+is not seen), null for torch.compile (inductor's buffers are not op outputs).
 """
 from __future__ import annotations
 
@@ -197,9 +200,10 @@ def time_interleaved(impls: list[Impl], op: str, sets: list[Inputs], mode: str, 
 def peak_memory(impl: Impl, op: str, x: Inputs, mode: str, device: torch.device) -> int | None:
     """Peak bytes allocated during one ``mode`` call above what was allocated just before it
     (inputs, and for ``bwd`` the forward's saved tensors, excluded from the base: the forward runs
-    inside the measured region). The gradients it returns are counted. None on CPU."""
+    inside the measured region). The gradients it returns are counted. Off CUDA: traced (module
+    docstring); None where the trace fails."""
     if device.type != "cuda":
-        return None
+        return _traced_peak(impl, op, x, mode)
     free(device)
     sync(device)
     base = torch.cuda.memory_allocated(device)
@@ -210,6 +214,20 @@ def peak_memory(impl: Impl, op: str, x: Inputs, mode: str, device: torch.device)
     del r
     free(device)
     return int(peak)
+
+
+def _traced_peak(impl: Impl, op: str, x: Inputs, mode: str) -> int | None:
+    from .memtrace import AllocTracer
+    if impl.name == "compile":      # inductor's buffers are not op outputs the tracer sees
+        return None
+    gc.collect()
+    try:
+        with AllocTracer() as t:
+            r = call(impl, op, x, "fwd" if mode == "fwd" else "fwd+bwd")
+            del r
+    except Exception:      # a graph the tracer cannot follow (torch.compile): not measured
+        return None
+    return int(t.peak)
 
 
 def is_oom(e: BaseException) -> bool:

@@ -166,7 +166,9 @@ def test_cpu_rows_are_timed_interleaved(tmp_path, monkeypatch):
         return real_call(impl, op, x, mode)
     monkeypatch.setattr(measure, "call", spy)
     data = _run(tmp_path, "--ops", "grpo", "--modes", "fwd", "--impls", "eager,ours", "--no-ref")
-    assert seen[-4:] == ["eager", "ours", "ours", "eager"]     # 2 rounds, the order alternating
+    # 2 rounds, the order alternating; then one traced memory call per impl
+    assert seen[-6:] == ["eager", "ours", "ours", "eager", "eager", "ours"]
     rows = {r["impl"]: r for r in data["rows"]}
     assert rows["ours"]["timing"] == "interleaved" and len(rows["ours"]["pair_ratios"]) == 2
     assert rows["eager"]["pair_ratios"] == [1.0, 1.0]
+    assert all(r["mem_peak_bytes"] > 0 for r in rows.values())          # traced on CPU

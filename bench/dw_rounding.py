@@ -31,11 +31,11 @@ Frobenius ``||dW - ref|| / ||ref||``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from pathlib import Path
 
 import torch
+
+from .report import write_table
 
 ORDERS = ("fp32", "per_chunk", "compensated", "two_level", "once")
 SEQ = 512
@@ -132,13 +132,10 @@ def main(argv=None) -> int:
     print("max |err| / max |ref| (Frobenius relative error in parentheses)\n")
     print(md)
     if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "dw_rounding.json").write_text(json.dumps(res, indent=1))
-        (out / "dw_rounding.md").write_text(
-            "# bf16 dW error by accumulation order (CPU emulation, `python -m bench.dw_rounding`)\n\n"
-            "max |err| / max |ref| (Frobenius relative error in parentheses); reference: float64 sum "
-            "of the same bf16 operands.\n\n" + md + "\n")
+        write_table(a.out, "dw_rounding", res,
+                    "bf16 dW error by accumulation order (CPU emulation, `python -m bench.dw_rounding`)",
+                    "max |err| / max |ref| (Frobenius relative error in parentheses); reference: float64 sum "
+                    "of the same bf16 operands.", md)
     return 0
 
 

@@ -24,11 +24,9 @@ not control) are reported with ``peak_extra_bytes: null`` and the reason; none i
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -39,6 +37,7 @@ from upg_kernels.kernels.backends import BACKENDS, FORWARD_PATHS
 from .impls import CCE, Eager, Impl, Liger, Ours, environ, objective
 from .memtrace import AllocTracer
 from .problems import DTYPES, Inputs, make_problem
+from .report import write_table
 from .shapes import resolve_shapes
 
 MEMORY_OPS = ("logprobs", "grpo", "sft")
@@ -264,12 +263,9 @@ def main(args, argv) -> int:
                   args.seq_len, args.group_size)
     md = table(records)
     print(md)
-    out = Path(args.out or "bench/results/memory-model")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "memory.json").write_text(json.dumps(records, indent=1))
-    (out / "memory.md").write_text(
-        "# Memory model (meta device, allocation tracer)\n\n"
-        "peak extra = peak live bytes of forward + backward minus the inputs and, from their "
-        "allocation on, the gradients hidden.grad, weight.grad (bench/memory_model.py).\n\n" + md + "\n")
+    out = write_table(args.out or "bench/results/memory-model", "memory", records,
+                      "Memory model (meta device, allocation tracer)",
+                      "peak extra = peak live bytes of forward + backward minus the inputs and, from their "
+                      "allocation on, the gradients hidden.grad, weight.grad (bench/memory_model.py).", md)
     print(f"wrote {out / 'memory.json'} and {out / 'memory.md'}")
     return 0

@@ -195,6 +195,16 @@ def write_all(meta: dict, rows: list[dict], out_dir: str | os.PathLike) -> dict:
     return files
 
 
+def write_table(out_dir: str | os.PathLike, stem: str, records, title: str, note: str, md: str) -> Path:
+    """``out_dir/stem.json`` (the records) and ``out_dir/stem.md`` (``# title``, ``note``, the markdown
+    table ``md``) of a side study (memory model, dW rounding); returns ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(records, indent=1))
+    (out / f"{stem}.md").write_text(f"# {title}\n\n{note}\n\n{md}\n")
+    return out
+
+
 def render(json_path: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> dict:
     """Re-make the markdown and the PNG from a results JSON (e.g. after a run was cut short)."""
     data = json.loads(Path(json_path).read_text())

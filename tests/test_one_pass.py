@@ -658,3 +658,18 @@ def test_autocast_master_weights_fall_back(monkeypatch):
         one_pass.set_one_pass_bytes(None)
     assert seen == [torch.float32]                     # tried (master weights), then fell back
     assert grads[0].dtype == torch.float32 and torch.equal(grads[0], grads[1])
+
+
+def test_plan_budget_exactly_the_rows_of_a_small_call():
+    """A call of M < 256 rows on CUDA (M not a multiple of 16) whose budget holds exactly its M rows
+    runs in one chunk of M rows: the 16-row rounding of the budget's chunk must not refuse a plan that
+    fits (the error would quote a need that is within the budget)."""
+    Hl, Vl = LLAMA_HV
+    per = one_pass.row_bytes(Vl, Hl, torch.bfloat16, torch_rows=False)
+    for M in (17, 100, 255):
+        for extra in (0, per - 1, 15 * per):
+            budget = M * per + extra
+            pl = one_pass.plan(M, Hl, Vl, torch.bfloat16, budget, gpu=True, mode="per_chunk")
+            assert (pl.chunk_rows, pl.n_chunks) == (M, 1) and pl.total_bytes <= budget
+        with pytest.raises(ValueError, match=f"{M * per} bytes"):
+            one_pass.plan(M, Hl, Vl, torch.bfloat16, M * per - 1, gpu=True, mode="per_chunk")

@@ -178,9 +178,9 @@ def plan(M: int, H: int, V: int, dtype: torch.dtype, budget: int | None = None, 
     per = row_bytes(V, H, dtype, torch_rows=torch_rows, softcap=softcap, need_hidden=need_hidden,
                     cast=cast)
     cmax = max(budget - acc - cast_b, 0) // per
-    if cmax >= 16:
-        cmax = cmax // 16 * 16
     need = max(1, min(M, MIN_CHUNK_ROWS) if gpu else 1)
+    if cmax >= 16 and cmax // 16 * 16 >= need:   # a call of `need` rows that fits runs in one chunk
+        cmax = cmax // 16 * 16
     if cmax < need:
         what = (f"a float32 dW accumulator of {acc} bytes (4·V·H) plus " if mode == "fp32" and acc else
                 f"a compensated dW remainder of {acc} bytes (2·V·H + a float32 slab) plus " if acc else "")

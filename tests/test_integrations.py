@@ -752,6 +752,39 @@ def test_trl_global_normalization_independent_of_accumulation(tmp_path, loss_typ
         assert diff > 1e-2, diff
 
 
+def test_trl_global_normalization_patched_mid_generation_batch(tmp_path):
+    """patch_grpo_trainer(normalization="global") on a trainer that already buffered a generation batch
+    (patched between two steps of the same batch: a resumed run, a notebook): the next micro-batch comes
+    from that buffer without a new generation; its totals are counted then, and the step's gradient equals
+    that of a trainer patched from the start (it raised "does not come from the trainer's buffered
+    generation batch")."""
+    from upg_kernels.integrations import trl as upg_trl
+
+    trainer = _tiny_trainer(tmp_path, loss_type="bnpo")
+    trainer.model.train()
+    batch = _generation_batch(trainer)
+    upg_trl.patch_grpo_trainer(trainer, loss=True, normalization="global")
+    g_ref = _accumulated_grads(trainer, batch, 2)            # patched from the start: micro-batches 0, 1
+    ref_second = {}
+    trainer.model.zero_grad(set_to_none=True)
+    trainer._step = 1
+    trainer.compute_loss(trainer.model, trainer._prepare_inputs(None)).backward()   # micro-batch 1 only
+    ref_second = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    upg_trl.unpatch_grpo_trainer(trainer)
+
+    trainer.model.zero_grad(set_to_none=True)
+    trainer._step, trainer._buffered_inputs = 0, None
+    torch.manual_seed(0)
+    trainer._prepare_inputs(None)                             # unpatched: buffers the generation batch
+    trainer._step = 1
+    upg_trl.patch_grpo_trainer(trainer, loss=True, normalization="global")
+    trainer.compute_loss(trainer.model, trainer._prepare_inputs(None)).backward()
+    g = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    assert g.keys() == ref_second.keys() and g_ref
+    for k in ref_second:
+        _close("trl global, patched mid-batch", g[k], ref_second[k], 1e-7, 1e-5)
+
+
 _DDP_TYPES = ("bnpo", "dr_grpo", "dapo")
 
 

@@ -403,15 +403,18 @@ def _check_global_normalization(trainer):
 
 
 def _wrap_prepare_inputs(trainer, state):
-    """Count the optimizer-step totals whenever TRL buffers a new generation batch (``_prepare_inputs``)."""
+    """Count the optimizer-step totals whenever ``_prepare_inputs`` returns from a generation batch
+    that is not counted yet: a new one TRL buffered, or the one buffered before the patch (patched between
+    two steps of a generation batch)."""
     original = trainer._prepare_inputs
 
     @functools.wraps(original)
     def _prepare_inputs(generation_batch):
-        before = trainer._buffered_inputs
         inputs = original(generation_batch)
-        if trainer._buffered_inputs is not before and trainer._buffered_inputs is not None:
+        buffered = trainer._buffered_inputs
+        if buffered is not None and state.get("counted") is not buffered:
             state["window_totals"] = _count_windows(trainer)
+            state["counted"] = buffered
         return inputs
 
     trainer._prepare_inputs = _prepare_inputs

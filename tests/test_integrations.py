@@ -752,6 +752,25 @@ def test_trl_global_normalization_independent_of_accumulation(tmp_path, loss_typ
         assert diff > 1e-2, diff
 
 
+def test_trl_repatch_with_other_options_is_refused(tmp_path):
+    """patch_grpo_trainer is idempotent for the same options; a second call with other options (loss=True,
+    normalization="global" on a kernel-swap patch) raises instead of silently keeping the first patch."""
+    from upg_kernels.integrations import patch_grpo_trainer, unpatch_grpo_trainer
+
+    trainer = _tiny_trainer(tmp_path)
+    patch_grpo_trainer(trainer)
+    state = trainer._upg_kernels_patch
+    assert patch_grpo_trainer(trainer) is trainer and trainer._upg_kernels_patch is state   # same options
+    with pytest.raises(ValueError, match="already patched"):
+        patch_grpo_trainer(trainer, loss=True, normalization="global")
+    with pytest.raises(ValueError, match="already patched"):
+        patch_grpo_trainer(trainer, backend="torch")
+    assert trainer._upg_kernels_patch is state and "_compute_loss" not in vars(trainer)
+    unpatch_grpo_trainer(trainer)
+    patch_grpo_trainer(trainer, loss=True, normalization="global")
+    assert "_compute_loss" in vars(trainer) and "_prepare_inputs" in vars(trainer)
+
+
 def test_trl_global_normalization_patched_mid_generation_batch(tmp_path):
     """patch_grpo_trainer(normalization="global") on a trainer that already buffered a generation batch
     (patched between two steps of the same batch: a resumed run, a notebook): the next micro-batch comes

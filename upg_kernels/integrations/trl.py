@@ -164,9 +164,15 @@ def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bo
       ``gradient_accumulation_steps`` and of the process count. Needs ``steps_per_generation`` to be a
       multiple of ``gradient_accumulation_steps``.
 
-    Idempotent; returns the trainer. :func:`unpatch_grpo_trainer` undoes it.
+    Idempotent (the same options again change nothing; other options on a patched trainer raise: unpatch
+    first); returns the trainer. :func:`unpatch_grpo_trainer` undoes it.
     """
+    options = dict(backend=backend, replace_liger_loss=replace_liger_loss, loss=loss, normalization=normalization)
     if is_patched(trainer):
+        before = trainer._upg_kernels_patch.get("options")
+        if before != options:
+            raise ValueError(f"the trainer is already patched (with {before or 'patch_dpo_trainer'}); call "
+                             f"unpatch_grpo_trainer(trainer) first to patch it with {options}")
         return trainer
     try:
         import trl.trainer.utils as trl_utils
@@ -199,6 +205,7 @@ def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bo
         state["liger_grpo_loss"] = liger
         trainer.liger_grpo_loss = FusedLinearGRPOLoss.from_liger(liger, backend=backend)
     state["normalization"] = normalization
+    state["options"] = options
     if loss:
         if normalization == "global":
             _wrap_prepare_inputs(trainer, state)

@@ -335,6 +335,38 @@ def test_rank0_choice_is_broadcast(tmp_path):
     assert "Many" in r[0]["key"] and "Many" in r[1]["key"]                         # distributed keys drop M's bucket
 
 
+def _worker_rank_local(rank, port, out_dir):
+    """Rank 1's call cannot take the one-pass path (its budget at its M says no): before, rank 1 had
+    one option and returned while rank 0 waited in the broadcast. Now both reach it."""
+    import torch.distributed as dist
+    from upg_kernels.kernels.contract import LogprobParams
+    os.environ["UPG_KERNELS_CACHE_DIR"] = os.path.join(out_dir, f"cache{rank}")
+    os.environ["UPG_KERNELS_AUTOTUNE"] = "measure"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=__import__("datetime").timedelta(seconds=60))
+    clock = FakeClock({"two_pass": 2.0, "one_pass": 1.0})
+    select.set_timer(clock)
+    g = torch.Generator().manual_seed(rank)
+    N = 24 + 8 * rank                       # the ranks' calls differ in rows too
+    h, w = torch.randn(N, 8, generator=g), torch.randn(40, 8, generator=g)
+    t = torch.randint(0, 40, (N,), generator=g)
+    got = [select.resolve(None, backend="torch", hidden=h, weight=w, bias=None, targets=t, p=LogprobParams(),
+                          loss=True, grads="hw", entropy=False, one_pass_ok=lambda M: rank == 0)
+           for _ in range(2)]               # the second call: from memory on both ranks
+    with open(os.path.join(out_dir, f"l{rank}.json"), "w") as f:
+        json.dump({"got": got, "timed": len(clock.calls)}, f)
+    dist.destroy_process_group()
+
+
+def test_rank_local_eligibility_reaches_the_same_broadcast(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_worker_rank_local, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    r = [json.loads((tmp_path / f"l{i}.json").read_text()) for i in range(2)]
+    assert r[0]["got"] == [["one_pass", None]] * 2          # rank 0 measured and took its fastest
+    assert r[1]["got"] == [["two_pass", None]] * 2          # rank 1 cannot take it: two-pass
+    assert r[0]["timed"] > 0 and r[1]["timed"] == 0
+
+
 # ------------------------------------------------------------------------------ the tuning CLI
 def test_tune_cli_writes_a_loadable_table(tmp_path, monkeypatch):
     from upg_kernels import tune

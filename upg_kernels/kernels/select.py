@@ -344,12 +344,14 @@ def _broadcast(choice: str | None) -> str:
 
 
 def choose(k: str, options: tuple[str, ...], runners, *, mode: str | None = None,
-           fallback: str | None = None) -> str:
+           fallback: str | None = None, measured: tuple[str, ...] | None = None) -> str:
     """The candidate for key ``k`` among ``options`` (:func:`candidate` names): memory, table, disk
     cache, else measured (``runners()`` builds part name -> callable, or a :class:`Sample` of row
     samples, or None when even a sample is too expensive: then ``fallback``; only called when
     measuring) or, in ``model`` mode, ``one_pass`` where eligible. In a distributed job rank 0's
-    choice (broadcast)."""
+    choice (broadcast): ``options`` must then be alike on every rank (every rank reaches the same
+    broadcast), and ``measured`` (default ``options``) is the subset this rank's call can run,
+    which rank 0 picks from."""
     if len(options) == 1:
         return options[0]
     got = _accept(_memory.get(k), options)
@@ -360,7 +362,7 @@ def choose(k: str, options: tuple[str, ...], runners, *, mode: str | None = None
     dist = distributed()
     choice = None
     if not dist or torch.distributed.get_rank() == 0:
-        choice = _lookup_or_measure(k, options, runners, mode, fallback)
+        choice = _lookup_or_measure(k, measured or options, runners, mode, fallback)
     if dist:
         choice = _broadcast(choice)
     choice = _accept(choice, options) or TWO_PASS   # e.g. a rank whose call cannot take rank 0's path
@@ -464,7 +466,10 @@ def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool,
         options = paths.eligible(triton=be.triton, loss=loss, grads=bool(grads), one_pass_ok=ok)
         return paths.fit(want or TWO_PASS, options), None
     H = hidden.shape[1]
-    mode = auto_mode(hidden.device, triton=be.triton, work=N * H * V)
+    dist = distributed()
+    # in a distributed job every rank must reach the same collective: nothing rank-local (N, M, the
+    # one-pass budget at this rank's M) may decide whether the selection broadcasts
+    mode = auto_mode(hidden.device, triton=be.triton, work=None if dist else N * H * V)
     rule_ok = N * V >= MODEL_MIN_LOGITS and (one_pass_ok is None or one_pass_ok(N))
     rule = ONE_PASS if (loss and grads and rule_ok) else TWO_PASS
     if mode == "model":
@@ -473,21 +478,26 @@ def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool,
     M = int(valid.sum())
     ok = one_pass_ok is None or one_pass_ok(M)
     tiles = dz_tiles(be, hidden.dtype, H, grads, p)
-    options = tuple(candidate(o, t) for o in paths.eligible(triton=be.triton, loss=loss,
-                                                             grads=bool(grads), one_pass_ok=ok)
-                    for t in (tiles if (tiles and o != ONE_PASS) else (None,)))
+
+    def candidates(one_pass_allowed):
+        return tuple(candidate(o, t) for o in paths.eligible(triton=be.triton, loss=loss, grads=bool(grads),
+                                                              one_pass_ok=one_pass_allowed)
+                     for t in (tiles if (tiles and o != ONE_PASS) else (None,)))
+    mine = candidates(ok)
+    options = candidates(True) if dist else mine     # alike on every rank; rank 0 measures its own
     k = key(hidden.device, hidden.dtype, H, V, M, grads, entropy, backend, loss, weight.dtype)
     if any(split(o)[0] == ONE_PASS for o in options):   # its plan (budget, dW mode) changes its time
         k += one_pass.plan_key(hidden.device)
 
     def build():
         h = hint() if callable(hint) else hint
-        kw = dict(grads=grads, entropy=entropy, tiles=tiles, budget=budget, only=parts_of(options))
+        kw = dict(grads=grads, entropy=entropy, tiles=tiles, budget=budget, only=parts_of(mine))
         if hidden.device.type == "cuda":
             return runners(be, hidden, weight, bias, targets, p, hint=h, **kw)
         return sample_runners(be, hidden, weight, bias, targets, p, valid, M, hint=h, **kw)
 
-    return split(choose(k, options, build, mode=mode, fallback=rule))
+    got = choose(k, options, build, mode=mode, fallback=rule, measured=mine)
+    return split(got) if got in mine else (TWO_PASS, None)   # this rank's call cannot take rank 0's
 
 
 def _compiling() -> bool:
@@ -522,7 +532,8 @@ def sample_runners(be, hidden, weight, bias, targets, p, valid, M: int, *, hint=
     act = valid.nonzero()[:, 0]
 
     def on(R):
-        idx = act if R >= M else act[torch.linspace(0, M - 1, R, device=act.device).round().long()]
+        pick = torch.linspace(0, M - 1, R, dtype=torch.float64, device=act.device).round().long()
+        idx = act if R >= M else act[pick]
         return runners(be, hidden[idx], weight, bias, targets[idx], p,
                        hint=None if hint is None else hint[idx], **kw)
 

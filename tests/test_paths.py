@@ -353,8 +353,18 @@ def _worker_rank_local(rank, port, out_dir):
     got = [select.resolve(None, backend="torch", hidden=h, weight=w, bias=None, targets=t, p=LogprobParams(),
                           loss=True, grads="hw", entropy=False, one_pass_ok=lambda M: rank == 0)
            for _ in range(2)]               # the second call: from memory on both ranks
+    timed = len(clock.calls)
+    # a rank without rows at the first call of a key (another V: another key) reaches the broadcast too;
+    # rank 0 without rows has nothing to time: the rule (two_pass for no rows) for every rank
+    empty = {}
+    for V, rows0, rows1 in ((41, 24, 0), (42, 0, 24)):
+        n = rows0 if rank == 0 else rows1
+        h, w = torch.randn(n, 8, generator=g), torch.randn(V, 8, generator=g)
+        t = torch.randint(0, V, (n,), generator=g)
+        empty[str(V)] = select.resolve(None, backend="torch", hidden=h, weight=w, bias=None, targets=t,
+                                       p=LogprobParams(), loss=True, grads="hw", entropy=False)
     with open(os.path.join(out_dir, f"l{rank}.json"), "w") as f:
-        json.dump({"got": got, "timed": len(clock.calls)}, f)
+        json.dump({"got": got, "timed": timed, "empty": empty}, f)
     dist.destroy_process_group()
 
 
@@ -365,6 +375,8 @@ def test_rank_local_eligibility_reaches_the_same_broadcast(tmp_path):
     assert r[0]["got"] == [["one_pass", None]] * 2          # rank 0 measured and took its fastest
     assert r[1]["got"] == [["two_pass", None]] * 2          # rank 1 cannot take it: two-pass
     assert r[0]["timed"] > 0 and r[1]["timed"] == 0
+    assert r[0]["empty"]["41"] == ["one_pass", None] and r[1]["empty"]["41"] == ["two_pass", None]
+    assert r[0]["empty"]["42"] == r[1]["empty"]["42"] == ["two_pass", None]
 
 
 # ------------------------------------------------------------------------------ the tuning CLI

@@ -461,14 +461,14 @@ def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool,
                              "inputs that require grad)")
         return want, None                      # the argument: taken as asked
     N, V = hidden.shape[0], weight.shape[0]
-    if want is not None or hidden.device.type == "meta" or N == 0 or no_sync or _compiling():
+    # in a distributed job every rank must reach the same collective: nothing rank-local (N, M, the
+    # one-pass budget at this rank's M) may decide whether the selection broadcasts
+    dist = distributed()
+    if want is not None or hidden.device.type == "meta" or (N == 0 and not dist) or no_sync or _compiling():
         ok = want != ONE_PASS or one_pass_ok is None or one_pass_ok(max(N, 1))   # a plan: no sync
         options = paths.eligible(triton=be.triton, loss=loss, grads=bool(grads), one_pass_ok=ok)
         return paths.fit(want or TWO_PASS, options), None
     H = hidden.shape[1]
-    dist = distributed()
-    # in a distributed job every rank must reach the same collective: nothing rank-local (N, M, the
-    # one-pass budget at this rank's M) may decide whether the selection broadcasts
     mode = auto_mode(hidden.device, triton=be.triton, work=None if dist else N * H * V)
     rule_ok = N * V >= MODEL_MIN_LOGITS and (one_pass_ok is None or one_pass_ok(N))
     rule = ONE_PASS if (loss and grads and rule_ok) else TWO_PASS
@@ -476,7 +476,7 @@ def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool,
         return rule, None
     valid = targets != p.ignore_index
     M = int(valid.sum())
-    ok = one_pass_ok is None or one_pass_ok(M)
+    ok = N > 0 and (one_pass_ok is None or one_pass_ok(M))
     tiles = dz_tiles(be, hidden.dtype, H, grads, p)
 
     def candidates(one_pass_allowed):
@@ -490,6 +490,8 @@ def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool,
         k += one_pass.plan_key(hidden.device)
 
     def build():
+        if N == 0:          # a rank without rows (distributed): nothing to time, the rule decides
+            return None
         h = hint() if callable(hint) else hint
         kw = dict(grads=grads, entropy=entropy, tiles=tiles, budget=budget, only=parts_of(mine))
         if hidden.device.type == "cuda":

@@ -10,7 +10,8 @@ import socket
 import tempfile
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a gloo rendezvous or torchrun's --master_port)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -34,7 +35,7 @@ def _entry(rank, world, port, out_dir, worker, args):
 def run_world(worker, world: int, *args) -> list:
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_entry, args=(world, _free_port(), d, worker, args), nprocs=world, join=True)
+        mp.spawn(_entry, args=(world, free_port(), d, worker, args), nprocs=world, join=True)
         out = []
         for r in range(world):
             with open(os.path.join(d, f"{r}.json")) as f:

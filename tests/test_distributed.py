@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 
 import pytest
 import torch
+
+from _spawn import free_port
 
 D = pytest.importorskip("upg_trainer.distributed")
 pytest.importorskip("transformers")
@@ -24,12 +25,6 @@ pytest.importorskip("transformers")
 WORLD = 2
 ATOL = 2e-5
 RTOL = 1e-4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -205,7 +200,7 @@ def _worker(rank: int, port: int, out_path: str):
 def results(tmp_path_factory):
     import torch.multiprocessing as mp
     out = tmp_path_factory.mktemp("dist") / "results.json"
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     with open(out) as f:
         return json.load(f)
 
@@ -307,7 +302,7 @@ def _cli(args: list[str], out_dir, nproc: int = 1, timeout: int = 240):
         cmd = [sys.executable, "-m", "upg_trainer.cli"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "upg_trainer.cli"]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "upg_trainer.cli"]
     proc = subprocess.run(cmd + args + ["--output.dir", str(out_dir)], env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd + args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -391,7 +386,7 @@ def test_cli_uneven_ranks_complete(tmp_path):
     procs = {}
     for name, args in runs.items():
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-               "127.0.0.1", "--master_port", str(_free_port()), "-m", "upg_trainer.cli", *args,
+               "127.0.0.1", "--master_port", str(free_port()), "-m", "upg_trainer.cli", *args,
                "--output.dir", str(tmp_path / name)]
         procs[name] = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True, start_new_session=True)

@@ -10,6 +10,7 @@ from upg_kernels import LossBatch, LossConfig, UnifiedPolicyLoss, policy_loss_fr
 from upg_kernels.losses import PRESETS
 from upg_kernels.losses.batch import FIELD_NAMES
 
+from _spawn import run_world
 from test_losses import make_case
 
 ALL_PRESETS = sorted(PRESETS)
@@ -339,14 +340,9 @@ class _Head(torch.nn.Module):
                                    batch=lb, totals=totals, **kw).loss
 
 
-def _ddp_worker(rank, port, out_path):
-    import json
-    import os
+def _ddp_worker(rank, world):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
     res = {}
     for name in ALL_PRESETS:
         cfg, hid, w, b, tgt, lb = whole_batch_case(name)
@@ -383,27 +379,12 @@ def _ddp_worker(rank, port, out_path):
                               - whole[mine]).abs().max())
     res["batch_std_local_differs"] = float((group_advantages(r[mine], group_size=2, mode="batch_std")
                                             - whole[mine]).abs().max())
-    every = [None, None]
-    dist.all_gather_object(every, res)
-    if rank == 0:
-        with open(out_path, "w") as f:
-            json.dump(every, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    return res
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
-    import json
-    import socket
-    import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = tmp_path_factory.mktemp("totals") / "ddp.json"
-    mp.spawn(_ddp_worker, args=(port, str(out)), nprocs=2, join=True)
-    with open(out) as f:
-        return json.load(f)
+def ddp_results():
+    return run_world(_ddp_worker, 2)
 
 
 @pytest.mark.parametrize("name", ALL_PRESETS)

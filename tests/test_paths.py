@@ -7,7 +7,6 @@ the tuning table; format-1 caches ignored), the CPU's row-sample measuring, rank
 backends under the interpreter)."""
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from upg_kernels import LossConfig, token_logprobs, unified_policy_loss
 from upg_kernels.kernels import paths, select
 from upg_kernels.kernels.backends import triton_available
 
+from _spawn import free_port
 from test_losses import make_case
 
 
@@ -296,12 +296,6 @@ def test_token_logprobs_paths(path):
 
 
 # ------------------------------------------------------------------------------ distributed
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, port, out_dir):
     import torch.distributed as dist
     os.environ["UPG_KERNELS_CACHE_DIR"] = os.path.join(out_dir, f"cache{rank}")
@@ -327,7 +321,7 @@ def _worker(rank, port, out_dir):
 
 def test_rank0_choice_is_broadcast(tmp_path):
     import torch.multiprocessing as mp
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r = [json.loads((tmp_path / f"r{i}.json").read_text()) for i in range(2)]
     assert r[0]["choice"] == r[1]["choice"] == "one_pass"
     assert r[0]["tile_choice"] == r[1]["tile_choice"] == "two_pass@128x64"     # rank 0's tile
@@ -370,7 +364,7 @@ def _worker_rank_local(rank, port, out_dir):
 
 def test_rank_local_eligibility_reaches_the_same_broadcast(tmp_path):
     import torch.multiprocessing as mp
-    mp.spawn(_worker_rank_local, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker_rank_local, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r = [json.loads((tmp_path / f"l{i}.json").read_text()) for i in range(2)]
     assert r[0]["got"] == [["one_pass", None]] * 2          # rank 0 measured and took its fastest
     assert r[1]["got"] == [["two_pass", None]] * 2          # rank 1 cannot take it: two-pass

@@ -204,7 +204,6 @@ def patch_grpo_trainer(trainer, *, backend: str = "auto", replace_liger_loss: bo
         from .liger import FusedLinearGRPOLoss
         state["liger_grpo_loss"] = liger
         trainer.liger_grpo_loss = FusedLinearGRPOLoss.from_liger(liger, backend=backend)
-    state["normalization"] = normalization
     state["options"] = options
     if loss:
         if normalization == "global":
@@ -231,7 +230,7 @@ def unpatch_grpo_trainer(trainer):
         trainer.liger_grpo_loss = state["liger_grpo_loss"]
     if "compute_loss" in state:
         del trainer._compute_loss
-    if "_prepare_inputs" in vars(trainer) and state.get("normalization") == "global":
+    if "_prepare_inputs" in vars(trainer) and state.get("options", {}).get("normalization") == "global":
         del trainer._prepare_inputs
     trainer._upg_kernels_patch = None
     return trainer
@@ -349,7 +348,7 @@ def _loss_totals(trainer, inputs, mask, mode):
     from .liger import DAPO_NORMALIZED, normalizer_totals
 
     state = trainer._upg_kernels_patch
-    if state["normalization"] == "global":
+    if state["options"]["normalization"] == "global":
         if mode == "train":
             for micro, totals in state.get("window_totals", ()):
                 if micro is inputs:

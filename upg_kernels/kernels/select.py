@@ -344,13 +344,13 @@ def _broadcast(choice: str | None) -> str:
 
 
 def choose(k: str, options: tuple[str, ...], runners, *, mode: str | None = None,
-           fallback: str | None = None, measured: tuple[str, ...] | None = None) -> str:
+           fallback: str | None = None, runnable: tuple[str, ...] | None = None) -> str:
     """The candidate for key ``k`` among ``options`` (:func:`candidate` names): memory, table, disk
     cache, else measured (``runners()`` builds part name -> callable, or a :class:`Sample` of row
     samples, or None when even a sample is too expensive: then ``fallback``; only called when
     measuring) or, in ``model`` mode, ``one_pass`` where eligible. In a distributed job rank 0's
     choice (broadcast): ``options`` must then be alike on every rank (every rank reaches the same
-    broadcast), and ``measured`` (default ``options``) is the subset this rank's call can run,
+    broadcast), and ``runnable`` (default ``options``) is the subset this rank's call can run,
     which rank 0 picks from."""
     if len(options) == 1:
         return options[0]
@@ -362,7 +362,7 @@ def choose(k: str, options: tuple[str, ...], runners, *, mode: str | None = None
     dist = distributed()
     choice = None
     if not dist or torch.distributed.get_rank() == 0:
-        choice = _lookup_or_measure(k, measured or options, runners, mode, fallback)
+        choice = _lookup_or_measure(k, runnable or options, runners, mode, fallback)
     if dist:
         choice = _broadcast(choice)
     choice = _accept(choice, options) or TWO_PASS   # e.g. a rank whose call cannot take rank 0's path
@@ -498,7 +498,7 @@ def resolve(path, *, backend: str, hidden, weight, bias, targets, p, loss: bool,
             return runners(be, hidden, weight, bias, targets, p, hint=h, **kw)
         return sample_runners(be, hidden, weight, bias, targets, p, valid, M, hint=h, **kw)
 
-    got = choose(k, options, build, mode=mode, fallback=rule, measured=mine)
+    got = choose(k, options, build, mode=mode, fallback=rule, runnable=mine)
     return split(got) if got in mine else (TWO_PASS, None)   # this rank's call cannot take rank 0's
 
 
@@ -534,8 +534,8 @@ def sample_runners(be, hidden, weight, bias, targets, p, valid, M: int, *, hint=
     act = valid.nonzero()[:, 0]
 
     def on(R):
-        pick = torch.linspace(0, M - 1, R, dtype=torch.float64, device=act.device).round().long()
-        idx = act if R >= M else act[pick]
+        idx = act if R >= M else act[
+            torch.linspace(0, M - 1, R, dtype=torch.float64, device=act.device).round().long()]
         return runners(be, hidden[idx], weight, bias, targets[idx], p,
                        hint=None if hint is None else hint[idx], **kw)
 
